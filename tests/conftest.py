@@ -1,0 +1,13 @@
+"""Test set-up shared by every test file.
+
+* 8 forced host devices, so sharded code paths run on CPU exactly as on a multi-device host
+  (must be set before JAX initialises its backend).
+* No progress bars in test logs.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("UNMERGE_PROGRESS", "0")
+
+import unmerge_jax  # noqa: E402,F401  (turns on x64 before any test builds arrays)
