@@ -1,0 +1,27 @@
+"""unmerge_jax: take LLM checkpoints apart and put them together, in JAX.
+
+Importing the package turns on ``jax_enable_x64``: Gram statistics are accumulated and solved in
+float64 (κ(G) = κ(D)², so float32 Gram solves are useless beyond κ(D) ≈ 1e3). Kernels that work
+on weights keep explicit float32/bf16 dtypes, so this does not make merges run in float64.
+"""
+
+import jax as _jax
+
+_jax.config.update("jax_enable_x64", True)
+
+from unmerge_jax.errors import UnmergeError  # noqa: E402
+
+# --- core engine: statistics, solvers, sweeps (issue 2) ---
+from unmerge_jax.stats import GramStats, gram_stats, load_stats, save_stats  # noqa: E402
+from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: E402
+from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
+
+# --- checkpoints in (issue 3) ---
+
+# --- merge engine (issue 4) ---
+
+# --- sparsity analysis (issue 5) ---
+
+# --- experiment (issue 6) ---
+
+__version__ = "0.1.0"
