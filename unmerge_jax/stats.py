@@ -1,0 +1,228 @@
+"""Sufficient statistics of a decomposition problem: ``G = DᵀD``, ``C = DᵀV``, ``‖v_t‖²``.
+
+Every decomposition in the UNMERGE paper needs only these: for coefficients ``a``,
+``‖v − Da‖² = ‖v‖² − 2cᵀa + aᵀGa``. One pass over the weights produces them; every solver then
+works in K-dimensional Gram space, whatever the model size.
+
+Bootstrap: with ``seeds=S`` the same pass also accumulates ``G_s = Dᵀ W_s D``, ``C_s = Dᵀ W_s V``,
+``‖v‖²_s = Σ_r w_sr v_r²`` for S Poisson(1) row weightings ``W_s`` (DESIGN.md §1), giving
+confidence intervals and selection stability at no extra read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError, check_finite
+from unmerge_jax.io.atomic import atomic_file
+from unmerge_jax.kernels.stats import block_stats, row_mesh
+
+DEFAULT_BLOCK_ROWS = 1 << 16
+
+
+class GramStats(NamedTuple):
+    """Float64 sufficient statistics for K atoms and T targets (a pytree).
+
+    Attributes:
+      gram: (K, K) ``DᵀD``.
+      cross: (K, T) ``DᵀV``.
+      target_sq: (T,) ``‖v_t‖²``.
+      n_rows: () int, number of parameter rows n (the ``n`` of scikit-learn's ``1/(2n)``).
+      boot_gram: (S, K, K) bootstrap replicates of ``gram``, or None.
+      boot_cross: (S, K, T), or None.
+      boot_target_sq: (S, T), or None.
+      boot_n_rows: (S,) float, Σ of each replicate's row weights (its effective n), or None.
+    """
+
+    gram: Any
+    cross: Any
+    target_sq: Any
+    n_rows: Any
+    boot_gram: Any = None
+    boot_cross: Any = None
+    boot_target_sq: Any = None
+    boot_n_rows: Any = None
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.gram.shape[-1])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.cross.shape[-1])
+
+    @property
+    def n_seeds(self) -> int:
+        return 0 if self.boot_gram is None else int(self.boot_gram.shape[0])
+
+    def replicates(self) -> "GramStats":
+        """The bootstrap replicates as a GramStats with a leading seed axis (S, ...)."""
+        if self.boot_gram is None:
+            raise UnmergeError("these statistics have no bootstrap replicates; compute them with seeds=S > 0")
+        return GramStats(self.boot_gram, self.boot_cross, self.boot_target_sq, self.boot_n_rows)
+
+    def point(self) -> "GramStats":
+        """The full-data statistics without replicates."""
+        return GramStats(self.gram, self.cross, self.target_sq, self.n_rows)
+
+    def select_targets(self, index) -> "GramStats":
+        """Statistics restricted to targets ``index`` (int array or slice)."""
+        idx = np.asarray(index) if not isinstance(index, slice) else index
+        pick = lambda a, axis: None if a is None else jnp.take(jnp.asarray(a), jnp.arange(a.shape[axis])[idx], axis=axis)
+        return GramStats(self.gram, pick(self.cross, -1), pick(self.target_sq, -1), self.n_rows,
+                         self.boot_gram, pick(self.boot_cross, -1), pick(self.boot_target_sq, -1),
+                         self.boot_n_rows)
+
+
+def add_stats(a: GramStats, b: GramStats) -> GramStats:
+    """Sum of two partial statistics over disjoint row sets (same K, T and seeds)."""
+    if a.gram.shape != b.gram.shape or a.cross.shape != b.cross.shape or a.n_seeds != b.n_seeds:
+        raise UnmergeError(
+            f"cannot add statistics of different shapes: K×T {a.cross.shape} vs {b.cross.shape}, "
+            f"seeds {a.n_seeds} vs {b.n_seeds}")
+    return jax.tree_util.tree_map(lambda x, y: x + y, a, b)
+
+
+def _as_2d(name: str, x) -> np.ndarray | jax.Array:
+    if not hasattr(x, "shape"):
+        x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise UnmergeError(f"{name} must be 1-D or 2-D (rows × columns), got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise UnmergeError(f"{name} must hold floating-point values, got dtype {x.dtype}")
+    return x
+
+
+def validate_inputs(D, V):
+    """Shape/dtype/finiteness checks shared by every dense entry point; returns 2-D D, V."""
+    D = _as_2d("dictionary D", D)
+    V = _as_2d("targets V", V)
+    if D.shape[0] != V.shape[0]:
+        raise UnmergeError(
+            f"dictionary D has {D.shape[0]} rows but targets V have {V.shape[0]}; both must be "
+            f"flattened over the same parameters (rows = parameters, columns = atoms/targets)")
+    if D.shape[0] == 0 or D.shape[1] == 0:
+        raise UnmergeError(f"dictionary D is empty (shape {tuple(D.shape)}); give at least one atom with one row")
+    if V.shape[1] == 0:
+        raise UnmergeError("targets V has no columns; give at least one target")
+    check_finite("dictionary D", D)
+    check_finite("targets V", V)
+    return D, V
+
+
+def accumulate_block(D_block, V_block, *, row_offset: int = 0, seeds: int = 0, key=None, devices=None,
+                     compute_dtype="float64", pad_to: int | None = None) -> GramStats:
+    """Partial statistics of one block of rows (for streaming passes; sum blocks with add_stats).
+
+    Args:
+      D_block: (r, K) dictionary rows. V_block: (r, T) target rows (float32/bf16/float64).
+      row_offset: global index of the block's first row, which fixes its bootstrap weights, so a
+        stream of blocks equals one dense call.
+      seeds, key: bootstrap replicates (see :func:`gram_stats`).
+      devices: devices to shard rows over (default: all).
+      compute_dtype, pad_to: see ``kernels.stats.block_stats``.
+    """
+    out = block_stats(D_block, V_block, row_offset=row_offset, n_seeds=seeds,
+                      key=_seed_key(key, seeds), mesh=row_mesh(devices), compute_dtype=compute_dtype,
+                      pad_to=pad_to)
+    return GramStats(*out)
+
+
+def _seed_key(key, seeds):
+    if not seeds:
+        return None
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    return key
+
+
+def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int = DEFAULT_BLOCK_ROWS,
+               compute_dtype="float64") -> GramStats:
+    """Float64 sufficient statistics of dictionary ``D`` and targets ``V``.
+
+    ``G = DᵀD``, ``C = DᵀV``, ``‖v_t‖²``, accumulated over row blocks in float64 and sharded over
+    devices (result independent of the device count to ~1e-15).
+
+    Args:
+      D: (n, K) dictionary, one task vector per column (float32 is fine).
+      V: (n,) or (n, T) targets.
+      seeds: S ≥ 0 Poisson(1) bootstrap replicates computed in the same pass.
+      key: ``jax.random`` key or int seed for the replicates (default 0).
+      devices: devices to shard rows over (default: all of the default backend).
+      block_rows: rows per compiled block (bounds the float64 temporaries).
+      compute_dtype: "float64" (default, exact products) or "float32" (HIGHEST precision).
+
+    Returns:
+      :class:`GramStats`.
+    """
+    D, V = validate_inputs(D, V)
+    if seeds < 0:
+        raise UnmergeError(f"seeds must be >= 0, got {seeds}")
+    n = D.shape[0]
+    mesh = row_mesh(devices)
+    n_dev = mesh.devices.size
+    block = max(n_dev, min(block_rows, n))
+    key = _seed_key(key, seeds)
+    total = None
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        part = GramStats(*block_stats(D[start:stop], V[start:stop], row_offset=start, n_seeds=seeds,
+                                      key=key, mesh=mesh, compute_dtype=compute_dtype, pad_to=block))
+        total = part if total is None else add_stats(total, part)
+    return total
+
+
+def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
+                    compute_dtype="float64", pad_to: int | None = None) -> GramStats:
+    """Statistics of a stream of ``(D_block, V_block)`` row blocks, never materialised whole.
+
+    Blocks may differ in size; row offsets are counted along the stream.
+    """
+    total, offset = None, 0
+    key = _seed_key(key, seeds)
+    for d, v in blocks:
+        d, v = validate_inputs(d, v)
+        part = accumulate_block(d, v, row_offset=offset, seeds=seeds, key=key, devices=devices,
+                                compute_dtype=compute_dtype, pad_to=pad_to)
+        offset += d.shape[0]
+        total = part if total is None else add_stats(total, part)
+    if total is None:
+        raise UnmergeError("the stream of row blocks was empty; nothing to accumulate")
+    return total
+
+
+_FIELDS = GramStats._fields
+
+
+def save_stats(path, stats: GramStats, provenance: dict | None = None) -> None:
+    """Write statistics (and a JSON-serialisable provenance dict) to ``.npz``, atomically."""
+    arrays = {f: np.asarray(getattr(stats, f)) for f in _FIELDS if getattr(stats, f) is not None}
+    arrays["provenance_json"] = np.asarray(json.dumps(provenance or {}, sort_keys=True, default=str))
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def load_stats(path) -> tuple[GramStats, dict]:
+    """Read statistics written by :func:`save_stats`; returns ``(stats, provenance)``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [f for f in ("gram", "cross", "target_sq", "n_rows") if f not in z]
+            if missing:
+                raise UnmergeError(f"{path} is not a GramStats file (missing {', '.join(missing)}); "
+                                   f"write one with `unmerge stats` or unmerge_jax.save_stats")
+            fields = {f: (jnp.asarray(z[f]) if f in z else None) for f in _FIELDS}
+            prov = json.loads(str(z["provenance_json"])) if "provenance_json" in z else {}
+    except (OSError, ValueError) as err:
+        if isinstance(err, UnmergeError):
+            raise
+        raise UnmergeError(f"cannot read statistics file {path}: {err}") from None
+    return GramStats(**fields), prov
