@@ -13,8 +13,8 @@ from unmerge_jax.errors import UnmergeError  # noqa: E402
 
 # --- core engine: statistics, solvers, sweeps (issue 2) ---
 from unmerge_jax.stats import GramStats, accumulate_block, add_stats, gram_stats, iter_gram_stats, load_stats, save_stats  # noqa: E402
-# from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: E402
-# from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
+from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: E402
+from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 
 # --- checkpoints in (issue 3) ---
 
