@@ -1,0 +1,393 @@
+"""Streaming sparsity metrics of a task vector (seed 003 §2.2), overall, per module class, per layer.
+
+Metrics (N = number of entries of the whole vector, unchanged tensors included, x = |δ|):
+
+* ``l0`` — fraction with ``|δ_i| < ε·max_j|δ_j|`` (ε = 0.01, max over the *whole* vector; for a
+  group, over the group). An all-zero vector has ``l0 = 1`` (nothing changed).
+* ``exact_zero`` — fraction ``δ_i == 0``; ``near_zero`` — fraction ``|δ_i| ≤ atol``. Stored bf16
+  weights make updates below ~2⁻⁸·|θ| vanish, so ``dtypes`` reports the stored dtypes.
+* ``gini`` — Hurley–Rickard: x ascending, ``1 − 2 Σ_k (x_(k)/‖x‖₁)(N − k + ½)/N``.
+* ``kurtosis`` — excess (Fisher) kurtosis of the signed δ, population moments: ``n·M4/M2² − 3``.
+* ``top1_mass`` / ``top5_mass`` — share of ‖x‖₁ held by the ``ceil(p·N)`` largest entries.
+
+Gini, kurtosis and top-k mass of an all-zero vector are NaN (0/0); kurtosis of a constant is NaN.
+
+Streaming scheme (one tensor in memory at a time):
+
+* Moments, max, L1 and counts are per-tensor scalars merged exactly (Pébay's update).
+* ``mode="exact"`` keeps the sorted *non-zero* |δ| of each tensor (zeros are only counted), so
+  memory is 4 bytes per non-zero entry; groups merge the sorted runs (timsort) and compute Gini,
+  top-k and L0 exactly. ``mode="hist"`` keeps a log-histogram of |δ| on float32 bit patterns
+  (``hist_bits`` mantissa bits → relative bin width r = 2⁻ᵐ; groups use ``group_hist_bits``).
+  Each value is known to lie in its bin [lo, hi), which gives a rigorous interval for Gini and
+  top-k mass; we report its midpoint and the half-width in ``error_bounds`` (≤ r for Gini,
+  ≤ r/2·top-mass for top-k). L0 stays exact with a second pass that counts ``|δ| < ε·max`` once
+  the maxima are known (``passes=2``); with ``passes=1`` it is bounded by the count of the bin
+  holding the threshold. ``mode="auto"`` starts exact and converts to the histogram once more
+  than ``exact_limit`` non-zeros are held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unmerge_jax.analysis.names import classify
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.kernels import sparsity as K
+from unmerge_jax.progress import progress
+
+METRIC_KEYS = ("l0", "exact_zero", "near_zero", "gini", "kurtosis", "top1_mass", "top5_mass", "n_params")
+TOP_FRACTIONS = {"top1_mass": 0.01, "top5_mass": 0.05}
+
+
+# ----------------------------------------------------------------------------------------------
+# sources: names + a way to read one tensor (float32) at a time
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TensorSource:
+    """A re-readable stream of named tensors. ``read(name)`` may return None for an all-zero
+    (unchanged) tensor of shape ``shapes[name]``."""
+
+    names: list
+    read: callable
+    shapes: dict
+    dtypes: dict = field(default_factory=dict)
+    label: str = "task vector"
+
+
+def as_source(obj, base=None) -> TensorSource:
+    """Wrap an array, a ``{name: array}`` dict, a checkpoint/adapter path (with ``base``: the task
+    vector ``path − base``; without: the checkpoint's tensors *are* the deltas), or an object with
+    ``names`` and ``delta(name)`` / ``read(name)``."""
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, (str, Path)):
+        return _path_source(Path(obj), base)
+    if isinstance(obj, dict):
+        arrs = {str(k): v for k, v in obj.items()}
+        return TensorSource(list(arrs), lambda n: _as_f32(arrs[n], n), {k: np.shape(v) for k, v in arrs.items()},
+                            {k: str(np.asarray(v).dtype) for k, v in arrs.items()}, "dict of arrays")
+    if hasattr(obj, "names") and (hasattr(obj, "delta") or hasattr(obj, "read")):
+        get = obj.delta if hasattr(obj, "delta") else obj.read
+        names = list(obj.names)
+        shapes = {n: tuple(obj.shape(n)) for n in names} if hasattr(obj, "shape") else {}
+        dtypes = {n: obj.dtype(n) for n in names} if hasattr(obj, "dtype") else {}
+        return TensorSource(names, lambda n: _as_f32(get(n), n), shapes, dtypes, type(obj).__name__)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return TensorSource(["delta"], lambda n: _as_f32(obj, n), {"delta": tuple(obj.shape)},
+                            {"delta": str(obj.dtype)}, "array")
+    raise UnmergeError(f"cannot read a task vector from {type(obj).__name__}; pass an array, a dict of "
+                       f"arrays, or a checkpoint/adapter directory (with base=...)")
+
+
+def _as_f32(x, name):
+    if x is None:
+        return None
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub":
+        raise UnmergeError(f"tensor {name!r} has dtype {a.dtype}; expected a real-valued array")
+    return a.astype(np.float32, copy=False)
+
+
+def _path_source(path: Path, base) -> TensorSource:
+    if not path.exists():
+        raise UnmergeError(f"{path} does not exist; pass a model/adapter directory or a .safetensors file")
+    if base is not None:
+        from unmerge_jax.io.checkpoint import open_checkpoint
+        from unmerge_jax.io.taskvec import task_vector
+
+        tv = task_vector(base, path)
+        bck = open_checkpoint(base)
+        tv_names = set(tv.names)
+        # Every base tensor counts: those the target leaves untouched are all-zero deltas.
+        names = list(bck.names) + [n for n in tv.names if n not in set(bck.names)]
+        shapes = {n: tuple(bck.shape(n)) for n in bck.names}
+        dtypes = {n: bck.dtype(n) for n in bck.names}
+        if hasattr(tv, "shape"):
+            shapes.update({n: tuple(tv.shape(n)) for n in tv.names})
+        return TensorSource(names, lambda n: _as_f32(tv.delta(n), n) if n in tv_names else None, shapes, dtypes,
+                            f"{path} − {base}")
+    from unmerge_jax.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    return TensorSource(list(ck.names), lambda n: _as_f32(ck.read(n), n), {n: tuple(ck.shape(n)) for n in ck.names},
+                        {n: ck.dtype(n) for n in ck.names}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# one aggregation group
+# ----------------------------------------------------------------------------------------------
+class _Group:
+    def __init__(self, bits):
+        self.n = self.n_zero = self.n_atol = self.below = 0
+        self.max_abs, self.l1 = 0.0, 0.0
+        self.mom = (0, 0.0, 0.0, 0.0, 0.0)
+        self.parts = []          # exact mode: sorted non-zero |δ| per tensor (float32)
+        self.hist = None         # hist mode: counts per bin
+        self.bits = bits
+        self.tensor_l0 = []      # (layer, own-max L0) per tensor
+
+    def add(self, s, nz_sorted, hist, hist_bits, l0_t, layer):
+        self.n += s["n"]
+        self.n_zero += s["n_zero"]
+        self.n_atol += s["n_atol"]
+        self.max_abs = max(self.max_abs, s["max_abs"])
+        self.l1 += s["l1"]
+        self.mom = K.merge_moments(self.mom, s["moments"])
+        self.tensor_l0.append((layer, l0_t))
+        if self.hist is None:
+            self.parts.append(nz_sorted)
+        else:
+            self.hist += _coarsen(hist, hist_bits, self.bits)
+
+    def to_hist(self):
+        if self.hist is not None:
+            return
+        h = np.zeros(1 << (8 + self.bits), dtype=np.int64)
+        h[0] = self.n - sum(p.size for p in self.parts)  # the zeros
+        for p in self.parts:
+            h += np.bincount(K.abs_bins(p, self.bits), minlength=h.size)
+        self.hist, self.parts = h, []
+
+
+def _coarsen(h, bits_from, bits_to):
+    if bits_from == bits_to:
+        return h
+    return h.reshape(-1, 1 << (bits_from - bits_to)).sum(axis=1)
+
+
+def _kurtosis(mom):
+    n, _, m2, _, m4 = mom
+    if n == 0 or m2 <= 0:
+        return math.nan
+    return n * m4 / (m2 * m2) - 3.0
+
+
+def _gini_sorted(a, n_zero, l1):
+    """Exact Hurley–Rickard Gini from ascending non-zero values plus ``n_zero`` zeros."""
+    n = n_zero + a.size
+    if l1 <= 0:
+        return math.nan
+    s = 0.0  # Σ_j j·a_j, j = 1-based rank among the non-zeros, chunked in float64
+    step = 1 << 22
+    for i in range(0, a.size, step):
+        c = a[i:i + step].astype(np.float64)
+        s += float(np.arange(i + 1, i + 1 + c.size, dtype=np.float64) @ c)
+    rank_sum = n_zero * l1 + s  # Σ_k k·x_(k) over all N entries
+    return 1.0 - 2.0 * ((n + 0.5) * l1 - rank_sum) / (n * l1)
+
+
+def _top_k(n, frac):
+    return max(1, int(math.ceil(frac * n - 1e-9)))
+
+
+def _finish_exact(g, tau, eps):
+    a = np.sort(np.concatenate(g.parts), kind="stable") if len(g.parts) > 1 else (
+        g.parts[0] if g.parts else np.zeros(0, np.float32))
+    l1 = float(a.sum(dtype=np.float64))
+    out = {"l0": 1.0 if g.max_abs == 0 else (g.n_zero + int(np.searchsorted(a, tau, "left"))) / g.n,
+           "gini": _gini_sorted(a, g.n_zero, l1)}
+    for key, p in TOP_FRACTIONS.items():
+        k = _top_k(g.n, p)
+        out[key] = math.nan if l1 <= 0 else (1.0 if k >= a.size else float(a[a.size - k:].sum(dtype=np.float64)) / l1)
+    return out, {}
+
+
+def _finish_hist(g, tau, passes):
+    h = g.hist
+    bins = np.nonzero(h)[0]
+    cnt = h[bins].astype(np.float64)
+    lo, hi = K.bin_edges(bins, g.bits)
+    hi = np.minimum(hi, g.max_abs)  # nothing exceeds the max (tightens the top bin)
+    lo = np.minimum(lo, hi)
+    n, l1 = g.n, g.l1
+    out, bounds = {}, {}
+    if g.max_abs == 0:
+        out["l0"] = 1.0
+    elif passes == 2:
+        out["l0"] = g.below / n
+    else:
+        full = float(cnt[hi <= tau].sum())
+        amb = float(cnt[(lo < tau) & (hi > tau)].sum())
+        out["l0"] = (full + amb / 2) / n
+        bounds["l0"] = amb / 2 / n
+    if l1 <= 0:
+        out.update(gini=math.nan, top1_mass=math.nan, top5_mass=math.nan)
+        return out, bounds
+    # Σ_k k over the ranks held by each bin: ranks C+1..C+c → c·C + c(c+1)/2.
+    before = np.concatenate([[0.0], np.cumsum(cnt)[:-1]])
+    ksum = cnt * before + cnt * (cnt + 1) / 2
+    t_lo, t_hi = float(ksum @ lo), float(ksum @ hi)
+    g_of = lambda t: 1.0 - 2.0 * ((n + 0.5) * l1 - t) / (n * l1)  # noqa: E731
+    out["gini"] = (g_of(t_lo) + g_of(t_hi)) / 2
+    bounds["gini"] = (g_of(t_hi) - g_of(t_lo)) / 2
+    after = np.cumsum(cnt[::-1])[::-1]  # entries in this bin or above
+    for key, p in TOP_FRACTIONS.items():
+        k = _top_k(n, p)
+        take = np.clip(k - (after - cnt), 0, cnt)
+        m_lo, m_hi = min(float(take @ lo) / l1, 1.0), min(float(take @ hi) / l1, 1.0)
+        out[key] = (m_lo + m_hi) / 2
+        bounds[key] = (m_hi - m_lo) / 2
+    return out, bounds
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol: float = 1e-5,
+                     mode: str = "auto", passes: int = 2, exact_limit: int = 1 << 26, hist_bits: int = 12,
+                     group_hist_bits: int = 10, per_tensor: bool = True, progress_bar: bool | None = None) -> dict:
+    """Sparsity metrics of a task vector, streamed one tensor at a time.
+
+    Args:
+      delta_or_checkpoint: an array, a ``{name: array}`` dict, a checkpoint/adapter directory or
+        ``.safetensors`` file, or a task-vector object (``names`` + ``delta(name)``).
+      base: base checkpoint; when given, the target's task vector ``target − base`` is analysed
+        over every base tensor (unchanged ones are all-zero deltas).
+      eps: L0 threshold relative to the max |δ| (0.01 in seed 003).
+      atol: absolute threshold of ``near_zero`` (1e-5: the RAM authors' "changed" threshold).
+      mode: ``"exact"``, ``"hist"`` or ``"auto"`` (see module doc); ``passes``: 2 = exact L0 in
+        hist mode by re-reading, 1 = one pass with an L0 bound.
+      exact_limit: non-zeros held in exact mode before ``auto`` switches to the histogram.
+      hist_bits / group_hist_bits: mantissa bits of the overall / per-group histograms.
+      per_tensor: include the per-tensor table (own-max L0, zero fractions, dtype, shape).
+
+    Returns:
+      dict with ``overall`` (``l0, exact_zero, near_zero, gini, kurtosis, top1_mass, top5_mass,
+      n_params, max_abs``), ``by_module`` and ``by_layer`` (the same, plus ``n_tensors`` and the
+      mean/std of the per-tensor L0), ``depth_trend`` (per module class: slope of the per-tensor
+      L0 against layer index), ``dtypes`` (n_params per stored dtype), ``tensors``, ``mode``,
+      ``error_bounds`` (half-widths in hist mode; empty when exact), ``eps``, ``atol``.
+
+    Raises:
+      UnmergeError: a tensor holds NaN/Inf, or the input cannot be read.
+    """
+    if mode not in ("auto", "exact", "hist"):
+        raise UnmergeError(f"unknown sparsity mode {mode!r}; choose auto, exact or hist")
+    if passes not in (1, 2):
+        raise UnmergeError(f"passes must be 1 or 2, got {passes}")
+    if not 0 < group_hist_bits <= hist_bits <= 20:
+        raise UnmergeError("need 0 < group_hist_bits <= hist_bits <= 20")
+    src = as_source(delta_or_checkpoint, base)
+    if not src.names:
+        raise UnmergeError(f"{src.label} has no tensors")
+    hist_mode = mode == "hist"
+    overall = _Group(hist_bits)
+    mods, layers, tensors, dtypes, stored = {}, {}, {}, {}, 0
+    if hist_mode:
+        overall.hist = np.zeros(1 << (8 + hist_bits), np.int64)
+
+    def group(d, key):
+        if key not in d:
+            d[key] = _Group(group_hist_bits)
+            if hist_mode:
+                d[key].hist = np.zeros(1 << (8 + group_hist_bits), np.int64)
+        return d[key]
+
+    info = {}
+    for name in progress(src.names, desc="sparsity", enabled=progress_bar):
+        x = src.read(name)
+        shape = tuple(np.shape(x)) if x is not None else tuple(src.shapes.get(name, ()))
+        n = int(np.prod(shape)) if x is not None or shape else 0
+        if x is None:
+            s = dict(n=n, max_abs=0.0, n_nonfinite=0, n_zero=n, n_atol=n, n_own_below=n, l1=0.0,
+                     moments=(n, 0.0, 0.0, 0.0, 0.0))
+        else:
+            s = K.tensor_summary(x, eps, atol)
+        if s["n_nonfinite"]:
+            raise UnmergeError(f"tensor {name!r} of {src.label} holds {s['n_nonfinite']} NaN/Inf value(s); "
+                               f"fix or exclude it before measuring sparsity")
+        if n == 0:
+            continue
+        layer, module, cls = classify(name)
+        info[name] = (layer, cls)
+        dt = str(src.dtypes.get(name, "F32" if x is None else x.dtype))
+        dtypes[dt] = dtypes.get(dt, 0) + n
+        l0_t = 1.0 if s["max_abs"] == 0 else s["n_own_below"] / n
+        if per_tensor:
+            tensors[name] = dict(shape=list(shape), dtype=dt, module=module, module_class=cls, layer=layer,
+                                 n_params=n, l0=l0_t, exact_zero=s["n_zero"] / n, near_zero=s["n_atol"] / n,
+                                 max_abs=s["max_abs"])
+        nz, h = None, None
+        if hist_mode:
+            h = np.zeros(1 << (8 + hist_bits), np.int64)
+            if x is None:
+                h[0] = n
+            else:
+                h = K.abs_histogram(x, hist_bits)
+        else:
+            a = np.abs(np.ravel(x)) if x is not None else np.zeros(0, np.float32)
+            nz = np.sort(a[a != 0]) if a.size else a
+            stored += nz.size
+        groups = [overall, group(mods, cls)] + ([group(layers, layer)] if layer is not None else [])
+        for g in groups:
+            g.add(s, nz, h, hist_bits, l0_t, layer)
+        if not hist_mode and mode == "auto" and stored > exact_limit:
+            hist_mode = True
+            for g in [overall, *mods.values(), *layers.values()]:
+                g.to_hist()
+
+    n_pass = 1
+    if hist_mode and passes == 2:  # exact L0: count |δ| < ε·max per group now the maxima are known
+        n_pass = 2
+        for name in progress(list(info), desc="sparsity (L0 pass)", enabled=progress_bar):
+            layer, cls = info[name]
+            gs = [overall, mods[cls]] + ([layers[layer]] if layer is not None else [])
+            x = src.read(name)
+            if x is None:
+                for g in gs:
+                    g.below += tensors[name]["n_params"] if per_tensor else int(np.prod(src.shapes[name]))
+                continue
+            counts = K.count_below(x, [K.threshold(eps, g.max_abs) for g in gs])
+            for g, c in zip(gs, counts):
+                g.below += int(c)
+
+    bounds = {}
+
+    def finish(g, label):
+        tau = K.threshold(eps, g.max_abs)
+        if g.hist is None:
+            out, b = _finish_exact(g, tau, eps)
+        else:
+            out, b = _finish_hist(g, tau, passes)
+        if b:
+            bounds[label] = b
+        res = dict(l0=out["l0"], exact_zero=g.n_zero / g.n, near_zero=g.n_atol / g.n, gini=out["gini"],
+                   kurtosis=_kurtosis(g.mom), top1_mass=out["top1_mass"], top5_mass=out["top5_mass"],
+                   n_params=g.n, max_abs=g.max_abs)
+        l0s = np.array([v for _, v in g.tensor_l0])
+        res.update(n_tensors=len(l0s), tensor_l0_mean=float(l0s.mean()), tensor_l0_std=float(l0s.std()))
+        return res
+
+    result = {
+        "overall": finish(overall, "overall"),
+        "by_module": {k: finish(g, f"module:{k}") for k, g in sorted(mods.items())},
+        "by_layer": {str(k): finish(g, f"layer:{k}") for k, g in sorted(layers.items())},
+        "depth_trend": depth_trend(mods),
+        "dtypes": dtypes,
+        "mode": "hist" if hist_mode else "exact",
+        "passes": n_pass,
+        "error_bounds": bounds,
+        "eps": eps,
+        "atol": atol,
+        "source": src.label,
+    }
+    if per_tensor:
+        result["tensors"] = tensors
+    return result
+
+
+def depth_trend(mods) -> dict:
+    """Per module class: least-squares slope of per-tensor L0 against layer index (per layer)."""
+    out = {}
+    for cls, g in sorted(mods.items()):
+        pts = np.array([(lay, v) for lay, v in g.tensor_l0 if lay is not None], dtype=np.float64)
+        if len(pts) < 2 or np.ptp(pts[:, 0]) == 0:
+            continue
+        slope, intercept = np.polyfit(pts[:, 0], pts[:, 1], 1)
+        out[cls] = {"slope_per_layer": float(slope), "intercept": float(intercept), "n_tensors": len(pts)}
+    return out
