@@ -48,8 +48,9 @@ def support_sizes(d: int, n_agents: int, sparsity: float, shared: float = SHARED
     return n_act, n_shared, n_unique
 
 
-@functools.partial(jax.jit, static_argnames=("d", "n_agents", "n_shared", "n_unique"))
-def _simulate(key, mu, sigma, *, d, n_agents, n_shared, n_unique):
+@functools.partial(jax.jit, static_argnames=("d", "n_agents"))
+def _simulate(key, mu, sigma, n_shared, n_unique, *, d, n_agents):
+    # Support sizes are traced, not static: one compile per (d, K) serves every sparsity.
     k_perm, k_mag, k_sign = jax.random.split(key, 3)
     rank = jax.random.permutation(k_perm, d)  # rank of each position, a random bijection
     agent = jnp.arange(n_agents)[:, None]
@@ -64,16 +65,16 @@ def simulate_agents(key, d: int, n_agents: int, sparsity: float, *, shared: floa
                     sigma: float = SIGMA):
     """``(K, d)`` float32 task vectors of K agents (see module doc)."""
     _, n_shared, n_unique = support_sizes(d, n_agents, sparsity, shared)
-    return _simulate(key, jnp.float32(mu), jnp.float32(sigma), d=d, n_agents=n_agents, n_shared=n_shared,
-                     n_unique=n_unique)
+    return _simulate(key, jnp.float32(mu), jnp.float32(sigma), n_shared, n_unique, d=d, n_agents=n_agents)
 
 
 def simulate_trials(seed: int, n_trials: int, d: int, n_agents: int, sparsity: float, **kw):
     """``(n_trials, K, d)``: one vmapped call over ``n_trials`` keys split from ``seed``."""
     _, n_shared, n_unique = support_sizes(d, n_agents, sparsity, kw.get("shared", SHARED))
     keys = jax.random.split(jax.random.key(seed), n_trials)
-    f = functools.partial(_simulate, d=d, n_agents=n_agents, n_shared=n_shared, n_unique=n_unique)
-    return jax.vmap(f, in_axes=(0, None, None))(keys, jnp.float32(kw.get("mu", MU)), jnp.float32(kw.get("sigma", SIGMA)))
+    f = functools.partial(_simulate, d=d, n_agents=n_agents)
+    return jax.vmap(f, in_axes=(0, None, None, None, None))(
+        keys, jnp.float32(kw.get("mu", MU)), jnp.float32(kw.get("sigma", SIGMA)), n_shared, n_unique)
 
 
 @dataclass(frozen=True)
