@@ -129,3 +129,48 @@ def simulate_model(shapes, key, n_agents: int, sparsity: float, *, profile: Spar
             d, shape = max_elements, (max_elements,)
         x = simulate_agents(jax.random.fold_in(key, i), d, n_agents, s, shared=shared)
         yield name, np.asarray(x).reshape((n_agents,) + tuple(shape)), s
+
+
+def simulate_and_measure(*, length: int | None = None, arch: str | None = None, n_agents: int = 3,
+                         sparsity: float | None = None, size_b: float | None = None, shared: float = SHARED,
+                         profile: str = "flat", max_elements: int | None = 1 << 16, seed: int = 0, out=None) -> dict:
+    """Simulate K agents (a flat vector of ``length``, or every tensor of ``arch``), measure each
+    agent's sparsity metrics and the inter-agent overlap, streamed per tensor; optionally write
+    ``agent_<k>.safetensors`` (tensor name → δ) into ``out``. ``size_b`` picks the calibrated set
+    sparsity of a model of that many billion parameters."""
+    from unmerge_jax.analysis.architectures import resolve, tensor_shapes
+    from unmerge_jax.analysis.metrics import TensorSource, sparsity_metrics
+    from unmerge_jax.analysis.overlap import OverlapAccumulator
+
+    if (length is None) == (arch is None):
+        raise UnmergeError("give exactly one of --length or --arch")
+    if sparsity is None:
+        sparsity = float(calibrated_sparsity(size_b if size_b is not None else 70.0))
+    if profile not in PROFILES:
+        raise UnmergeError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    shapes = [("delta", (int(length),))] if length is not None else list(tensor_shapes(resolve(arch)))
+    cap = None if length is not None else max_elements
+    tensors = {}
+    ov = OverlapAccumulator(n_agents)
+    for name, x, _ in simulate_model(shapes, jax.random.key(seed), n_agents, sparsity, profile=PROFILES[profile],
+                                     max_elements=cap, shared=shared):
+        tensors[name] = x
+        ov.add(x)
+    per_agent = []
+    for k in range(n_agents):
+        src = TensorSource(list(tensors), lambda n, k=k: tensors[n][k], {n: v.shape[1:] for n, v in tensors.items()},
+                           {n: "F32" for n in tensors}, f"simulated agent {k}")
+        per_agent.append(sparsity_metrics(src, per_tensor=False))
+    if out is not None:
+        from pathlib import Path
+
+        from safetensors.numpy import save_file
+
+        from unmerge_jax.io.atomic import atomic_file
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for k in range(n_agents):
+            with atomic_file(Path(out) / f"agent_{k}.safetensors", suffix=".safetensors") as tmp:
+                save_file({n: np.ascontiguousarray(v[k]) for n, v in tensors.items()}, str(tmp))
+    return {"set_sparsity": sparsity, "n_agents": n_agents, "shared": shared, "profile": profile, "seed": seed,
+            "max_elements_per_tensor": cap, "agents": per_agent, "inter_agent": ov.result()}
