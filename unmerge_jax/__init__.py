@@ -21,6 +21,11 @@ from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 # --- merge engine (issue 4) ---
 
 # --- sparsity analysis (issue 5) ---
+from unmerge_jax.analysis.metrics import sparsity_metrics  # noqa: E402
+from unmerge_jax.analysis.overlap import inter_agent  # noqa: E402
+from unmerge_jax.analysis.scaling import ScalingFit, fit_scaling_law  # noqa: E402
+from unmerge_jax.analysis.simulator import simulate_agents, simulate_and_measure, simulate_model, simulate_trials  # noqa: E402
+from unmerge_jax.analysis.studies import STUDIES, run_study  # noqa: E402
 
 # --- experiment (issue 6) ---
 
