@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 CHUNK = 1 << 18
+HIST_CHUNK = 1 << 23  # fewer, larger bincounts: each one also adds a 2^(8+m) result
 
 
 def merge_moments(a, b):
@@ -53,34 +54,36 @@ def _chunk_moments(c, buf, sq):
 def tensor_summary(x, eps: float, atol: float) -> dict:
     """Scalars of one tensor (see module doc); ``x`` is raveled and read as float32.
 
-    Non-finite entries are counted (``n_nonfinite``) and the other fields are then meaningless:
-    callers raise on them.
+    Only the non-zero entries are processed (returned as ``nonzero``, signed float32, for the
+    caller's sort/histogram); the zeros enter the moments as an exact ``(n_zero, 0, 0, 0, 0)``
+    block — task vectors are mostly zeros. Non-finite entries are counted (``n_nonfinite``) and
+    the other fields are then meaningless: callers raise on them.
     """
     x = np.ravel(np.asarray(x, dtype=np.float32))
     n = x.size
-    out = dict(n=n, max_abs=0.0, n_nonfinite=0, n_zero=0, n_atol=0, n_own_below=0, l1=0.0,
-               moments=(0, 0.0, 0.0, 0.0, 0.0))
-    if n == 0:
+    nzv = x[x != 0]  # NaN != 0, so non-finite values land here
+    out = dict(n=n, max_abs=0.0, n_nonfinite=0, n_zero=n - nzv.size, n_atol=n - nzv.size, n_own_below=n, l1=0.0,
+               moments=(n - nzv.size, 0.0, 0.0, 0.0, 0.0), nonzero=nzv)
+    if nzv.size == 0:
         return out
+    m = nzv.size
     atol32 = np.float32(atol)
-    buf, sq = np.empty(min(n, CHUNK)), np.empty(min(n, CHUNK))
-    absbuf = np.empty(min(n, CHUNK), dtype=np.float32)
-    mx, nz, na, l1, mom = np.float32(0), 0, 0, 0.0, (0, 0.0, 0.0, 0.0, 0.0)
-    for i in range(0, n, CHUNK):
-        c = x[i:i + CHUNK]
+    buf, sq = np.empty(min(m, CHUNK)), np.empty(min(m, CHUNK))
+    absbuf = np.empty(min(m, CHUNK), dtype=np.float32)
+    mx, na, l1, mom = np.float32(0), 0, 0.0, out["moments"]
+    for i in range(0, m, CHUNK):
+        c = nzv[i:i + CHUNK]
         a = np.abs(c, out=absbuf[:c.size])
         cm = a.max()
         if not np.isfinite(cm):
-            out["n_nonfinite"] = int(n - np.count_nonzero(np.isfinite(x)))
+            out["n_nonfinite"] = int(m - np.count_nonzero(np.isfinite(nzv)))
             return out
         mx = max(mx, cm)
-        nz += c.size - np.count_nonzero(c)
         na += np.count_nonzero(a <= atol32)
         l1 += float(a.sum(dtype=np.float64))
         mom = merge_moments(mom, _chunk_moments(c, buf, sq))
-    tau = threshold(eps, mx)
-    out.update(max_abs=float(mx), n_zero=int(nz), n_atol=int(na), l1=l1, moments=mom,
-               n_own_below=int(count_below(x, [tau])[0]) if mx > 0 else n)
+    out.update(max_abs=float(mx), n_atol=out["n_atol"] + int(na), l1=l1, moments=mom,
+               n_own_below=out["n_zero"] + int(count_below(nzv, [threshold(eps, mx)])[0]))
     return out
 
 
@@ -110,13 +113,13 @@ def abs_bins(absx: np.ndarray, mant_bits: int) -> np.ndarray:
 
 
 def abs_histogram(x, mant_bits: int) -> np.ndarray:
-    """Counts of |x| per bin (length ``2^(8+mant_bits)``, int64), chunked."""
+    """Counts of |x| per bin (length ``2^(8+mant_bits)``, int64), in chunks of ``HIST_CHUNK``."""
     x = np.ravel(np.asarray(x, dtype=np.float32))
     nbins = 1 << (8 + mant_bits)
     h = np.zeros(nbins, dtype=np.int64)
-    absbuf = np.empty(min(x.size, CHUNK * 8), dtype=np.float32)
-    for i in range(0, x.size, CHUNK * 8):
-        c = x[i:i + CHUNK * 8]
+    absbuf = np.empty(min(x.size, HIST_CHUNK), dtype=np.float32)
+    for i in range(0, x.size, HIST_CHUNK):
+        c = x[i:i + HIST_CHUNK]
         a = np.abs(c, out=absbuf[:c.size])
         h += np.bincount(abs_bins(a, mant_bits), minlength=nbins)
     return h

@@ -313,15 +313,12 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
                                  n_params=n, l0=l0_t, exact_zero=s["n_zero"] / n, near_zero=s["n_atol"] / n,
                                  max_abs=s["max_abs"])
         nz, h = None, None
+        nzv = s.pop("nonzero", np.zeros(0, np.float32))
         if hist_mode:
-            h = np.zeros(1 << (8 + hist_bits), np.int64)
-            if x is None:
-                h[0] = n
-            else:
-                h = K.abs_histogram(x, hist_bits)
+            h = K.abs_histogram(nzv, hist_bits)
+            h[0] += s["n_zero"]
         else:
-            a = np.abs(np.ravel(x)) if x is not None else np.zeros(0, np.float32)
-            nz = np.sort(a[a != 0]) if a.size else a
+            nz = np.sort(np.abs(nzv))
             stored += nz.size
         groups = [overall, group(mods, cls)] + ([group(layers, layer)] if layer is not None else [])
         for g in groups:
