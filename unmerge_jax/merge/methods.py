@@ -1,0 +1,291 @@
+"""Merge-method registry and the in-memory entry point :func:`merge_tensors`.
+
+``MERGE_METHODS`` maps a mergekit method name to a :class:`MethodSpec`: which kernel family, the
+default of every parameter it accepts (``per_model`` ones may differ per input model), and
+whether a base model is required. The CLI, the YAML config parser, the driver and the tests all
+read it. Parameter checks happen here, eagerly, as one-line :class:`UnmergeError`s; the kernels
+(``unmerge_jax.kernels.merge``) never raise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import jax.numpy as jnp
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError, check_choice
+from unmerge_jax.kernels import merge as K
+
+_GTA_SHARED = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
+_PER_MODEL = {"weight": 1.0, "density": 1.0}
+RAM_FACES = ("mergekit", "seed003", "arm", "arm-r", "arm-r-v2", "authors", "tensor_local")
+GLOBAL_FACES = ("arm-r", "arm-r-v2", "authors")   # need the whole-model counting pass
+RESCALE_RULES = ("l1", "inverse_density")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered merge method.
+
+    ``family`` is ``"gta"`` (linear, task arithmetic, TIES, DARE) or ``"ram"``; ``shared`` are
+    the method-wide parameter defaults; ``per_model`` the per-input ones (``weight``,
+    ``density``); ``sparsify``/``consensus`` fix the GTA kernel's structure.
+    """
+
+    name: str
+    family: str
+    shared: dict
+    per_model: dict = field(default_factory=lambda: dict(_PER_MODEL))
+    sparsify: str | None = None
+    consensus: str | None = None
+    needs_base: bool = True
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(sorted({*self.shared, *self.per_model}))
+
+
+def _gta(name, sparsify, consensus, normalize, rescale):
+    return MethodSpec(name, "gta", {**_GTA_SHARED, "normalize": normalize, "rescale": rescale},
+                      sparsify=sparsify, consensus=consensus)
+
+
+MERGE_METHODS = MappingProxyType({
+    # mergekit linear: Σ w θ / Σ w over full weights; a base, when given, is not averaged in.
+    "linear": MethodSpec("linear", "gta", {"normalize": True}, {"weight": 1.0}, needs_base=False),
+    "task_arithmetic": _gta("task_arithmetic", None, None, False, False),
+    "ties": _gta("ties", "magnitude", "sum", True, False),
+    "dare_linear": _gta("dare_linear", "random", None, False, True),
+    "dare_ties": _gta("dare_ties", "random", "sum", False, True),
+    "ram": MethodSpec("ram", "ram", {"face": "mergekit", "epsilon": 1e-5, "r": None, "alpha": 0.2,
+                                     "lambda": 1.5, "q": 90.0}, {"weight": 1.0}),
+    "ramplus_tl": MethodSpec("ramplus_tl", "ram", {"face": "tensor_local", "epsilon": 1e-5, "r": 0.1,
+                                                   "alpha": 0.2}, {"weight": 1.0}),
+})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A method with every parameter checked and defaulted, for K models (one tensor)."""
+
+    spec: MethodSpec
+    shared: dict
+    weights: np.ndarray   # (K,) float64
+    density: np.ndarray   # (K,) float64
+
+
+def get_method(method: str) -> MethodSpec:
+    check_choice("merge method", method, MERGE_METHODS)
+    return MERGE_METHODS[method]
+
+
+def _as_bool(what, v):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise UnmergeError(f"parameter {what} must be true or false, got {v!r}")
+
+
+def _as_float(what, v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise UnmergeError(f"parameter {what} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise UnmergeError(f"parameter {what} must be finite, got {v!r}")
+    return x
+
+
+def check_params(spec: MethodSpec, params: dict, where: str = "") -> None:
+    """Raise on a parameter the method does not take (mergekit's spelling)."""
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        at = f" ({where})" if where else ""
+        raise UnmergeError(f"unknown parameter {unknown[0]!r} for merge method {spec.name!r}{at}; "
+                           f"it accepts: {', '.join(spec.params)}")
+
+
+def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = None, where: str = "") -> Resolved:
+    """Check and default one method's parameters for K models.
+
+    Args:
+      method: registered name. k: number of input models (≥ 1).
+      shared: method-wide parameters; a per-model parameter given here applies to all models.
+      per_model: K dicts of per-model parameters (``weight``, ``density``), overriding ``shared``.
+      where: context for error messages (a tensor name or config path).
+    """
+    spec = get_method(method)
+    at = f" ({where})" if where else ""
+    if k < 1:
+        raise UnmergeError(f"merge method {method!r} needs at least one model to merge{at}")
+    per_model = per_model or [{} for _ in range(k)]
+    check_params(spec, shared, where)
+    for p in per_model:
+        check_params(spec, p, where)
+    out = dict(spec.shared)
+    out.update({n: v for n, v in shared.items() if n in spec.shared})
+    cols = {}
+    for n, default in spec.per_model.items():
+        col = []
+        for i, p in enumerate(per_model):
+            v = p.get(n, shared.get(n, default))
+            col.append(_as_float(f"{n} of model {i}", v))
+        cols[n] = np.asarray(col, dtype=np.float64)
+    weights = cols["weight"]
+    density = cols.get("density", np.ones(k))
+    bad = [(i, d) for i, d in enumerate(density) if not 0.0 < d <= 1.0]
+    if bad:
+        raise UnmergeError(f"density {bad[0][1]} of model {bad[0][0]} is outside (0, 1]{at}; "
+                           f"use a fraction of entries to keep, e.g. 0.5")
+    if spec.family == "gta":
+        out["normalize"] = _as_bool("normalize", out["normalize"])
+        if "rescale" in out:
+            rule = out["rescale"]
+            if rule in (None, False, "none", "false", "False"):
+                out["rescale"] = None
+            elif rule is True or rule in ("true", "True"):
+                out["rescale"] = "l1"
+            else:
+                check_choice("rescale rule", rule, ("l1", "inverse_density", True, False))
+        if "lambda" in out:
+            out["lambda"] = _as_float("lambda", out["lambda"])
+        if out["normalize"] and abs(weights.sum()) < K.WEIGHT_EPS:
+            raise UnmergeError(f"weights {weights.tolist()} sum to zero but {method!r} normalises by their sum{at}; "
+                               f"change the weights or set normalize: false")
+    else:
+        check_choice("RAM face", out["face"], RAM_FACES)
+        for n in ("epsilon", "alpha", "lambda", "q"):
+            if n in out:
+                out[n] = _as_float(n, out[n])
+        if out.get("r") is None:
+            out["r"] = 0.1 if out["face"] == "tensor_local" else 1.0
+        out["r"] = _as_float("r", out["r"])
+        if "q" in out and not 0.0 <= out["q"] <= 100.0:
+            raise UnmergeError(f"percentile q={out['q']} is outside [0, 100]{at}")
+    return Resolved(spec, out, weights, density)
+
+
+def _topk(density: np.ndarray, numel: int) -> np.ndarray:
+    # mergekit's magnitude(): k = max(1, int(density · numel)) (density ≥ 1 → untouched).
+    return np.asarray([max(1, int(float(d) * numel)) if d < 1 else numel for d in density], dtype=np.int64)
+
+
+def gta_config(res: Resolved, deltas: bool) -> K.GTAConfig:
+    spec = res.spec
+    sparsify = spec.sparsify if spec.sparsify and bool(np.any(res.density < 1.0)) else None
+    return K.GTAConfig(sparsify=sparsify, rescale=res.shared.get("rescale") if sparsify else None,
+                       consensus=spec.consensus, normalize=res.shared["normalize"], deltas=deltas)
+
+
+def ram_config(res: Resolved, deltas: bool) -> K.RAMConfig:
+    face = res.shared["face"]
+    kind = "seed003" if face == "seed003" else "tensor_local" if face == "tensor_local" else "arm"
+    return K.RAMConfig(face=kind, deltas=deltas)
+
+
+def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
+               lambdas=None, masks=None):
+    """Run the resolved method's kernel on one tensor (inputs already checked).
+
+    ``lambdas``: per-model unique-region scales for the global RAM faces (from the counting
+    pass); ``masks``: (K, n) keep-masks to use instead of drawing them (DARE/TIES parity tests).
+    """
+    sh = res.shared
+    k = len(tensors)
+    w = jnp.asarray(res.weights, jnp.float32)
+    if res.spec.family == "gta":
+        cfg = gta_config(res, deltas)
+        dens = jnp.asarray(res.density, jnp.float32)
+        lam = jnp.float32(sh.get("lambda", 1.0))
+        if masks is not None:
+            cfg = cfg._replace(sparsify=res.spec.sparsify)
+            return K.gta_kernel_masked(base, tensors, w, dens, lam, jnp.asarray(masks, bool), cfg=cfg)
+        topk = jnp.asarray(_topk(res.density, int(np.prod(np.shape(base), dtype=np.int64))))
+        return K.gta_kernel(base, tensors, w, dens, topk, lam, np.uint32(int(seed) & 0xFFFFFFFF),
+                            np.uint32(K.name_hash(name)), cfg=cfg)
+    cfg = ram_config(res, deltas)
+    face = sh["face"]
+    eps = jnp.float32(sh["epsilon"])
+    if cfg.face == "seed003":
+        lam = jnp.full((k,), sh["lambda"], jnp.float32)
+    elif face in GLOBAL_FACES or face == "arm":
+        if lambdas is None:  # in memory: this tensor is the whole model
+            changed, overlap = K.ram_counts(base, tensors, w, eps, deltas=deltas)
+            lambdas = K.ram_lambdas(_authors_face(face), sh["r"], np.asarray(changed), np.asarray(overlap))
+        lam = jnp.asarray(lambdas, jnp.float32)
+    else:
+        lam = jnp.ones((k,), jnp.float32)
+    return K.ram_kernel(base, tensors, w, lam, eps, jnp.float32(sh.get("q", 90.0)), jnp.float32(sh["r"]),
+                        jnp.float32(sh["alpha"]), cfg=cfg)
+
+
+def _authors_face(face: str) -> str:
+    return "arm-r-v2" if face == "authors" else face
+
+
+def check_shapes(base_shape, shapes, names, where: str = "") -> None:
+    at = f" for tensor {where}" if where else ""
+    for n, s in zip(names, shapes):
+        if tuple(s) != tuple(base_shape):
+            raise UnmergeError(f"shape mismatch{at}: {n} has {tuple(s)} but the base has {tuple(base_shape)}; "
+                               f"inputs must share the base architecture")
+
+
+def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, name: str = "",
+                  deltas: bool = True, **params):
+    """Merge one tensor in memory.
+
+    Args:
+      method: a name in ``MERGE_METHODS`` (linear, task_arithmetic, ties, dare_linear, dare_ties,
+        ram, ramplus_tl).
+      base: base weights, shape ``S``; ``None`` only for ``linear`` (then ``tensors`` are merged
+        as full weights onto a zero base).
+      tensors: K arrays of shape ``S`` (a list or a stacked ``(K, *S)`` array). By default these
+        are **task vectors** ``δ_k = θ_k − θ_base``; pass ``deltas=False`` for fine-tuned weights.
+      weights: K per-model weights (default 1 each).
+      seed, name: key DARE's random masks by ``(seed, name)`` (see ``kernels.merge``).
+      **params: the method's mergekit parameters, e.g. ``density`` (scalar or K values),
+        ``normalize``, ``rescale`` (``"l1"``/True, ``"inverse_density"``, False), ``lambda``;
+        for ``ram``: ``face`` (``mergekit`` | ``seed003`` | ``arm`` | ``arm-r`` | ``arm-r-v2`` =
+        ``authors`` | ``tensor_local``), ``epsilon``, ``r``, ``alpha``, ``lambda``, ``q``.
+        For the global faces (``arm-r``, ``arm-r-v2``) this tensor is the whole model.
+    Returns:
+      the merged float32 weights ``θ``, shape ``S`` (a JAX array).
+    """
+    spec = get_method(method)
+    tensors = [np.asarray(t, dtype=np.float32) for t in tensors]
+    if base is None:
+        if spec.needs_base:
+            raise UnmergeError(f"merge method {method!r} needs a base model; pass base (base_model: in a config)")
+        if not tensors:
+            raise UnmergeError(f"merge method {method!r} needs at least one model to merge")
+        base = np.zeros_like(tensors[0])
+        deltas = True
+    base = np.asarray(base, dtype=np.float32)
+    k = len(tensors)
+    check_shapes(base.shape, [t.shape for t in tensors], [f"model {i}" for i in range(k)], name)
+    per_model = [{} for _ in range(k)]
+    for pname in ("weight", "density"):
+        v = params.pop(pname, None)
+        if v is None:
+            continue
+        if np.ndim(v) == 0:
+            params[pname] = v
+        else:
+            _per_model_list(pname, v, k, per_model)
+    if weights is not None:
+        _per_model_list("weight", weights, k, per_model)
+    res = resolve(method, k, params, per_model, where=name)
+    return run_kernel(res, base, tuple(tensors), seed=seed, name=name, deltas=deltas)
+
+
+def _per_model_list(pname, values, k, per_model):
+    values = list(np.ravel(np.asarray(values, dtype=object)))
+    if len(values) != k:
+        raise UnmergeError(f"{len(values)} {pname} value(s) given for {k} model(s); give one per model")
+    for p, v in zip(per_model, values):
+        p[pname] = v
