@@ -19,6 +19,7 @@ from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 # --- checkpoints in (issue 3) ---
 
 # --- merge engine (issue 4) ---
+from unmerge_jax.merge import MERGE_METHODS, merge_tensors  # noqa: E402
 
 # --- sparsity analysis (issue 5) ---
 from unmerge_jax.analysis.metrics import sparsity_metrics  # noqa: E402
