@@ -1,0 +1,253 @@
+"""Merge kernels vs plain-NumPy float64 formulas written here (values), edge cases and bad input."""
+
+import numpy as np
+import pytest
+
+from unmerge_jax import UnmergeError, merge_tensors
+from unmerge_jax.kernels import merge as K
+from unmerge_jax.merge.methods import MERGE_METHODS, resolve
+
+RTOL = 2e-6  # float32 kernels vs float64 references
+ATOL = 2e-6
+
+
+def _data(k=3, shape=(6, 7), seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape).astype(np.float32)
+    deltas = (0.1 * rng.normal(size=(k, *shape))).astype(np.float32)
+    return base, deltas
+
+
+def close(got, want):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------- NumPy references (float64)
+def np_topk(d, density):
+    """mergekit magnitude(): keep the k = max(1, int(density·n)) largest |d|."""
+    flat = np.abs(d).ravel()
+    if density >= 1:
+        return np.ones(d.shape, bool)
+    k = max(1, int(density * flat.size))
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    return keep.reshape(d.shape)
+
+
+def np_rescale(d, keep, density, rule):
+    m = np.where(keep, d, 0.0)
+    if density >= 1:
+        return d
+    if rule == "inverse_density":
+        return m / density
+    if rule == "l1":
+        before, after = np.abs(d).sum(), np.abs(m).sum()
+        return m if before < 1e-7 or after < 1e-7 else m * before / after
+    return m
+
+
+def np_gta(base, deltas, w, *, keeps=None, density=None, rule=None, consensus=False, normalize=False, lam=1.0):
+    d = np.asarray(deltas, np.float64)
+    w = np.asarray(w, np.float64)
+    if keeps is not None:
+        d = np.stack([np_rescale(d[i], keeps[i], density[i], rule) for i in range(len(d))])
+    u = w.reshape(-1, *[1] * (d.ndim - 1)) * d
+    if consensus:
+        maj = np.where(u.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(u) == maj
+        mixed = (u * agree).sum(0)
+        div = (w.reshape(u.shape[:1] + (1,) * (u.ndim - 1)) * agree).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed, div = u.sum(0), w.sum()
+    if normalize:
+        mixed = mixed / div
+    return base + lam * mixed
+
+
+def np_ram(base, deltas, *, face, lam=None, eps=1e-5, q=90, r=1.0, alpha=0.2):
+    d = np.asarray(deltas, np.float64).reshape(len(deltas), -1)
+    if face == "seed003":
+        act = np.abs(d) >= np.percentile(np.abs(d), q, axis=1, keepdims=True)
+    else:
+        act = np.abs(d) > eps
+    c = act.sum(0)
+    out = np.zeros(d.shape[1])
+    if face == "seed003":
+        out[c >= 2] = d[:, c >= 2].mean(0)
+        out[c == 1] = 1.5 * (d * act)[:, c == 1].sum(0)
+        return base + out.reshape(base.shape)
+    changed = act.sum(1)
+    overlap = (act & (c >= 2)).sum(1)
+    if face == "tensor_local":
+        rho = overlap / np.maximum(changed - overlap, eps)
+        lam = 1 + r * np.clip(rho, 0, alpha)
+    elif face == "arm-r":
+        lam = 1 + (max(r, 1) - 1) * np.clip(overlap / changed, 0, 1)
+    elif face == "arm-r-v2":
+        lam = 1 + (max(r, 1) - 1) * np.minimum(1, overlap / (changed - overlap))
+    elif lam is None:
+        lam = np.ones(len(d))
+    sh = c >= 2
+    out[sh] = (d * act)[:, sh].sum(0) / c[sh]
+    out[c == 1] = (lam[:, None] * d * act)[:, c == 1].sum(0)
+    return base + out.reshape(base.shape)
+
+
+# ---------------------------------------------------------------- values
+def test_linear_is_weighted_mean_of_full_weights():
+    base, d = _data()
+    theta = base + d
+    w = [0.2, 0.5, 0.3]
+    want = np.tensordot(np.asarray(w), theta.astype(np.float64), 1) / np.sum(w)
+    close(merge_tensors("linear", base, theta, w, deltas=False), want)
+    close(merge_tensors("linear", base, d, w), want)           # task vectors: same merge
+    close(merge_tensors("linear", None, theta, w), want)       # no base: full weights
+    close(merge_tensors("linear", base, d, [1, 1, 2], normalize=False), base + d[0] + d[1] + 2 * d[2])
+
+
+def test_task_arithmetic():
+    base, d = _data()
+    close(merge_tensors("task_arithmetic", base, d, [1.0, -0.5, 2.0], **{"lambda": 0.7}),
+          np_gta(base, d, [1.0, -0.5, 2.0], lam=0.7))
+    close(merge_tensors("task_arithmetic", base, d, [1, 2, 3], normalize=True), np_gta(base, d, [1, 2, 3], normalize=True))
+
+
+@pytest.mark.parametrize("density", [0.3, [0.2, 0.5, 0.9]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties(density, normalize):
+    base, d = _data()
+    w = [0.5, 1.0, 0.8]
+    dens = np.broadcast_to(np.asarray(density, float), (3,))
+    keeps = [np_topk(d[i], dens[i]) for i in range(3)]
+    want = np_gta(base, d, w, keeps=keeps, density=dens, consensus=True, normalize=normalize)
+    close(merge_tensors("ties", base, d, w, density=density, normalize=normalize), want)
+
+
+@pytest.mark.parametrize("method,consensus", [("dare_linear", False), ("dare_ties", True)])
+@pytest.mark.parametrize("rule", ["l1", "inverse_density", False])
+def test_dare_given_its_keep_mask(method, consensus, rule):
+    base, d = _data(shape=(40, 30))
+    w = [0.3, 0.3, 0.4]
+    dens = np.array([0.3, 0.5, 0.7])
+    res = resolve(method, 3, {"rescale": rule}, [{"weight": a, "density": b} for a, b in zip(w, dens)])
+    masks = np.asarray(K.draw_masks(base, tuple(d), dens.astype(np.float32), np.ones(3, np.int64), np.uint32(5),
+                                    np.uint32(K.name_hash("x")), sparsify="random"))
+    want = np_gta(base, d, w, keeps=[m.reshape(base.shape) for m in masks], density=dens,
+                  rule=rule or None, consensus=consensus)
+    close(merge_tensors(method, base, d, w, density=list(dens), rescale=rule, seed=5, name="x"), want)
+    # DARE's masks are Bernoulli(density): keep fractions within 5 sigma of the density
+    n = masks.shape[1]
+    for m, p in zip(masks, dens):
+        assert abs(m.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_dare_keyed_by_seed_and_name_not_order():
+    base, d = _data(shape=(50, 40))
+    a1 = merge_tensors("dare_linear", base, d, density=0.5, seed=1, name="layers.0.q")
+    merge_tensors("dare_linear", base, d, density=0.5, seed=1, name="other")
+    a2 = merge_tensors("dare_linear", base, d, density=0.5, seed=1, name="layers.0.q")
+    b = merge_tensors("dare_linear", base, d, density=0.5, seed=1, name="layers.1.q")
+    c = merge_tensors("dare_linear", base, d, density=0.5, seed=2, name="layers.0.q")
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+    assert not np.array_equal(np.asarray(a1), np.asarray(b)) and not np.array_equal(np.asarray(a1), np.asarray(c))
+
+
+@pytest.mark.parametrize("face", ["seed003", "mergekit", "arm", "arm-r", "arm-r-v2", "tensor_local"])
+def test_ram_faces(face):
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(30, 20)).astype(np.float32)
+    d = (rng.normal(size=(3, 30, 20)) * (rng.random((3, 30, 20)) < 0.3)).astype(np.float32)
+    kw = {"face": face}
+    r = {"arm-r": 1.2, "arm-r-v2": 1.2, "tensor_local": 0.1}.get(face, 1.0)
+    if face in ("arm-r", "arm-r-v2"):
+        kw["r"] = r
+    ref_face = {"mergekit": "arm"}.get(face, face)
+    close(merge_tensors("ram", base, d, **kw), np_ram(base, d, face=ref_face, r=r))
+    if face == "tensor_local":
+        close(merge_tensors("ramplus_tl", base, d), np_ram(base, d, face="tensor_local", r=0.1))
+
+
+def test_ram_authors_global_lambdas_from_counts():
+    # λ_j from whole-model counts: two tensors counted together differ from either alone.
+    assert np.allclose(K.ram_lambdas("arm-r-v2", 1.2, [10, 4, 0, 5], [5, 1, 0, 5]), [1.2, 1 + 0.2 / 3, 1.0, 1.2])
+    assert np.allclose(K.ram_lambdas("arm-r", 1.2, [10, 4], [5, 1]), [1.1, 1.05])
+    assert np.allclose(K.ram_lambdas("arm-r", 0.5, [10, 4], [5, 1]), [1.0, 1.0])
+
+
+# ---------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_density_one_is_plain_weighted_merge(method):
+    base, d = _data()
+    w = [0.2, 0.3, 0.5]
+    normalize = MERGE_METHODS[method].shared["normalize"]
+    want = np_gta(base, d, w, consensus=method.endswith("ties"), normalize=normalize)
+    close(merge_tensors(method, base, d, w, density=1.0, seed=3), want)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_all_zero_deltas_return_base(method):
+    base, d = _data()
+    got = merge_tensors(method, base, np.zeros_like(d), density=0.5) if "density" in MERGE_METHODS[method].params \
+        else merge_tensors(method, base, np.zeros_like(d))
+    np.testing.assert_array_equal(np.asarray(got), base)
+
+
+def test_sign_election_tie_elects_plus():
+    base = np.zeros(3, np.float32)
+    d = np.array([[1.0, -2.0, 0.5], [-1.0, 1.0, -0.5]], np.float32)  # Σ = 0, -1, 0
+    got = np.asarray(merge_tensors("ties", base, d, density=1.0))
+    np.testing.assert_allclose(got, [1.0, -2.0, 0.5])                  # ties → +, disjoint mean
+    got = np.asarray(merge_tensors("ties", base, d, density=1.0, normalize=False))
+    np.testing.assert_allclose(got, [1.0, -2.0, 0.5])
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_single_model(method):
+    base, d = _data(k=1)
+    got = np.asarray(merge_tensors(method, base, d, [0.7]), np.float64)
+    if method in ("linear", "ties"):             # normalised: the model itself
+        close(got, base + d[0])
+    elif method == "task_arithmetic":
+        close(got, base + 0.7 * d[0])
+    elif method.startswith("ram"):               # every changed entry is unique, λ = 1 (mergekit face)
+        dd = 0.7 * d[0].astype(np.float64)
+        close(got, base + np.where(np.abs(dd) > 1e-5, dd, 0))
+    else:                                        # DARE at density 1 → task arithmetic
+        close(got, base + 0.7 * d[0])
+
+
+def test_ties_exact_k_with_tied_magnitudes():
+    base = np.zeros(6, np.float32)
+    d = np.array([[1, 1, 1, 1, 0.5, 0.5]], np.float32)
+    got = np.asarray(merge_tensors("ties", base, d, density=0.5))
+    np.testing.assert_array_equal(got, [1, 1, 1, 0, 0, 0])   # k = 3 of four tied 1s: first by position
+
+
+def test_second_call_does_not_recompile():
+    base, d = _data()
+    merge_tensors("ties", base, d, [1, 1, 1], density=0.5)
+    n = K.gta_kernel._cache_size()
+    merge_tensors("ties", base, d, [0.2, 3, 1], density=[0.3, 0.4, 0.6])
+    assert K.gta_kernel._cache_size() == n
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call,match", [
+    (lambda b, d: merge_tensors("linear", b, d, [1, -1, 0]), "sum to zero"),
+    (lambda b, d: merge_tensors("ties", b, d, [1, -1, 0], density=0.5), "sum to zero"),
+    (lambda b, d: merge_tensors("ties", b, d, density=0.0), "outside"),
+    (lambda b, d: merge_tensors("dare_ties", b, d, density=[0.5, 1.5, 0.5]), "outside"),
+    (lambda b, d: merge_tensors("slerp", b, d), "unknown merge method"),
+    (lambda b, d: merge_tensors("ties", b, d, dencity=0.5), "unknown parameter 'dencity'"),
+    (lambda b, d: merge_tensors("ram", b, d, face="nope"), "unknown RAM face"),
+    (lambda b, d: merge_tensors("task_arithmetic", b, [d[0], d[1][:3]]), "shape mismatch"),
+    (lambda b, d: merge_tensors("ties", None, d, density=0.5), "needs a base"),
+    (lambda b, d: merge_tensors("task_arithmetic", b, d, [1, 2]), "one per model"),
+    (lambda b, d: merge_tensors("dare_ties", b, d, density=0.5, rescale="l3"), "unknown rescale"),
+])
+def test_bad_input_one_line(call, match):
+    base, d = _data()
+    with pytest.raises(UnmergeError, match=match) as err:
+        call(base, d)
+    assert "\n" not in str(err.value)
