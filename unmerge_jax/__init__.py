@@ -19,7 +19,8 @@ from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 # --- checkpoints in (issue 3) ---
 
 # --- merge engine (issue 4) ---
-from unmerge_jax.merge import MERGE_METHODS, merge_tensors  # noqa: E402
+from unmerge_jax.merge import MERGE_METHODS, load_config, merge_tensors  # noqa: E402
+from unmerge_jax.merge.driver import MergeResult, merge  # noqa: E402  (shadows the subpackage name on purpose)
 
 # --- sparsity analysis (issue 5) ---
 from unmerge_jax.analysis.metrics import sparsity_metrics  # noqa: E402

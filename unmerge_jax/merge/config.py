@@ -1,0 +1,189 @@
+"""mergekit's YAML schema, the part we run: ``models`` / ``base_model`` / ``merge_method`` /
+``parameters`` / ``dtype`` / ``out_dtype`` / ``tokenizer_source: base``.
+
+Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a list of numbers
+interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
+outside the layer stack, as mergekit plans them); or a list of ``{filter, value}`` entries
+where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
+Per-model ``parameters`` override the top-level ones. ``slices``, ``modules``, tokenizer
+surgery and ``model+lora`` references are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.merge.methods import Resolved, get_method, resolve
+
+_KNOWN_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
+               "slices", "modules", "tokenizer", "chat_template", "name"}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass
+class MergeConfig:
+    """A parsed merge config. ``models[i] = (path, parameters)``; paths are resolved."""
+
+    merge_method: str
+    models: list[tuple[Path, dict]]
+    base_model: Path | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    source: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The config as mergekit YAML (paths absolute), written beside the merged model."""
+        d = {"merge_method": self.merge_method,
+             "models": [{"model": str(p), **({"parameters": prm} if prm else {})} for p, prm in self.models]}
+        if self.base_model is not None:
+            d["base_model"] = str(self.base_model)
+        if self.parameters:
+            d["parameters"] = self.parameters
+        for k in ("dtype", "out_dtype"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        return d
+
+
+def _model_path(ref, root: Path, what: str) -> Path:
+    if isinstance(ref, dict):
+        ref = ref.get("model", ref.get("path"))
+    if not isinstance(ref, (str, Path)) or not str(ref):
+        raise UnmergeError(f"{what}: expected a model directory path, got {ref!r}")
+    s = str(ref)
+    if "+" in s and not Path(s).exists():
+        raise UnmergeError(f"{what}: 'model+lora' references are not supported; list the LoRA adapter "
+                           f"directory itself as a model (adapters merge in ΔW space)")
+    p = Path(s).expanduser()
+    if not p.is_absolute() and not p.exists() and (root / p).exists():
+        p = root / p
+    if not p.exists():
+        raise UnmergeError(f"{what}: model directory {s} does not exist (no downloads: give a local directory)")
+    return p.resolve()
+
+
+def load_config(config) -> MergeConfig:
+    """Parse a mergekit config from a path, a YAML string, a dict or a :class:`MergeConfig`."""
+    if isinstance(config, MergeConfig):
+        return config
+    root = Path.cwd()
+    where = "merge config"
+    if isinstance(config, (str, Path)) and not (isinstance(config, str) and "\n" in config):
+        path = Path(config)
+        if not path.exists():
+            raise UnmergeError(f"merge config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UnmergeError(f"cannot parse {path} as YAML: {str(err).splitlines()[0]}") from None
+        root, where = path.resolve().parent, str(path)
+    elif isinstance(config, str):
+        raw = yaml.safe_load(config)
+    else:
+        raw = config
+    if not isinstance(raw, dict):
+        raise UnmergeError(f"{where}: expected a mapping with merge_method and models")
+    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    if unknown:
+        raise UnmergeError(f"{where}: unknown key {unknown[0]!r}; supported: base_model, dtype, merge_method, "
+                           f"models, out_dtype, parameters, tokenizer_source")
+    for key in ("slices", "modules", "tokenizer"):
+        if raw.get(key):
+            raise UnmergeError(f"{where}: '{key}' is not supported by this engine (whole-model merges only); "
+                               f"use 'models:'")
+    if raw.get("chat_template"):
+        raise UnmergeError(f"{where}: 'chat_template' is not supported; the base model's tokenizer files are copied")
+    if raw.get("tokenizer_source") not in (None, "base"):
+        raise UnmergeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported; "
+                           f"only 'base' (the base model's tokenizer is copied)")
+    if "merge_method" not in raw:
+        raise UnmergeError(f"{where}: missing merge_method")
+    method = str(raw["merge_method"])
+    spec = get_method(method)
+    base = _model_path(raw["base_model"], root, f"{where}: base_model") if raw.get("base_model") else None
+    if base is None and spec.needs_base:
+        raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
+    models = []
+    for i, entry in enumerate(raw.get("models") or []):
+        what = f"{where}: models[{i}]"
+        params = (entry.get("parameters") if isinstance(entry, dict) else None) or {}
+        if not isinstance(params, dict):
+            raise UnmergeError(f"{what}: parameters must be a mapping")
+        unknown_p = sorted(set(params) - set(spec.per_model))
+        if unknown_p:
+            raise UnmergeError(f"{what}: unknown per-model parameter {unknown_p[0]!r} for {method!r}; "
+                               f"per-model parameters: {', '.join(sorted(spec.per_model))}")
+        models.append((_model_path(entry, root, what), dict(params)))
+    # mergekit lists the base among the models for GTA methods; it contributes no task vector.
+    models = [(p, prm) for p, prm in models if base is None or p != base or not spec.needs_base]
+    if not models:
+        raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise UnmergeError(f"{where}: parameters must be a mapping")
+    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw)
+    # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
+    resolve_for_tensor(cfg, "", 0.0)
+    return cfg
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number in ``model.layers.7.mlp…`` (also GPT-2's ``h.7.``), else None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_fraction(name: str, n_layers: int | None) -> float:
+    """mergekit's ``t`` for a tensor: layer / (n_layers − 1) inside the layer stack, else 0."""
+    i = layer_index(name)
+    if i is None or not n_layers:
+        return 0.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def evaluate(setting, name: str, t: float):
+    """mergekit's ``evaluate_setting``: scalars, gradients, and ``{filter, value}`` lists."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(not isinstance(e, (dict, list)) for e in setting):
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            x = t * (len(setting) - 1)
+            i0 = int(x)
+            i1 = min(len(setting) - 1, i0 + 1)
+            f = x - i0
+            return (1 - f) * float(setting[i0]) + f * float(setting[i1])
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond:
+                raise UnmergeError(f"parameter entry {cond!r} must be a number, a list of numbers, "
+                                   f"or {{filter: ..., value: ...}}")
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (name and str(flt) in name):
+                return evaluate(cond["value"], name, t)
+        return None
+    return setting
+
+
+def _evaluated(params: dict, name: str, t: float) -> dict:
+    out = {}
+    for k, v in params.items():
+        x = evaluate(v, name, t)
+        if x is not None:
+            out[k] = x
+    return out
+
+
+def resolve_for_tensor(cfg: MergeConfig, name: str, t: float) -> Resolved:
+    """The method's parameters for one tensor (filters and gradients evaluated), checked."""
+    shared = _evaluated(cfg.parameters, name, t)
+    per_model = [_evaluated(p, name, t) for _, p in cfg.models]
+    return resolve(cfg.merge_method, len(cfg.models), shared, per_model, where=name or "merge config")
