@@ -1,0 +1,50 @@
+"""``unmerge merge``: merge models/adapters from a mergekit-style YAML config, streaming."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = """Merge fine-tuned models or PEFT LoRA adapters into a new model directory, one tensor at a
+time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's YAML schema:
+
+  merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties, ram, ramplus_tl
+  base_model: ./base
+  models:
+    - model: ./math             # a model directory or a PEFT LoRA adapter directory (merged as B@A*alpha/r)
+      parameters: {weight: 0.5, density: 0.5}
+    - model: ./code
+      parameters: {weight: 0.5, density: 0.5}
+  parameters: {normalize: true} # method-wide; values may be gradients or [{filter: mlp, value: ...}, ...]
+  dtype: bfloat16
+
+RAM faces (merge_method: ram, parameters: {face: ...}): mergekit (default), seed003, arm, arm-r,
+arm-r-v2 (= authors; r: 1.0 RAM, 1.2 RAM+), tensor_local. DARE's masks are keyed by (--seed,
+tensor name). Output: sharded safetensors + index, config.json (dtype updated), tokenizer and
+generation files, and the resolved config. Existing outputs are kept unless --force.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge", help="merge models/LoRA adapters (TA, linear, TIES, DARE, RAM) by streaming",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="merge config (mergekit YAML schema)")
+    p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
+    p.add_argument("--seed", type=int, default=0, help="seed for DARE's random masks (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="output dtype (default: the config's out_dtype/dtype, else the base's)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--shard-size", type=float, default=5.0, help="maximum output shard size in GB (default 5)")
+    p.add_argument("--overlap", action="store_true",
+                   help="read/compute the next tensor while writing the previous one (more memory)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from unmerge_jax import merge
+
+    res = merge(args.config, args.out, seed=args.seed, force=args.force, dtype=args.dtype,
+                shard_bytes=int(args.shard_size * 1e9), overlap=args.overlap)
+    lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
+    print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
+          f"in {res.seconds:.1f} s{lam}")
+    return 0
