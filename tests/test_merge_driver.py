@@ -282,45 +282,55 @@ def test_cli_merge(tiny, tmp_path):
     assert all(str(v.dtype) == "bfloat16" for v in sd.values())
 
 
-MEM_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, numpy as np
+GEN_SCRIPT = textwrap.dedent("""
+    import os, sys, numpy as np
     from safetensors.numpy import save_file
-    import unmerge_jax
     root, k, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    rng = np.random.default_rng(0)
-    base = {"big": rng.standard_normal((n, 1024), dtype=np.float32), "small": np.ones(8, np.float32)}
-    import os
+    base = {"big": np.random.default_rng(0).standard_normal((n, 1024), dtype=np.float32), "small": np.ones(8, np.float32)}
     os.makedirs(root + "/base"); save_file(base, root + "/base/model.safetensors")
     for i in range(k):
         os.makedirs(root + f"/ft{i}")
         save_file({m: v + np.float32(0.01 * (i + 1)) for m, v in base.items()}, root + f"/ft{i}/model.safetensors")
-    del base
-    cfg = {"merge_method": sys.argv[4], "base_model": root + "/base",
-           "models": [{"model": root + f"/ft{i}", "parameters": {"weight": 1.0, "density": 0.5}} for i in range(k)]}
-    # warm-up: compile on a merge of the same shapes, then measure the high-water mark of a second merge
-    unmerge_jax.merge(cfg, root + "/warm")
-    import gc; gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is a high-water mark: reset is impossible, so measure a fresh peak above the current RSS
-    import psutil
-    cur = psutil.Process().memory_info().rss
+""")
+
+# Peak anonymous RSS (sampled every 2 ms from /proc/self/status) above the RSS before the merge,
+# compile included. File-backed pages of the memory-mapped inputs are page cache, not counted.
+MEM_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    import unmerge_jax
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    root, k, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    cfg = {"merge_method": method, "base_model": root + "/base",
+           "models": [{"model": root + f"/ft{i}", "parameters": {"weight": 0.5}} for i in range(k)]}
+    peak, stop = [0], threading.Event()
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon()); time.sleep(0.002)
+    before = anon()
+    th = threading.Thread(target=sample); th.start()
     unmerge_jax.merge(cfg, root + "/out")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"rss_before": cur, "peak": peak, "maxrss_before": before * 1024}))
+    stop.set(); th.join()
+    print(json.dumps({"before": before, "peak": peak[0]}))
 """)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_peak_memory_bounded_by_one_tensor_per_input(tmp_path, method):
-    """Peak RSS of a streaming merge of a 64 MiB tensor, K = 3, measured in a fresh process."""
+    """Streaming merge of a 64 MiB tensor with K = 3 inputs, measured in a fresh process:
+    peak ≤ (1 + K) × tensor × 4 B + 160 MiB (JAX/XLA compile and chunk buffers)."""
+    if not __import__("pathlib").Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status to sample RssAnon")
     k, n = 3, 16384
     tensor = n * 1024 * 4
-    r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path), str(k), str(n), method],
+    subprocess.run([sys.executable, "-c", GEN_SCRIPT, str(tmp_path), str(k), str(n)], check=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path), str(k), method],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    # The first merge's high-water mark may exceed the second's; the bound must hold for both.
-    extra = max(m["peak"], m["maxrss_before"]) - m["rss_before"]
+    extra = m["peak"] - m["before"]
     bound = (1 + k) * tensor
-    print(f"{method}: peak above steady RSS {extra / 2**20:.0f} MiB; (1+K)·tensor·4 B = {bound / 2**20:.0f} MiB")
-    assert extra <= bound + 64 * 2**20
+    print(f"{method}: peak above the pre-merge RSS {extra / 2**20:.0f} MiB; (1+K)·tensor·4 B = {bound / 2**20:.0f} MiB")
+    assert extra <= bound + 160 * 2**20

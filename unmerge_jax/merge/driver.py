@@ -32,10 +32,11 @@ from unmerge_jax.io.writer import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_side
                                    write_config)
 from unmerge_jax.kernels import merge as K
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, layer_index, load_config, resolve_for_tensor
-from unmerge_jax.merge.methods import GLOBAL_FACES, check_shapes, run_kernel
+from unmerge_jax.merge.methods import GLOBAL_FACES, check_shapes, elementwise, run_kernel
 from unmerge_jax.progress import progress
 
 CONFIG_NAME = "unmerge_merge_config.yaml"
+CHUNK = 1 << 20  # elements per kernel call for elementwise methods (4 MiB float32 per input)
 _FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
 
 
@@ -149,7 +150,7 @@ def _global_lambdas(cfg: MergeConfig, inputs: _Inputs, res_by_name, face: str, r
 
 
 def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None = None,
-          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False) -> MergeResult:
+          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out`` (a new directory).
 
     Args:
@@ -162,6 +163,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
       shard_bytes: maximum bytes per output shard.
       overlap: read the next tensor and write the previous one in threads while the kernel runs
         (faster, at the price of one more set of (1 + K) tensors in memory).
+      chunk: elements per kernel call for elementwise methods (see :func:`elementwise`).
     Returns:
       a :class:`MergeResult`.
     """
@@ -195,9 +197,19 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                 if name not in res_by_name or inputs.untouched(name):
                     return name, inputs.ref.read(name) if name in res_by_name else _raw(inputs.ref, name), False
                 base, ts, deltas = inputs.read(name)
-                merged = run_kernel(res_by_name[name], base, ts, seed=seed, name=name, deltas=deltas,
-                                    lambdas=lambdas)
-                return name, np.asarray(merged), True
+                res = res_by_name[name]
+                if not elementwise(res):
+                    merged = run_kernel(res, base, ts, seed=seed, name=name, deltas=deltas, lambdas=lambdas)
+                    return name, np.asarray(merged), True
+                # Elementwise methods run chunk by chunk and overwrite the base in place: the only
+                # tensor-sized buffers are the 1 + K inputs.
+                out = base if base.flags.writeable else base.copy()
+                flat, rows = out.reshape(-1), [t.reshape(-1) for t in ts]
+                for s in range(0, flat.size, chunk):
+                    sl = slice(s, min(s + chunk, flat.size))
+                    flat[sl] = np.asarray(run_kernel(res, flat[sl], tuple(r[sl] for r in rows), seed=seed, name=name,
+                                                     deltas=deltas, lambdas=lambdas))
+                return name, out, True
 
             for name, arr, merged in _stream(inputs.names, produce, writer, overlap):
                 n_merged += merged

@@ -187,6 +187,16 @@ def ram_config(res: Resolved, deltas: bool) -> K.RAMConfig:
     return K.RAMConfig(face=kind, deltas=deltas)
 
 
+def elementwise(res: Resolved) -> bool:
+    """True when the merged value of an entry depends only on that entry's inputs (no per-tensor
+    statistic: no top-k, Bernoulli rescale, percentile or tensor-local count), so the tensor can be
+    merged in chunks with identical results: linear, task arithmetic, TIES/DARE at density 1,
+    and the RAM faces with given λ (mergekit ``ram``, ``arm``, ``arm-r``, ``arm-r-v2``)."""
+    if res.spec.family == "gta":
+        return gta_config(res, True).sparsify is None
+    return res.shared["face"] not in ("seed003", "tensor_local")
+
+
 def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
                lambdas=None, masks=None):
     """Run the resolved method's kernel on one tensor (inputs already checked).
