@@ -171,6 +171,8 @@ def main(argv=None):
             if "wall_s" in row["unmerge"] and "wall_s" in row["plain"]:
                 row["bandwidth_fraction_of_plain"] = row["plain"]["wall_s"] / row["unmerge"]["wall_s"]
             results["methods"][method] = row
+            args.out.parent.mkdir(parents=True, exist_ok=True)   # partial results survive a long method
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
             for kind in ("plain", "unmerge", "mergekit"):
                 subprocess.run(["rm", "-rf", str(root / f"out_{method}_{kind}")])
             print(f"{method}: unmerge/mergekit time {row.get('time_ratio_unmerge_over_mergekit', float('nan')):.2f}, "
