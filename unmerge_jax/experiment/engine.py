@@ -1,0 +1,68 @@
+"""The experiment's only contact points with the engine's other parts (merge engine, checkpoint I/O).
+
+Kept in one small module so the experiment never grows its own copies of merging, adapter reading
+or compression: each function here forwards to the public engine API.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+
+
+def _api(name: str, issue: int):
+    import unmerge_jax
+
+    fn = getattr(unmerge_jax, name, None)
+    if fn is None:
+        raise UnmergeError(f"the experiment needs unmerge_jax.{name} (issue {issue}), which this tree does not have yet")
+    return fn
+
+
+def merge_deltas(method: str, deltas: list[dict[str, np.ndarray]], weights, *, seed: int, **params) -> dict[str, np.ndarray]:
+    """Merge K task vectors ``{tensor: ΔW}`` tensor by tensor with the merge engine, in ΔW space.
+
+    The base passed to the kernel is zero and the inputs are task vectors, so the result is the
+    merged task vector itself (``θ_merged − θ_base``). DARE's masks are keyed by (seed, tensor name).
+    """
+    merge_tensors = _api("merge_tensors", 4)
+    out = {}
+    for name in deltas[0]:
+        stack = np.stack([d[name] for d in deltas])
+        merged = merge_tensors(method, np.zeros_like(stack[0]), stack, list(weights), seed=seed, name=name, **params)
+        out[name] = np.asarray(merged, dtype=np.float32)
+    return out
+
+
+def adapter_deltas(adapter_dir) -> dict[str, np.ndarray]:
+    """``{base tensor name: ΔW = B@A·α/r}`` of a PEFT LoRA adapter, read by the checkpoint I/O
+    (through the merge driver's reader resolution, so both always read adapters the same way)."""
+    from unmerge_jax.merge.driver import _readers
+
+    adapter = _readers()[2](adapter_dir)
+    return {name: np.asarray(adapter.delta(name), dtype=np.float32) for name in adapter.base_names}
+
+
+def topk_mask(dictionary: list[dict[str, np.ndarray]], top_k: int) -> dict[str, np.ndarray]:
+    """Boolean masks keeping ``top_k`` entries spread uniformly over tensors (one tensor = one
+    (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4).
+
+    Uses the checkpoint I/O's compression (issue 3) when installed; until then this small
+    in-memory stand-in with the same rule (ties broken by index) keeps the experiment running.
+    """
+    try:
+        from unmerge_jax.io.compress import topk_mask as io_topk  # issue 3
+    except ImportError:
+        io_topk = None
+    if io_topk is not None:
+        return io_topk(dictionary, top_k)
+    names = list(dictionary[0])
+    per = max(1, top_k // len(names))
+    out = {}
+    for name in names:
+        m = np.max(np.abs(np.stack([d[name].reshape(-1) for d in dictionary])), axis=0)
+        keep = np.zeros(m.size, bool)
+        keep[np.argsort(-m, kind="stable")[:per]] = True
+        out[name] = keep.reshape(dictionary[0][name].shape)
+    return out
