@@ -30,5 +30,6 @@ from unmerge_jax.analysis.simulator import simulate_agents, simulate_and_measure
 from unmerge_jax.analysis.studies import STUDIES, run_study  # noqa: E402
 
 # --- experiment (issue 6) ---
+from unmerge_jax.experiment import ExperimentResult, run_experiment  # noqa: E402
 
 __version__ = "0.1.0"
