@@ -54,10 +54,14 @@ def _require_torch():
     try:
         import peft  # noqa: F401
         import torch  # noqa: F401
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as err:
         raise UnmergeError(f"the tiny experiment trains LoRA adapters and needs torch, transformers and peft "
                            f"(pip install 'unmerge_jax[models]'): {err}") from None
+    from unmerge_jax.progress import progress_enabled
+
+    if not progress_enabled():
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _versions() -> dict:
