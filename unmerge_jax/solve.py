@@ -19,7 +19,7 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.metrics import reconstruction
 from unmerge_jax.solvers import ALIASES, SOLVERS, Problem
-from unmerge_jax.stats import GramStats, gram_stats
+from unmerge_jax.stats import GramStats, gram_stats, to_host
 
 
 class Decomposition(NamedTuple):
@@ -130,12 +130,14 @@ def _static_items(method: str, params: dict) -> tuple:
 
 def stacked_problems(stats: GramStats, *, use_seeds: bool):
     """(S, …)-stacked arrays of the full-data problem (S = 1) or of the bootstrap replicates."""
-    s = stats.replicates() if use_seeds else GramStats(*(None if a is None else np.asarray(a)[None] for a in stats.point()))
-    gram = np.asarray(s.gram, np.float64)
+    # Host arrays first: the solve runs on one device whatever the statistics' sharding (see to_host).
+    s = to_host(stats)
+    s = s.replicates() if use_seeds else GramStats(*(None if a is None else a[None] for a in s.point()))
+    gram = s.gram
     # λmax on the host: G is K×K and eager JAX would compile an eigh per shape.
     lip = np.linalg.eigvalsh(gram)[..., -1]
-    return (jnp.asarray(gram), jnp.asarray(s.cross, jnp.float64), jnp.asarray(s.target_sq, jnp.float64),
-            jnp.asarray(s.n_rows, jnp.float64), jnp.asarray(lip))
+    return (jnp.asarray(gram), jnp.asarray(s.cross), jnp.asarray(s.target_sq), jnp.asarray(s.n_rows, jnp.float64),
+            jnp.asarray(lip))
 
 
 def validate_stats(stats: GramStats) -> None:

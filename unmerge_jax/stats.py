@@ -73,7 +73,7 @@ class GramStats(NamedTuple):
     def select_targets(self, index) -> "GramStats":
         """Statistics restricted to targets ``index`` (int array or slice)."""
         idx = np.asarray(index) if not isinstance(index, slice) else index
-        pick = lambda a, axis: None if a is None else jnp.take(jnp.asarray(a), jnp.arange(a.shape[axis])[idx], axis=axis)
+        pick = lambda a, axis: None if a is None else np.take(np.asarray(a), np.arange(a.shape[axis])[idx], axis=axis)
         return GramStats(self.gram, pick(self.cross, -1), pick(self.target_sq, -1), self.n_rows,
                          self.boot_gram, pick(self.boot_cross, -1), pick(self.boot_target_sq, -1),
                          self.boot_n_rows)
@@ -178,7 +178,23 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
         part = GramStats(*block_stats(D[start:stop], V[start:stop], row_offset=start, n_seeds=seeds,
                                       key=key, mesh=mesh, compute_dtype=compute_dtype, pad_to=block))
         total = part if total is None else add_stats(total, part)
-    return total
+    return to_host(total)
+
+
+def to_host(stats: GramStats) -> GramStats:
+    """Fetch statistics to host float64 NumPy arrays.
+
+    Why: the block kernel leaves its sums replicated over every device of the row mesh; a solver
+    jitted on such inputs would run as an 8-way replicated SPMD program, which on the CPU backend
+    (forced host devices) intermittently deadlocks inside XLA and wastes work everywhere else.
+    The statistics are tiny (K×K, K×T), so the solver phase starts from host arrays and runs on
+    one device.
+    """
+    def fetch(a):
+        a = np.asarray(jax.device_get(a))
+        return a.astype(np.float64, copy=False) if a.dtype.kind == "f" else a
+
+    return GramStats(*(None if a is None else fetch(a) for a in stats))
 
 
 def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
@@ -197,7 +213,7 @@ def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
         total = part if total is None else add_stats(total, part)
     if total is None:
         raise UnmergeError("the stream of row blocks was empty; nothing to accumulate")
-    return total
+    return to_host(total)
 
 
 _FIELDS = GramStats._fields
@@ -219,7 +235,7 @@ def load_stats(path) -> tuple[GramStats, dict]:
             if missing:
                 raise UnmergeError(f"{path} is not a GramStats file (missing {', '.join(missing)}); "
                                    f"write one with `unmerge stats` or unmerge_jax.save_stats")
-            fields = {f: (jnp.asarray(z[f]) if f in z else None) for f in _FIELDS}
+            fields = {f: (np.asarray(z[f]) if f in z else None) for f in _FIELDS}
             prov = json.loads(str(z["provenance_json"])) if "provenance_json" in z else {}
     except (OSError, ValueError) as err:
         if isinstance(err, UnmergeError):

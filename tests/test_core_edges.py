@@ -1,0 +1,238 @@
+"""Edge cases with defined behaviour, statistics plumbing, sweeps and summaries."""
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import nnls as scipy_nnls
+
+import unmerge_jax as u
+from unmerge_jax.solvers import SOLVERS
+
+K, T, N = 8, 6, 600
+PARAMS = {"nnls": {}, "omp": {"n_nonzero_coefs": 3}, "lasso": {"alpha": 1e-4}, "ridge": {"alpha": 0.0},
+          "elastic_net": {"alpha": 1e-4, "l1_ratio": 0.5}, "dot": {"threshold": 0.1}}
+
+
+def rand(seed=0, n=N, k=K, t=T):
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal((n, k)).astype(np.float32)
+    w = np.abs(rng.standard_normal((k, t)))
+    v = (d.astype(np.float64) @ w + 0.1 * rng.standard_normal((n, t))).astype(np.float32)
+    return d, v
+
+
+def test_every_registered_solver_is_covered_here():
+    assert set(PARAMS) == set(SOLVERS)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+def test_sharded_equals_single_device_and_streaming():
+    assert len(jax.devices()) == 8, "conftest forces 8 host devices"
+    d, v = rand(n=10_007)
+    many = u.gram_stats(d, v, seeds=3, key=7, block_rows=4096)
+    one = u.gram_stats(d, v, seeds=3, key=7, devices=jax.devices()[:1], block_rows=4096)
+    blocks = [(d[a:b], v[a:b]) for a, b in [(0, 13), (13, 5000), (5000, 10_007)]]
+    streamed = u.iter_gram_stats(blocks, seeds=3, key=7)
+    for a, b, c in zip(many, one, streamed):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-9)
+
+
+def test_bootstrap_replicates_are_weighted_grams():
+    d, v = rand(n=3000)
+    st = u.gram_stats(d, v, seeds=2, key=3)
+    from unmerge_jax.kernels.stats import bootstrap_weights
+
+    w = np.asarray(bootstrap_weights(jax.random.key(3), np.arange(3000), 2))
+    assert set(np.unique(w)) <= set(range(16)) and abs(w.mean() - 1) < 0.1  # Poisson(1)
+    d64, v64 = d.astype(np.float64), v.astype(np.float64)
+    for s in range(2):
+        np.testing.assert_allclose(st.boot_gram[s], (d64 * w[s][:, None]).T @ d64, rtol=1e-12)
+        np.testing.assert_allclose(st.boot_cross[s], (d64 * w[s][:, None]).T @ v64, rtol=1e-12)
+        np.testing.assert_allclose(st.boot_target_sq[s], (w[s][:, None] * v64**2).sum(0), rtol=1e-12)
+        assert st.boot_n_rows[s] == w[s].sum()
+    assert not np.allclose(st.boot_gram[0], st.boot_gram[1])
+
+
+def test_save_load_roundtrip(tmp_path):
+    d, v = rand()
+    st = u.gram_stats(d, v, seeds=2)
+    u.save_stats(tmp_path / "s.npz", st, {"source": "test"})
+    back, prov = u.load_stats(tmp_path / "s.npz")
+    assert prov == {"source": "test"}
+    for a, b in zip(st, back):
+        np.testing.assert_array_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp file left behind
+
+
+def test_bootstrap_solve_has_seed_axis_and_recovers_exact_mixtures():
+    d, _ = rand()
+    w = np.zeros((T, K))
+    w[:, :3] = [0.5, 0.3, 0.2]
+    w[1] = [0, 0, 0, 0.25, 0.25, 0.25, 0.25, 0]
+    res = u.decompose(d, d.astype(np.float64) @ w.T, "nnls", seeds=4)
+    assert res.coef.shape == (4, T, K)
+    np.testing.assert_allclose(res.coef, np.broadcast_to(w, (4, T, K)), atol=1e-9)
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_single_atom(method):
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((N, 1))
+    v = 0.7 * d + 0.01 * rng.standard_normal((N, T))
+    params = dict(PARAMS[method], **({"n_nonzero_coefs": 1} if method == "omp" else {}))
+    res = u.decompose(d, v, method, **params)
+    assert res.coef.shape == (T, 1)
+    expect = np.linalg.lstsq(d, v, rcond=None)[0][0]
+    np.testing.assert_allclose(res.coef[:, 0], expect, rtol=2e-2)
+
+
+def test_single_target_vector_drops_target_axis():
+    d, v = rand()
+    res = u.decompose(d, v[:, 0], "nnls")
+    assert res.coef.shape == (K,) and np.ndim(res.recon_error) == 0
+    ref, _ = scipy_nnls(d.astype(np.float64), v[:, 0].astype(np.float64))
+    np.testing.assert_allclose(res.coef, ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_duplicate_atoms_singular_gram(method):
+    d, v = rand()
+    d[:, 3] = d[:, 2]  # G is singular
+    res = u.decompose(d, v, method, **PARAMS[method])
+    assert np.all(np.isfinite(res.coef))
+    d64, v64 = d.astype(np.float64), v.astype(np.float64)
+    if method == "nnls":
+        for t in range(T):
+            ref, _ = scipy_nnls(d64, v64[:, t])
+            ours = np.sum((v64[:, t] - d64 @ res.coef[t]) ** 2)
+            assert ours <= np.sum((v64[:, t] - d64 @ ref) ** 2) * (1 + 1e-9)
+    if method == "ridge":  # alpha = 0 on a singular G: the minimum-norm least-squares solution
+        np.testing.assert_allclose(res.coef, (np.linalg.pinv(d64) @ v64).T,
+                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(res.coef[:, 2], res.coef[:, 3], rtol=1e-9)
+    if method == "omp":
+        assert not np.any((res.coef[:, 2] != 0) & (res.coef[:, 3] != 0))
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_zero_target(method):
+    d, v = rand()
+    v[:, 1] = 0.0
+    res = u.decompose(d, v, method, **PARAMS[method])
+    np.testing.assert_array_equal(res.coef[1], 0.0)
+    assert res.recon_error[1] == 0.0 and res.unexplained[1] == 0.0
+    assert bool(res.converged[1])
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_zero_atom_gets_zero_weight(method):
+    d, v = rand()
+    d[:, 5] = 0.0
+    res = u.decompose(d, v, method, **PARAMS[method])
+    assert np.all(np.isfinite(res.coef))
+    np.testing.assert_array_equal(res.coef[:, 5], 0.0)
+
+
+@pytest.mark.parametrize("where,bad", [("D", np.nan), ("V", np.inf), ("V", -np.inf)])
+def test_non_finite_input_is_a_clear_error(where, bad):
+    d, v = rand()
+    (d if where == "D" else v)[7, 1] = bad
+    with pytest.raises(u.UnmergeError) as err:
+        u.decompose(d, v, "nnls")
+    msg = str(err.value)
+    assert ("dictionary D" if where == "D" else "targets V") in msg and "(7, 1)" in msg and "\n" not in msg
+
+
+def test_shape_and_parameter_errors():
+    d, v = rand()
+    with pytest.raises(u.UnmergeError, match="has 600 rows but targets V have 599"):
+        u.decompose(d, v[:-1], "nnls")
+    with pytest.raises(u.UnmergeError, match="unknown decomposition method 'lars'"):
+        u.decompose(d, v, "lars")
+    with pytest.raises(u.UnmergeError, match="does not take parameter"):
+        u.decompose(d, v, "nnls", alpha=1.0)
+    with pytest.raises(u.UnmergeError, match="n_nonzero_coefs must be whole numbers in 1..8"):
+        u.decompose(d, v, "omp", n_nonzero_coefs=9)
+    with pytest.raises(u.UnmergeError, match="alpha must be >= 0"):
+        u.decompose(d, v, "lasso", alpha=-1.0)
+    with pytest.raises(u.UnmergeError, match="l1_ratio must be in"):
+        u.decompose(d, v, "elastic_net", l1_ratio=1.5)
+    with pytest.raises(u.UnmergeError, match="dictionary D is empty"):
+        u.decompose(np.zeros((5, 0), np.float32), np.zeros((5, 1), np.float32))
+    with pytest.raises(u.UnmergeError, match="1-D or 2-D"):
+        u.decompose(np.zeros((5, 2, 2)), np.zeros(5))
+
+
+def test_unconverged_runs_warn_and_say_so():
+    from tests.test_solvers import make_dictionary, make_targets
+
+    d = make_dictionary("illcond")
+    v, _ = make_targets(d)
+    with pytest.warns(RuntimeWarning, match="did not converge within max_iter=10"):
+        res = u.decompose(d, v, "lasso", alpha=1e-8, positive=False, max_iter=10)
+    assert not res.converged.all() and np.all(res.n_iter <= 10)
+
+
+# ---- sweep and summarize ------------------------------------------------------------------------
+
+def test_sweep_rows_match_individual_solves_and_truth_metrics():
+    d, _ = rand()
+    truth = np.zeros((T, K))
+    truth[0, [0, 1]] = 0.5
+    truth[1, [2, 3, 4]] = 1 / 3
+    truth[2:, 5] = 1.0
+    v = d.astype(np.float64) @ truth.T
+    st = u.gram_stats(d, v, seeds=3, key=0)
+    table = u.sweep(st, seeds=3, truth=truth, target_names=[f"t{i}" for i in range(T)])
+    n_runs = sum(len(u.sweep.__globals__["grid_points"](m, g, K)) for m, g in u.PAPER_GRID.items())
+    # OMP k=1..8 (8) + Lasso (3) + Ridge (4) + ElasticNet 3×3 (9) + NNLS (1) + dot thresholds (3)
+    assert len(table) == n_runs * T * 3 == 28 * T * 3
+    # One row equals the corresponding solve() on that bootstrap replicate.
+    row = table[(table.method == "lasso") & (table.alpha == 1e-7) & (table.seed == 2) & (table.target == "t1")]
+    ref = u.solve(st, "lasso", alpha=1e-7)
+    np.testing.assert_allclose(np.asarray(row.coef.iloc[0]), ref.coef[2, 1], rtol=1e-9, atol=1e-12)
+    nnls = table[table.method == "nnls"]
+    assert (nnls.precision == 1).all() and (nnls.recall == 1).all() and (nnls.perfect_match == 1).all()
+    assert nnls.weight_error.max() < 1e-8
+    omp1 = table[(table.method == "omp") & (table.n_nonzero_coefs == 1) & (table.target == "t1")]
+    assert (omp1.precision == 1).all() and np.allclose(omp1.recall, 1 / 3) and (omp1.sparsity == 1).all()
+
+
+def test_support_metrics_by_hand():
+    coef = np.array([[0.5, 0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]])
+    truth = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]])
+    m = u.metrics.support_metrics(coef, truth)
+    np.testing.assert_allclose(m["precision"], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(m["recall"], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(m["perfect_match"], [0, 1, 1])
+    np.testing.assert_allclose(m["sparsity"], [2, 0, 4])
+    np.testing.assert_allclose(m["weight_error"], [0.5, 0.0, 0.0])
+
+
+def test_summarize_mean_and_sample_std():
+    table = pd.DataFrame({"method": ["nnls"] * 3 + ["lasso"] * 2, "cat": ["a", "a", "b", "a", "b"],
+                          "recon_error": [0.1, 0.2, 0.6, 0.5, 0.7], "precision": [1, 1, 0, 1, 0.5]})
+    s = u.summarize(table, by=["method"], metrics=["recon_error", "precision"])
+    nn = s.frame.set_index("method").loc["nnls"]
+    assert nn.recon_error_mean == pytest.approx(0.3) and nn.recon_error_std == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert "| NNLS | 0.30 ± 0.26 | 0.67 ± 0.58 |" in s.markdown
+    wide = u.summarize(table, by=["method"], columns="cat", metrics=["recon_error"])
+    assert "| NNLS | 0.15 ± 0.07 | 0.60 ± 0.00 |" in wide.markdown
+
+
+def test_statistics_come_back_on_host_so_solves_run_on_one_device():
+    # Regression: replicated 8-device statistics made every solve an 8-way SPMD program, which
+    # deadlocked intermittently inside XLA on CPU (elastic_net sweeps hung about one run in three).
+    import jax
+
+    assert len(jax.devices()) == 8
+    d, v = rand()
+    st = u.gram_stats(d, v, seeds=2, key=0)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in (st.gram, st.cross, st.boot_gram))
+    problems = u.solve.__globals__["stacked_problems"](st, use_seeds=True)
+    assert all(len(p.devices()) == 1 for p in problems)
