@@ -172,7 +172,8 @@ def _bars(ax, data, algs, hue, hues, value):
         sub = data[data[hue] == h].groupby("algorithm")[value]
         mean = sub.mean().reindex(algs).to_numpy()
         sd = sub.std(ddof=1).reindex(algs).fillna(0.0).to_numpy()
-        ax.bar(x + (j - (len(hues) - 1) / 2) * width, mean, width, yerr=sd, capsize=2, label=LABELS.get(h, h))
+        lower = np.minimum(sd, np.nan_to_num(mean))  # errors are ≥ 0: clip the lower whisker at zero
+        ax.bar(x + (j - (len(hues) - 1) / 2) * width, mean, width, yerr=[lower, sd], capsize=2, label=LABELS.get(h, h))
     ax.set_xticks(x, [LABELS[a] for a in algs], rotation=20)
     ax.set_ylabel(value.replace("_", " "))
     ax.legend(fontsize=8)
