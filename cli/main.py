@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from unmerge_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -11,3 +11,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("UNMERGE_PROGRESS", "0")
 
 import unmerge_jax  # noqa: E402,F401  (turns on x64 before any test builds arrays)
+from unmerge_jax.compile_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
