@@ -1,0 +1,219 @@
+"""PEFT LoRA adapter directories as task vectors: ``ΔW = B @ A · α/r`` (``α/√r`` with rsLoRA).
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (r × in) and ``…lora_B.weight`` (out × r). The task
+vector of the module's weight ``<module>.weight`` is ``B @ A`` times the scale (per-module ``r`` from
+A's shape, ``α`` from ``alpha_pattern`` or ``lora_alpha``), transposed for ``fan_in_fan_out``
+(GPT-2 Conv1D) and for embedding LoRA (``lora_embedding_A/B``). Computed in float32 from the
+stored factors, one module at a time.
+
+Not supported (one-line error with the fix): DoRA magnitude vectors, ``modules_to_save`` and
+trained biases — merge such adapters with ``merge_and_unload()`` and pass the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.checkpoint import _safe_open
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])"
+                  r"(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?$")
+# Architecture fields that must agree between the base an adapter was trained on and ours.
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "n_embd", "n_layer", "n_head")
+
+
+def is_adapter_dir(path) -> bool:
+    """True when ``path`` is a directory holding ``adapter_config.json``."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pat, val in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", module):
+            return val
+    return default
+
+
+class Adapter:
+    """An opened PEFT LoRA adapter (factors are read lazily). Use :func:`open_adapter`.
+
+    Attributes:
+      path: the adapter directory.
+      config: ``adapter_config.json`` as a dict.
+      base_names: base-model weight names the adapter changes, sorted.
+      base_model: ``base_model_name_or_path`` from the config (may be None).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UnmergeError(f"{self.path} does not exist; pass a PEFT LoRA adapter directory")
+        cfg_path = self.path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise UnmergeError(f"{self.path} has no {CONFIG_NAME}; it is not a PEFT adapter directory")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except ValueError as err:
+            raise UnmergeError(f"cannot parse {cfg_path}: {err}; re-save the adapter") from None
+        ptype = str(self.config.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            raise UnmergeError(f"{cfg_path} is a {ptype} adapter; only LoRA adapters are supported")
+        if self.config.get("use_dora"):
+            raise UnmergeError(f"{self.path} is a DoRA adapter (use_dora=true), which is not a plain B@A update; "
+                               f"merge it with merge_and_unload() and pass the merged model directory")
+        wfile = self.path / WEIGHTS_NAME
+        if not wfile.is_file():
+            extra = " (only adapter_model.bin: re-save with safe_serialization=True)" if (
+                self.path / "adapter_model.bin").exists() else ""
+            raise UnmergeError(f"{self.path} has no {WEIGHTS_NAME}{extra}")
+        self.file = wfile
+        self._f = _safe_open(wfile)
+        self.base_model = self.config.get("base_model_name_or_path")
+        r_default = self.config.get("r", 8)
+        self._alpha = self.config.get("lora_alpha", r_default)
+        self._rslora = bool(self.config.get("use_rslora", False))
+        self._fan = bool(self.config.get("fan_in_fan_out", False))
+        pairs: dict[str, dict] = {}
+        for key in self._f.keys():
+            m = _KEY.match(key)
+            if m is None:
+                raise UnmergeError(f"{wfile} holds {key}, which is not a LoRA factor (modules_to_save, a trained bias "
+                                   f"or DoRA); merge the adapter with merge_and_unload() and pass the merged model "
+                                   f"directory instead")
+            mod = m.group("mod")
+            entry = pairs.setdefault(mod, {"emb": bool(m.group("emb"))})
+            if m.group("ab") in entry:
+                raise UnmergeError(f"{wfile} holds two lora_{m.group('ab')} factors for {mod} (several adapters in one "
+                                   f"file); save each adapter to its own directory")
+            entry[m.group("ab")] = key
+        self._mods: dict[str, tuple] = {}
+        for mod, e in pairs.items():
+            if "A" not in e or "B" not in e:
+                raise UnmergeError(f"{wfile} has lora_{'A' if 'A' in e else 'B'} but no lora_{'B' if 'A' in e else 'A'} "
+                                   f"for {mod}; the adapter file is incomplete — re-save it")
+            a_shape = tuple(self._f.get_slice(e["A"]).get_shape())
+            b_shape = tuple(self._f.get_slice(e["B"]).get_shape())
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise UnmergeError(f"{wfile}: LoRA factors of {mod} have shapes A {a_shape}, B {b_shape}; expected "
+                                   f"A (r, in) and B (out, r)")
+            r = a_shape[0]
+            alpha = _pattern_value(self.config.get("alpha_pattern"), mod, self._alpha)
+            scale = float(alpha) / (np.sqrt(r) if self._rslora else r)
+            transpose = e["emb"] or self._fan
+            shape = (b_shape[0], a_shape[1])
+            self._mods[mod + ".weight"] = (e["A"], e["B"], np.float32(scale), transpose,
+                                           shape[::-1] if transpose else shape)
+        if not self._mods:
+            raise UnmergeError(f"{wfile} holds no LoRA factors")
+        self.base_names = sorted(self._mods)
+
+    def factor_dtypes(self) -> dict:
+        """``{stored dtype tag: number of LoRA factors}``."""
+        out: dict[str, int] = {}
+        for a_key, b_key, *_ in self._mods.values():
+            for k in (a_key, b_key):
+                tag = str(self._f.get_slice(k).get_dtype())
+                out[tag] = out.get(tag, 0) + 1
+        return out
+
+    def shape(self, name) -> tuple:
+        """Shape of ``ΔW`` for base weight ``name``."""
+        return self._mods[self._key(name)][4]
+
+    def scale(self, name) -> float:
+        """The LoRA scale (α/r or α/√r) applied to ``name``."""
+        return float(self._mods[self._key(name)][2])
+
+    def _key(self, name):
+        if name not in self._mods:
+            raise UnmergeError(f"adapter {self.path} does not change tensor {name}")
+        return name
+
+    def delta(self, name) -> np.ndarray:
+        """``ΔW`` of base weight ``name`` as float32 (out × in)."""
+        a_key, b_key, scale, transpose, _ = self._mods[self._key(name)]
+        try:
+            A = np.asarray(self._f.get_tensor(a_key), np.float32)
+            B = np.asarray(self._f.get_tensor(b_key), np.float32)
+        except Exception as err:
+            raise UnmergeError(f"cannot read {a_key} from {self.file}: {err}; re-save the adapter") from None
+        d = B @ A
+        d *= scale
+        return np.ascontiguousarray(d.T) if transpose else d
+
+    def resolve(self, base_names) -> dict[str, str]:
+        """``{adapter weight name: base tensor name}``, allowing a ``model.`` prefix difference."""
+        have = set(base_names)
+        out = {}
+        for n in self.base_names:
+            for cand in (n, "model." + n, n[len("model."):] if n.startswith("model.") else None):
+                if cand is not None and cand in have:
+                    out[n] = cand
+                    break
+        return out
+
+    def check_base(self, base) -> dict[str, str]:
+        """Check that the adapter fits ``base`` (an opened checkpoint); returns :meth:`resolve`'s map.
+
+        Raises a one-line error when the adapter names a tensor the base lacks, when a ``ΔW`` shape
+        differs from the base weight, or when ``base_model_name_or_path`` is a local model
+        directory whose architecture (config.json) differs from the base's.
+        """
+        mapping = self.resolve(base.names)
+        for n in self.base_names:
+            if n not in mapping:
+                raise UnmergeError(f"adapter {self.path} changes tensor {n}, which base {base.path} lacks: the adapter was "
+                                   f"trained on a different base model; pass that base with --base")
+            want, got = tuple(base.shape(mapping[n])), self.shape(n)
+            if want != got:
+                raise UnmergeError(f"adapter {self.path} gives {n} shape {got} but base {base.path} has {want}: the "
+                                   f"adapter was trained on a different base model (shape mismatch); pass that base")
+        self._check_declared_base(base)
+        return mapping
+
+    def _check_declared_base(self, base) -> None:
+        declared = self.base_model
+        base_cfg = getattr(base, "config", None) or {}
+        cls = (self.config.get("auto_mapping") or {}).get("base_model_class")
+        archs = base_cfg.get("architectures") or []
+        if cls and archs and cls not in archs:
+            raise UnmergeError(f"adapter {self.path} was trained on a {cls} but base {base.path} is a {archs[0]}; "
+                               f"pass the adapter's own base with --base")
+        if not declared:
+            return
+        p = Path(declared)
+        if not p.is_absolute():
+            p = (self.path / declared) if (self.path / declared).exists() else p
+        if not (p.is_dir() and (p / "config.json").is_file()) or not base_cfg:
+            return  # a hub id (or no config to compare): the shape checks above are what we can verify
+        if p.resolve() == Path(base.path).resolve():
+            return
+        try:
+            theirs = json.loads((p / "config.json").read_text())
+        except ValueError:
+            return
+        diff = [k for k in ARCH_KEYS if k in theirs and k in base_cfg and theirs[k] != base_cfg[k]]
+        if diff:
+            k = diff[0]
+            raise UnmergeError(f"adapter {self.path} declares base_model_name_or_path {declared} whose {k} is {theirs[k]}, "
+                               f"but base {base.path} has {k} {base_cfg[k]}: the adapter belongs to a different base; "
+                               f"pass {declared} with --base")
+
+    def __repr__(self) -> str:
+        return f"Adapter({str(self.path)!r}, {len(self.base_names)} modules)"
+
+
+def open_adapter(path) -> Adapter:
+    """Open a PEFT LoRA adapter directory (config and factor shapes only). See :class:`Adapter`."""
+    if isinstance(path, Adapter):
+        return path
+    return Adapter(path)
