@@ -1,0 +1,69 @@
+"""``unmerge stats``: stream checkpoints once into a GramStats ``.npz`` for later sweeps."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unmerge_jax.cli.decompose import add_input_args, check_outputs, save_mask, stats_kwargs
+from unmerge_jax.errors import UnmergeError
+
+HELP = """Compute the sufficient statistics of a decomposition problem -- G = D'D, C = D'V, ||v||^2
+and S bootstrap replicates, in float64 -- in one streaming pass over the checkpoints, and write
+them (with provenance: inputs, tensors, mask, dtypes, names) to a .npz. `unmerge sweep --stats
+FILE.npz` then runs any grid of solvers without reading weights again.
+
+Inputs are those of `unmerge decompose` (model/adapter directories with --base, or arrays).
+
+  unmerge stats --base ./base --dictionary ./lora-* --target ./merged --modules q,k,v,o \\
+      --top-k 1000000 --seeds 20 --out stats.npz
+  unmerge sweep --stats stats.npz --seeds 20
+
+Several processes (jax.distributed): run the same command in each process with --coordinator
+HOST:PORT --num-processes N --process-id I; each reads its share of the tensors, the partial
+statistics are summed, and process 0 writes the file. The file is written atomically, and
+nothing is written when the input is bad.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stats", help="stream checkpoints once into Gram statistics (.npz) for sweeps",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="statistics file to write")
+    d = p.add_argument_group("several processes (jax.distributed)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    d.add_argument("--num-processes", type=int, help="number of processes")
+    d.add_argument("--process-id", type=int, help="this process's index (0 writes the output)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from unmerge_jax.io.stream import collect_stats
+    from unmerge_jax.stats import save_stats
+
+    check_outputs(args, args.out, args.save_mask)
+    given = [x is not None for x in (args.coordinator, args.num_processes, args.process_id)]
+    if any(given) and not all(given):
+        raise UnmergeError("--coordinator, --num-processes and --process-id go together")
+    if args.save_mask is not None and args.base is None:
+        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
+    writer = True
+    if all(given):
+        import jax
+
+        if args.base is None:
+            raise UnmergeError("several processes need checkpoint inputs (--base); arrays are read by one process")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+        writer = args.process_id == 0
+    res = collect_stats(args.base, args.dictionary, args.target, **stats_kwargs(args))
+    s = res.stats
+    if writer:
+        save_stats(args.out, s, res.provenance)
+        save_mask(args, res)
+        print(f"wrote {args.out}: {s.n_atoms} dictionary entries x {s.n_targets} targets over "
+              f"{res.provenance['n_rows']:,} rows" + (f" from {res.provenance['n_tensors']} tensors" if
+                                                     "n_tensors" in res.provenance else "")
+              + (f", {s.n_seeds} bootstrap seeds" if s.n_seeds else ""))
+    return 0

@@ -1,0 +1,350 @@
+"""The streaming statistics pass: equal to ``gram_stats`` on the dense concatenation (1 and 8
+devices, every selection mode), the top-k rule against a NumPy reference, masks reused, each
+tensor read once, bad input, and peak memory independent of the number of tensors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import unmerge_jax as u
+from unmerge_jax import UnmergeError
+from unmerge_jax.io.compress import Selection, select_top, topk_mask
+from unmerge_jax.io.names import parse_tensor_name
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from tests._tiny_models import session_root, tiny_models
+
+    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
+
+
+def _adapter_delta(path, module):
+    """ΔW of one module straight from the adapter file (independent of unmerge_jax.io.lora)."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    t = load_file(str(path / "adapter_model.safetensors"))
+    stem = "base_model.model." + module[: -len(".weight")]
+    a, b = t.get(stem + ".lora_A.weight"), t.get(stem + ".lora_B.weight")
+    if a is None:
+        return None
+    r = a.shape[0]
+    scale = cfg["lora_alpha"] / (np.sqrt(r) if cfg.get("use_rslora") else r)
+    return (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(scale)
+
+
+def reference_columns(base, sources, selection):
+    """Dense (rows × sources) float32 task vectors in the documented row order, from NumPy reads."""
+    from tests._tiny_models import numpy_state
+
+    b = numpy_state(base)
+    cols = []
+    for src in sources:
+        is_adapter = (src / "adapter_config.json").exists()
+        st = None if is_adapter else numpy_state(src)
+        parts = []
+        for n in selection.names:
+            if is_adapter:
+                d = _adapter_delta(src, n)
+                d = np.zeros_like(b[n]) if d is None else d
+            else:
+                d = st[n] - b[n]
+            d = d.reshape(-1)
+            idx = selection.index[n]
+            parts.append(d if idx is None else d[idx])
+        cols.append(np.concatenate(parts))
+    return np.stack(cols, axis=1)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def assert_stats_equal(got, want, tol=1e-10):
+    assert got.n_seeds == want.n_seeds
+    for f in u.GramStats._fields:
+        g, w = getattr(got, f), getattr(want, f)
+        if w is None:
+            assert g is None
+            continue
+        assert _rel(g, w) <= tol, f
+
+
+CASES = {
+    "full": dict(),
+    "qkvo": dict(modules="q,k,v,o"),
+    "group": dict(top_k=3000),
+    "global": dict(top_k=2500, scope="global", modules="attn,mlp"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_stream_equals_dense_gram_stats(tiny, case, n_dev):
+    from unmerge_jax.io.stream import dense_columns, stream_stats
+
+    q = tiny["qwen"]
+    dic = [q / "ft0", q / "ft1", q / "lora0"]     # full fine-tunes and an adapter mixed
+    tgt = [q / "ta", q / "lora_ta"]
+    devices = jax.devices()[:n_dev]
+    assert len(devices) == n_dev
+    # small blocks: rows of several tensors share a block and tensors span blocks
+    res = stream_stats(q / "base", dic, tgt, seeds=3, key=11, devices=devices, block_rows=5000, **CASES[case])
+    sel = res.selection
+    assert res.provenance["n_blocks"] > 1 or case in ("group", "global")
+    ref = reference_columns(q / "base", dic + tgt, sel)
+    assert ref.shape == (sel.n_rows, 5)
+    D, V = dense_columns(q / "base", dic, tgt, sel)
+    np.testing.assert_array_equal(np.hstack([D, V]), ref)
+    want = u.gram_stats(ref[:, :3], ref[:, 3:], seeds=3, key=11)
+    assert_stats_equal(res.stats, want)
+    assert int(res.stats.n_rows) == sel.n_rows
+    p = res.provenance
+    assert p["atom_names"] == ["ft0", "ft1", "lora0"] and p["target_names"] == ["ta", "lora_ta"]
+    assert p["n_tensors"] == len(sel.names) and p["n_rows"] == sel.n_rows and p["seeds"] == 3
+    assert p["dictionary"][2]["kind"] == "adapter" and p["base_dtypes"] == {"F32": len(sel.names)}
+    if case == "qkvo":
+        assert {parse_tensor_name(n).short for n in sel.names} == {"q", "k", "v", "o"}
+
+
+def _brute_force_mask(base, dictionary, names, k, scope):
+    """Stable argsort of −M over each group's concatenation (tensor order, then index order)."""
+    from tests._tiny_models import numpy_state
+
+    b = numpy_state(base)
+    sts = [numpy_state(d) for d in dictionary]
+    M = {n: np.max([np.abs(s[n] - b[n]).reshape(-1) for s in sts], axis=0) for n in names}
+    groups = {}
+    for n in names:
+        groups.setdefault(parse_tensor_name(n).group if scope == "group" else 0, []).append(n)
+    per = k // len(groups) if scope == "group" else k
+    keep = {n: [] for n in names}
+    for ns in groups.values():
+        cat = np.concatenate([M[n] for n in ns])
+        owner = np.concatenate([np.full(M[n].size, i) for i, n in enumerate(ns)])
+        local = np.concatenate([np.arange(M[n].size) for n in ns])
+        top = np.argsort(-cat, kind="stable")[:per]
+        for t in top:
+            keep[ns[owner[t]]].append(local[t])
+    return {n: np.sort(np.asarray(v, np.int64)) for n, v in keep.items()}, per
+
+
+@pytest.mark.parametrize("scope,k", [("group", 3000), ("global", 2000)])
+def test_topk_mask_matches_numpy_reference(tiny, scope, k):
+    from unmerge_jax.io.checkpoint import open_checkpoint
+    from unmerge_jax.io.compress import build_selection
+    from unmerge_jax.io.taskvec import task_vector
+
+    q = tiny["qwen"]
+    dic = [q / "ft0", q / "ft1", q / "ft2"]
+    base = open_checkpoint(q / "base")
+    sel = build_selection(base, [task_vector(base, d) for d in dic], k, scope=scope)
+    want, per = _brute_force_mask(q / "base", dic, sel.names, k, scope)
+    for n in sel.names:
+        np.testing.assert_array_equal(sel.index[n], want[n], err_msg=n)
+    if scope == "group":
+        assert sel.spec["per_group"] == per == k // sel.spec["n_groups"]
+        assert sel.n_rows == sum(min(per, sum(int(np.prod(base.shape(n))) for n in ns))
+                                 for ns in _groups(sel.names).values())
+    else:
+        assert sel.n_rows == k
+
+
+def _groups(names):
+    out = {}
+    for n in names:
+        out.setdefault(parse_tensor_name(n).group, []).append(n)
+    return out
+
+
+def test_paper_allocation_and_tie_rule():
+    """1M over 28 layers × q,k,v,o = 112 groups → 8,928 each (paper §3.4); ties → lowest index."""
+    rng = np.random.default_rng(0)
+    d = {f"model.layers.{i}.self_attn.{m}_proj.weight": rng.standard_normal((100, 100)).astype(np.float32)
+         for i in range(28) for m in "qkvo"}
+    masks = topk_mask([d], 1_000_000)
+    assert {int(m.sum()) for m in masks.values()} == {8928}
+    assert sum(int(m.sum()) for m in masks.values()) == 999_936
+    flat = np.abs(d["model.layers.3.self_attn.v_proj.weight"]).reshape(-1)
+    np.testing.assert_array_equal(np.flatnonzero(masks["model.layers.3.self_attn.v_proj.weight"]),
+                                  np.sort(np.argsort(-flat, kind="stable")[:8928]))
+    # ties: all-equal values keep the lowest flat indices, tensor order first
+    z = {"model.layers.0.self_attn.q_proj.weight": np.ones((4, 4), np.float32),
+         "model.layers.0.self_attn.q_proj.bias": np.ones(4, np.float32)}
+    m = topk_mask([z], 6, scope="global")
+    assert m["model.layers.0.self_attn.q_proj.weight"].reshape(-1).tolist() == [True] * 6 + [False] * 10
+    assert not m["model.layers.0.self_attn.q_proj.bias"].any()
+    v = np.array([3, 1, 3, 2, 3], np.float32)
+    assert select_top(v, np.zeros(5, np.int32), np.arange(5), 2).tolist() == [0, 2]
+    with pytest.raises(UnmergeError, match="smaller than the number of"):
+        topk_mask([d], 100)
+
+
+def test_saved_mask_compresses_targets_identically(tiny, tmp_path):
+    from unmerge_jax.io.stream import stream_stats
+
+    q = tiny["qwen"]
+    dic = [q / "lora0", q / "lora1", q / "lora2"]
+    first = stream_stats(q / "base", dic, [q / "lora_ta"], top_k=400, modules="q,k,v,o")
+    first.selection.save(tmp_path / "mask.npz")
+    loaded = Selection.load(tmp_path / "mask.npz")
+    assert loaded.names == first.selection.names and loaded.spec == first.selection.spec
+    for n in loaded.names:
+        np.testing.assert_array_equal(loaded.index[n], first.selection.index[n])
+    again = stream_stats(q / "base", dic, [q / "ta", q / "lora_ta"], mask=tmp_path / "mask.npz", seeds=2)
+    ref = reference_columns(q / "base", dic + [q / "ta", q / "lora_ta"], loaded)
+    assert_stats_equal(again.stats, u.gram_stats(ref[:, :3], ref[:, 3:], seeds=2))
+    np.testing.assert_allclose(np.asarray(again.stats.cross)[:, 1], np.asarray(first.stats.cross)[:, 0], rtol=1e-12)
+    assert again.provenance["mask_file"].endswith("mask.npz")
+    with pytest.raises(UnmergeError, match=r"the mask has tensor .* with shape \(32,\) but base .*wide has \(16,\)"):
+        stream_stats(q / "wide", [q / "wide"], [q / "wide"], mask=tmp_path / "mask.npz")
+
+
+def test_every_tensor_read_once_per_input(tiny, monkeypatch):
+    from unmerge_jax.io.checkpoint import Checkpoint
+    from unmerge_jax.io.lora import Adapter
+    from unmerge_jax.io.stream import stream_stats
+
+    reads = []
+    orig_read, orig_delta = Checkpoint.read, Adapter.delta
+    monkeypatch.setattr(Checkpoint, "read", lambda self, n: (reads.append((Path(self.path).name, n)), orig_read(self, n))[1])
+    monkeypatch.setattr(Adapter, "delta", lambda self, n: (reads.append((Path(self.path).name, n)), orig_delta(self, n))[1])
+    q = tiny["qwen"]
+    res = stream_stats(q / "base", [q / "ft0", q / "lora0"], [q / "ta"])
+    names = res.selection.names
+    assert sorted(reads) == sorted([(s, n) for n in names for s in ("base", "ft0", "ta")]
+                                   + [("lora0", n) for n in names if parse_tensor_name(n).short in "qkvo"
+                                      and parse_tensor_name(n).param == "weight"])
+
+
+def test_progress_bar_over_tensors(tiny, monkeypatch, capsys):
+    from unmerge_jax.io.stream import stream_stats
+
+    monkeypatch.setenv("UNMERGE_PROGRESS", "1")
+    q = tiny["qwen"]
+    stream_stats(q / "base", [q / "ft0"], [q / "ta"], top_k=500)
+    err = capsys.readouterr().err
+    assert "top-k mask pass" in err and "statistics pass" in err and "tensor" in err
+
+
+def _nan_copy(src, dst, tensor):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        t = load_file(str(f))
+        if tensor in t:
+            t[tensor] = t[tensor].copy()
+            t[tensor].reshape(-1)[5] = np.nan
+            save_file(t, str(f), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("where", ["target", "dictionary"])
+@pytest.mark.parametrize("top_k", [None, 3000])
+def test_nan_names_tensor_and_input(tiny, tmp_path, where, top_k):
+    from unmerge_jax.io.stream import stream_stats
+
+    q = tiny["qwen"]
+    bad_name = "model.layers.1.mlp.up_proj.weight"
+    src = q / ("ta" if where == "target" else "ft1")
+    bad = _nan_copy(src, tmp_path / f"bad_{where}", bad_name)
+    dic = [q / "ft0", bad] if where == "dictionary" else [q / "ft0", q / "ft1"]
+    tgt = [bad] if where == "target" else [q / "ta"]
+    if where == "target" and top_k:  # the NaN entry must be kept for the target to matter: use the full tensor
+        top_k = None
+    with pytest.raises(UnmergeError, match=rf"tensor {bad_name} of {'target' if where == 'target' else 'dictionary entry'} "
+                                           rf"bad_{where} .*holds NaN/Inf") as err:
+        stream_stats(q / "base", dic, tgt, top_k=top_k, block_rows=4096)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_inputs(tiny):
+    from unmerge_jax.io.stream import stream_stats
+
+    q = tiny["qwen"]
+    with pytest.raises(UnmergeError, match="dictionary is empty"):
+        stream_stats(q / "base", [], [q / "ta"])
+    with pytest.raises(UnmergeError, match="targets is empty"):
+        stream_stats(q / "base", [q / "ft0"], [])
+    with pytest.raises(UnmergeError, match="no floating-point tensor .* matches --modules qkv"):
+        stream_stats(q / "base", [q / "ft0"], [q / "ta"], modules="qkv")  # Qwen2 has no fused q/k/v
+    with pytest.raises(UnmergeError, match="two dictionary entries are named 'ft0'"):
+        stream_stats(q / "base", [q / "ft0", f"ft0={q / 'ft1'}"], [q / "ta"])
+
+
+MEM_SCRIPT = textwrap.dedent("""
+    import json, os, sys, threading, time
+    os.environ["UNMERGE_PROGRESS"] = "0"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import unmerge_jax
+    from unmerge_jax.io.stream import stream_stats
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    root = sys.argv[1]
+    peak = [0]; stop = threading.Event()
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon()); time.sleep(0.002)
+    # warm up the compiled kernels on a small set with the same block shape (2 x 64 x 1024 rows =
+    # one full block) so the measured pass holds no compile memory
+    stream_stats(root + "/small/base", [root + "/small/d0", root + "/small/d1"], [root + "/small/t0"], seeds=2)
+    before = anon()
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    stream_stats(root + "/big/base", [root + "/big/d0", root + "/big/d1"], [root + "/big/t0"], seeds=2)
+    stop.set(); th.join()
+    print(json.dumps({"before": before, "peak": peak[0]}))
+""")
+
+
+def _write_set(root, rows, n_tensors, cols=1024, seed=0):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    for who in ("base", "d0", "d1", "t0"):
+        (root / who).mkdir(parents=True)
+        ts = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((rows, cols), dtype=np.float32)
+              for i in range(n_tensors)}
+        save_file(ts, str(root / who / "model.safetensors"))
+
+
+def _peak(tmp, rows, n_tensors):
+    _write_set(tmp / "small", 64, 2)  # 131072 rows: the default block
+    _write_set(tmp / "big", rows, n_tensors)
+    r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    return m["peak"] - m["before"]
+
+
+def test_peak_memory_is_one_tensor_per_input_not_the_model(tmp_path):
+    """K = 2, T = 1, 32 MiB tensors: 2 tensors vs 6 tensors (3× the model) take the same peak, and
+    the peak above the start is ≤ (1 + K + T) × tensor + 64 MiB."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status")
+    mib, tensor = 2**20, 8192 * 1024 * 4
+    few = _peak(tmp_path / "few", 8192, 2)
+    many = _peak(tmp_path / "many", 8192, 6)
+    print(f"peak above start: {few / mib:.0f} MiB (2 tensors), {many / mib:.0f} MiB (6 tensors); "
+          f"bound (1+K+T) x tensor = {4 * tensor / mib:.0f} MiB")
+    assert many <= few + 32 * mib
+    assert many <= 4 * tensor + 64 * mib

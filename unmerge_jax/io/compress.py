@@ -1,0 +1,360 @@
+"""Which parameter entries enter the decomposition: the paper's top-k compression (§3.4).
+
+``M = max_i |d_i|`` over the dictionary's task vectors, entry by entry. Keep
+
+* ``scope="group"`` (the paper): the ``k_g = ⌊k / G⌋`` largest entries of M in each of the G
+  (layer, module) groups (Qwen2.5-7B q,k,v,o: 1M over 112 groups = 8,928 each; a group smaller
+  than ``k_g`` keeps all its entries, so the total can be below k);
+* ``scope="global"``: the k largest entries of M over all selected tensors;
+* nothing (``top_k=None``, ``--full``): every entry of every selected tensor.
+
+Ties are broken by tensor order, then by flat index (lowest first), so a mask is a pure function
+of the inputs, whatever the reading order or the number of processes.
+
+A :class:`Selection` is the result: the tensors in row order and, per tensor, the sorted flat
+indices kept (None = all). It defines the rows of the statistics; saved to ``.npz`` and reused,
+it makes targets compressed exactly like the dictionary. Computing it is a streaming pass: per
+tensor, M is formed in place from one task vector at a time (memory: base + M + one tensor) and
+only the tensor's top candidates (≤ k_g, or ≤ k) are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.atomic import atomic_file
+from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
+from unmerge_jax.progress import progress
+
+SCOPES = ("group", "global")
+
+
+@dataclass
+class Selection:
+    """The rows of a decomposition problem.
+
+    Attributes:
+      names: tensors in row order.
+      shapes: ``{name: shape}``.
+      index: ``{name: sorted int64 flat indices kept, or None for the whole tensor}``.
+      spec: how it was made (mode, scope, top_k, per_group, n_groups, modules, ...).
+    """
+
+    names: list
+    shapes: dict
+    index: dict
+    spec: dict = field(default_factory=dict)
+
+    def rows(self, name) -> int:
+        idx = self.index.get(name)
+        return int(np.prod(self.shapes[name], dtype=np.int64)) if idx is None else int(idx.size)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.rows(n) for n in self.names)
+
+    def offsets(self) -> dict:
+        """``{name: global index of the tensor's first row}``."""
+        out, off = {}, 0
+        for n in self.names:
+            out[n] = off
+            off += self.rows(n)
+        return out
+
+    def mask(self, name) -> np.ndarray:
+        """Boolean mask of ``name`` (its shape)."""
+        shape = tuple(self.shapes[name])
+        idx = self.index.get(name)
+        if idx is None:
+            return np.ones(shape, bool)
+        m = np.zeros(int(np.prod(shape, dtype=np.int64)), bool)
+        m[idx] = True
+        return m.reshape(shape)
+
+    def check_base(self, base) -> None:
+        """One-line error when ``base`` (an opened checkpoint) lacks a tensor or has another shape."""
+        for n in self.names:
+            if n not in base:
+                raise UnmergeError(f"the mask selects tensor {n}, which base {base.path} lacks; the mask was made for "
+                                   f"another model — recompute it")
+            if tuple(base.shape(n)) != tuple(self.shapes[n]):
+                raise UnmergeError(f"the mask has tensor {n} with shape {tuple(self.shapes[n])} but base {base.path} has "
+                                   f"{tuple(base.shape(n))}; recompute the mask for this base")
+
+    def save(self, path) -> None:
+        """Write to ``.npz`` atomically (spec, tensor names and shapes, the index arrays)."""
+        arrays = {"spec_json": np.asarray(json.dumps(self.spec, sort_keys=True, default=str)),
+                  "names_json": np.asarray(json.dumps(list(self.names))),
+                  "shapes_json": np.asarray(json.dumps([list(self.shapes[n]) for n in self.names]))}
+        for i, n in enumerate(self.names):
+            if self.index.get(n) is not None:
+                arrays[f"idx_{i}"] = np.asarray(self.index[n], np.int64)
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Selection":
+        """Read a selection written by :meth:`save`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "names_json" not in z:
+                    raise UnmergeError(f"{path} is not a mask file (no names_json); write one with --save-mask")
+                names = json.loads(str(z["names_json"]))
+                shapes = {n: tuple(s) for n, s in zip(names, json.loads(str(z["shapes_json"])))}
+                index = {n: (np.asarray(z[f"idx_{i}"], np.int64) if f"idx_{i}" in z else None)
+                         for i, n in enumerate(names)}
+                spec = json.loads(str(z["spec_json"]))
+        except UnmergeError:
+            raise
+        except (OSError, ValueError, KeyError) as err:
+            raise UnmergeError(f"cannot read mask file {path}: {err}") from None
+        for n, idx in index.items():
+            size = int(np.prod(shapes[n], dtype=np.int64))
+            if idx is not None and (idx.size and (idx.min() < 0 or idx.max() >= size) or np.any(np.diff(idx) <= 0)):
+                raise UnmergeError(f"mask file {path}: indices of {n} are not sorted, unique and inside its {size} "
+                                   f"entries; recompute the mask")
+        return cls(names, shapes, index, spec)
+
+
+def load_selection(path) -> Selection:
+    return Selection.load(path)
+
+
+def candidate_names(base, modules=None) -> list[str]:
+    """The base's floating-point tensors that pass the ``--modules`` filter, in the base's order."""
+    keep = module_filter(modules)
+    names = [n for n in base.names if base.is_float(n) and keep(n)]
+    if not names:
+        raise UnmergeError(f"no floating-point tensor of {base.path} matches --modules {modules_label(modules)}; "
+                           f"e.g. {base.names[0] if base.names else '(no tensors)'} is "
+                           f"{parse_tensor_name(base.names[0]).module_class if base.names else '-'}")
+    return names
+
+
+def full_selection(base, modules=None) -> Selection:
+    """Every entry of every selected tensor (no compression)."""
+    names = candidate_names(base, modules)
+    return Selection(names, {n: tuple(base.shape(n)) for n in names}, {n: None for n in names},
+                     {"mode": "full", "modules": modules_label(modules), "n_tensors": len(names)})
+
+
+# ----------------------------------------------------------------------------------------------
+# the top-k rule
+# ----------------------------------------------------------------------------------------------
+def select_top(values: np.ndarray, ranks: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` first candidates in the order (value desc, rank asc, idx asc).
+
+    O(n) plus a sort of the ties at the threshold only.
+    """
+    n = values.size
+    if k >= n:
+        return np.arange(n)
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    thr = np.partition(values, n - k)[n - k]
+    above = np.flatnonzero(values > thr)
+    eq = np.flatnonzero(values == thr)
+    need = k - above.size
+    order = np.lexsort((idx[eq], ranks[eq]))
+    return np.sort(np.concatenate([above, eq[order[:need]]]))
+
+
+def _tensor_top(m: np.ndarray, k: int):
+    """(values, flat idx) of the k largest entries of flat ``m`` (ties: lowest index)."""
+    flat = m.reshape(-1)
+    pos = select_top(flat, np.zeros(flat.size, np.int32), np.arange(flat.size, dtype=np.int64), k) \
+        if k < flat.size else np.arange(flat.size)
+    return flat[pos].astype(np.float32), pos.astype(np.int64)
+
+
+def _max_abs(base, dictionary, name) -> np.ndarray:
+    """``M = max_i |d_i|`` of one tensor, built in place one task vector at a time."""
+    m, base_arr = None, None
+    for tv in dictionary:
+        arr, relative = tv.parts(name)
+        if arr is None:
+            continue
+        arr = arr if arr.flags.writeable else arr.copy()  # readers hand out fresh arrays
+        if relative:
+            if base_arr is None:
+                base_arr = base.read(name)
+            arr -= base_arr
+        np.abs(arr, out=arr)
+        if m is None:
+            m = arr
+        else:
+            np.maximum(m, arr, out=m)
+        del arr
+    if m is None:
+        m = np.zeros(base.shape(name), np.float32)
+    if not np.all(np.isfinite(m)):
+        _raise_nonfinite(base, dictionary, name)
+    return m
+
+
+def _raise_nonfinite(base, dictionary, name):
+    base_arr = base.read(name)
+    if not np.all(np.isfinite(base_arr)):
+        raise UnmergeError(f"tensor {name} of base {base.path} holds NaN/Inf; fix or re-download the base")
+    for tv in dictionary:
+        d = tv.delta(name)
+        if not np.all(np.isfinite(d)):
+            raise UnmergeError(f"tensor {name} of dictionary entry {tv.name} ({tv.path}) holds NaN/Inf; fix or drop "
+                               f"that entry")
+    raise UnmergeError(f"tensor {name}: the dictionary's task vectors are not finite")  # pragma: no cover
+
+
+def _per_group(top_k: int, n_groups: int) -> int:
+    per = int(top_k) // n_groups
+    if per < 1:
+        raise UnmergeError(f"--top-k {top_k} is smaller than the number of (layer, module) groups ({n_groups}); give "
+                           f"at least {n_groups}, or --scope global")
+    return per
+
+
+def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = "group", modules=None,
+                    names=None, process_index: int = 0, process_count: int = 1, gather=None) -> Selection:
+    """The streaming mask pass: top-k of ``M = max_i |d_i|`` (or everything when ``top_k`` is None).
+
+    Args:
+      base: opened base checkpoint.
+      dictionary: the dictionary's task vectors (:class:`~unmerge_jax.io.taskvec.TaskVector`).
+      top_k: total entries to keep; None keeps every entry (the full model).
+      scope: ``"group"`` (k spread uniformly over (layer, module) groups, the paper) or ``"global"``.
+      modules: ``--modules`` filter.
+      names: tensors to consider (default: the base's float tensors passing ``modules``).
+      process_index, process_count, gather: multi-process pass — this process reads tensors
+        ``share(names)[process_index]`` and ``gather(values, ranks, idx)`` returns every process's
+        candidates concatenated (see :mod:`unmerge_jax.io.stream`).
+    """
+    if top_k is None:
+        sel = full_selection(base, modules)
+        if names is not None:
+            sel = Selection(list(names), {n: tuple(base.shape(n)) for n in names}, {n: None for n in names}, sel.spec)
+        return sel
+    if scope not in SCOPES:
+        raise UnmergeError(f"unknown top-k scope {scope!r}; choose group or global")
+    if int(top_k) < 1:
+        raise UnmergeError(f"--top-k must be >= 1, got {top_k}")
+    if not dictionary:
+        raise UnmergeError("the dictionary is empty; the top-k mask is computed from the dictionary's task vectors")
+    names = list(names) if names is not None else candidate_names(base, modules)
+    rank_of = {n: i for i, n in enumerate(names)}
+    groups = groups_of(names)
+    group_of = {n: g for g, ns in groups.items() for n in ns}
+    k_each = _per_group(top_k, len(groups)) if scope == "group" else int(top_k)
+    mine = share(names, [int(np.prod(base.shape(n), dtype=np.int64)) for n in names], process_count)[process_index]
+    vals, ranks, idxs = [], [], []
+    for name in progress(mine, desc="top-k mask pass", total=len(mine)):
+        m = _max_abs(base, dictionary, name)
+        v, i = _tensor_top(m, k_each)
+        del m
+        vals.append(v)
+        idxs.append(i)
+        ranks.append(np.full(v.size, rank_of[name], np.int32))
+        if scope == "global" and sum(x.size for x in vals) > 2 * k_each:
+            vals, ranks, idxs = _merge_global(vals, ranks, idxs, k_each)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    v, r, i = cat(vals, np.float32), cat(ranks, np.int32), cat(idxs, np.int64)
+    if gather is not None and process_count > 1:
+        v, r, i = gather(v, r, i)
+    index = {n: [] for n in names}
+    if scope == "global":
+        keep = select_top(v, r, i, k_each)
+        _assign(index, names, r[keep], i[keep])
+    else:
+        gindex = {g: j for j, g in enumerate(groups)}
+        gid = np.asarray([gindex[group_of[n]] for n in names], np.int64)[r]
+        for g in range(len(groups)):
+            pos = np.flatnonzero(gid == g)
+            keep = pos[select_top(v[pos], r[pos], i[pos], k_each)]
+            _assign(index, names, r[keep], i[keep])
+    index = {n: np.sort(np.asarray(np.concatenate(ix) if ix else np.zeros(0, np.int64), np.int64)) for n, ix in index.items()}
+    spec = {"mode": "top_k", "scope": scope, "top_k": int(top_k), "modules": modules_label(modules),
+            "n_groups": len(groups), "n_tensors": len(names)}
+    if scope == "group":
+        spec["per_group"] = k_each
+    return Selection(names, {n: tuple(base.shape(n)) for n in names}, index, spec)
+
+
+def _merge_global(vals, ranks, idxs, k):
+    v, r, i = np.concatenate(vals), np.concatenate(ranks), np.concatenate(idxs)
+    keep = select_top(v, r, i, k)
+    return [v[keep]], [r[keep]], [i[keep]]
+
+
+def _assign(index, names, ranks, idx):
+    for rk in np.unique(ranks):
+        index[names[rk]].append(idx[ranks == rk])
+
+
+def share(names, sizes, count: int) -> list[list[str]]:
+    """Split ``names`` into ``count`` contiguous runs of about equal total ``sizes``."""
+    if count <= 1:
+        return [list(names)]
+    total = float(sum(sizes)) or 1.0
+    out = [[] for _ in range(count)]
+    acc = 0.0
+    for n, s in zip(names, sizes):
+        p = min(count - 1, int((acc + s / 2) / total * count))
+        out[p].append(n)
+        acc += s
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# in-memory helper (same rule)
+# ----------------------------------------------------------------------------------------------
+def topk_mask(dictionary: list[dict], top_k: int, scope: str = "group") -> dict[str, np.ndarray]:
+    """Boolean masks ``{name: mask}`` of the top-k rule for in-memory task vectors.
+
+    Args:
+      dictionary: K dicts ``{tensor name: δ array}`` with the same names and shapes.
+      top_k: total entries kept (spread over (layer, module) groups with ``scope="group"``).
+      scope: ``"group"`` or ``"global"``.
+
+    Same rule and tie-breaking as the streaming pass (tensor order = the first dict's order).
+    """
+    if not dictionary:
+        raise UnmergeError("the dictionary is empty; give at least one task vector")
+    names = list(dictionary[0])
+    for j, d in enumerate(dictionary):
+        if list(d) != names:
+            missing = sorted(set(names) ^ set(d))
+            raise UnmergeError(f"dictionary entry {j} has other tensors than entry 0 (e.g. {missing[0] if missing else 'order'})")
+
+    class _Mem:  # the streaming pass's view of in-memory arrays
+        def __init__(self, d):
+            self.d, self.name, self.path = d, "in-memory", "memory"
+
+        def parts(self, n):
+            return np.array(self.d[n], np.float32), False
+
+        def delta(self, n):
+            return np.asarray(self.d[n], np.float32)
+
+    class _Shapes:
+        path = "memory"
+
+        def __init__(self):
+            self.names = names
+
+        def shape(self, n):
+            return np.shape(dictionary[0][n])
+
+        def is_float(self, n):
+            return True
+
+        def __contains__(self, n):
+            return n in dictionary[0]
+
+        def read(self, n):
+            return np.zeros(np.shape(dictionary[0][n]), np.float32)
+
+    sel = build_selection(_Shapes(), [_Mem(d) for d in dictionary], top_k, scope=scope, names=names)
+    return {n: sel.mask(n) for n in names}
