@@ -236,3 +236,22 @@ def test_statistics_come_back_on_host_so_solves_run_on_one_device():
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in (st.gram, st.cross, st.boot_gram))
     problems = u.solve.__globals__["stacked_problems"](st, use_seeds=True)
     assert all(len(p.devices()) == 1 for p in problems)
+
+
+@pytest.mark.parametrize("case", ["spd", "ill", "rank_deficient", "zero_rows"])
+def test_psd_solve_is_pinv(case):
+    from unmerge_jax.solvers.common import psd_solve
+
+    rng = np.random.default_rng(3)
+    d = rng.standard_normal((50, 7))
+    if case == "ill":
+        d = d @ np.diag(np.logspace(0, -3, 7))  # κ(D) = 1e3, κ(G) = 1e6
+    if case == "rank_deficient":
+        d[:, 4] = d[:, 1] - 2 * d[:, 2]
+        d[:, 6] = d[:, 0]
+    if case == "zero_rows":
+        d[:, 3] = 0.0
+    g, c = d.T @ d, d.T @ rng.standard_normal(50)
+    x = np.asarray(jax.jit(psd_solve)(g, c))
+    ref = np.linalg.pinv(g, rcond=1e-13, hermitian=True) @ c
+    np.testing.assert_allclose(x, ref, rtol=1e-8 if case != "ill" else 1e-6, atol=1e-10 * np.abs(ref).max())

@@ -55,22 +55,90 @@ def quad_objective(p: Problem, a):
     return jnp.maximum(p.target_sq - 2.0 * p.cross @ a + a @ (p.gram @ a), 0.0)
 
 
+def _pivoted_cholesky(a, tol):
+    """Diagonally pivoted Cholesky ``P A Pᵀ = T Tᵀ`` of a symmetric PSD (K, K) matrix.
+
+    Pure ``lax`` (K rank-1 steps): the batched LAPACK kernels XLA:CPU calls for ``eigh``/``cholesky``
+    under ``vmap`` run their batch on the intra-op thread pool from a pool thread, and two of
+    them in flight at once deadlock a 2-thread pool (seen here: sweeps hanging in
+    ``ParallelBatchMap``). K is small, so this costs nothing and runs the same on every backend.
+
+    Returns:
+      (T, perm, rank): T (K, K) lower triangular in pivot order with zero columns ≥ rank; perm
+      (K,) int, pivot order; rank () int, pivots above ``tol``.
+    """
+    k = a.shape[0]
+
+    def step(j, carry):
+        res, t_cols, perm, used, rank = carry
+        d = jnp.where(used, -jnp.inf, jnp.diagonal(res))
+        piv = jnp.argmax(d).astype(jnp.int32)
+        ok = d[piv] > tol
+        col = jnp.where(ok & ~used, res[:, piv] / jnp.sqrt(jnp.where(ok, d[piv], 1.0)), 0.0)
+        res = res - jnp.outer(col, col)
+        return (res, t_cols.at[:, j].set(col), perm.at[j].set(piv), used.at[piv].set(True),
+                rank + ok.astype(jnp.int32))
+
+    init = (a, jnp.zeros_like(a), jnp.zeros(k, jnp.int32), jnp.zeros(k, bool), jnp.asarray(0, jnp.int32))
+    _, cols, perm, _, rank = jax.lax.fori_loop(0, k, step, init)
+    return cols[perm], perm, rank  # row j of T is row perm[j] of the column factor
+
+
+def _forward(t, rhs, rank):
+    """Solve ``T[:r,:r] y = rhs[:r]`` (lower triangular); ``y[r:] = 0``."""
+    k = t.shape[0]
+
+    def step(j, y):
+        diag = t[j, j]
+        val = (rhs[j] - t[j] @ y) / jnp.where(j < rank, diag, 1.0)
+        return y.at[j].set(jnp.where(j < rank, val, 0.0))
+
+    return jax.lax.fori_loop(0, k, step, jnp.zeros_like(rhs))
+
+
+def _backward(t, y):
+    """Solve ``Tᵀ z = y`` for a nonsingular lower-triangular ``T``."""
+    k = t.shape[0]
+
+    def step(i, z):
+        j = k - 1 - i
+        return z.at[j].set((y[j] - t[:, j] @ z) / t[j, j])
+
+    return jax.lax.fori_loop(0, k, step, jnp.zeros_like(y))
+
+
+def psd_solve(a, b):
+    """Minimum-norm least-squares solution ``x = A⁺ b`` of a symmetric PSD system (pure ``lax``).
+
+    Pivoted Cholesky ``P A Pᵀ = T Tᵀ``; pivots below ``K·ε·max diag(A)`` count as zero (duplicate
+    or zero atoms). Full rank: two triangular solves. Rank r < K (``b`` in the range of ``A``, as
+    for any Gram system ``Dᵀv``): ``y = T_r⁻¹ P b``, ``x = Pᵀ T_r (T_rᵀT_r)⁻¹ y``, the solution of
+    least norm. jit/vmap safe; error ≈ κ(A)·ε like a LAPACK solve.
+    """
+    k = a.shape[0]
+    tol = k * jnp.finfo(a.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(a)))
+    t, perm, rank = _pivoted_cholesky(a, tol)
+    y = _forward(t, b[perm], rank)
+    full = jnp.zeros_like(b).at[perm].set(_backward(jnp.where(rank == k, t, jnp.eye(k, dtype=a.dtype)), y))
+    keep = (jnp.arange(k) < rank).astype(a.dtype)
+    tr = t * keep[None, :]
+    n_mat = tr.T @ tr + jnp.diag(1.0 - keep)  # positive definite by construction
+    t2, perm2, _ = _pivoted_cholesky(n_mat, jnp.asarray(0.0, a.dtype))
+    w = jnp.zeros_like(y).at[perm2].set(_backward(t2, _forward(t2, y[perm2], k)))
+    least_norm = jnp.zeros_like(b).at[perm].set(tr @ (w * keep))
+    return jnp.where(rank == k, full, least_norm)
+
+
 def masked_solve(gram, rhs, mask, shift=0.0):
     """Solve ``(G_SS + shift·I) x_S = rhs_S`` on the support ``S = mask``; ``x`` is 0 off ``S``.
 
     Shapes stay static (K×K) so this works under jit/vmap: rows/columns outside ``S`` are replaced
-    by the identity. Uses a symmetric eigendecomposition with a relative cut-off, so a singular
-    ``G_SS`` (duplicate or zero atoms) gives the minimum-norm least-squares solution instead of
-    NaN.
+    by the identity. A singular ``G_SS`` (duplicate or zero atoms) gives the minimum-norm
+    least-squares solution instead of NaN (see :func:`psd_solve`).
     """
     m = mask.astype(gram.dtype)
     a = gram * m[:, None] * m[None, :] + jnp.diag(1.0 - m) + shift * jnp.diag(m)
-    b = rhs * m
-    w, q = jnp.linalg.eigh(a)
-    cutoff = jnp.finfo(gram.dtype).eps * a.shape[0] * jnp.max(jnp.abs(w))
-    inv = jnp.where(jnp.abs(w) > cutoff, 1.0 / jnp.where(w == 0, 1.0, w), 0.0)
-    x = q @ (inv * (q.T @ b))
-    return x * m
+    return psd_solve(a, rhs * m) * m
 
 
 def iterate(step: Callable, done: Callable, state, *, max_iter: int, block: int):

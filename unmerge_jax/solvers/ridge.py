@@ -2,15 +2,14 @@
 
     min_a ‖v − Da‖² + α‖a‖²  ⇔  (G + αI) a = c
 
-Cholesky solve; when ``G + αI`` is singular (α = 0 with duplicate or zero atoms) the Cholesky
-factor has NaNs and the minimum-norm least-squares solution (eigendecomposition) is used instead;
-zero atoms are left out of it so their coefficient is exactly 0.
+Pivoted-Cholesky solve (``psd_solve``); when ``G + αI`` is singular (α = 0 with duplicate or zero
+atoms) it returns the minimum-norm least-squares solution; zero atoms are left out so their
+coefficient is exactly 0.
 Reference: ``sklearn.linear_model.Ridge(solver="cholesky", fit_intercept=False)``.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from unmerge_jax.solvers.common import Problem, SolverResult, masked_solve
@@ -21,10 +20,7 @@ def ridge(p: Problem, alpha) -> SolverResult:
     alpha = jnp.asarray(alpha, p.cross.dtype)
     k = p.cross.shape[0]
     a_mat = p.gram + alpha * jnp.eye(k, dtype=p.gram.dtype)
-    chol = jnp.linalg.cholesky(a_mat)
-    x_chol = jax.scipy.linalg.cho_solve((chol, True), p.cross)
-    x = jnp.where(jnp.all(jnp.isfinite(x_chol)), x_chol,
-                  masked_solve(p.gram, p.cross, jnp.diag(p.gram) > 0, shift=alpha))
+    x = masked_solve(p.gram, p.cross, jnp.diag(p.gram) > 0, shift=alpha)
     scale = jnp.maximum(jnp.max(jnp.abs(p.cross)), jnp.finfo(p.cross.dtype).tiny)
     err = jnp.max(jnp.abs(a_mat @ x - p.cross)) / scale
     return SolverResult(x, jnp.asarray(1, jnp.int32), err <= 1e-8, err)
