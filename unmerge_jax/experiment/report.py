@@ -203,6 +203,11 @@ def write_outputs(out: Path, runs: pd.DataFrame, specs, meta: dict) -> dict[str,
                                        "engine_method": s.engine_method, "params": s.params, "tasks": list(s.tasks),
                                        "weights": list(s.weights), "seed": s.seed} for s in specs])
     write_json(out / "experiment.json", meta)
-    _figures(runs, out)
+    try:
+        import matplotlib  # noqa: F401  (the [plots] extra; tables and report need no plotting)
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'unmerge_jax[plots]'); figures skipped")
+    else:
+        _figures(runs, out)
     _write_text(out / "report.md", report_markdown(runs, tables, md, meta))
     return md
