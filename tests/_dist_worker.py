@@ -18,20 +18,20 @@ from unmerge_jax.io.checkpoint import Checkpoint  # noqa: E402
 from unmerge_jax.io.lora import Adapter  # noqa: E402
 
 reads = []
-_read, _delta = Checkpoint.read, Adapter.delta
+_read, _delta = Checkpoint.read_raw, Adapter.delta  # Checkpoint.read goes through read_raw
 
 
-def read(self, name):
+def read_raw(self, name, *args, **kw):
     reads.append([Path(self.path).name, name])
-    return _read(self, name)
+    return _read(self, name, *args, **kw)
 
 
-def delta(self, name):
+def delta(self, name, *args, **kw):
     reads.append([Path(self.path).name, name])
-    return _delta(self, name)
+    return _delta(self, name, *args, **kw)
 
 
-Checkpoint.read, Adapter.delta = read, delta
+Checkpoint.read_raw, Adapter.delta = read_raw, delta
 
 if __name__ == "__main__":
     out, sep, *args = sys.argv[1:]

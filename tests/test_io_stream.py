@@ -220,9 +220,13 @@ def test_every_tensor_read_once_per_input(tiny, monkeypatch):
     from unmerge_jax.io.stream import stream_stats
 
     reads = []
-    orig_read, orig_delta = Checkpoint.read, Adapter.delta
-    monkeypatch.setattr(Checkpoint, "read", lambda self, n: (reads.append((Path(self.path).name, n)), orig_read(self, n))[1])
-    monkeypatch.setattr(Adapter, "delta", lambda self, n: (reads.append((Path(self.path).name, n)), orig_delta(self, n))[1])
+    orig_read, orig_delta = Checkpoint.read_raw, Adapter.delta  # Checkpoint.read goes through read_raw
+
+    def logged(orig):
+        return lambda self, n, *a, **kw: (reads.append((Path(self.path).name, n)), orig(self, n, *a, **kw))[1]
+
+    monkeypatch.setattr(Checkpoint, "read_raw", logged(orig_read))
+    monkeypatch.setattr(Adapter, "delta", logged(orig_delta))
     q = tiny["qwen"]
     res = stream_stats(q / "base", [q / "ft0", q / "lora0"], [q / "ta"])
     names = res.selection.names

@@ -2,10 +2,17 @@
 
 A checkpoint is a model directory holding ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json`` (a single ``.safetensors`` file is accepted too). Opening it
-reads the headers only (names, shapes, dtypes) through ``safetensors.safe_open``, which also
-checks that every file is complete; :meth:`Checkpoint.read` then copies exactly one tensor out of
-its shard and upcasts fp16/bf16 to float32. No file is ever loaded whole, so the memory of a pass
-is bounded by the tensors alive at once, not by the model size.
+reads the headers only: ``safetensors.safe_open`` validates each file (header, dtypes, that the
+data covers the file exactly) and the header's offsets are kept. :meth:`Checkpoint.read` then
+reads exactly one tensor's bytes with one ``pread`` into a fresh array and upcasts fp16/bf16 to
+float32. No file is ever loaded whole, so the memory of a pass is bounded by the tensors alive at
+once, not by the model size.
+
+Why ``pread`` and not ``safe_open(...).get_tensor``: with safetensors 0.8, ``get_tensor`` copies
+out of a memory map at ≈2 GB/s here (page faults on the mapping) and leaves every page it touched
+mapped, so the process RSS grows to the whole model over a pass (reclaimable page cache, but it
+is what ``top`` shows). ``pread`` into the destination runs at ≈6–7 GB/s from the page cache and
+maps nothing (``bench/stream_stats.py`` measures both).
 
 Every problem with the files (missing directory, no weights, a shard the index names but the
 directory lacks, a truncated or corrupt file, a tensor the index maps to the wrong shard) is an
@@ -15,8 +22,10 @@ directory lacks, a truncated or corrupt file, a tensor the index maps to the wro
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
@@ -24,8 +33,12 @@ from unmerge_jax.errors import UnmergeError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
-BYTES_PER = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+NP_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+             "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+             "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+             "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
+             "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+BYTES_PER = {tag: dt.itemsize for tag, dt in NP_DTYPES.items()}
 
 
 def _safe_open(path: Path):
@@ -49,6 +62,7 @@ class Checkpoint:
     """
 
     def __init__(self, path):
+        self._fds: dict[str, int] = {}
         path = Path(path)
         if not path.exists():
             raise UnmergeError(f"{path} does not exist; pass a model directory with model.safetensors (or a "
@@ -62,20 +76,19 @@ class Checkpoint:
             self.path, root = path, path
             where, files = self._layout(path)
         self._root = root
-        self._handles: dict[str, object] = {}
         self._meta: dict[str, tuple[str, tuple]] = {}
         self._where: dict[str, str] = {}
+        self._span: dict[str, tuple[int, int]] = {}
         for fname in files:
-            h = self._handle(fname)
-            for name in h.keys():
+            for name, (tag, shape, start, stop) in _header(root / fname).items():
                 if where is not None and where.get(name) != fname:
                     if name not in where:
                         continue  # a tensor the index does not list (transformers ignores those too)
                     raise UnmergeError(f"{root / INDEX_NAME} maps tensor {name} to {where[name]} but it is stored in "
                                        f"{fname}; the index does not match the shards — re-download the checkpoint")
-                sl = h.get_slice(name)
-                self._meta[name] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+                self._meta[name] = (tag, shape)
                 self._where[name] = fname
+                self._span[name] = (start, stop)
         if where is not None:
             lost = [n for n in where if n not in self._meta]
             if lost:
@@ -119,11 +132,11 @@ class Checkpoint:
                                f"model.save_pretrained(dir, safe_serialization=True))")
         raise UnmergeError(f"{path} holds no {SINGLE_NAME} or {INDEX_NAME}; pass a Hugging Face model directory")
 
-    def _handle(self, fname: str):
-        h = self._handles.get(fname)
-        if h is None:
-            h = self._handles[fname] = _safe_open(self._root / fname)
-        return h
+    def _fd(self, fname: str) -> int:
+        fd = self._fds.get(fname)
+        if fd is None:
+            fd = self._fds[fname] = os.open(self._root / fname, os.O_RDONLY)
+        return fd
 
     # --- metadata ---------------------------------------------------------------------------
     def __contains__(self, name) -> bool:
@@ -157,15 +170,34 @@ class Checkpoint:
         return self.dtype(name) in FLOAT_TAGS
 
     # --- data -------------------------------------------------------------------------------
-    def read_raw(self, name) -> np.ndarray:
-        """``name`` as stored (its own dtype); one tensor copied out of its shard."""
-        self._entry(name)
+    def read_raw(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        """``name`` as stored (its own dtype), filled by one ``pread`` of its bytes.
+
+        Args:
+          out: optional reusable byte buffer (1-D ``uint8``, at least :meth:`nbytes` long); the
+            result is then a view into it (a streaming pass reuses one buffer per input instead
+            of allocating — and page-faulting — a fresh tensor every time).
+        """
+        tag, shape = self._entry(name)
         fname = self._where[name]
+        dt = NP_DTYPES.get(tag)
+        if dt is None:
+            raise UnmergeError(f"tensor {name} in {self._root / fname} has dtype {tag}, which this reader does not "
+                               f"support")
+        start, stop = self._span[name]
+        want = stop - start
+        if out is None:
+            out = np.empty(shape, dt)
+        else:
+            out = out[:want].view(dt).reshape(shape)
         try:
-            return self._handle(fname).get_tensor(name)
-        except Exception as err:
-            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}; the file is corrupt — "
-                               f"re-download it") from None
+            got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)], start) if want else 0
+        except OSError as err:
+            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}") from None
+        if got != want:
+            raise UnmergeError(f"{self._root / fname} ended inside tensor {name} ({got} of {want} bytes): the file "
+                               f"is truncated — re-download it")
+        return out
 
     def read(self, name) -> np.ndarray:
         """``name`` as a new float32 NumPy array the caller may modify (fp16/bf16/fp64 converted)."""
@@ -173,7 +205,16 @@ class Checkpoint:
         return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
     def close(self) -> None:
-        self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        if hasattr(self, "_fds"):
+            self.close()
 
     def __enter__(self):
         return self
@@ -183,6 +224,30 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {len(self.files)} file(s))"
+
+
+def _header(path: Path) -> dict:
+    """``{name: (dtype tag, shape, start, stop)}`` (absolute byte offsets) of one safetensors file.
+
+    ``safe_open`` validates the file first (a truncated or corrupt file fails here, at open time).
+    """
+    h = _safe_open(path)
+    names = set(h.keys())
+    del h
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            head = json.loads(fh.read(n))
+    except (OSError, ValueError) as err:
+        raise UnmergeError(f"cannot read the header of {path}: {err}; re-download the file") from None
+    base = 8 + n
+    out = {}
+    for name, meta in head.items():
+        if name == "__metadata__" or name not in names:
+            continue
+        start, stop = meta["data_offsets"]
+        out[name] = (str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), base + int(start), base + int(stop))
+    return out
 
 
 def open_checkpoint(path) -> Checkpoint:

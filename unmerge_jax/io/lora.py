@@ -138,17 +138,27 @@ class Adapter:
             raise UnmergeError(f"adapter {self.path} does not change tensor {name}")
         return name
 
-    def delta(self, name) -> np.ndarray:
-        """``ΔW`` of base weight ``name`` as float32 (out × in)."""
-        a_key, b_key, scale, transpose, _ = self._mods[self._key(name)]
+    def delta(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        """``ΔW`` of base weight ``name`` as float32 (the base weight's shape).
+
+        Args:
+          out: optional reusable float32 1-D buffer (at least the weight's size); the result is
+            then a view into it.
+        """
+        a_key, b_key, scale, transpose, shape = self._mods[self._key(name)]
         try:
             A = np.asarray(self._f.get_tensor(a_key), np.float32)
             B = np.asarray(self._f.get_tensor(b_key), np.float32)
         except Exception as err:
             raise UnmergeError(f"cannot read {a_key} from {self.file}: {err}; re-save the adapter") from None
-        d = B @ A
+        if transpose:
+            full = (B @ A).T
+            d = np.empty(full.shape, np.float32) if out is None else out[:full.size].reshape(full.shape)
+            np.copyto(d, full)
+        else:
+            d = B @ A if out is None else np.matmul(B, A, out=out[:B.shape[0] * A.shape[1]].reshape(B.shape[0], A.shape[1]))
         d *= scale
-        return np.ascontiguousarray(d.T) if transpose else d
+        return d
 
     def resolve(self, base_names) -> dict[str, str]:
         """``{adapter weight name: base tensor name}``, allowing a ``model.`` prefix difference."""

@@ -309,15 +309,20 @@ def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, co
         _raise_nonfinite(base, srcs, K, selection, [names[i] for i in tensor_ids], inp)
 
     packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad)
+    # One reusable buffer per input, sized for its largest tensor: tensors are read (in their stored
+    # dtype; staging casts to float32) into it instead of into fresh arrays, so the pass allocates
+    # (and page-faults) its (1 + K + T) tensors' worth once, not once per tensor.
+    todo = [n for n in mine if selection.rows(n)]
+    base_buf = np.empty(max((base.nbytes(n) for n in todo), default=0), np.uint8) if need_base else None
+    bufs = [_source_buffer(s, todo) for s in srcs]
     for name in progress(mine, desc="statistics pass", total=len(mine)):
         rows = selection.rows(name)
         if rows == 0:
             continue
-        base_flat = base.read(name).reshape(-1) if need_base else None
+        base_flat = base.read_raw(name, out=base_buf).reshape(-1) if need_base else None
         flats = []
-        for s in srcs:
-            arr, _ = s.parts(name)
-            flats.append(None if arr is None else arr.reshape(-1))
+        for s, buf in zip(srcs, bufs):
+            flats.append(_read_source(s, name, buf))
         packer.push(ids[name], base_flat, flats, selection.index.get(name), rows)
         del base_flat, flats
     packer.flush()
@@ -328,6 +333,25 @@ def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, co
             total = _zero_stats(K, len(srcs) - K, seeds)
         total = _sum_over_processes(total)
     return total, packer.n_blocks
+
+
+def _source_buffer(src: TaskVector, names) -> np.ndarray:
+    """A byte buffer large enough for any of ``names`` as ``src`` is read (stored bytes, or ΔW float32)."""
+    if src.kind == "model":
+        size = max((src.model.nbytes(n) for n in names), default=0)
+    else:
+        size = max((4 * int(np.prod(src.shape(n), dtype=np.int64)) for n in names if src.touches(n)), default=0)
+    return np.empty(size, np.uint8)
+
+
+def _read_source(src: TaskVector, name, buf):
+    """One source's tensor, flat, into ``buf``: stored values (model) or ΔW (adapter), or None (zero)."""
+    if src.kind == "model":
+        return src.model.read_raw(name, out=buf).reshape(-1)
+    if not src.touches(name):
+        return None
+    own = src._touched[name]
+    return src.adapter.delta(own, out=buf.view(np.float32)).reshape(-1)
 
 
 def _zero_stats(K, T, seeds):
