@@ -17,6 +17,12 @@ from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: 
 from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 
 # --- checkpoints in (issue 3) ---
+from unmerge_jax.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
+from unmerge_jax.io.compress import Selection, topk_mask  # noqa: E402
+from unmerge_jax.io.lora import open_adapter  # noqa: E402
+from unmerge_jax.io.names import parse_tensor_name  # noqa: E402
+from unmerge_jax.io.stream import StreamResult, decomposition_report, stream_stats  # noqa: E402
+from unmerge_jax.io.taskvec import TaskVector, task_vector  # noqa: E402
 
 # --- merge engine (issue 4) ---
 from unmerge_jax.merge import MERGE_METHODS, load_config, merge_tensors  # noqa: E402

@@ -53,13 +53,12 @@ class MergeResult:
 
 
 def _readers():
-    """issue 3's readers; the minimal stand-in in ``_fallback_io`` until they are installed."""
-    try:
-        from unmerge_jax.io.checkpoint import open_checkpoint
-        from unmerge_jax.io.lora import is_adapter_dir, open_adapter
-        from unmerge_jax.io.taskvec import task_vector
-    except ImportError:
-        from unmerge_jax.merge._fallback_io import is_adapter_dir, open_adapter, open_checkpoint, task_vector
+    """The checkpoint readers of ``unmerge_jax.io`` (issue 3): open_checkpoint, is_adapter_dir,
+    open_adapter, task_vector."""
+    from unmerge_jax.io.checkpoint import open_checkpoint
+    from unmerge_jax.io.lora import is_adapter_dir, open_adapter
+    from unmerge_jax.io.taskvec import task_vector
+
     return open_checkpoint, is_adapter_dir, open_adapter, task_vector
 
 
