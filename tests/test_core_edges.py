@@ -255,3 +255,20 @@ def test_psd_solve_is_pinv(case):
     x = np.asarray(jax.jit(psd_solve)(g, c))
     ref = np.linalg.pinv(g, rcond=1e-13, hermitian=True) @ c
     np.testing.assert_allclose(x, ref, rtol=1e-8 if case != "ill" else 1e-6, atol=1e-10 * np.abs(ref).max())
+
+
+def test_chunked_statistics_equal_float64_numpy_across_chunk_and_device_boundaries():
+    # More rows than one scan chunk per device, and a ragged last block: padding and chunking
+    # must not change the sums.
+    from unmerge_jax.kernels.stats import CHUNK_ROWS
+
+    rng = np.random.default_rng(7)
+    n = CHUNK_ROWS * 8 * 2 + 123
+    d = rng.standard_normal((n, 3)).astype(np.float32)
+    v = rng.standard_normal((n, 2)).astype(np.float32)
+    st = u.gram_stats(d, v, block_rows=CHUNK_ROWS * 8 + 5000)
+    d64, v64 = d.astype(np.float64), v.astype(np.float64)
+    np.testing.assert_allclose(st.gram, d64.T @ d64, rtol=1e-12)
+    np.testing.assert_allclose(st.cross, d64.T @ v64, rtol=1e-11, atol=1e-9)
+    np.testing.assert_allclose(st.target_sq, (v64 ** 2).sum(0), rtol=1e-12)
+    assert int(st.n_rows) == n
