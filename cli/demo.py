@@ -44,5 +44,5 @@ def run(args) -> int:
         if name in result.tables:
             print(result.tables[name], end="\n\n")
     print(f"{len(result.runs)} decomposition runs in {result.timings['total']:.1f} s; "
-          f"runs.csv, tables.md, report.md and figures in {result.out}")
+          f"runs.csv, tables.md, report.md (and figures, with matplotlib) in {result.out}")
     return 0
