@@ -121,6 +121,20 @@ def test_stream_equals_dense_gram_stats(tiny, case, n_dev):
         assert {parse_tensor_name(n).short for n in sel.names} == {"q", "k", "v", "o"}
 
 
+@pytest.mark.parametrize("base_dir", ["base_bf16", "base_fp16"])
+def test_half_precision_base_streams_like_its_float32_upcast(tiny, base_dir):
+    """Stored bf16/fp16 tensors are staged in their stored dtype and cast to float32 while
+    staging: the statistics equal those of the float32-upcast dense columns."""
+    from unmerge_jax.io.stream import stream_stats
+
+    q = tiny["qwen"]
+    dic, tgt = [q / "ft0", q / "lora2"], [q / "ta"]
+    res = stream_stats(q / base_dir, dic, tgt, seeds=2, block_rows=3000)
+    assert set(res.provenance["base_dtypes"]) == {"BF16" if base_dir == "base_bf16" else "F16"}
+    ref = reference_columns(q / base_dir, dic + tgt, res.selection)
+    assert_stats_equal(res.stats, u.gram_stats(ref[:, :2], ref[:, 2:], seeds=2))
+
+
 def _brute_force_mask(base, dictionary, names, k, scope):
     """Stable argsort of −M over each group's concatenation (tensor order, then index order)."""
     from tests._tiny_models import numpy_state
