@@ -84,22 +84,26 @@ def _chunk_stats(d, v, valid, rows, key, *, n_seeds: int, compute_dtype):
 
 
 def _local_stats(d, v, valid, rows, key, *, n_seeds: int, compute_dtype):
-    """Statistics of this device's rows (no cross-device reduction), scanned in cache-sized chunks."""
+    """Statistics of this device's rows (no cross-device reduction), scanned in cache-sized chunks.
+
+    Whole chunks go through ``lax.scan``; the remainder (< one chunk) is one more chunk-sized call,
+    so no input is ever padded or copied to a chunk multiple.
+    """
     r = d.shape[0]
     chunk = min(CHUNK_ROWS, r)
-    if r % chunk:  # block_stats pads rows so this does not happen; keep it correct anyway
-        return _chunk_stats(d, v, valid, rows, key, n_seeds=n_seeds, compute_dtype=compute_dtype)
     fn = functools.partial(_chunk_stats, key=key, n_seeds=n_seeds, compute_dtype=compute_dtype)
-    split = lambda a: a.reshape((a.shape[0] // chunk, chunk) + a.shape[1:])
-    first = fn(d[:chunk], v[:chunk], valid[:chunk], rows[:chunk])
-    if r == chunk:
-        return first
+    n_full = r // chunk
+    total = fn(d[:chunk], v[:chunk], valid[:chunk], rows[:chunk])
+    if n_full > 1:
+        split = lambda a: a[chunk:n_full * chunk].reshape((n_full - 1, chunk) + a.shape[1:])
 
-    def body(acc, xs):
-        return tuple(a + b for a, b in zip(acc, fn(*xs))), None
+        def body(acc, xs):
+            return tuple(x + y for x, y in zip(acc, fn(*xs))), None
 
-    rest = tuple(split(a[chunk:]) for a in (d, v, valid, rows))
-    total, _ = jax.lax.scan(body, first, rest)
+        total, _ = jax.lax.scan(body, total, tuple(split(a) for a in (d, v, valid, rows)))
+    if n_full * chunk < r:
+        tail = slice(n_full * chunk, r)
+        total = tuple(x + y for x, y in zip(total, fn(d[tail], v[tail], valid[tail], rows[tail])))
     return total
 
 
@@ -148,9 +152,6 @@ def block_stats(d, v, *, row_offset: int, n_seeds: int, key, mesh: Mesh, compute
     n_dev = mesh.devices.size
     target = r if pad_to is None else max(pad_to, r)
     target = -(-target // n_dev) * n_dev
-    per_dev = target // n_dev
-    if per_dev > CHUNK_ROWS:  # whole chunks per device, so the scan needs no remainder
-        target = -(-per_dev // CHUNK_ROWS) * CHUNK_ROWS * n_dev
     d = np.asarray(d) if not isinstance(d, jax.Array) else d
     v = np.asarray(v) if not isinstance(v, jax.Array) else v
     if target != r:
