@@ -210,7 +210,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                                                      deltas=deltas, lambdas=lambdas))
                 return name, out, True
 
-            for name, arr, merged in _stream(inputs.names, produce, writer, overlap):
+            for merged in _stream(inputs.names, produce, writer, overlap):
                 n_merged += merged
             total = writer.total_size
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
@@ -235,14 +235,18 @@ def _raw(ckpt, name):
 
 
 def _stream(names, produce, writer, overlap: bool):
-    """Produce and write every tensor; with ``overlap`` the next read+compute runs in a thread
-    while the main thread writes (a queue of one bounds the extra memory to one tensor set)."""
+    """Produce and write every tensor, yielding whether it was merged; with ``overlap`` the next
+    read+compute runs in a thread while the main thread writes (a queue of one bounds the extra
+    memory to one tensor set). Nothing tensor-sized is yielded or kept: the written output is
+    released before the next tensor is read, so the peak stays at the 1 + K inputs."""
     desc = "merging"
     if not overlap:
         for name in progress(names, desc=desc):
             item = produce(name)
             writer.write(item[0], item[1])
-            yield item
+            merged = item[2]
+            del item
+            yield merged
         return
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -265,7 +269,9 @@ def _stream(names, produce, writer, overlap: bool):
             if isinstance(item, BaseException):
                 raise item
             writer.write(item[0], item[1])
-            yield item
+            merged = item[2]
+            del item
+            yield merged
     finally:
         stop.set()
         while th.is_alive():
