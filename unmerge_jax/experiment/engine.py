@@ -36,33 +36,17 @@ def merge_deltas(method: str, deltas: list[dict[str, np.ndarray]], weights, *, s
 
 
 def adapter_deltas(adapter_dir) -> dict[str, np.ndarray]:
-    """``{base tensor name: ΔW = B@A·α/r}`` of a PEFT LoRA adapter, read by the checkpoint I/O
-    (through the merge driver's reader resolution, so both always read adapters the same way)."""
-    from unmerge_jax.merge.driver import _readers
+    """``{base tensor name: ΔW = B@A·α/r}`` of a PEFT LoRA adapter, read by the checkpoint I/O."""
+    from unmerge_jax.io.lora import open_adapter
 
-    adapter = _readers()[2](adapter_dir)
+    adapter = open_adapter(adapter_dir)
     return {name: np.asarray(adapter.delta(name), dtype=np.float32) for name in adapter.base_names}
 
 
 def topk_mask(dictionary: list[dict[str, np.ndarray]], top_k: int) -> dict[str, np.ndarray]:
     """Boolean masks keeping ``top_k`` entries spread uniformly over tensors (one tensor = one
-    (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4).
+    (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4): the checkpoint I/O's
+    compression rule (``unmerge_jax.io.compress``), applied to in-memory task vectors."""
+    from unmerge_jax.io.compress import topk_mask as io_topk
 
-    Uses the checkpoint I/O's compression (issue 3) when installed; until then this small
-    in-memory stand-in with the same rule (ties broken by index) keeps the experiment running.
-    """
-    try:
-        from unmerge_jax.io.compress import topk_mask as io_topk  # issue 3
-    except ImportError:
-        io_topk = None
-    if io_topk is not None:
-        return io_topk(dictionary, top_k)
-    names = list(dictionary[0])
-    per = max(1, top_k // len(names))
-    out = {}
-    for name in names:
-        m = np.max(np.abs(np.stack([d[name].reshape(-1) for d in dictionary])), axis=0)
-        keep = np.zeros(m.size, bool)
-        keep[np.argsort(-m, kind="stable")[:per]] = True
-        out[name] = keep.reshape(dictionary[0][name].shape)
-    return out
+    return io_topk(dictionary, top_k)
