@@ -8,16 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError
-
-
-def _api(name: str, issue: int):
-    import unmerge_jax
-
-    fn = getattr(unmerge_jax, name, None)
-    if fn is None:
-        raise UnmergeError(f"the experiment needs unmerge_jax.{name} (issue {issue}), which this tree does not have yet")
-    return fn
 
 
 def merge_deltas(method: str, deltas: list[dict[str, np.ndarray]], weights, *, seed: int, **params) -> dict[str, np.ndarray]:
@@ -26,7 +16,8 @@ def merge_deltas(method: str, deltas: list[dict[str, np.ndarray]], weights, *, s
     The base passed to the kernel is zero and the inputs are task vectors, so the result is the
     merged task vector itself (``θ_merged − θ_base``). DARE's masks are keyed by (seed, tensor name).
     """
-    merge_tensors = _api("merge_tensors", 4)
+    from unmerge_jax.merge import merge_tensors
+
     out = {}
     for name in deltas[0]:
         stack = np.stack([d[name] for d in deltas])
