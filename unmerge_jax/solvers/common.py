@@ -209,8 +209,3 @@ def _blocked(one, block, finish):
         return finish(state)
 
     return run
-
-
-def lipschitz_constant(gram):
-    """λmax(G) for a (…, K, K) symmetric PSD matrix."""
-    return jnp.linalg.eigvalsh(gram)[..., -1]
