@@ -14,3 +14,19 @@ import unmerge_jax  # noqa: E402,F401  (turns on x64 before any test builds arra
 from unmerge_jax.compile_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of the tiny seeded Qwen2/Llama checkpoints and PEFT adapters (built once per session,
+    see ``tests/_tiny_models.py``); skips when torch/transformers/peft are not installed."""
+    from pathlib import Path
+
+    for mod in ("torch", "transformers", "peft"):
+        pytest.importorskip(mod)
+    from tests._tiny_models import session_root, tiny_models
+
+    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}

@@ -5,7 +5,6 @@ line, exit 2, nothing written)."""
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +13,6 @@ from unmerge_jax.cli.main import main
 
 pytestmark = pytest.mark.models
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from tests._tiny_models import session_root, tiny_models
-
-    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
 
 
 def _decompose(tmp_path, base, dictionary, targets, *flags):

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.models
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from tests._tiny_models import session_root, tiny_models
-
-    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -89,17 +89,6 @@ def test_module_filter():
 models = pytest.mark.models
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from tests._tiny_models import session_root, tiny_models
-
-    info = tiny_models(session_root(tmp_path_factory))
-    return {k: Path(v) for k, v in info.items()}
-
-
 @models
 def test_sharded_checkpoint_reads_every_tensor(tiny):
     from tests._tiny_models import numpy_state

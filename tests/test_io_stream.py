@@ -3,7 +3,6 @@ devices, every selection mode), the top-k rule against a NumPy reference, masks 
 tensor read once, bad input, and peak memory independent of the number of tensors."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,15 +19,6 @@ from unmerge_jax.io.names import parse_tensor_name
 
 pytestmark = pytest.mark.models
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from tests._tiny_models import session_root, tiny_models
-
-    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
 
 
 def _adapter_delta(path, module):

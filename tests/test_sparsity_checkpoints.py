@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.models
@@ -15,13 +13,6 @@ from unmerge_jax.analysis.metrics import sparsity_metrics  # noqa: E402
 from unmerge_jax.cli.main import main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from tests._tiny_models import session_root, tiny_models
-
-    return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
-
-
 def _deltas(target, base):
     from tests._tiny_models import numpy_state
 
@@ -29,8 +20,8 @@ def _deltas(target, base):
     return {n: t[n] - b[n] for n in sorted(b)}
 
 
-def test_model_dir_task_vector_matches_numpy_deltas(models, tmp_path, capsys):
-    qwen = models["qwen"]
+def test_model_dir_task_vector_matches_numpy_deltas(tiny, tmp_path, capsys):
+    qwen = tiny["qwen"]
     out = tmp_path / "s.json"
     assert main(["sparsity", str(qwen / "ft0"), "--base", str(qwen / "base"), "--mode", "exact", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
@@ -43,8 +34,8 @@ def test_model_dir_task_vector_matches_numpy_deltas(models, tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
-def test_adapter_dir_equals_its_merged_model(models, tmp_path):
-    qwen = models["qwen"]
+def test_adapter_dir_equals_its_merged_model(tiny, tmp_path):
+    qwen = tiny["qwen"]
     a = sparsity_metrics(str(qwen / "lora0"), base=str(qwen / "base"), mode="exact")
     m = sparsity_metrics(str(qwen / "lora0_merged"), base=str(qwen / "base"), mode="exact")
     # Every base tensor counts (untouched ones as zeros); only q/k/v/o change.

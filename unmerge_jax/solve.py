@@ -8,7 +8,6 @@ hyper-parameters are array inputs — a second call with other values does not r
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Any, NamedTuple
 
