@@ -1,6 +1,6 @@
 """Per-tensor merge kernels: pure jit-compiled functions on the K task vectors of one tensor.
 
-Every kernel works on one tensor at a time and sees
+Every kernel works on one tensor — or one chunk of a flattened tensor — at a time and sees
 
 * ``base`` — the base weights, shape ``S`` (zeros when a method merges full weights without a
   base, e.g. ``linear`` with no ``base_model``);
@@ -15,6 +15,15 @@ dtype) and swept numbers (weights, densities, λ) reuse it. Randomness (DARE) co
 ``jax.random`` key derived from ``(seed, tensor name, model index)`` by :func:`model_keys`, so a
 merge does not depend on the order in which tensors are visited or on sharding.
 
+Methods with a per-tensor statistic run in two passes over the chunks of a tensor (driven by
+``unmerge_jax.merge.methods.run_kernel``): a statistics pass whose state is O(K) numbers — the
+exact k-th largest ``|δ|`` of each model for TIES (:func:`select_largest`, a two-digit radix
+selection over the float32 bit pattern, no sort), the order statistics around seed 003's
+percentile, DARE's L1 sums (:func:`gta_l1_sums`), RAM's tensor-local counts (:func:`ram_counts`) —
+then the elementwise apply pass (:func:`gta_kernel`, :func:`ram_kernel`) on the same chunks. Ties
+at TIES's threshold are kept first by position; the apply pass carries how many remain, so the
+chunked result equals the whole-tensor one exactly.
+
 Computation is float32 (the inputs' precision); L1 norms for DARE's ``l1`` rescale are
 accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmetic.py``,
 ``sparsify.py`` and ``ram.py`` (see ``docs/merge.md`` for each formula and where we differ).
@@ -23,16 +32,19 @@ accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmeti
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 
 # mergekit's thresholds: rescaling skipped below this L1 norm; |Σw| below this is "zero".
 RESCALE_EPS = 1e-7
 WEIGHT_EPS = 1e-8
+DIGIT = 16  # bits per radix digit of the selection passes (two digits cover float32)
 
 
 class GTAConfig(NamedTuple):
@@ -48,7 +60,7 @@ class GTAConfig(NamedTuple):
 class RAMConfig(NamedTuple):
     """Static structure of a RAM merge (see :func:`ram_kernel`)."""
 
-    face: str = "mergekit"         # "seed003" | "arm" (λ given) | "tensor_local"
+    face: str = "mergekit"         # "seed003" | "arm" (λ given) | "tensor_local" (λ from counts)
     deltas: bool = True
 
 
@@ -66,29 +78,114 @@ def _task_vectors(base, tensors, deltas: bool):
     return jnp.stack(rows), b
 
 
+def abs_bits(x) -> np.ndarray:
+    """The uint32 bit patterns of ``|x|`` (float32, NumPy): for non-negative floats the pattern is
+    monotone in the value (NaN above +inf, as in a sort), so order statistics can be found on it."""
+    return np.abs(np.asarray(x, np.float32)).view(np.uint32)
+
+
+def select_largest(passes: Callable[[], Iterable], ranks) -> tuple[np.ndarray, np.ndarray]:
+    """Exact order statistics of K streamed uint32 arrays without sorting them.
+
+    ``passes()`` returns a fresh iterator over the chunks of the K arrays (each item a sequence
+    of K 1-D uint32 arrays); it is called twice. Pass 1 histograms the top :data:`DIGIT` bits of
+    every model (``2^16`` counts), which fixes the top digit of each wanted value; pass 2
+    histograms the low digit of the entries sharing that top digit. The state is those
+    histograms: O(K) tensors-independent memory, no sort, no tensor-sized temporary.
+
+    Args:
+      passes: chunk iterator factory, as above.
+      ranks: (K, R) int, 1-based ranks from the top (``r = 1`` the largest); ``≤ 0`` = not wanted.
+    Returns:
+      ``thr`` (K, R) uint32: the ``r``-th largest value; ``n_gt`` (K, R) int64: how many entries
+      are strictly larger (so ``r − n_gt`` entries equal to ``thr`` complete the top ``r``).
+    """
+    ranks = np.atleast_2d(np.asarray(ranks, np.int64))
+    k_models, n_ranks = ranks.shape
+    nb = 1 << DIGIT
+    want = [bool(np.any(ranks[m] > 0)) for m in range(k_models)]
+    hist = np.zeros((k_models, nb), np.int64)
+    for bits in passes():
+        for m, b in enumerate(bits):
+            if want[m]:
+                hist[m] += np.bincount(b >> DIGIT, minlength=nb)
+    top = np.zeros((k_models, n_ranks), np.int64)
+    above = np.zeros((k_models, n_ranks), np.int64)
+    rest = np.zeros((k_models, n_ranks), np.int64)
+    for m in range(k_models):
+        if not want[m]:
+            continue
+        suf = np.cumsum(hist[m, ::-1])[::-1]            # suf[h] = #(top digit ≥ h)
+        for j in range(n_ranks):
+            r = min(int(ranks[m, j]), int(suf[0]))
+            if r <= 0:
+                continue
+            h = int(np.count_nonzero(suf >= r)) - 1     # suf is non-increasing
+            top[m, j], above[m, j] = h, (suf[h + 1] if h + 1 < nb else 0)
+            rest[m, j] = r - above[m, j]
+    buckets = [sorted({int(top[m, j]) for j in range(n_ranks) if rest[m, j] > 0}) for m in range(k_models)]
+    low = {(m, h): np.zeros(nb, np.int64) for m in range(k_models) for h in buckets[m]}
+    if low:
+        for bits in passes():
+            for m, b in enumerate(bits):
+                if not buckets[m]:
+                    continue
+                hi = b >> DIGIT
+                for h in buckets[m]:
+                    low[m, h] += np.bincount(b[hi == h] & (nb - 1), minlength=nb)
+    thr = np.zeros((k_models, n_ranks), np.uint32)
+    n_gt = np.zeros((k_models, n_ranks), np.int64)
+    for m in range(k_models):
+        for j in range(n_ranks):
+            if rest[m, j] <= 0:
+                continue
+            h = int(top[m, j])
+            suf = np.cumsum(low[m, h][::-1])[::-1]
+            lo = int(np.count_nonzero(suf >= rest[m, j])) - 1
+            thr[m, j] = np.uint32((h << DIGIT) | lo)
+            n_gt[m, j] = above[m, j] + (suf[lo + 1] if lo + 1 < nb else 0)
+    return thr, n_gt
+
+
+def percentile_ranks(n: int, q: float):
+    """Where the linear-interpolation ``q``-th percentile of ``n`` values lies: position
+    ``pos = (q/100)·(n−1)`` (float64, as NumPy); returns the 1-based ranks *from the top* of the
+    values at ``floor(pos)`` and ``ceil(pos)`` (ascending order) and the fraction ``pos − floor``."""
+    pos = float(q) / 100.0 * (n - 1)
+    low, high = (int(min(max(x, 0), n - 1)) for x in (np.floor(pos), np.ceil(pos)))
+    return (n - low, n - high), pos - np.floor(pos)
+
+
+def percentile_from_order(lo_v, hi_v, frac) -> np.ndarray:
+    """The percentile ``lo + (hi − lo)·frac`` in float64, rounded *up* to float32, so that for
+    float32 ``x``, ``x ≥ thr`` exactly when ``x ≥`` the float64 percentile (NumPy's
+    ``np.percentile``, the reference of seed 003's masks). ``jnp.percentile`` interpolates in
+    float32 and its last bit depends on how XLA fuses it, so it is not the definition."""
+    lo = np.asarray(lo_v, np.float32).astype(np.float64)
+    hi = np.asarray(hi_v, np.float32).astype(np.float64)
+    t = np.where(frac == 0.0, lo, lo + (hi - lo) * frac)
+    t32 = t.astype(np.float32)
+    return np.where(t32.astype(np.float64) < t, np.nextafter(t32, np.float32(np.inf)), t32).astype(np.float32)
+
+
+def _kth_largest_bits(bits, k):
+    """In-jit bisection over the 32-bit pattern: the largest ``t`` with ``#(bits ≥ t) ≥ k``, i.e.
+    the k-th largest entry (32 fused compare+count passes, no sort)."""
+    def step(i, t):
+        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(bits >= cand, dtype=jnp.int64) >= k, cand, t)
+
+    return jax.lax.fori_loop(0, 32, step, jnp.uint32(0))
+
+
 def _topk_mask(a, k):
-    """Keep exactly the ``k`` largest entries of ``a`` (1-D, ≥ 0); ties at the k-th value are
-    broken by position (lowest index first), so the mask has exactly ``k`` ones."""
-    thr = jnp.sort(a)[a.shape[0] - k]
-    gt = a > thr
-    eq = a == thr
-    need = k - jnp.sum(gt, dtype=jnp.int64)
-    return gt | (eq & (jnp.cumsum(eq, dtype=jnp.int64) <= need))
-
-
-def _rescale(d, kept, density, rule):
-    """Apply a keep-mask to one task vector and rescale as ``rule`` says (mergekit's
-    ``rescaled_masked_tensor`` for ``l1``; ``1/density`` for ``inverse_density``)."""
-    masked = jnp.where(kept, d, 0.0)
-    if rule is None:
-        return masked
-    if rule == "inverse_density":
-        return masked / density.astype(jnp.float32)
-    before = jnp.sum(jnp.abs(d), dtype=jnp.float64)
-    after = jnp.sum(jnp.abs(masked), dtype=jnp.float64)
-    skip = (before < RESCALE_EPS) | (after < RESCALE_EPS)
-    scale = jnp.where(skip, 1.0, before / jnp.where(skip, 1.0, after)).astype(jnp.float32)
-    return masked * scale
+    """Whole-tensor top-``k`` of ``a`` (1-D float32 ≥ 0), exactly ``k`` ones; ties at the k-th
+    value broken by position (lowest index first) — the semantics :func:`gta_kernel` streams."""
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    thr = _kth_largest_bits(bits, k)
+    eq = bits == thr
+    need = k - jnp.sum(bits > thr, dtype=jnp.int64)
+    return (bits > thr) | (eq & (jnp.cumsum(eq, dtype=jnp.int64) <= need))
 
 
 def model_keys(seed, nhash, k: int):
@@ -97,34 +194,80 @@ def model_keys(seed, nhash, k: int):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k, dtype=jnp.uint32))
 
 
+def bernoulli_at(key, p, start, size: int):
+    """Bernoulli(``p``) for entries ``start … start+size−1`` of a flat tensor.
+
+    Entry ``i`` draws from threefry-2x32 of ``key`` and the 64-bit counter ``i``, turned into a
+    uniform float32 as ``jax.random.uniform`` does; so a chunk's mask is the same slice of the
+    whole-tensor mask whatever the chunking, and equals ``jax.random.bernoulli(key, p, (n,))[i]``
+    under JAX's default ``jax_threefry_partitionable=True`` (tested).
+    """
+    kd = jax.random.key_data(key)
+    i = jnp.asarray(start).astype(jnp.uint64) + jnp.arange(size, dtype=jnp.uint64)
+    b1, b2 = threefry2x32_p.bind(kd[0], kd[1], (i >> jnp.uint64(32)).astype(jnp.uint32), i.astype(jnp.uint32))
+    mant = ((b1 ^ b2) >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    u = jnp.maximum(jnp.float32(0.0), jax.lax.bitcast_convert_type(mant, jnp.float32) - jnp.float32(1.0))
+    return u < p.astype(jnp.float32)
+
+
+class GTAStats(NamedTuple):
+    """Per-model statistics of one tensor for the chunked :func:`gta_kernel` (all (K,))."""
+
+    thr: jax.Array | np.ndarray     # uint32 bits of the k-th largest |δ| (magnitude)
+    need: jax.Array | np.ndarray    # int32 entries equal to ``thr`` still to keep, in position order
+    scale: jax.Array | np.ndarray   # float32 rescale of the kept entries (l1 rule; else 1)
+
+
+def gta_stats_init(k: int) -> GTAStats:
+    return GTAStats(np.zeros(k, np.uint32), np.zeros(k, np.int32), np.ones(k, np.float32))
+
+
+def _keep(d, density, stats, start, keys, sparsify):
+    """(K, c) keep-masks of one chunk and the (K,) count of its entries tied at the threshold."""
+    k, c = d.shape
+    if sparsify == "magnitude":
+        bits = jax.lax.bitcast_convert_type(jnp.abs(d), jnp.uint32)
+        thr = jnp.asarray(stats.thr, jnp.uint32)[:, None]
+        eq = bits == thr
+        rank = jnp.cumsum(eq, axis=1, dtype=jnp.int32)   # chunk-local; the carry is in ``need``
+        kept = (bits > thr) | (eq & (rank <= jnp.asarray(stats.need, jnp.int32)[:, None]))
+        return kept, jnp.sum(eq, axis=1, dtype=jnp.int32)
+    kept = jax.vmap(lambda key, p: bernoulli_at(key, p, start, c))(keys, density)
+    return kept, jnp.zeros(k, jnp.int32)
+
+
 def keep_masks(d, density, topk, keys, sparsify):
-    """(K, n) boolean keep-masks: top-``topk[k]`` magnitudes or Bernoulli(``density[k]``)."""
+    """(K, n) boolean keep-masks of whole tensors: top-``topk[k]`` magnitudes (exactly, ties by
+    position) or Bernoulli(``density[k]``)."""
     if sparsify == "magnitude":
         return jax.vmap(_topk_mask)(jnp.abs(d), topk)
-    return jax.vmap(lambda key, p: jax.random.bernoulli(key, p, d.shape[1:]))(keys, density.astype(jnp.float32))
+    return jax.vmap(lambda key, p: bernoulli_at(key, p, 0, d.shape[1]))(keys, density.astype(jnp.float32))
 
 
 @partial(jax.jit, static_argnames=("sparsify", "deltas"))
 def draw_masks(base, tensors, density, topk, seed, nhash, *, sparsify: str, deltas: bool = True):
-    """The (K, n) keep-masks :func:`gta_kernel` would draw for this tensor (for tests/analysis)."""
+    """The (K, n) keep-masks :func:`gta_kernel` applies to this tensor (for tests/analysis)."""
     d, _ = _task_vectors(base, tensors, deltas)
     return keep_masks(d, density, topk, model_keys(seed, nhash, d.shape[0]), sparsify)
 
 
-def _sparsified(d, density, topk, keys, cfg: GTAConfig, masks=None):
-    if cfg.sparsify is None:
-        return d
-    if masks is None:
-        masks = keep_masks(d, density, topk, keys, cfg.sparsify)
-    out = jax.vmap(lambda x, m, p: _rescale(x, m, p, cfg.rescale))(d, masks, density)
+def _apply_rule(d, kept, density, scale, rule):
+    masked = jnp.where(kept, d, 0.0)
+    if rule == "inverse_density":
+        masked = masked / density.astype(jnp.float32)[:, None]
+    elif rule == "l1":
+        masked = masked * scale.astype(jnp.float32)[:, None]
     # mergekit: density ≥ 1 returns the task vector untouched (no mask, no rescale).
-    return jnp.where((density >= 1.0)[:, None], d, out)
+    return jnp.where((density >= 1.0)[:, None], d, masked)
 
 
-def _gta(base, tensors, weights, density, topk, lam, seed, nhash, masks, cfg: GTAConfig):
-    d, b = _task_vectors(base, tensors, cfg.deltas)
-    keys = model_keys(seed, nhash, d.shape[0]) if cfg.sparsify == "random" and masks is None else None
-    d = _sparsified(d, density, topk, keys, cfg, masks)
+def _l1_scale(before, after):
+    """mergekit's ``rescaled_masked_tensor``: ‖δ‖₁ / ‖kept‖₁, skipped (1) below ``RESCALE_EPS``."""
+    skip = (before < RESCALE_EPS) | (after < RESCALE_EPS)
+    return jnp.where(skip, 1.0, before / jnp.where(skip, 1.0, after))
+
+
+def _mix(b, d, weights, lam, cfg: GTAConfig):
     w = weights.astype(jnp.float32)[:, None]
     wd = d * w
     if cfg.consensus is None:
@@ -140,37 +283,70 @@ def _gta(base, tensors, weights, density, topk, lam, seed, nhash, masks, cfg: GT
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     if cfg.normalize:
         mixed = mixed / divisor
-    mixed = mixed * lam.astype(jnp.float32)
-    return (b + mixed).reshape(base.shape)
+    return b + mixed * lam.astype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def gta_kernel(base, tensors, weights, density, topk, lam, seed, nhash, *, cfg: GTAConfig):
-    """Generalized task arithmetic on one tensor (mergekit's ``GeneralizedTaskArithmeticMerge``).
+def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, seed, nhash, *, cfg: GTAConfig):
+    """Generalized task arithmetic on one tensor or chunk (mergekit's ``GeneralizedTaskArithmeticMerge``).
 
-    ``δ'_k = sparsify(δ_k)`` (top-``topk[k]`` magnitudes or Bernoulli(``density[k]``) keep, then
-    the rescale rule; untouched where ``density[k] ≥ 1``), ``u_k = w_k δ'_k``. Without consensus
-    ``m = Σ u_k`` and ``D = Σ w_k``; with consensus the sign ``s = sign(Σ u_k)`` (``sum``; or of
-    ``Σ sign(u_k)``, ``count``; ties → +) is elected and ``m = Σ u_k [sign u_k = s]``,
-    ``D = Σ w_k [sign u_k = s]`` (``D = 0 → 1``). Returns ``θ_base + λ · (m / D if normalize else
-    m)``.
+    ``δ'_k = sparsify(δ_k)`` (top-k magnitudes given by ``stats`` or Bernoulli(``density[k]``)
+    keep, then the rescale rule; untouched where ``density[k] ≥ 1``), ``u_k = w_k δ'_k``. Without
+    consensus ``m = Σ u_k`` and ``D = Σ w_k``; with consensus the sign ``s = sign(Σ u_k)``
+    (``sum``; or of ``Σ sign(u_k)``, ``count``; ties → +) is elected and
+    ``m = Σ u_k [sign u_k = s]``, ``D = Σ w_k [sign u_k = s]`` (``D = 0 → 1``). Returns
+    ``θ_base + λ · (m / D if normalize else m)``.
 
     Args:
-      base: base weights, any shape ``S``.
+      base: base weights (a tensor or a chunk of one), any shape ``S``.
       tensors: tuple of K arrays of shape ``S`` (task vectors if ``cfg.deltas`` else weights).
-      weights, density: (K,) float; topk: (K,) int (used for ``magnitude``).
-      lam: scalar λ. seed, nhash: uint32 scalars keying ``random`` masks (:func:`model_keys`).
+      weights, density: (K,) float. lam: scalar λ.
+      stats: the tensor's :class:`GTAStats` (threshold, ties left to keep, l1 scale).
+      start: int64 offset of this chunk in the flattened tensor (keys the random masks).
+      seed, nhash: uint32 scalars keying ``random`` masks (:func:`model_keys`).
     Returns:
-      float32 array of shape ``S``.
+      (float32 array of shape ``S``, (K,) int32 count of this chunk's entries tied at ``thr``).
     """
-    return _gta(base, tensors, weights, density, topk, lam, seed, nhash, None, cfg)
+    d, b = _task_vectors(base, tensors, cfg.deltas)
+    n_eq = jnp.zeros(d.shape[0], jnp.int32)
+    if cfg.sparsify is not None:
+        keys = model_keys(seed, nhash, d.shape[0]) if cfg.sparsify == "random" else None
+        kept, n_eq = _keep(d, density, stats, start, keys, cfg.sparsify)
+        d = _apply_rule(d, kept, density, stats.scale, cfg.rescale)
+    return _mix(b, d, weights, lam, cfg).reshape(base.shape), n_eq
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def gta_l1_sums(base, tensors, density, stats: GTAStats, start, seed, nhash, *, cfg: GTAConfig):
+    """Statistics pass of the ``l1`` rescale on one chunk: float64 ``Σ|δ_k|`` and ``Σ|kept δ_k|``
+    (K,) each, and the (K,) count of entries tied at the magnitude threshold."""
+    d, _ = _task_vectors(base, tensors, cfg.deltas)
+    keys = model_keys(seed, nhash, d.shape[0]) if cfg.sparsify == "random" else None
+    kept, n_eq = _keep(d, density, stats, start, keys, cfg.sparsify)
+    a = jnp.abs(d)
+    return (jnp.sum(a, axis=1, dtype=jnp.float64), jnp.sum(jnp.where(kept, a, 0.0), axis=1, dtype=jnp.float64),
+            n_eq)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 def gta_kernel_masked(base, tensors, weights, density, lam, masks, *, cfg: GTAConfig):
-    """:func:`gta_kernel` with given (K, n) keep-masks instead of drawn ones (DARE parity tests)."""
-    k = masks.shape[0]
-    return _gta(base, tensors, weights, density, jnp.ones(k, jnp.int64), lam, 0, 0, masks, cfg)
+    """:func:`gta_kernel` on a whole tensor with given (K, n) keep-masks instead of drawn ones
+    (DARE/TIES parity tests)."""
+    d, b = _task_vectors(base, tensors, cfg.deltas)
+    scale = jnp.ones(d.shape[0], jnp.float32)
+    if cfg.rescale == "l1":
+        a = jnp.abs(d)
+        scale = _l1_scale(jnp.sum(a, axis=1, dtype=jnp.float64),
+                          jnp.sum(jnp.where(masks, a, 0.0), axis=1, dtype=jnp.float64)).astype(jnp.float32)
+    d = _apply_rule(d, masks, density, scale, cfg.rescale)
+    return _mix(b, d, weights, lam, cfg).reshape(base.shape)
+
+
+def l1_scale(before, after) -> np.ndarray:
+    """Host-side :func:`_l1_scale` on accumulated float64 sums → float32 (K,)."""
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    skip = (before < RESCALE_EPS) | (after < RESCALE_EPS)
+    return np.where(skip, 1.0, before / np.where(skip, 1.0, after)).astype(np.float32)
 
 
 def _ram_masks(d, eps):
@@ -180,8 +356,9 @@ def _ram_masks(d, eps):
 
 @partial(jax.jit, static_argnames=("deltas",))
 def ram_counts(base, tensors, weights, eps, *, deltas: bool = True):
-    """The RAM authors' counting pass for one tensor: per model ``changed_k = #{|w_k δ_k| > ε}``
-    and ``overlap_k = #{changed in k and in ≥ 1 other model}``, int64 (K,) each."""
+    """The RAM counting pass for one tensor or chunk: per model ``changed_k = #{|w_k δ_k| > ε}``
+    and ``overlap_k = #{changed in k and in ≥ 1 other model}``, int64 (K,) each (additive over
+    chunks)."""
     d, _ = _task_vectors(base, tensors, deltas)
     act, c = _ram_masks(d * weights.astype(jnp.float32)[:, None], eps)
     changed = jnp.sum(act, axis=1, dtype=jnp.int64)
@@ -189,37 +366,41 @@ def ram_counts(base, tensors, weights, eps, *, deltas: bool = True):
     return changed, overlap
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def ram_kernel(base, tensors, weights, lambdas, eps, q, r, alpha, *, cfg: RAMConfig):
-    """RAM on one tensor; ``u_k = w_k δ_k`` (weights default to 1).
+def tensor_local_lambdas(changed, overlap, eps, r, alpha) -> np.ndarray:
+    """mergekit ``ramplus_tl``: ``λ_k = 1 + r·clip(shared_k / max(unique_k, ε), 0, α)`` from one
+    tensor's counts (``shared = overlap``, ``unique = changed − overlap``), float32."""
+    f32 = np.float32
+    shared = np.asarray(overlap).astype(f32)
+    unique = (np.asarray(changed) - np.asarray(overlap)).astype(f32)
+    rho = shared / np.maximum(unique, f32(eps))
+    return (f32(1.0) + f32(r) * np.clip(rho, f32(0.0), f32(alpha))).astype(f32)
 
-    * ``seed003`` (seed 003 eq. 4–5): active ``a_k = |u_k| ≥ percentile_q(|u_k|)`` (linear
-      interpolation, per model over this tensor); ``c = Σ a_k``; ``c ≥ 2`` → ``(1/K) Σ_k u_k``
-      (plain mean over all K); ``c = 1`` → ``λ · u_j`` of the active model (λ = ``lambdas[0]``,
-      1.5 in the paper); else 0.
+
+@partial(jax.jit, static_argnames=("cfg",))
+def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
+    """RAM on one tensor or chunk; ``u_k = w_k δ_k`` (weights default to 1).
+
+    * ``seed003`` (seed 003 eq. 4–5): active ``a_k = |u_k| ≥ thr_k`` where ``thr_k`` is the
+      ``q``-th percentile of ``|u_k|`` over the whole tensor (linear interpolation, from the
+      statistics pass: :func:`select_largest`, :func:`percentile_ranks`); ``c = Σ a_k``;
+      ``c ≥ 2`` → ``(1/K) Σ_k u_k`` (plain mean over all K); ``c = 1`` → ``λ · u_j`` of the active
+      model (λ = ``lambdas[0]``, 1.5 in the paper); else 0.
     * ``arm`` (RAM authors / mergekit ``ram``): active ``a_k = |u_k| > ε``; ``c ≥ 2`` →
       ``Σ a_k u_k / c`` (mean over the *active* models); ``c = 1`` → ``λ_j u_j`` with the
       per-model ``lambdas`` (K,) (1 for ``arm``; from a whole-model counting pass for
       ``arm-r``/``arm-r-v2``); else 0.
-    * ``tensor_local`` (mergekit ``ramplus_tl``): as ``arm`` with
-      ``λ_k = 1 + r·clip(ρ_k, 0, α)``, ``ρ_k = shared_k / max(unique_k, ε)`` counted in this tensor.
+    * ``tensor_local`` (mergekit ``ramplus_tl``): as ``arm``; ``lambdas`` come from this
+      tensor's :func:`ram_counts` via :func:`tensor_local_lambdas`.
     """
     d, b = _task_vectors(base, tensors, cfg.deltas)
     u = d * weights.astype(jnp.float32)[:, None]
     if cfg.face == "seed003":
-        mag = jnp.abs(u)
-        thr = jnp.percentile(mag, q, axis=1, keepdims=True)
-        act = mag >= thr
+        act = jnp.abs(u) >= thr.astype(jnp.float32)[:, None]
         c = jnp.sum(act, axis=0, dtype=jnp.int32)
         shared = jnp.mean(u, axis=0)
         unique = lambdas[0].astype(jnp.float32) * jnp.sum(jnp.where(act, u, 0.0), axis=0)
     else:
         act, c = _ram_masks(u, eps)
-        if cfg.face == "tensor_local":
-            shared_k = jnp.sum(act & (c >= 2)[None, :], axis=1).astype(jnp.float32)
-            unique_k = jnp.sum(act & (c == 1)[None, :], axis=1).astype(jnp.float32)
-            rho = shared_k / jnp.maximum(unique_k, eps.astype(jnp.float32))
-            lambdas = 1.0 + r.astype(jnp.float32) * jnp.clip(rho, 0.0, alpha.astype(jnp.float32))
         ua = jnp.where(act, u, 0.0)
         shared = jnp.sum(ua, axis=0) / jnp.maximum(c, 1).astype(jnp.float32)
         unique = jnp.sum(ua * lambdas.astype(jnp.float32)[:, None], axis=0)

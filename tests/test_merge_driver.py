@@ -303,8 +303,9 @@ MEM_SCRIPT = textwrap.dedent("""
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     root, k, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    params = {"weight": 0.5} | ({"density": 0.5} if method in ("ties", "dare_ties") else {})
     cfg = {"merge_method": method, "base_model": root + "/base",
-           "models": [{"model": root + f"/ft{i}", "parameters": {"weight": 0.5}} for i in range(k)]}
+           "models": [{"model": root + f"/ft{i}", "parameters": params} for i in range(k)]}
     peak, stop = [0], threading.Event()
     def sample():
         while not stop.is_set():
@@ -331,18 +332,20 @@ def _peak_above_start(root, k, n, method):
     return m["peak"] - m["before"]
 
 
-def test_peak_memory_bounded_by_one_tensor_per_input(tmp_path):
-    """Streaming task arithmetic, K = 3, one big tensor of 32 MiB and of 96 MiB, each measured in a
-    fresh process: the peak grows by ≤ (1 + K) × Δtensor (+ 32 MiB noise) — the bound's slope —
-    and the intercept (JAX/XLA compile, chunk buffers, reader transients) is ≤ 192 MiB."""
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_peak_memory_bounded_by_one_tensor_per_input(tmp_path, method):
+    """Streaming merge, K = 3, one big tensor of 32 MiB and of 96 MiB, each measured in a fresh
+    process: the peak grows by ≤ (1 + K) × Δtensor (+ 32 MiB noise) — the bound's slope — and the
+    intercept (JAX/XLA compile, chunk buffers, reader transients) is ≤ 192 MiB. TIES (top-k
+    statistics pass) and DARE-TIES (L1 sums pass) at density 0.5 stream like task arithmetic."""
     if not __import__("pathlib").Path("/proc/self/status").exists():
         pytest.skip("needs /proc/self/status to sample RssAnon")
     k, mib = 3, 2**20
-    small, large = (_peak_above_start(tmp_path / f"n{n}", k, n, "task_arithmetic") for n in (8192, 24576))
+    small, large = (_peak_above_start(tmp_path / f"n{n}", k, n, method) for n in (8192, 24576))
     t_small, t_large = 8192 * 1024 * 4, 24576 * 1024 * 4
     slope = (large - small) / (t_large - t_small)
     const = large - (1 + k) * t_large
-    print(f"peak above start: {small / mib:.0f} MiB (32 MiB tensor), {large / mib:.0f} MiB (96 MiB tensor); "
+    print(f"{method}: peak above start: {small / mib:.0f} MiB (32 MiB tensor), {large / mib:.0f} MiB (96 MiB tensor); "
           f"slope {slope:.2f} tensors (bound 1+K = {1 + k}); constant {const / mib:.0f} MiB")
     assert large - small <= (1 + k) * (t_large - t_small) + 32 * mib
     assert const <= 192 * mib

@@ -5,7 +5,7 @@ import pytest
 
 from unmerge_jax import UnmergeError, merge_tensors
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.merge.methods import MERGE_METHODS, resolve
+from unmerge_jax.merge.methods import MERGE_METHODS, resolve, run_kernel
 
 RTOL = 2e-6  # float32 kernels vs float64 references
 ATOL = 2e-6
@@ -230,6 +230,96 @@ def test_second_call_does_not_recompile():
     n = K.gta_kernel._cache_size()
     merge_tensors("ties", base, d, [0.2, 3, 1], density=[0.3, 0.4, 0.6])
     assert K.gta_kernel._cache_size() == n
+
+
+# ---------------------------------------------------------------- streaming statistics
+def test_select_largest_equals_sorted_order_statistics():
+    """The two-pass radix selection over chunks gives the exact r-th largest value and the count
+    above it, with many ties, zeros and values sharing the top 16 bits."""
+    rng = np.random.default_rng(4)
+    a = np.abs(rng.normal(size=5000)).astype(np.float32)
+    a[::7] = a[3]                                    # a heavily tied value
+    a[::11] = 0.0
+    b = (1.0 + rng.integers(0, 50, 5000) * np.float32(2**-20)).astype(np.float32)   # one top digit
+    arrs = [K.abs_bits(a), K.abs_bits(b), K.abs_bits(np.zeros(10, np.float32))]
+    ranks = np.array([[1, 2500, 5000, 0], [1, 17, 4999, 3000], [1, 10, 5, 0]])
+
+    def passes():
+        for s in range(0, 5000, 333):
+            yield [x[s:s + 333] for x in arrs]
+
+    thr, n_gt = K.select_largest(passes, ranks)
+    for m, x in enumerate([a, b, np.zeros(10, np.float32)]):
+        srt = np.sort(x)[::-1]
+        for j, r in enumerate(ranks[m]):
+            if r > 0:
+                assert thr[m, j].view(np.float32) == srt[r - 1]
+                assert n_gt[m, j] == np.sum(x > srt[r - 1])
+
+
+def test_bernoulli_chunks_equal_the_whole_tensor_draw():
+    import jax
+
+    key = jax.random.fold_in(jax.random.key(9), 123)
+    p = np.float32(0.37)
+    whole = np.asarray(jax.random.bernoulli(key, p, (10_007,)))
+    parts = np.concatenate([np.asarray(K.bernoulli_at(key, p, s, min(999, 10_007 - s))) for s in range(0, 10_007, 999)])
+    np.testing.assert_array_equal(parts, whole)
+
+
+def test_in_jit_topk_mask_matches_numpy():
+    base, d = _data(shape=(30, 20))
+    d[:, ::3] = d[:, :1]                              # ties at many magnitudes
+    dens = np.array([0.3, 0.5, 0.9])
+    topk = np.array([max(1, int(p * d[0].size)) for p in dens])
+    masks = np.asarray(K.draw_masks(base, tuple(d), dens.astype(np.float32), topk, np.uint32(0), np.uint32(0),
+                                    sparsify="magnitude"))
+    for i in range(3):
+        np.testing.assert_array_equal(masks[i].reshape(base.shape), np_topk(d[i], dens[i]))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": [0.3, 0.5, 0.7]}),
+    ("ties", {"density": 0.4, "rescale": "l1"}),
+    ("dare_ties", {"density": [0.3, 0.5, 0.7]}),
+    ("dare_linear", {"density": 0.5, "rescale": "inverse_density"}),
+    ("ram", {"face": "seed003"}),
+    ("ram", {"face": "arm-r-v2", "r": 1.2}),
+    ("ramplus_tl", {}),
+])
+@pytest.mark.parametrize("deltas", [True, False])
+def test_chunked_equals_whole_tensor(method, params, deltas):
+    """Statistics + apply passes over chunks of 1, 7 or 97 entries give exactly the one-chunk
+    result, with magnitudes tied across chunk boundaries (the carried tie count)."""
+    base, d = _data(shape=(31, 17), seed=5)
+    d[:, 5::4] = d[:, 5:6]                            # ties spanning chunks
+    d = d.astype(np.float32)
+    ts = tuple(d if deltas else (base + d).astype(np.float32))
+    p = dict(params)
+    per_model = [{"weight": w} for w in (0.5, 1.0, 0.8)]
+    if isinstance(p.get("density"), list):
+        for pm, dd in zip(per_model, p.pop("density")):
+            pm["density"] = dd
+    res = resolve(method, 3, p, per_model)
+    one = run_kernel(res, base, ts, seed=2, name="t", deltas=deltas, chunk=1 << 20)
+    for chunk in (1, 7, 97):
+        np.testing.assert_array_equal(run_kernel(res, base, ts, seed=2, name="t", deltas=deltas, chunk=chunk), one)
+
+
+def test_seed003_threshold_selects_like_numpy_percentile():
+    """The threshold from two order statistics selects exactly ``|u| ≥ np.percentile(|u|, q)``
+    (float64, linear), with ties and zeros, for any n and q."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 10, 1001, 4999):
+        u = np.abs(rng.normal(size=(3, n))).astype(np.float32)
+        u[1, ::3] = u[1, 0]
+        u[2, ::2] = 0.0
+        for q in (0.0, 37.5, 90.0, 100.0, *rng.uniform(0, 100, 20)):
+            (r_lo, r_hi), frac = K.percentile_ranks(n, q)
+            srt = np.sort(u, axis=1)[:, ::-1]
+            thr = K.percentile_from_order(srt[:, r_lo - 1], srt[:, r_hi - 1], frac)
+            want = u.astype(np.float64) >= np.percentile(u.astype(np.float64), q, axis=1, keepdims=True)
+            np.testing.assert_array_equal(u >= thr[:, None], want)
 
 
 # ---------------------------------------------------------------- bad input

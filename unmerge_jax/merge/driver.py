@@ -3,11 +3,13 @@
 For every tensor of the base model (in sorted name order): read the base tensor and the K
 inputs as float32 (fine-tuned weights from model directories, or ``ΔW = B@A·α/r`` from PEFT
 LoRA adapters — adapters are merged in ΔW space, never A and B separately), run the method's
-jit-compiled kernel, cast to the output dtype and append to the output shard. Only the current
-tensor's inputs and output are alive, so peak memory is ≈ (1 + K) × largest tensor × 4 bytes +
-the output tensor + a constant (measured in ``tests/test_merge_driver.py`` and
-``bench/merge.py``). The RAM authors' global faces (``arm-r``, ``arm-r-v2``) need a counting pass
-over all tensors first (it reads the inputs once more).
+jit-compiled kernel chunk by chunk into the base buffer (methods with a per-tensor statistic —
+TIES/DARE below density 1, RAM ``seed003``/``tensor_local`` — make a statistics pass over the
+chunks first, with O(K) state), cast to the output dtype and append to the output shard. Only the
+current tensor's inputs are alive, so peak memory is ≈ (1 + K) × largest tensor × 4 bytes + a
+constant for every method (measured in ``tests/test_merge_driver.py`` and ``bench/merge.py``).
+The RAM authors' global faces (``arm-r``, ``arm-r-v2``) need a counting pass over all tensors
+first (it reads the inputs once more).
 
 Everything is checked before the output directory is created (unknown method/parameter, density,
 weights summing to zero, shapes, missing tensors, existing output); the output is written to a
@@ -32,11 +34,10 @@ from unmerge_jax.io.writer import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_side
                                    write_config)
 from unmerge_jax.kernels import merge as K
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, layer_index, load_config, resolve_for_tensor
-from unmerge_jax.merge.methods import GLOBAL_FACES, check_shapes, elementwise, run_kernel
+from unmerge_jax.merge.methods import CHUNK, GLOBAL_FACES, check_shapes, run_kernel
 from unmerge_jax.progress import progress
 
 CONFIG_NAME = "unmerge_merge_config.yaml"
-CHUNK = 1 << 20  # elements per kernel call for elementwise methods (4 MiB float32 per input)
 _FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
 
 
@@ -162,7 +163,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
       shard_bytes: maximum bytes per output shard.
       overlap: read the next tensor and write the previous one in threads while the kernel runs
         (faster, at the price of one more set of (1 + K) tensors in memory).
-      chunk: elements per kernel call for elementwise methods (see :func:`elementwise`).
+      chunk: elements per kernel call (results do not depend on it).
     Returns:
       a :class:`MergeResult`.
     """
@@ -197,17 +198,10 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                     return name, inputs.ref.read(name) if name in res_by_name else _raw(inputs.ref, name), False
                 base, ts, deltas = inputs.read(name)
                 res = res_by_name[name]
-                if not elementwise(res):
-                    merged = run_kernel(res, base, ts, seed=seed, name=name, deltas=deltas, lambdas=lambdas)
-                    return name, np.asarray(merged), True
-                # Elementwise methods run chunk by chunk and overwrite the base in place: the only
-                # tensor-sized buffers are the 1 + K inputs.
+                # Every method runs chunk by chunk (a statistics pass first where it needs one) and
+                # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
                 out = base if base.flags.writeable else base.copy()
-                flat, rows = out.reshape(-1), [t.reshape(-1) for t in ts]
-                for s in range(0, flat.size, chunk):
-                    sl = slice(s, min(s + chunk, flat.size))
-                    flat[sl] = np.asarray(run_kernel(res, flat[sl], tuple(r[sl] for r in rows), seed=seed, name=name,
-                                                     deltas=deltas, lambdas=lambdas))
+                run_kernel(res, out, ts, seed=seed, name=name, deltas=deltas, lambdas=lambdas, chunk=chunk, out=out)
                 return name, out, True
 
             for merged in _stream(inputs.names, produce, writer, overlap):

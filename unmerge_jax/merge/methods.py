@@ -24,6 +24,7 @@ _PER_MODEL = {"weight": 1.0, "density": 1.0}
 RAM_FACES = ("mergekit", "seed003", "arm", "arm-r", "arm-r-v2", "authors", "tensor_local")
 GLOBAL_FACES = ("arm-r", "arm-r-v2", "authors")   # need the whole-model counting pass
 RESCALE_RULES = ("l1", "inverse_density")
+CHUNK = 1 << 20  # elements per kernel call (4 MiB float32 per input)
 
 
 @dataclass(frozen=True)
@@ -189,48 +190,123 @@ def ram_config(res: Resolved, deltas: bool) -> K.RAMConfig:
 
 def elementwise(res: Resolved) -> bool:
     """True when the merged value of an entry depends only on that entry's inputs (no per-tensor
-    statistic: no top-k, Bernoulli rescale, percentile or tensor-local count), so the tensor can be
-    merged in chunks with identical results: linear, task arithmetic, TIES/DARE at density 1,
-    and the RAM faces with given λ (mergekit ``ram``, ``arm``, ``arm-r``, ``arm-r-v2``)."""
+    statistic: no top-k, L1 rescale, percentile or tensor-local count), so :func:`run_kernel` needs
+    no statistics pass: linear, task arithmetic, TIES/DARE at density 1, and the RAM faces with
+    given λ (mergekit ``ram``, ``arm``, ``arm-r``, ``arm-r-v2``)."""
     if res.spec.family == "gta":
         return gta_config(res, True).sparsify is None
     return res.shared["face"] not in ("seed003", "tensor_local")
 
 
 def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
-               lambdas=None, masks=None):
-    """Run the resolved method's kernel on one tensor (inputs already checked).
+               lambdas=None, masks=None, chunk: int = CHUNK, out: np.ndarray | None = None):
+    """Run the resolved method on one tensor, streamed in chunks of ``chunk`` elements.
 
-    ``lambdas``: per-model unique-region scales for the global RAM faces (from the counting
-    pass); ``masks``: (K, n) keep-masks to use instead of drawing them (DARE/TIES parity tests).
+    Methods with a per-tensor statistic first make a statistics pass over the chunks whose state is
+    O(K) numbers (TIES: exact k-th largest ``|δ|`` by :func:`~unmerge_jax.kernels.merge.select_largest`;
+    DARE ``l1``: float64 L1 sums; RAM ``seed003``: the order statistics of its percentile;
+    ``tensor_local``: counts); then every method runs its jit-compiled kernel chunk by chunk into
+    ``out``. No tensor-sized temporary is created besides ``out``, and the result does not depend
+    on ``chunk``.
+
+    Args:
+      res: the resolved method. base, tensors: the base (shape ``S``) and K inputs (checked).
+      deltas: ``tensors`` are task vectors (else fine-tuned weights; δ is formed per chunk).
+      lambdas: per-model unique-region scales for the global RAM faces (from the counting pass).
+      masks: (K, n) keep-masks to use instead of drawing them (DARE/TIES parity tests; whole tensor).
+      out: float32 buffer of shape ``S`` for the result; may be ``base`` itself (the driver's case:
+        the statistics pass reads the base before the apply pass overwrites it chunk by chunk).
+    Returns:
+      the merged float32 NumPy array (``out`` when given), or a JAX array when ``masks`` is given.
     """
     sh = res.shared
     k = len(tensors)
-    w = jnp.asarray(res.weights, jnp.float32)
+    w = np.asarray(res.weights, np.float32)
+    if masks is not None:
+        cfg = gta_config(res, deltas)._replace(sparsify=res.spec.sparsify)
+        return K.gta_kernel_masked(base, tuple(tensors), w, np.asarray(res.density, np.float32),
+                                   np.float32(sh.get("lambda", 1.0)), jnp.asarray(masks, bool), cfg=cfg)
+    base = np.asarray(base, np.float32)
+    flat_b = base.reshape(-1)
+    rows = [np.asarray(t, np.float32).reshape(-1) for t in tensors]
+    if out is None:
+        out = base.copy()
+    flat_o = out.reshape(-1)
+    n = flat_b.size
+    chunk = max(1, int(chunk))
+    slices = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+    def inputs(sl):
+        return flat_b[sl], tuple(r[sl] for r in rows)
+
+    def delta_bits(scale=None):
+        """Chunk iterator factory of the K models' ``|δ|`` (or ``|w δ|``) bit patterns."""
+        def passes():
+            for sl in slices:
+                b = flat_b[sl]
+                ds = [r[sl] if deltas else r[sl] - b for r in rows]
+                yield [K.abs_bits(d if scale is None else d * scale[i]) for i, d in enumerate(ds)]
+        return passes
+
+    seed_u, nhash = np.uint32(int(seed) & 0xFFFFFFFF), np.uint32(K.name_hash(name))
     if res.spec.family == "gta":
         cfg = gta_config(res, deltas)
-        dens = jnp.asarray(res.density, jnp.float32)
-        lam = jnp.float32(sh.get("lambda", 1.0))
-        if masks is not None:
-            cfg = cfg._replace(sparsify=res.spec.sparsify)
-            return K.gta_kernel_masked(base, tensors, w, dens, lam, jnp.asarray(masks, bool), cfg=cfg)
-        topk = jnp.asarray(_topk(res.density, int(np.prod(np.shape(base), dtype=np.int64))))
-        return K.gta_kernel(base, tensors, w, dens, topk, lam, np.uint32(int(seed) & 0xFFFFFFFF),
-                            np.uint32(K.name_hash(name)), cfg=cfg)
+        dens = np.asarray(res.density, np.float32)
+        lam = np.float32(sh.get("lambda", 1.0))
+        stats = K.gta_stats_init(k)
+        need = np.zeros(k, np.int64)
+        if cfg.sparsify == "magnitude":
+            ranks = np.where(res.density < 1.0, _topk(res.density, n), 0)
+            thr, n_gt = K.select_largest(delta_bits(), ranks[:, None])
+            stats = stats._replace(thr=thr[:, 0])
+            need = np.where(ranks > 0, ranks - n_gt[:, 0], 0)
+
+        def with_need(left, sl):
+            return stats._replace(need=np.minimum(left, sl.stop - sl.start).astype(np.int32))
+
+        if cfg.sparsify is not None and cfg.rescale == "l1":
+            before, after, left = np.zeros(k), np.zeros(k), need.copy()
+            for sl in slices:
+                b1, a1, n_eq = K.gta_l1_sums(*inputs(sl), dens, with_need(left, sl), np.int64(sl.start), seed_u,
+                                             nhash, cfg=cfg)
+                before += np.asarray(b1)
+                after += np.asarray(a1)
+                left = np.maximum(left - np.asarray(n_eq), 0)
+            stats = stats._replace(scale=K.l1_scale(before, after))
+        left = need.copy()
+        for sl in slices:
+            merged, n_eq = K.gta_kernel(*inputs(sl), w, dens, lam, with_need(left, sl), np.int64(sl.start), seed_u,
+                                        nhash, cfg=cfg)
+            flat_o[sl] = np.asarray(merged)
+            left = np.maximum(left - np.asarray(n_eq), 0)
+        return out
     cfg = ram_config(res, deltas)
     face = sh["face"]
-    eps = jnp.float32(sh["epsilon"])
+    eps = np.float32(sh["epsilon"])
+    thr = np.zeros(k, np.float32)
     if cfg.face == "seed003":
-        lam = jnp.full((k,), sh["lambda"], jnp.float32)
-    elif face in GLOBAL_FACES or face == "arm":
-        if lambdas is None:  # in memory: this tensor is the whole model
-            changed, overlap = K.ram_counts(base, tensors, w, eps, deltas=deltas)
-            lambdas = K.ram_lambdas(_authors_face(face), sh["r"], np.asarray(changed), np.asarray(overlap))
-        lam = jnp.asarray(lambdas, jnp.float32)
-    else:
-        lam = jnp.ones((k,), jnp.float32)
-    return K.ram_kernel(base, tensors, w, lam, eps, jnp.float32(sh.get("q", 90.0)), jnp.float32(sh["r"]),
-                        jnp.float32(sh["alpha"]), cfg=cfg)
+        lam = np.full((k,), sh["lambda"], np.float32)
+        if n:
+            (r_lo, r_hi), lw_hw = K.percentile_ranks(n, sh.get("q", 90.0))
+            t, _ = K.select_largest(delta_bits(w), np.tile([r_lo, r_hi], (k, 1)))
+            thr = K.percentile_from_order(t[:, 0].view(np.float32), t[:, 1].view(np.float32), lw_hw)
+    elif face in GLOBAL_FACES or cfg.face == "tensor_local":
+        if lambdas is None:  # in memory: this tensor is the whole model (global faces)
+            changed, overlap = np.zeros(k, np.int64), np.zeros(k, np.int64)
+            for sl in slices:
+                c, o = K.ram_counts(*inputs(sl), w, eps, deltas=deltas)
+                changed += np.asarray(c)
+                overlap += np.asarray(o)
+            if cfg.face == "tensor_local":
+                lambdas = K.tensor_local_lambdas(changed, overlap, eps, sh["r"], sh["alpha"])
+            else:
+                lambdas = K.ram_lambdas(_authors_face(face), sh["r"], changed, overlap)
+        lam = np.asarray(lambdas, np.float32)
+    else:  # mergekit ``ram`` / ``arm``: λ = 1
+        lam = np.ones((k,), np.float32)
+    for sl in slices:
+        flat_o[sl] = np.asarray(K.ram_kernel(*inputs(sl), w, lam, eps, thr, cfg=cfg))
+    return out
 
 
 def _authors_face(face: str) -> str:
@@ -290,7 +366,7 @@ def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, na
     if weights is not None:
         _per_model_list("weight", weights, k, per_model)
     res = resolve(method, k, params, per_model, where=name)
-    return run_kernel(res, base, tuple(tensors), seed=seed, name=name, deltas=deltas)
+    return jnp.asarray(run_kernel(res, base, tuple(tensors), seed=seed, name=name, deltas=deltas))
 
 
 def _per_model_list(pname, values, k, per_model):
