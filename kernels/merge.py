@@ -39,7 +39,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry2x32_p
 
 # mergekit's thresholds: rescaling skipped below this L1 norm; |Σw| below this is "zero".
 RESCALE_EPS = 1e-7
@@ -70,12 +69,15 @@ def name_hash(name: str) -> int:
 
 
 def _task_vectors(base, tensors, deltas: bool):
-    """(K, n) float32 task vectors, flattened."""
+    """The K float32 task vectors, flattened, as a list of rows, and the flat base. Kept unstacked:
+    with K static, the per-entry arithmetic of all K models then fuses into one loop over the
+    entries (a stacked (K, n) array costs a copy, and XLA:CPU's reductions over its leading axis
+    ran ~5× slower than the fused loop)."""
     b = base.reshape(-1).astype(jnp.float32)
     rows = [t.reshape(-1).astype(jnp.float32) for t in tensors]
     if not deltas:
         rows = [r - b for r in rows]
-    return jnp.stack(rows), b
+    return rows, b
 
 
 def abs_bits(x) -> np.ndarray:
@@ -194,20 +196,48 @@ def model_keys(seed, nhash, k: int):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k, dtype=jnp.uint32))
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32 (20 rounds), the cipher behind ``jax.random``, written out elementwise.
+
+    Same bits as ``jax.extend.random.threefry2x32_p`` (tested through ``jax.random.bernoulli``),
+    but its CPU lowering runs the 5 round groups as a rolled loop that materialises two
+    chunk-sized arrays per group (≈ 15–50 ns per entry here, depending on cache contention);
+    unrolled, XLA fuses the rounds with the mask's consumer into one loop (≈ 3 ns).
+    """
+    def rotl(x, d):
+        return (x << jnp.uint32(d)) | (x >> jnp.uint32(32 - d))
+
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x = [x1 + ks[0], x2 + ks[1]]
+    for g in range(5):
+        for r in _ROTATIONS[g % 2]:
+            x[0] = x[0] + x[1]
+            x[1] = x[0] ^ rotl(x[1], r)
+        x = [x[0] + ks[(g + 1) % 3], x[1] + ks[(g + 2) % 3] + jnp.uint32(g + 1)]
+    return x[0], x[1]
+
+
 def bernoulli_at(key, p, start, size: int):
     """Bernoulli(``p``) for entries ``start … start+size−1`` of a flat tensor.
 
-    Entry ``i`` draws from threefry-2x32 of ``key`` and the 64-bit counter ``i``, turned into a
-    uniform float32 as ``jax.random.uniform`` does; so a chunk's mask is the same slice of the
-    whole-tensor mask whatever the chunking, and equals ``jax.random.bernoulli(key, p, (n,))[i]``
-    under JAX's default ``jax_threefry_partitionable=True`` (tested).
+    Entry ``i`` draws from threefry-2x32 (``jax.random``'s cipher) of ``key`` and the 64-bit
+    counter ``i``, turned into a uniform float32 as ``jax.random.uniform`` does; so a chunk's
+    mask is the same slice of the whole-tensor mask whatever the chunking, and equals
+    ``jax.random.bernoulli(key, p, (n,))[i]`` under JAX's default
+    ``jax_threefry_partitionable=True`` (tested). The counter is built in uint32 halves with a
+    carry (a uint64 iota made the draw 3× slower).
     """
     kd = jax.random.key_data(key)
-    i = jnp.asarray(start).astype(jnp.uint64) + jnp.arange(size, dtype=jnp.uint64)
-    b1, b2 = threefry2x32_p.bind(kd[0], kd[1], (i >> jnp.uint64(32)).astype(jnp.uint32), i.astype(jnp.uint32))
+    start = jnp.asarray(start).astype(jnp.uint64)
+    lo0, hi0 = start.astype(jnp.uint32), (start >> jnp.uint64(32)).astype(jnp.uint32)
+    lo = lo0 + jnp.arange(size, dtype=jnp.uint32)
+    hi = hi0 + (lo < lo0).astype(jnp.uint32)
+    b1, b2 = _threefry2x32(kd[0], kd[1], hi, lo)
     mant = ((b1 ^ b2) >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    u = jnp.maximum(jnp.float32(0.0), jax.lax.bitcast_convert_type(mant, jnp.float32) - jnp.float32(1.0))
-    return u < p.astype(jnp.float32)
+    return jax.lax.bitcast_convert_type(mant, jnp.float32) - jnp.float32(1.0) < p.astype(jnp.float32)
 
 
 class GTAStats(NamedTuple):
@@ -222,18 +252,27 @@ def gta_stats_init(k: int) -> GTAStats:
     return GTAStats(np.zeros(k, np.uint32), np.zeros(k, np.int32), np.ones(k, np.float32))
 
 
-def _keep(d, density, stats, start, keys, sparsify):
-    """(K, c) keep-masks of one chunk and the (K,) count of its entries tied at the threshold."""
-    k, c = d.shape
-    if sparsify == "magnitude":
+def _keep(rows, density, stats, start, keys, sparsify):
+    """Keep-masks of one chunk (a list of K rows) and the (K,) count of its entries tied at the
+    magnitude threshold."""
+    c = rows[0].shape[0]
+    if sparsify == "random":
+        return [bernoulli_at(keys[i], density[i], start, c) for i in range(len(rows))], jnp.zeros(len(rows), jnp.int32)
+    kept, n_eqs = [], []
+    for i, d in enumerate(rows):
         bits = jax.lax.bitcast_convert_type(jnp.abs(d), jnp.uint32)
-        thr = jnp.asarray(stats.thr, jnp.uint32)[:, None]
+        thr = jnp.asarray(stats.thr[i], jnp.uint32)
+        need = jnp.asarray(stats.need[i], jnp.int32)
         eq = bits == thr
-        rank = jnp.cumsum(eq, axis=1, dtype=jnp.int32)   # chunk-local; the carry is in ``need``
-        kept = (bits > thr) | (eq & (rank <= jnp.asarray(stats.need, jnp.int32)[:, None]))
-        return kept, jnp.sum(eq, axis=1, dtype=jnp.int32)
-    kept = jax.vmap(lambda key, p: bernoulli_at(key, p, start, c))(keys, density)
-    return kept, jnp.zeros(k, jnp.int32)
+        n_eq = jnp.sum(eq, dtype=jnp.int32)
+        # Only a chunk that keeps some but not all of its tied entries needs their ranks (at most
+        # one chunk per model); XLA:CPU's cumsum costs ~70 ns/entry, so it is skipped elsewhere.
+        kept_eq = jax.lax.cond((need > 0) & (need < n_eq),
+                               lambda: eq & (jnp.cumsum(eq, dtype=jnp.int32) <= need),
+                               lambda: eq & (need >= n_eq))
+        kept.append((bits > thr) | kept_eq)
+        n_eqs.append(n_eq)
+    return kept, jnp.stack(n_eqs)
 
 
 def keep_masks(d, density, topk, keys, sparsify):
@@ -247,18 +286,21 @@ def keep_masks(d, density, topk, keys, sparsify):
 @partial(jax.jit, static_argnames=("sparsify", "deltas"))
 def draw_masks(base, tensors, density, topk, seed, nhash, *, sparsify: str, deltas: bool = True):
     """The (K, n) keep-masks :func:`gta_kernel` applies to this tensor (for tests/analysis)."""
-    d, _ = _task_vectors(base, tensors, deltas)
-    return keep_masks(d, density, topk, model_keys(seed, nhash, d.shape[0]), sparsify)
+    rows, _ = _task_vectors(base, tensors, deltas)
+    return keep_masks(jnp.stack(rows), density, topk, model_keys(seed, nhash, len(rows)), sparsify)
 
 
-def _apply_rule(d, kept, density, scale, rule):
-    masked = jnp.where(kept, d, 0.0)
-    if rule == "inverse_density":
-        masked = masked / density.astype(jnp.float32)[:, None]
-    elif rule == "l1":
-        masked = masked * scale.astype(jnp.float32)[:, None]
-    # mergekit: density ≥ 1 returns the task vector untouched (no mask, no rescale).
-    return jnp.where((density >= 1.0)[:, None], d, masked)
+def _apply_rule(rows, kept, density, scale, rule):
+    out = []
+    for i, (d, m) in enumerate(zip(rows, kept)):
+        masked = jnp.where(m, d, 0.0)
+        if rule == "inverse_density":
+            masked = masked / density[i].astype(jnp.float32)
+        elif rule == "l1":
+            masked = masked * scale[i].astype(jnp.float32)
+        # mergekit: density ≥ 1 returns the task vector untouched (no mask, no rescale).
+        out.append(jnp.where(density[i] >= 1.0, d, masked))
+    return out
 
 
 def _l1_scale(before, after):
@@ -267,19 +309,19 @@ def _l1_scale(before, after):
     return jnp.where(skip, 1.0, before / jnp.where(skip, 1.0, after))
 
 
-def _mix(b, d, weights, lam, cfg: GTAConfig):
-    w = weights.astype(jnp.float32)[:, None]
-    wd = d * w
+def _mix(b, rows, weights, lam, cfg: GTAConfig):
+    w = [weights[i].astype(jnp.float32) for i in range(len(rows))]
+    wd = [d * wi for d, wi in zip(rows, w)]
     if cfg.consensus is None:
-        mixed = jnp.sum(wd, axis=0)
-        divisor = jnp.sum(w)
+        mixed = sum(wd[1:], wd[0])
+        divisor = sum(w[1:], w[0])
     else:
-        sign = jnp.sign(wd)
-        votes = jnp.sum(wd, axis=0) if cfg.consensus == "sum" else jnp.sum(sign, axis=0)
+        sign = [jnp.sign(x) for x in wd]
+        votes = sum(wd[1:], wd[0]) if cfg.consensus == "sum" else sum(sign[1:], sign[0])
         majority = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)   # ties elect +
-        agree = sign == majority                                          # zeros never agree
-        mixed = jnp.sum(jnp.where(agree, wd, 0.0), axis=0)
-        divisor = jnp.sum(jnp.where(agree, w, 0.0), axis=0)
+        agree = [s_ == majority for s_ in sign]                           # zeros never agree
+        mixed = sum((jnp.where(a, x, 0.0) for a, x in zip(agree[1:], wd[1:])), jnp.where(agree[0], wd[0], 0.0))
+        divisor = sum((jnp.where(a, wi, 0.0) for a, wi in zip(agree[1:], w[1:])), jnp.where(agree[0], w[0], 0.0))
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     if cfg.normalize:
         mixed = mixed / divisor
@@ -307,39 +349,40 @@ def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, see
     Returns:
       (float32 array of shape ``S``, (K,) int32 count of this chunk's entries tied at ``thr``).
     """
-    d, b = _task_vectors(base, tensors, cfg.deltas)
-    n_eq = jnp.zeros(d.shape[0], jnp.int32)
+    rows, b = _task_vectors(base, tensors, cfg.deltas)
+    n_eq = jnp.zeros(len(rows), jnp.int32)
     if cfg.sparsify is not None:
-        keys = model_keys(seed, nhash, d.shape[0]) if cfg.sparsify == "random" else None
-        kept, n_eq = _keep(d, density, stats, start, keys, cfg.sparsify)
-        d = _apply_rule(d, kept, density, stats.scale, cfg.rescale)
-    return _mix(b, d, weights, lam, cfg).reshape(base.shape), n_eq
+        keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
+        kept, n_eq = _keep(rows, density, stats, start, keys, cfg.sparsify)
+        rows = _apply_rule(rows, kept, density, stats.scale, cfg.rescale)
+    return _mix(b, rows, weights, lam, cfg).reshape(base.shape), n_eq
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 def gta_l1_sums(base, tensors, density, stats: GTAStats, start, seed, nhash, *, cfg: GTAConfig):
     """Statistics pass of the ``l1`` rescale on one chunk: float64 ``Σ|δ_k|`` and ``Σ|kept δ_k|``
     (K,) each, and the (K,) count of entries tied at the magnitude threshold."""
-    d, _ = _task_vectors(base, tensors, cfg.deltas)
-    keys = model_keys(seed, nhash, d.shape[0]) if cfg.sparsify == "random" else None
-    kept, n_eq = _keep(d, density, stats, start, keys, cfg.sparsify)
-    a = jnp.abs(d)
-    return (jnp.sum(a, axis=1, dtype=jnp.float64), jnp.sum(jnp.where(kept, a, 0.0), axis=1, dtype=jnp.float64),
-            n_eq)
+    rows, _ = _task_vectors(base, tensors, cfg.deltas)
+    keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
+    kept, n_eq = _keep(rows, density, stats, start, keys, cfg.sparsify)
+    before = jnp.stack([jnp.sum(jnp.abs(d), dtype=jnp.float64) for d in rows])
+    after = jnp.stack([jnp.sum(jnp.where(m, jnp.abs(d), 0.0), dtype=jnp.float64) for d, m in zip(rows, kept)])
+    return before, after, n_eq
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 def gta_kernel_masked(base, tensors, weights, density, lam, masks, *, cfg: GTAConfig):
     """:func:`gta_kernel` on a whole tensor with given (K, n) keep-masks instead of drawn ones
     (DARE/TIES parity tests)."""
-    d, b = _task_vectors(base, tensors, cfg.deltas)
-    scale = jnp.ones(d.shape[0], jnp.float32)
+    rows, b = _task_vectors(base, tensors, cfg.deltas)
+    kept = [masks[i] for i in range(len(rows))]
+    scale = jnp.ones(len(rows), jnp.float32)
     if cfg.rescale == "l1":
-        a = jnp.abs(d)
-        scale = _l1_scale(jnp.sum(a, axis=1, dtype=jnp.float64),
-                          jnp.sum(jnp.where(masks, a, 0.0), axis=1, dtype=jnp.float64)).astype(jnp.float32)
-    d = _apply_rule(d, masks, density, scale, cfg.rescale)
-    return _mix(b, d, weights, lam, cfg).reshape(base.shape)
+        scale = jnp.stack([_l1_scale(jnp.sum(jnp.abs(d), dtype=jnp.float64),
+                                     jnp.sum(jnp.where(m, jnp.abs(d), 0.0), dtype=jnp.float64))
+                           for d, m in zip(rows, kept)]).astype(jnp.float32)
+    rows = _apply_rule(rows, kept, density, scale, cfg.rescale)
+    return _mix(b, rows, weights, lam, cfg).reshape(base.shape)
 
 
 def l1_scale(before, after) -> np.ndarray:
@@ -349,9 +392,10 @@ def l1_scale(before, after) -> np.ndarray:
     return np.where(skip, 1.0, before / np.where(skip, 1.0, after)).astype(np.float32)
 
 
-def _ram_masks(d, eps):
-    act = jnp.abs(d) > eps
-    return act, jnp.sum(act, axis=0, dtype=jnp.int32)
+def _ram_masks(u, eps):
+    """Per-model active masks ``|u_k| > ε`` (a list) and the per-entry active count."""
+    act = [jnp.abs(x) > eps for x in u]
+    return act, sum((a.astype(jnp.int32) for a in act[1:]), act[0].astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("deltas",))
@@ -359,10 +403,10 @@ def ram_counts(base, tensors, weights, eps, *, deltas: bool = True):
     """The RAM counting pass for one tensor or chunk: per model ``changed_k = #{|w_k δ_k| > ε}``
     and ``overlap_k = #{changed in k and in ≥ 1 other model}``, int64 (K,) each (additive over
     chunks)."""
-    d, _ = _task_vectors(base, tensors, deltas)
-    act, c = _ram_masks(d * weights.astype(jnp.float32)[:, None], eps)
-    changed = jnp.sum(act, axis=1, dtype=jnp.int64)
-    overlap = jnp.sum(act & (c >= 2)[None, :], axis=1, dtype=jnp.int64)
+    rows, _ = _task_vectors(base, tensors, deltas)
+    act, c = _ram_masks([d * weights[i].astype(jnp.float32) for i, d in enumerate(rows)], eps)
+    changed = jnp.stack([jnp.sum(a, dtype=jnp.int64) for a in act])
+    overlap = jnp.stack([jnp.sum(a & (c >= 2), dtype=jnp.int64) for a in act])
     return changed, overlap
 
 
@@ -392,18 +436,23 @@ def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
     * ``tensor_local`` (mergekit ``ramplus_tl``): as ``arm``; ``lambdas`` come from this
       tensor's :func:`ram_counts` via :func:`tensor_local_lambdas`.
     """
-    d, b = _task_vectors(base, tensors, cfg.deltas)
-    u = d * weights.astype(jnp.float32)[:, None]
+    rows, b = _task_vectors(base, tensors, cfg.deltas)
+    k = len(rows)
+    u = [d * weights[i].astype(jnp.float32) for i, d in enumerate(rows)]   # unstacked: one fused loop
+
+    def total(xs):
+        return sum(xs[1:], xs[0])
+
     if cfg.face == "seed003":
-        act = jnp.abs(u) >= thr.astype(jnp.float32)[:, None]
-        c = jnp.sum(act, axis=0, dtype=jnp.int32)
-        shared = jnp.mean(u, axis=0)
-        unique = lambdas[0].astype(jnp.float32) * jnp.sum(jnp.where(act, u, 0.0), axis=0)
+        act = [jnp.abs(x) >= thr[i].astype(jnp.float32) for i, x in enumerate(u)]
+        c = total([a.astype(jnp.int32) for a in act])
+        shared = total(u) / jnp.float32(k)
+        unique = lambdas[0].astype(jnp.float32) * total([jnp.where(a, x, 0.0) for a, x in zip(act, u)])
     else:
         act, c = _ram_masks(u, eps)
-        ua = jnp.where(act, u, 0.0)
-        shared = jnp.sum(ua, axis=0) / jnp.maximum(c, 1).astype(jnp.float32)
-        unique = jnp.sum(ua * lambdas.astype(jnp.float32)[:, None], axis=0)
+        ua = [jnp.where(a, x, 0.0) for a, x in zip(act, u)]
+        shared = total(ua) / jnp.maximum(c, 1).astype(jnp.float32)
+        unique = total([x * lambdas[i].astype(jnp.float32) for i, x in enumerate(ua)])
     merged = jnp.where(c >= 2, shared, jnp.where(c == 1, unique, 0.0))
     return (b + merged).reshape(base.shape)
 

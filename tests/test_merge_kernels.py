@@ -258,13 +258,16 @@ def test_select_largest_equals_sorted_order_statistics():
 
 
 def test_bernoulli_chunks_equal_the_whole_tensor_draw():
+    """Chunks at any offset give the slices of ``jax.random.bernoulli`` on the whole tensor."""
     import jax
 
     key = jax.random.fold_in(jax.random.key(9), 123)
     p = np.float32(0.37)
     whole = np.asarray(jax.random.bernoulli(key, p, (10_007,)))
-    parts = np.concatenate([np.asarray(K.bernoulli_at(key, p, s, min(999, 10_007 - s))) for s in range(0, 10_007, 999)])
-    np.testing.assert_array_equal(parts, whole)
+    draw = jax.jit(K.bernoulli_at, static_argnames="size")
+    for step in (1, 7, 999):
+        parts = [np.asarray(draw(key, p, np.int64(s), size=min(step, 10_007 - s))) for s in range(0, 10_007, step)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_in_jit_topk_mask_matches_numpy():
