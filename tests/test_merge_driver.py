@@ -202,6 +202,20 @@ def test_output_loads_with_transformers_and_runs(tiny, tmp_path):
     assert res.n_tensors == len(sd)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "ram"])
+def test_overlap_and_chunking_do_not_change_the_output(tiny, tmp_path, method):
+    """Reused read buffers (default), the threaded overlap (fresh buffers) and a tiny chunk size
+    (statistics carried across many chunks) write identical tensors."""
+    cfg = _config(tiny, method, W3 if method != "ram" else None)
+    merge(cfg, tmp_path / "a", seed=4)
+    merge(cfg, tmp_path / "b", seed=4, overlap=True)
+    merge(cfg, tmp_path / "c", seed=4, chunk=1000)
+    a, b, c = (_read(tmp_path / x) for x in "abc")
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+        np.testing.assert_array_equal(a[n], c[n], err_msg=n)
+
+
 def test_ram_authors_face_counts_the_whole_model(tiny, tmp_path):
     res = merge(_config(tiny, "ram", [{}, {}, {}], parameters={"face": "arm-r-v2", "r": 1.2}), tmp_path / "m")
     base = _read(tiny["base"])

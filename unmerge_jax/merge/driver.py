@@ -99,25 +99,43 @@ class _Inputs:
                 check_shapes(self.shapes[n], [m.shape(n)], [str(path)], n)
         # Full-weight inputs only: the kernel forms δ = θ − θ_base itself (no extra copy).
         self.weights_mode = self.base is not None and all(k == "weights" for k in self.kinds)
+        self.reuse = False   # read float32 tensors into per-input buffers kept across tensors
+        self._bufs: dict[int, np.ndarray] = {}
 
     def untouched(self, name: str) -> bool:
         """True when every input is an adapter that does not touch ``name`` (the merge is the base)."""
         return self.base is not None and all(t is not None and name not in t for t in self.touched)
 
+    def _read(self, ckpt, slot: int, name: str):
+        """One float32 tensor of a checkpoint. With ``reuse``, stored-float32 tensors are read into
+        the input's buffer (grown to the largest tensor once): ``pread`` into pages already mapped
+        runs at ≈ 7–9 GB/s here against ≈ 1.5 GB/s into a fresh allocation, whose page faults
+        dominated the merge's time. The result is only valid until the next read."""
+        if not self.reuse or ckpt.dtype(name) != "F32":
+            return ckpt.read(name)
+        need = ckpt.nbytes(name)
+        buf = self._bufs.get(slot)
+        if buf is None or buf.size < need:
+            buf = self._bufs[slot] = np.empty(max(need, self._largest()), np.uint8)
+        return ckpt.read_raw(name, out=buf)
+
+    def _largest(self) -> int:
+        return max((int(np.prod(s, dtype=np.int64)) * 4 for s in self.shapes.values()), default=0)
+
     def read(self, name: str):
         """(base, tensors, deltas) for one tensor, float32."""
         if self.base is None:  # linear without a base: full weights onto zeros
-            ts = tuple(m.read(name) for m in self.models)
+            ts = tuple(self._read(m, i + 1, name) for i, m in enumerate(self.models))
             return np.zeros(self.shapes[name], np.float32), ts, True
-        base = self.base.read(name)
+        base = self._read(self.base, 0, name)
         if self.weights_mode:
-            return base, tuple(m.read(name) for m in self.models), False
+            return base, tuple(self._read(m, i + 1, name) for i, m in enumerate(self.models)), False
         ts = []
-        for m, kind in zip(self.models, self.kinds):
+        for i, (m, kind) in enumerate(zip(self.models, self.kinds)):
             if kind == "delta":
                 ts.append(np.asarray(m.delta(name), np.float32))
             else:
-                t = m.read(name)
+                t = self._read(m, i + 1, name)
                 t = t if t.flags.writeable else t.copy()
                 t -= base
                 ts.append(t)
@@ -176,6 +194,9 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         if p is not None and out.resolve() == Path(p).resolve():
             raise UnmergeError(f"output {out} is one of the inputs; choose a new directory")
     inputs = _Inputs(cfg)
+    # Without overlap each tensor is written before the next is read, so the read buffers can be
+    # reused; with overlap the next read runs while the previous output is still queued.
+    inputs.reuse = not overlap
     n_layers = _n_layers(inputs)
     res_by_name = {}
     for name in inputs.names:
