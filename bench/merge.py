@@ -30,21 +30,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _shapes import llama_shapes  # noqa: E402
 KINDS = ("plain", "unmerge", "unmerge_overlap", "mergekit")
-
-
-def llama_shapes(hidden, layers, vocab, inter):
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{m}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    return shapes
 
 
 def generate(root: Path, k: int, hidden: int, layers: int, vocab: int, inter: int) -> int:

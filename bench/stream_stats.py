@@ -38,19 +38,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-
-
-def llama_shapes(hidden, layers, vocab, inter):
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{m}.weight"] = (hidden, hidden)
-        for m, s in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
-            shapes[p + f"mlp.{m}.weight"] = s
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    return shapes
+sys.path.insert(0, str(HERE))
+from _shapes import llama_shapes  # noqa: E402
 
 
 def plan(gb, k, t, hidden, vocab, inter):
