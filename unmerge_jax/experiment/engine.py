@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def merge_deltas(method: str, deltas: list[dict[str, np.ndarray]], weights, *, seed: int, **params) -> dict[str, np.ndarray]:
     """Merge K task vectors ``{tensor: ΔW}`` tensor by tensor with the merge engine, in ΔW space.
 

@@ -84,25 +84,16 @@ def columns(vectors: list[dict[str, np.ndarray]], names: list[str], mask: dict |
     return np.stack([flat(v) for v in vectors], axis=1).astype(np.float32)
 
 
-def stats_and_sweep(D, V, *, seeds: int, seed: int, grid, truth, target_names, atom_names):
-    """``gram_stats`` (one pass, all targets and bootstrap seeds) then ``sweep``; returns (runs, α_max per target)."""
-    import unmerge_jax
-
-    stats = unmerge_jax.gram_stats(D, V, seeds=seeds, key=seed)
-    table = unmerge_jax.sweep(stats, grid=grid, seeds=seeds, truth=truth, target_names=target_names,
-                              atom_names=atom_names)
-    # Lasso's scale: every coefficient is zero for α ≥ α_max = max_k |d_kᵀv| / n (sklearn objective).
-    return table, np.max(np.abs(np.asarray(stats.cross)), axis=0) / float(stats.n_rows)
-
-
 def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: list, names: list, mask,
                       specs: list[TargetSpec]) -> pd.DataFrame:
     """One statistics pass (all targets, all bootstrap seeds) and the full sweep for one variant."""
+    import unmerge_jax
+
     D = columns(atoms, names, mask)
     V = columns(targets, names, mask)
-    table, amax = stats_and_sweep(D, V, seeds=p.seeds, seed=seed, grid=p.grid,
-                                  truth=truth_matrix(specs, p.dictionary), target_names=[s.name for s in specs],
-                                  atom_names=list(p.dictionary))
+    stats = unmerge_jax.gram_stats(D, V, seeds=p.seeds, key=seed)
+    table = unmerge_jax.sweep(stats, grid=p.grid, seeds=p.seeds, truth=truth_matrix(specs, p.dictionary),
+                              target_names=[s.name for s in specs], atom_names=list(p.dictionary))
     by_name = {s.name: s for s in specs}
     table.insert(0, "variant", variant)
     table["category"] = table["target"].map(lambda t: by_name[t].category)
@@ -111,6 +102,8 @@ def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: 
     table = table.rename(columns={"method": "algorithm"})
     table["coef"] = table["coef"].map(lambda c: " ".join(f"{x:.6g}" for x in c))
     table.attrs["n_rows"] = int(D.shape[0])
+    # Lasso's scale: every coefficient is zero for α ≥ α_max = max_k |d_kᵀv| / n (sklearn objective).
+    amax = np.max(np.abs(np.asarray(stats.cross)), axis=0) / float(stats.n_rows)
     table.attrs["alpha_max"] = {"min": float(amax.min()), "median": float(np.median(amax)), "max": float(amax.max())}
     return table
 
