@@ -257,6 +257,52 @@ def test_select_largest_equals_sorted_order_statistics():
                 assert n_gt[m, j] == np.sum(x > srt[r - 1])
 
 
+def test_bracketed_selection_equals_radix_and_gives_up_on_misses():
+    """The one-pass selection inside a bracket gives the radix selection's threshold and count
+    above it, and per-chunk tie counts; a bracket that misses a rank, or a cap that heavy ties
+    overflow, returns None (the caller falls back)."""
+    rng = np.random.default_rng(8)
+    a = np.abs(rng.normal(size=6000)).astype(np.float32)
+    a[::5] = a[7]                                        # ties across chunks
+    arrs = [K.abs_bits(a), K.abs_bits(a[::-1].copy())]
+    srt = np.sort(arrs[0])[::-1]
+    r = int(np.argmax(srt == arrs[0][7])) + 600          # inside the 1,200 tied entries
+    ranks = np.array([[r, r + 1], [3000, 0]])
+    chunks = lambda: ([x[s:s + 500] for x in arrs] for s in range(0, 6000, 500))  # noqa: E731
+    thr, n_gt = K.select_largest(chunks, ranks)
+    wide = [(srt[min(r + 2000, 5999)], srt[max(r - 500, 0)]), (np.uint32(0), np.uint32(0xFFFFFFFF))]
+    got = K.select_largest_bracketed(chunks(), ranks, wide, [6000, 6000])
+    assert got is not None
+    np.testing.assert_array_equal(got[0], thr)
+    np.testing.assert_array_equal(got[1], n_gt)
+    np.testing.assert_array_equal(got[2][:, :, :], np.stack([K.tie_counts(chunks(), thr[:, j]) for j in range(2)], 1))
+    assert got[2][0, 0].sum() == np.sum(arrs[0] == thr[0, 0]) > 1
+    assert K.select_largest_bracketed(chunks(), ranks, [(srt[r - 650], srt[r - 700]), wide[1]], [6000, 6000]) is None
+    assert K.select_largest_bracketed(chunks(), ranks, wide, [100, 6000]) is None
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_sampled_topk_on_a_large_tensor_equals_the_in_jit_topk(ties):
+    """Above 4 × SAMPLE entries the TIES threshold comes from a sampled bracket and one pass
+    (heavy ties overflow the bracket's cap and take the radix fallback); the merge equals the
+    whole-tensor kernel given the in-jit bisection top-k masks."""
+    n = 4 * K.SAMPLE + 12345
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=n).astype(np.float32)
+    d = (0.01 * rng.normal(size=(3, n))).astype(np.float32)
+    if ties:
+        d[0, ::3] = d[0, 1]                             # a third of model 0 ties at one magnitude
+        d[1] = np.round(d[1], 3)                         # a few hundred distinct magnitudes
+    dens = np.array([0.3, 0.5, 0.9])
+    res = resolve("ties", 3, {}, [{"weight": w, "density": p} for w, p in zip((0.5, 1.0, 0.8), dens)])
+    topk = np.array([max(1, int(p * n)) for p in dens])
+    masks = K.draw_masks(base, tuple(d), dens.astype(np.float32), topk, np.uint32(0), np.uint32(0),
+                         sparsify="magnitude")
+    want = np.asarray(run_kernel(res, base, tuple(d), masks=masks))
+    for chunk in (1 << 20, 100_003):
+        np.testing.assert_array_equal(run_kernel(res, base, tuple(d), chunk=chunk), want)
+
+
 def test_bernoulli_chunks_equal_the_whole_tensor_draw():
     """Chunks at any offset give the slices of ``jax.random.bernoulli`` on the whole tensor."""
     import jax
