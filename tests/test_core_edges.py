@@ -272,3 +272,59 @@ def test_chunked_statistics_equal_float64_numpy_across_chunk_and_device_boundari
     np.testing.assert_allclose(st.cross, d64.T @ v64, rtol=1e-11, atol=1e-9)
     np.testing.assert_allclose(st.target_sq, (v64 ** 2).sum(0), rtol=1e-12)
     assert int(st.n_rows) == n
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_staged_and_in_place_blocks_equal_float64_numpy(aligned):
+    # Five blocks through the two reused staging buffers (misaligned input) or used in place
+    # (64-byte aligned input), with bootstrap replicates: a buffer refilled while the device still
+    # read it would show up as wrong sums here.
+    from unmerge_jax.kernels.stats import bootstrap_weights
+    from unmerge_jax.stats import ALIGN, aligned_empty
+
+    rng = np.random.default_rng(11)
+    n, block = 5 * 2048 - 77, 2048
+    src = rng.standard_normal((n, 9)).astype(np.float32)
+    if aligned:
+        x = aligned_empty(src.shape, np.float32)
+        x[...] = src
+    else:
+        raw = np.empty(src.size + 1, np.float32)
+        x = raw[1:].reshape(src.shape) if raw.ctypes.data % ALIGN == 0 else raw[:-1].reshape(src.shape)
+        x[...] = src
+        assert x.ctypes.data % ALIGN != 0
+    d, v = x[:, :4], np.ascontiguousarray(x[:, 4:])  # d is a strided view: always staged
+    st = u.gram_stats(d, v, seeds=2, key=5, block_rows=block)
+    d64, v64 = src[:, :4].astype(np.float64), src[:, 4:].astype(np.float64)
+    np.testing.assert_allclose(st.gram, d64.T @ d64, rtol=1e-12)
+    np.testing.assert_allclose(st.cross, d64.T @ v64, rtol=1e-11, atol=1e-9)
+    w = np.asarray(bootstrap_weights(jax.random.key(5), np.arange(n), 2)).astype(np.float64)
+    for s in range(2):
+        np.testing.assert_allclose(st.boot_cross[s], (d64 * w[s][:, None]).T @ v64, rtol=1e-11, atol=1e-9)
+        np.testing.assert_allclose(st.boot_target_sq[s], (w[s][:, None] * v64**2).sum(0), rtol=1e-12)
+    np.testing.assert_array_equal(src, x)  # the input is never written
+
+
+def test_bootstrap_replicate_depends_on_row_and_seed_only():
+    from unmerge_jax.kernels.stats import bootstrap_weights
+
+    key = jax.random.key(9)
+    rows = np.arange(200_000)
+    w3 = np.asarray(bootstrap_weights(key, rows, 3))
+    np.testing.assert_array_equal(np.asarray(bootstrap_weights(key, rows, 2)), w3[:2])  # S does not matter
+    np.testing.assert_array_equal(np.asarray(bootstrap_weights(key, rows[5000:6000], 3)), w3[:, 5000:6000])
+    big = np.asarray(bootstrap_weights(key, np.asarray([2**40 + 7, 7]), 1))[0]
+    assert big.shape == (2,)  # 64-bit row indices hash both words
+    # Poisson(1): mean 1, variance 1, P(0) = P(1) = e⁻¹, P(2) = e⁻¹/2; replicates uncorrelated.
+    for s in range(3):
+        assert abs(w3[s].mean() - 1) < 0.01 and abs(w3[s].var() - 1) < 0.02
+        freq = np.bincount(w3[s], minlength=3)[:3] / rows.size
+        np.testing.assert_allclose(freq, np.exp(-1) * np.array([1, 1, 0.5]), atol=0.005)
+    assert abs(np.corrcoef(w3)[np.triu_indices(3, 1)]).max() < 0.01
+
+
+def test_float64_overflow_in_statistics_is_a_clear_error():
+    d = np.ones((10, 2))
+    d[3, 1] = 1e200  # finite, but its square is not
+    with pytest.raises(u.UnmergeError, match="too large"):
+        u.gram_stats(d, np.ones(10))
