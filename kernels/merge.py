@@ -17,12 +17,14 @@ merge does not depend on the order in which tensors are visited or on sharding.
 
 Methods with a per-tensor statistic run in two passes over the chunks of a tensor (driven by
 ``unmerge_jax.merge.methods.run_kernel``): a statistics pass whose state is O(K) numbers — the
-exact k-th largest ``|δ|`` of each model for TIES (:func:`select_largest`, a two-digit radix
-selection over the float32 bit pattern, no sort), the order statistics around seed 003's
-percentile, DARE's L1 sums (:func:`gta_l1_sums`), RAM's tensor-local counts (:func:`ram_counts`) —
-then the elementwise apply pass (:func:`gta_kernel`, :func:`ram_kernel`) on the same chunks. Ties
-at TIES's threshold are kept first by position; the apply pass carries how many remain, so the
-chunked result equals the whole-tensor one exactly.
+exact k-th largest ``|δ|`` of each model for TIES and the order statistics around seed 003's
+percentile (:func:`select_largest_bracketed`: one pass inside a bracket from a sample of the
+values; :func:`select_largest`, a two-pass radix selection over the float32 bit pattern, when the
+bracket misses), DARE's L1 sums and keep-masks (:func:`gta_l1_sums`), RAM's tensor-local counts
+(:func:`ram_counts`) — then the elementwise apply pass (:func:`gta_kernel`, :func:`ram_kernel`) on
+the same chunks. Ties at TIES's threshold are kept first by position: the statistics pass counts
+each chunk's ties, so the host knows before the apply pass up to which position each chunk keeps
+them, and the chunked result equals the whole-tensor one exactly.
 
 Computation is float32 (the inputs' precision); L1 norms for DARE's ``l1`` rescale are
 accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmetic.py``,
@@ -344,7 +346,8 @@ class GTAStats(NamedTuple):
     """Per-model statistics of one tensor for the chunked :func:`gta_kernel` (all (K,))."""
 
     thr: jax.Array | np.ndarray     # uint32 bits of the k-th largest |δ| (magnitude)
-    need: jax.Array | np.ndarray    # int32 entries equal to ``thr`` still to keep, in position order
+    cut: jax.Array | np.ndarray     # int32: of the entries equal to ``thr``, keep those before this
+                                    # position of the chunk (0: none, chunk size: all)
     scale: jax.Array | np.ndarray   # float32 rescale of the kept entries (l1 rule; else 1)
 
 
@@ -353,30 +356,22 @@ def gta_stats_init(k: int) -> GTAStats:
 
 
 def _keep(rows, density, stats, start, keys, sparsify, packed=None):
-    """Keep-masks of one chunk (a list of K rows) and the (K,) count of its entries tied at the
-    magnitude threshold. ``packed``: the chunk's random masks as drawn by :func:`gta_l1_sums`."""
+    """Keep-masks of one chunk (a list of K rows). Magnitude: ``|δ| > thr``, and ``|δ| = thr``
+    before position ``cut`` (the host finds where the k-th kept tie lies, so this is elementwise —
+    no rank count or cumsum in the kernel). ``packed``: the chunk's random masks as drawn by
+    :func:`gta_l1_sums`."""
     c = rows[0].shape[0]
     if sparsify == "random":
         if packed is not None:
-            kept = [jnp.unpackbits(packed[i], count=c).astype(bool) for i in range(len(rows))]
-        else:
-            kept = [bernoulli_at(keys[i], density[i], start, c) for i in range(len(rows))]
-        return kept, jnp.zeros(len(rows), jnp.int32)
-    kept, n_eqs = [], []
+            return [jnp.unpackbits(packed[i], count=c).astype(bool) for i in range(len(rows))]
+        return [bernoulli_at(keys[i], density[i], start, c) for i in range(len(rows))]
+    pos = jax.lax.iota(jnp.int32, c)
+    kept = []
     for i, d in enumerate(rows):
         bits = jax.lax.bitcast_convert_type(jnp.abs(d), jnp.uint32)
         thr = jnp.asarray(stats.thr[i], jnp.uint32)
-        need = jnp.asarray(stats.need[i], jnp.int32)
-        eq = bits == thr
-        n_eq = jnp.sum(eq, dtype=jnp.int32)
-        # Only a chunk that keeps some but not all of its tied entries needs their ranks (at most
-        # one chunk per model); XLA:CPU's cumsum costs ~70 ns/entry, so it is skipped elsewhere.
-        kept_eq = jax.lax.cond((need > 0) & (need < n_eq),
-                               lambda: eq & (jnp.cumsum(eq, dtype=jnp.int32) <= need),
-                               lambda: eq & (need >= n_eq))
-        kept.append((bits > thr) | kept_eq)
-        n_eqs.append(n_eq)
-    return kept, jnp.stack(n_eqs)
+        kept.append((bits > thr) | ((bits == thr) & (pos < jnp.asarray(stats.cut[i], jnp.int32))))
+    return kept
 
 
 def keep_masks(d, density, topk, keys, sparsify):
@@ -448,42 +443,40 @@ def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, see
       base: base weights (a tensor or a chunk of one), any shape ``S``.
       tensors: tuple of K arrays of shape ``S`` (task vectors if ``cfg.deltas`` else weights).
       weights, density: (K,) float. lam: scalar λ.
-      stats: the tensor's :class:`GTAStats` (threshold, ties left to keep, l1 scale).
+      stats: the tensor's :class:`GTAStats` (threshold, tie cut-off in this chunk, l1 scale).
       start: int64 offset of this chunk in the flattened tensor (keys the random masks).
       seed, nhash: uint32 scalars keying ``random`` masks (:func:`model_keys`).
       packed: optional (K, ⌈n/8⌉) uint8 ``random`` keep-masks of this chunk, bit-packed, as
         :func:`gta_l1_sums` drew them (so the ``l1`` rule draws each mask once, not twice).
     Returns:
-      (float32 array of shape ``S``, (K,) int32 count of this chunk's entries tied at ``thr``).
+      float32 array of shape ``S``.
     """
     rows, b = _task_vectors(base, tensors, cfg.deltas)
-    n_eq = jnp.zeros(len(rows), jnp.int32)
     if cfg.sparsify is not None:
         keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
-        kept, n_eq = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
+        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
         rows = _apply_rule(rows, kept, density, stats.scale, cfg.rescale)
-    return _mix(b, rows, weights, lam, cfg).reshape(base.shape), n_eq
+    return _mix(b, rows, weights, lam, cfg).reshape(base.shape)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 def gta_l1_sums(base, tensors, density, stats: GTAStats, start, seed, nhash, *, cfg: GTAConfig):
     """Statistics pass of the ``l1`` rescale on one chunk: float64 ``Σ|δ_k|`` and ``Σ|kept δ_k|``
-    (K,) each, the (K,) count of entries tied at the magnitude threshold, and — for ``random``
-    masks — the (K, ⌈n/8⌉) bit-packed masks drawn (``None`` for magnitude masks, which are cheaper
+    (K,) each, and — for ``random`` masks — the (K, ⌈n/8⌉) bit-packed masks drawn (``None`` for magnitude masks, which are cheaper
     to recompute from the threshold than to store)."""
     rows, _ = _task_vectors(base, tensors, cfg.deltas)
     keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
-    kept, n_eq = _keep(rows, density, stats, start, keys, cfg.sparsify)
+    kept = _keep(rows, density, stats, start, keys, cfg.sparsify)
     packed = None
     if cfg.sparsify == "random":
         # The sums read the masks back from the packed bits: XLA duplicates an elementwise producer
         # into each consumer's fusion, so two consumers of the draw ran threefry twice (9.9 against
         # 4.6 ns per entry here).
         packed = jax.lax.optimization_barrier(jnp.stack([jnp.packbits(m) for m in kept]))
-        kept, _ = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
+        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
     before = jnp.stack([jnp.sum(jnp.abs(d), dtype=jnp.float64) for d in rows])
     after = jnp.stack([jnp.sum(jnp.where(m, jnp.abs(d), 0.0), dtype=jnp.float64) for d, m in zip(rows, kept)])
-    return before, after, n_eq, packed
+    return before, after, packed
 
 
 @partial(jax.jit, static_argnames=("cfg",))

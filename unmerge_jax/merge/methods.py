@@ -310,30 +310,28 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
         dens = np.asarray(res.density, np.float32)
         lam = np.float32(sh.get("lambda", 1.0))
         stats = K.gta_stats_init(k)
-        # need[c]: entries tied at the threshold that chunk c keeps (first by position, so the
-        # earlier chunks take them first); known before the apply pass, so its chunks are independent.
-        need = np.zeros((len(slices), k), np.int32)
+        # cut[c]: chunk c keeps the entries tied at the threshold before this position — the
+        # first ones of the tensor by position, as many as top-k needs; known before the apply
+        # pass, so its kernel is elementwise and its chunks independent.
+        cut = np.zeros((len(slices), k), np.int32)
         if cfg.sparsify == "magnitude":
             ranks = np.where(res.density < 1.0, _topk(res.density, n), 0)
             thr, n_gt, ties = order_statistics(ranks[:, None])
             stats = stats._replace(thr=thr[:, 0])
-            left = np.where(ranks > 0, ranks - n_gt[:, 0], 0)
-            before = np.cumsum(ties[:, 0], axis=1) - ties[:, 0]          # ties in earlier chunks
-            need = np.clip(left[:, None] - before, 0, ties[:, 0]).T.astype(np.int32)
+            cut = _tie_cuts(ranks - n_gt[:, 0], ties[:, 0], thr[:, 0], delta_bits(want=ranks > 0), slices)
         packed = [None] * len(slices)
         if cfg.sparsify is not None and cfg.rescale == "l1":
             before, after = np.zeros(k), np.zeros(k)
             for c, sl in enumerate(slices):
-                b1, a1, _, packed[c] = K.gta_l1_sums(*inputs(sl), dens, stats._replace(need=need[c]),
-                                                     np.int64(sl.start), seed_u, nhash, cfg=cfg)
+                b1, a1, packed[c] = K.gta_l1_sums(*inputs(sl), dens, stats._replace(cut=cut[c]), np.int64(sl.start),
+                                                  seed_u, nhash, cfg=cfg)
                 before += np.asarray(b1)
                 after += np.asarray(a1)
             stats = stats._replace(scale=K.l1_scale(before, after))
         for c, sl in enumerate(slices):
-            merged, _ = K.gta_kernel(*inputs(sl), w, dens, lam, stats._replace(need=need[c]), np.int64(sl.start),
-                                     seed_u, nhash, packed[c], cfg=cfg)
+            store(sl, K.gta_kernel(*inputs(sl), w, dens, lam, stats._replace(cut=cut[c]), np.int64(sl.start),
+                                   seed_u, nhash, packed[c], cfg=cfg))
             packed[c] = None
-            store(sl, merged)
         return out
     cfg = ram_config(res, deltas)
     face = sh["face"]
@@ -362,6 +360,30 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
     for sl in slices:
         store(sl, K.ram_kernel(*inputs(sl), w, lam, eps, thr, cfg=cfg))
     return out
+
+
+def _tie_cuts(left, ties, thr, chunk_bits, slices) -> np.ndarray:
+    """(n_chunks, K) int32 positions: chunk ``c`` keeps its entries equal to ``thr[k]`` that lie
+    before ``cut[c, k]``, so that the ``left[k]`` first such entries of the tensor are kept.
+
+    ``ties`` (K, n_chunks) counts them per chunk; only a chunk that keeps some but not all of its
+    ties (at most one per model) needs their positions, read from its bits (``chunk_bits``, an
+    iterator over the chunks' K bit arrays, consumed only up to the last such chunk)."""
+    k, n_chunks = ties.shape
+    sizes = np.asarray([sl.stop - sl.start for sl in slices])
+    earlier = np.cumsum(ties, axis=1) - ties                    # ties in the chunks before
+    keep = np.clip(np.asarray(left)[:, None] - earlier, 0, ties)
+    cut = np.where(keep == ties, sizes[None, :], 0).astype(np.int32)   # all of them, or none
+    partial = (keep > 0) & (keep < ties)
+    if partial.any():
+        last = int(np.nonzero(partial.any(axis=0))[0].max())
+        for c, bits in enumerate(chunk_bits):
+            for m in np.nonzero(partial[:, c])[0]:
+                pos = np.flatnonzero(bits[m] == thr[m])
+                cut[m, c] = pos[keep[m, c] - 1] + 1
+            if c == last:
+                break
+    return cut.T.copy()
 
 
 class _Padded:
