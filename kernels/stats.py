@@ -79,25 +79,23 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     ``start`` is the chunk's first row within the block, ``n_valid`` the block's valid rows (rows
     at or past it are padding and must be zero), ``row_offset`` the block's first global row.
     """
-    x = d.astype(compute_dtype)
-    y = v.astype(compute_dtype)
     hi = jax.lax.Precision.HIGHEST
-    xy = jnp.concatenate([x, y], axis=1)  # (r, K+T): one GEMM gives Gram and cross terms
-    k = x.shape[1]
-    ysq = jnp.square(y)
+    k = d.shape[1]
+    x = d.astype(compute_dtype)
+    xy = jnp.concatenate([x, v.astype(compute_dtype)], axis=1)  # (r, K+T): one GEMM, Gram and cross terms
+    prod = jnp.matmul(x.T, xy, precision=hi).astype(jnp.float64)
+    ysq = jnp.square(xy[:, k:])
+    out = (prod[:, :k], prod[:, k:], jnp.sum(ysq, axis=0).astype(jnp.float64))
     if not n_seeds:
-        prod = jnp.matmul(x.T, xy, precision=hi).astype(jnp.float64)
-        return prod[:, :k], prod[:, k:], jnp.sum(ysq, axis=0).astype(jnp.float64)
+        return out
     local = start + jnp.arange(x.shape[0], dtype=jnp.int64)
     w = bootstrap_weights(key, row_offset + local, n_seeds) * (local < n_valid)  # (S, r)
     wc = w.astype(compute_dtype)
-    # [x, w_1 x, …, w_S x]ᵀ [x y]: the full-data and every replicate's products in one GEMM.
-    xw = jnp.concatenate([x[None], wc[:, :, None] * x[None]], axis=0).transpose(1, 0, 2).reshape(x.shape[0], -1)
-    prod = jnp.matmul(xw.T, xy, precision=hi).astype(jnp.float64).reshape(n_seeds + 1, k, -1)
-    tsq = jnp.matmul(jnp.concatenate([jnp.ones((1, x.shape[0]), compute_dtype), wc]), ysq,
-                     precision=hi).astype(jnp.float64)  # (1+S, T)
-    return (prod[0, :, :k], prod[0, :, k:], tsq[0], prod[1:, :, :k], prod[1:, :, k:], tsq[1:],
-            jnp.sum(w, axis=1).astype(jnp.float64))
+    # [w_1 x, …, w_S x]ᵀ [x y]: every replicate's products in one GEMM.
+    xw = (wc[:, :, None] * x[None]).transpose(1, 0, 2).reshape(x.shape[0], -1)
+    bprod = jnp.matmul(xw.T, xy, precision=hi).astype(jnp.float64).reshape(n_seeds, k, -1)
+    btsq = jnp.matmul(wc, ysq, precision=hi).astype(jnp.float64)  # (S, T)
+    return (*out, bprod[:, :, :k], bprod[:, :, k:], btsq, jnp.sum(w, axis=1).astype(jnp.float64))
 
 
 def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype):
