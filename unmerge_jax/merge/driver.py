@@ -99,18 +99,17 @@ class _Inputs:
                 check_shapes(self.shapes[n], [m.shape(n)], [str(path)], n)
         # Full-weight inputs only: the kernel forms δ = θ − θ_base itself (no extra copy).
         self.weights_mode = self.base is not None and all(k == "weights" for k in self.kinds)
-        self.reuse = False   # read float32 tensors into per-input buffers kept across tensors
-        self._bufs: dict[int, np.ndarray] = {}
+        self._bufs: dict[int, np.ndarray] = {}   # per-input float32 read buffers, kept across tensors
 
     def untouched(self, name: str) -> bool:
         """True when every input is an adapter that does not touch ``name`` (the merge is the base)."""
         return self.base is not None and all(t is not None and name not in t for t in self.touched)
 
     def _read(self, ckpt, slot: int, name: str):
-        """One float32 tensor of a checkpoint. With ``reuse``, stored-float32 tensors are read into
-        the input's buffer (grown to the largest tensor once): ``pread`` into pages already mapped
-        runs at ≈ 7–9 GB/s here against ≈ 1.5 GB/s into a fresh allocation, whose page faults
-        dominated the merge's time. The result is only valid until the next read.
+        """One float32 tensor of a checkpoint. Stored-float32 tensors are read into buffer ``slot``
+        (grown to the largest tensor once): ``pread`` into pages already mapped runs at ≈ 7–9 GB/s
+        here against ≈ 1.5 GB/s into a fresh allocation, whose page faults dominated the merge's
+        time. The result is only valid until the next read into the same slot.
 
         Buffers are 64-byte aligned (:func:`aligned_empty`), and so is every chunk of them: XLA:CPU
         takes an aligned NumPy argument without copying, but copies a misaligned one on every
@@ -118,8 +117,6 @@ class _Inputs:
         if ckpt.dtype(name) != "F32" or not hasattr(ckpt, "read_raw"):
             return ckpt.read(name)
         need = ckpt.nbytes(name)
-        if not self.reuse:
-            return ckpt.read_raw(name, out=aligned_empty(need))
         buf = self._bufs.get(slot)
         if buf is None or buf.size < need:
             buf = self._bufs[slot] = aligned_empty(max(need, self._largest()))
@@ -128,12 +125,13 @@ class _Inputs:
     def _largest(self) -> int:
         return max((int(np.prod(s, dtype=np.int64)) * 4 for s in self.shapes.values()), default=0)
 
-    def read(self, name: str):
-        """(base, tensors, deltas) for one tensor, float32."""
+    def read(self, name: str, base_slot: int = 0):
+        """(base, tensors, deltas) for one tensor, float32; the base is read into buffer
+        ``base_slot`` (``overlap`` alternates two, see :func:`merge`)."""
         if self.base is None:  # linear without a base: full weights onto zeros
             ts = tuple(self._read(m, i + 1, name) for i, m in enumerate(self.models))
             return np.zeros(self.shapes[name], np.float32), ts, True
-        base = self._read(self.base, 0, name)
+        base = self._read(self.base, base_slot, name)
         if self.weights_mode:
             return base, tuple(self._read(m, i + 1, name) for i, m in enumerate(self.models)), False
         ts = []
@@ -200,9 +198,6 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         if p is not None and out.resolve() == Path(p).resolve():
             raise UnmergeError(f"output {out} is one of the inputs; choose a new directory")
     inputs = _Inputs(cfg)
-    # Without overlap each tensor is written before the next is read, so the read buffers can be
-    # reused; with overlap the next read runs while the previous output is still queued.
-    inputs.reuse = not overlap
     n_layers = _n_layers(inputs)
     res_by_name = {}
     for name in inputs.names:
@@ -220,18 +215,33 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     with atomic_dir(out, force=force) as tmp:
         with ShardedWriter(tmp, plan, max_shard_bytes=shard_bytes,
                            metadata={"merged_by": "unmerge_jax", "merge_method": cfg.merge_method}) as writer:
+            # The merged tensor overwrites the base buffer it was computed in, so that buffer is busy
+            # until the output is written. Serially one base buffer is enough; with overlap the next
+            # tensor is read while the previous one is written, into the other of two base buffers:
+            # the K input buffers are free again once the kernel has run, so overlap costs one tensor
+            # (2 + K), not a second input set.
+            free_slots: queue.Queue = queue.Queue()
+            for slot in ((0, -1) if overlap else (0,)):
+                free_slots.put(slot)
+
             def produce(name):
                 if name not in res_by_name or inputs.untouched(name):
-                    return name, inputs.ref.read(name) if name in res_by_name else _raw(inputs.ref, name), False
-                base, ts, deltas = inputs.read(name)
+                    out = inputs.ref.read(name) if name in res_by_name else _raw(inputs.ref, name)
+                    return name, out, False, None
+                slot = free_slots.get()
+                base, ts, deltas = inputs.read(name, base_slot=slot)
                 res = res_by_name[name]
                 # Every method runs chunk by chunk (a statistics pass first where it needs one) and
                 # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
                 out = base if base.flags.writeable else base.copy()
                 run_kernel(res, out, ts, seed=seed, name=name, deltas=deltas, lambdas=lambdas, chunk=chunk, out=out)
-                return name, out, True
+                return name, out, True, slot
 
-            for merged in _stream(inputs.names, produce, writer, overlap):
+            def written(slot):
+                if slot is not None:
+                    free_slots.put(slot)
+
+            for merged in _stream(inputs.names, produce, writer, overlap, written):
                 n_merged += merged
             total = writer.total_size
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
@@ -255,17 +265,19 @@ def _raw(ckpt, name):
     return raw(name)
 
 
-def _stream(names, produce, writer, overlap: bool):
-    """Produce and write every tensor, yielding whether it was merged; with ``overlap`` the next
-    read+compute runs in a thread while the main thread writes (a queue of one bounds the extra
-    memory to one tensor set). Nothing tensor-sized is yielded or kept: the written output is
-    released before the next tensor is read, so the peak stays at the 1 + K inputs."""
+def _stream(names, produce, writer, overlap: bool, written):
+    """Produce and write every tensor, yielding whether it was merged; ``written(slot)`` is called
+    once an output is on disk (its buffer may then be reused). With ``overlap`` the next
+    read+compute runs in a thread while the main thread writes. Nothing tensor-sized is yielded or
+    kept: serially the written output is released before the next tensor is read, so the peak
+    stays at the 1 + K inputs; with overlap at 2 + K (two base buffers)."""
     desc = "merging"
     if not overlap:
         for name in progress(names, desc=desc):
             item = produce(name)
             writer.write(item[0], item[1])
             merged = item[2]
+            written(item[3])
             del item
             yield merged
         return
@@ -291,6 +303,7 @@ def _stream(names, produce, writer, overlap: bool):
                 raise item
             writer.write(item[0], item[1])
             merged = item[2]
+            written(item[3])
             del item
             yield merged
     finally:
