@@ -194,8 +194,8 @@ def fista(grad_prox: Callable, optimality: Callable, polish: Callable, x0, lipsc
         take = (ep <= tol) & (ep <= e)
         return jnp.where(take, xp, x), jnp.where(take, xp, y), t, jnp.where(take, ep, e)
 
-    e0 = optimality(x0)
-    state0 = with_polish((x0, x0, jnp.asarray(1.0, x0.dtype), e0))
+    # No polish at x0: FISTA starts from 0, whose support is empty (the polish would be 0 again).
+    state0 = (x0, x0, jnp.asarray(1.0, x0.dtype), optimality(x0))
     n_blocks = -(-max_iter // block)
     (x, _, _, err), n_blocks_run = iterate(
         _blocked(one, block, with_polish), lambda s: s[3] <= tol, state0, max_iter=n_blocks, block=1)

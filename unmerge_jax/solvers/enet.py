@@ -66,19 +66,21 @@ def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: flo
         return jnp.maximum(z - step * l1, 0.0) if positive else jnp.sign(z) * shrunk
 
     def polish(a):
-        # Fixed-point on the signs: solve on the support with signs s, then take s = sign(x).
-        # Near the optimum of a tiny-alpha problem FISTA's signs on small entries can be wrong;
-        # a few rounds fix them. The caller accepts the result only if the gap improves.
+        # Solve on the support with FISTA's signs s, re-take s = sign(x) once and solve again:
+        # near the optimum of a tiny-alpha problem FISTA's signs on small entries can be wrong,
+        # and one correction fixes them in practice (three rounds gave identical iteration counts
+        # on random, correlated and ill-conditioned dictionaries, at two more solves per block).
+        # The caller accepts
+        # the result only if it meets the tolerance, so a wrong sign costs a block, never accuracy.
         support = a != 0
 
-        def round_(_, s):
+        def solve_with(s):
             x = masked_solve(p.gram, p.cross - l1 * s, support, shift=l2)
-            x = jnp.maximum(x, 0.0) if positive else x
-            return jnp.where(x != 0, jnp.sign(x), s)
+            return jnp.maximum(x, 0.0) if positive else x
 
-        s = jax.lax.fori_loop(0, 3, round_, jnp.sign(a))
-        x = masked_solve(p.gram, p.cross - l1 * s, support, shift=l2)
-        return jnp.maximum(x, 0.0) if positive else x
+        s = jnp.sign(a)
+        x = solve_with(s)
+        return solve_with(jnp.where(x != 0, jnp.sign(x), s))
 
     def gap(a):
         return enet_gap(p, a, l1, l2, positive) / scale
