@@ -70,8 +70,8 @@ def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: flo
         # near the optimum of a tiny-alpha problem FISTA's signs on small entries can be wrong,
         # and one correction fixes them in practice (three rounds gave identical iteration counts
         # on random, correlated and ill-conditioned dictionaries, at two more solves per block).
-        # The caller accepts
-        # the result only if it meets the tolerance, so a wrong sign costs a block, never accuracy.
+        # The caller accepts the result only if it meets the tolerance, so a wrong sign costs a
+        # block, never accuracy.
         support = a != 0
 
         def solve_with(s):
