@@ -208,17 +208,21 @@ def select_largest_bracketed(chunks: Iterable, ranks, brackets, caps):
     kept: list[list[np.ndarray]] = [[] for _ in range(k_models)]
     size = np.zeros(k_models, np.int64)
     n_chunks = 0
+    scratch_u, scratch_b = np.empty(0, np.uint32), np.empty(0, bool)   # reused: no page faults per chunk
     for bits in chunks:
         n_chunks += 1
         for m, x in enumerate(bits):
             if not want[m]:
                 continue
+            if scratch_u.size < x.size:
+                scratch_u, scratch_b = np.empty(x.size, np.uint32), np.empty(x.size, bool)
+            u, flag = scratch_u[:x.size], scratch_b[:x.size]
             lo, hi = brackets[m]
-            above[m] += np.count_nonzero(x > hi)
+            above[m] += np.count_nonzero(np.greater(x, hi, out=flag))
             if lo == 0 and hi == 0xFFFFFFFF:
                 v = np.array(x, copy=True)
-            else:
-                v = x[(x - lo) <= (hi - lo)]          # uint32 wrap-around: one compare for lo ≤ x ≤ hi
+            else:   # uint32 wrap-around: one compare for lo ≤ x ≤ hi
+                v = np.compress(np.less_equal(np.subtract(x, lo, out=u), hi - lo, out=flag), x)   # 0.4 vs 0.5 ns for x[flag]
             kept[m].append(v)
             size[m] += v.size
             if size[m] > caps[m]:

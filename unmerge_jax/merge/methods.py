@@ -10,6 +10,7 @@ read it. Parameter checks happen here, eagerly, as one-line :class:`UnmergeError
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -38,6 +39,19 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(int(nbytes) + ALIGN, np.uint8)
     off = (-raw.ctypes.data) % ALIGN
     return raw[off:off + int(nbytes)]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key, nbytes: int) -> np.ndarray:
+    """A per-thread aligned uint8 buffer of ``nbytes`` reused across tensors (``run_kernel``'s chunk
+    scratch: fresh 4 MiB buffers per tensor page-faulted ≈ 60,000 times per TIES merge here)."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get(key)
+    if buf is None or buf.size < nbytes:
+        buf = pool[key] = aligned_empty(nbytes)
+    return buf[:nbytes]
 
 
 @dataclass(frozen=True)
@@ -260,7 +274,7 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
     def delta_bits(scale=None, want=None):
         """Iterator over the chunks of the K models' ``|δ|`` (or ``|w δ|``) bit patterns (``None``
         for a model not in ``want``); one reused buffer per model."""
-        bufs = [np.empty(min(chunk, n), np.float32) for _ in range(k)]
+        bufs = [_scratch(("bits", i), 4 * min(chunk, n)).view(np.float32) for i in range(k)]
         for sl in slices:
             b = flat_b[sl]
             bits = []
@@ -277,6 +291,12 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
                     np.multiply(d, scale[i], out=d)
                 bits.append(np.abs(d, out=d).view(np.uint32))
             yield bits
+
+    def chunk_bits(c, i):
+        """Model ``i``'s ``|δ|`` bits in chunk ``c`` (as :func:`delta_bits`)."""
+        sl = slices[c]
+        d = rows[i][sl] if deltas else rows[i][sl] - flat_b[sl]
+        return K.abs_bits(d)
 
     def order_statistics(ranks, scale=None):
         """``(thr, n_gt, ties)`` of :func:`~unmerge_jax.kernels.merge.select_largest_bracketed` for
@@ -318,7 +338,7 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
             ranks = np.where(res.density < 1.0, _topk(res.density, n), 0)
             thr, n_gt, ties = order_statistics(ranks[:, None])
             stats = stats._replace(thr=thr[:, 0])
-            cut = _tie_cuts(ranks - n_gt[:, 0], ties[:, 0], thr[:, 0], delta_bits(want=ranks > 0), slices)
+            cut = _tie_cuts(ranks - n_gt[:, 0], ties[:, 0], thr[:, 0], chunk_bits, slices)
         packed = [None] * len(slices)
         if cfg.sparsify is not None and cfg.rescale == "l1":
             before, after = np.zeros(k), np.zeros(k)
@@ -367,22 +387,14 @@ def _tie_cuts(left, ties, thr, chunk_bits, slices) -> np.ndarray:
     before ``cut[c, k]``, so that the ``left[k]`` first such entries of the tensor are kept.
 
     ``ties`` (K, n_chunks) counts them per chunk; only a chunk that keeps some but not all of its
-    ties (at most one per model) needs their positions, read from its bits (``chunk_bits``, an
-    iterator over the chunks' K bit arrays, consumed only up to the last such chunk)."""
+    ties (at most one per model) needs their positions, read from its bits (``chunk_bits(c, k)``)."""
     k, n_chunks = ties.shape
     sizes = np.asarray([sl.stop - sl.start for sl in slices])
     earlier = np.cumsum(ties, axis=1) - ties                    # ties in the chunks before
     keep = np.clip(np.asarray(left)[:, None] - earlier, 0, ties)
     cut = np.where(keep == ties, sizes[None, :], 0).astype(np.int32)   # all of them, or none
-    partial = (keep > 0) & (keep < ties)
-    if partial.any():
-        last = int(np.nonzero(partial.any(axis=0))[0].max())
-        for c, bits in enumerate(chunk_bits):
-            for m in np.nonzero(partial[:, c])[0]:
-                pos = np.flatnonzero(bits[m] == thr[m])
-                cut[m, c] = pos[keep[m, c] - 1] + 1
-            if c == last:
-                break
+    for m, c in zip(*np.nonzero((keep > 0) & (keep < ties))):
+        cut[m, c] = np.flatnonzero(chunk_bits(c, m) == thr[m])[keep[m, c] - 1] + 1
     return cut.T.copy()
 
 
@@ -402,7 +414,7 @@ class _Padded:
         if size == self.chunk:
             return flat_b[sl], tuple(r[sl] for r in rows)
         if self.bufs is None:
-            self.bufs = [aligned_empty(4 * self.chunk).view(np.float32) for _ in range(1 + self.k)]
+            self.bufs = [_scratch(("pad", i), 4 * self.chunk).view(np.float32) for i in range(1 + self.k)]
         for buf, src in zip(self.bufs, [flat_b, *rows]):
             buf[:size] = src[sl]
             buf[size:] = 0.0
