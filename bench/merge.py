@@ -11,7 +11,7 @@ Reports wall time, peak RSS (``VmHWM`` of the subprocess) and GB/s of bytes move
 (inputs read + output written), the ratios unmerge/mergekit and unmerge/plain, and compares the
 two outputs. Dirty pages are flushed (``os.sync``, untimed) before every run. Timings on this
 shared machine vary up to 2× between identical runs, so every kind but mergekit runs
-``--repeat`` times (interleaved) and the ratios use the medians; mergekit runs ``--mergekit-repeat``
+``--repeat`` times (interleaved, in rotating order) and the ratios use the medians; mergekit runs ``--mergekit-repeat``
 times (its TIES takes ~90 s). Writes ``bench/results/merge.json``.
 
 Output comparison: task arithmetic must match to float32 rounding. TIES is compared entry by entry
@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "merge.json")
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of plain/unmerge/unmerge_overlap (median reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of plain/unmerge/unmerge_overlap (median reported)")
     ap.add_argument("--mergekit-repeat", type=int, default=1, help="runs of mergekit")
     args = ap.parse_args(argv)
     import yaml
@@ -213,7 +213,9 @@ def main(argv=None):
             cfg_path.write_text(yaml.safe_dump(cfg))
             runs = {kind: [] for kind in KINDS}
             for rep in range(max(args.repeat, args.mergekit_repeat)):
-                for kind in KINDS:
+                # Rotate the order: a run right after another that freed GBs (plain maps all inputs)
+                # was measured up to 2× slower here, which a fixed order charges to one kind.
+                for kind in KINDS[rep % len(KINDS):] + KINDS[:rep % len(KINDS)]:
                     if rep >= (args.mergekit_repeat if kind == "mergekit" else args.repeat):
                         continue
                     out = root / f"out_{method}_{kind}"
