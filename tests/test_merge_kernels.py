@@ -303,6 +303,16 @@ def test_sampled_topk_on_a_large_tensor_equals_the_in_jit_topk(ties):
         np.testing.assert_array_equal(run_kernel(res, base, tuple(d), chunk=chunk), want)
 
 
+def test_sampled_percentile_on_a_large_tensor_equals_numpy():
+    """RAM seed003's two order statistics through the sampled bracket (above 4 × SAMPLE entries)
+    select like ``np.percentile``."""
+    n = 4 * K.SAMPLE + 999
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=n).astype(np.float32)
+    d = (0.01 * rng.normal(size=(3, n)) * (rng.random((3, n)) < 0.5)).astype(np.float32)
+    close(merge_tensors("ram", base, d, face="seed003"), np_ram(base, d, face="seed003"))
+
+
 def test_bernoulli_chunks_equal_the_whole_tensor_draw():
     """Chunks at any offset give the slices of ``jax.random.bernoulli`` on the whole tensor."""
     import jax
