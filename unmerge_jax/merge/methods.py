@@ -230,11 +230,14 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
     """Run the resolved method on one tensor, streamed in chunks of ``chunk`` elements.
 
     Methods with a per-tensor statistic first make a statistics pass over the chunks whose state is
-    O(K) numbers (TIES: exact k-th largest ``|δ|`` by :func:`~unmerge_jax.kernels.merge.select_largest`;
-    DARE ``l1``: float64 L1 sums; RAM ``seed003``: the order statistics of its percentile;
-    ``tensor_local``: counts); then every method runs its jit-compiled kernel chunk by chunk into
-    ``out``. No tensor-sized temporary is created besides ``out``, and the result does not depend
-    on ``chunk``.
+    O(K) numbers (TIES: exact k-th largest ``|δ|`` and per-chunk tie counts by
+    :func:`~unmerge_jax.kernels.merge.select_largest_bracketed`, with the radix
+    :func:`~unmerge_jax.kernels.merge.select_largest` as fallback; DARE ``l1``: float64 L1 sums,
+    keeping the drawn masks bit-packed, K × n/8 bytes; RAM ``seed003``: the order statistics of its
+    percentile; ``tensor_local``: counts); then every method runs its jit-compiled kernel chunk by
+    chunk into ``out`` (the last chunk zero-padded to ``chunk`` entries, so each kernel compiles
+    once). No float32 tensor-sized temporary is created besides ``out``, and the result does not
+    depend on ``chunk``.
 
     Args:
       res: the resolved method. base, tensors: the base (shape ``S``) and K inputs (checked).
@@ -293,7 +296,7 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
             yield bits
 
     def chunk_bits(c, i):
-        """Model ``i``'s ``|δ|`` bits in chunk ``c`` (as :func:`delta_bits`)."""
+        """Model ``i``'s unscaled ``|δ|`` bits in chunk ``c`` (as :func:`delta_bits`, one model)."""
         sl = slices[c]
         d = rows[i][sl] if deltas else rows[i][sl] - flat_b[sl]
         return K.abs_bits(d)
