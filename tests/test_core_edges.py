@@ -1,6 +1,7 @@
 """Edge cases with defined behaviour, statistics plumbing, sweeps and summaries."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -328,3 +329,59 @@ def test_float64_overflow_in_statistics_is_a_clear_error():
     d[3, 1] = 1e200  # finite, but its square is not
     with pytest.raises(u.UnmergeError, match="too large"):
         u.gram_stats(d, np.ones(10))
+
+
+def test_well_posed_check_and_its_fast_path():
+    # gram_is_well_posed lets every support solve skip the rank-deficient branch. It must say no
+    # for singular Grams, and when it says yes every masked, shifted or normalised system it
+    # covers must factor at full rank and give the same answer as the general path.
+    from unmerge_jax.solvers.common import _pivoted_cholesky, gram_is_well_posed, masked_solve
+
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal((400, 8)) @ np.diag(np.logspace(0, -2, 8))
+    g = d.T @ d
+    assert gram_is_well_posed(g) and gram_is_well_posed(np.stack([g, 2 * g]))
+    dup = d.copy()
+    dup[:, 5] = dup[:, 2]
+    zero = d.copy()
+    zero[:, 0] = 0
+    for bad in (dup.T @ dup, zero.T @ zero, g * 1e-30, np.stack([g, dup.T @ dup])):
+        assert not gram_is_well_posed(bad)
+    norm = np.sqrt(np.diag(g))
+    k = 8
+    masks = rng.random((200, k)) < 0.6
+    rhs = rng.standard_normal((200, k))
+
+    @jax.jit
+    def check(mat, mask, b):
+        m = mask.astype(mat.dtype)
+        a = mat * m[:, None] * m[None, :] + jnp.diag(1 - m)
+        rank = _pivoted_cholesky(a, k * jnp.finfo(a.dtype).eps * jnp.max(jnp.abs(jnp.diag(a))))[2]
+        return rank, masked_solve(mat, b, mask, full_rank=True), masked_solve(mat, b, mask)
+
+    for mat in (g, g / np.outer(norm, norm)):  # as given, and atom-normalised (OMP)
+        rank, fast, slow = jax.vmap(check, in_axes=(None, 0, 0))(jnp.asarray(mat), jnp.asarray(masks), jnp.asarray(rhs))
+        assert np.all(np.asarray(rank) == k)
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-12, atol=1e-14)
+
+
+def test_sweep_fast_path_equals_general_path():
+    # The sweep takes the full-rank path on a well-posed dictionary; every solver must give the
+    # general path's coefficients there.
+    from unmerge_jax.solve import solve_batched, stacked_problems
+    from unmerge_jax.solvers.common import gram_is_well_posed
+
+    d, v = rand(seed=3)
+    st = u.gram_stats(d, v, seeds=2, key=1)
+    arrays = stacked_problems(st, use_seeds=True)
+    assert gram_is_well_posed(arrays[0])
+    for method, swept, static in [("nnls", [[]], (("block", 10), ("max_iter", 2000), ("tol", 1e-10))),
+                                  ("lasso", [[1e-6], [1e-3]], (("block", 10), ("max_iter", 2000), ("positive", False), ("tol", 1e-10))),
+                                  ("elastic_net", [[1e-4, 0.5]], (("block", 10), ("max_iter", 2000), ("positive", True), ("tol", 1e-10))),
+                                  ("ridge", [[1e-2]], ()), ("omp", [[2], [4]], (("max_atoms", 4),)),
+                                  ("dot", [[0.05]], (("coef", "lstsq"),))]:
+        sw = jnp.asarray(swept, jnp.float64).reshape(len(swept), -1)
+        fast = solve_batched(*arrays, sw, method=method, static=static, full_rank=True)
+        slow = solve_batched(*arrays, sw, method=method, static=static, full_rank=False)
+        np.testing.assert_allclose(np.asarray(fast.coef), np.asarray(slow.coef), rtol=1e-9, atol=1e-12, err_msg=method)
+        np.testing.assert_array_equal(np.asarray(fast.n_iter), np.asarray(slow.n_iter))

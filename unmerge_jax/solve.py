@@ -18,6 +18,7 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.metrics import reconstruction
 from unmerge_jax.solvers import ALIASES, SOLVERS, Problem
+from unmerge_jax.solvers.common import gram_is_well_posed
 from unmerge_jax.stats import GramStats, gram_stats, to_host
 
 
@@ -97,14 +98,17 @@ def resolve_params(method: str, n_atoms: int, params: dict, *, allow_arrays: boo
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("method", "static"))
-def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple):
+@functools.partial(jax.jit, static_argnames=("method", "static", "full_rank"))
+def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
+                  full_rank: bool = False):
     """The compiled core: every (seed, target, grid point) in one program.
 
     Args:
       gram: (S, K, K); cross: (S, K, T); target_sq: (S, T); n_rows: (S,); lipschitz: (S,).
       swept: (P, n_swept) float64 grid of swept hyper-parameters (P ≥ 1 grid points).
       method: registry name. static: sorted ``(name, value)`` pairs of static options.
+      full_rank: every Gram passes ``gram_is_well_posed`` (support solves skip the rank-deficient
+        branch; see ``solvers.common.psd_solve``).
 
     Returns:
       SolverResult with leading axes (S, T, P).
@@ -114,7 +118,7 @@ def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: s
 
     def one(g, c, vv, n, lip, hp):
         args = [hp[i] for i in range(len(spec.swept))]
-        return spec.fn(Problem(g, c, vv, n, lip), *args, **kw)
+        return spec.fn(Problem(g, c, vv, n, lip), *args, **kw, full_rank=full_rank)
 
     over_params = jax.vmap(one, in_axes=(None, None, None, None, None, 0))
     over_targets = jax.vmap(over_params, in_axes=(None, 1, 0, None, None, None))
@@ -168,7 +172,8 @@ def solve(stats: GramStats, method: str = "nnls", *, bootstrap: bool | None = No
     gram, cross, tsq, n, lip = stacked_problems(stats, use_seeds=use_seeds)
     spec = SOLVERS[method]
     swept = jnp.asarray([[float(params[k]) for k in spec.swept]], jnp.float64).reshape(1, len(spec.swept))
-    res = solve_batched(gram, cross, tsq, n, lip, swept, method=method, static=_static_items(method, params))
+    res = solve_batched(gram, cross, tsq, n, lip, swept, method=method, static=_static_items(method, params),
+                        full_rank=gram_is_well_posed(gram))
     res = jax.tree_util.tree_map(lambda a: a[:, :, 0], res)  # drop the single grid point
     rec = reconstruction(np.asarray(gram)[:, None], np.swapaxes(np.asarray(cross), 1, 2), tsq, res.coef)
     squeeze = (lambda a: np.asarray(a)[0]) if not use_seeds else np.asarray

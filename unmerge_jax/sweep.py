@@ -21,6 +21,7 @@ from unmerge_jax.metrics import reconstruction, support_metrics
 from unmerge_jax.solve import (_static_items, _warn_unconverged, resolve_method, resolve_params, solve_batched,
                                stacked_problems, validate_stats)
 from unmerge_jax.solvers import SOLVERS
+from unmerge_jax.solvers.common import gram_is_well_posed
 from unmerge_jax.stats import GramStats, gram_stats
 
 # The UNMERGE paper's grid (§4.1). Its dot-product thresholds are not given; these three are ours.
@@ -111,6 +112,7 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
     use_seeds = seeds > 0
     solve_arrays = stacked_problems(stats, use_seeds=use_seeds)
     full = stacked_problems(stats, use_seeds=False)  # runs are scored against the full data
+    full_rank = gram_is_well_posed(solve_arrays[0])
     # Dispatch every family first: the compiled calls run asynchronously (and side by side when
     # there are cores to spare) while the host builds the previous family's rows.
     launched = []
@@ -123,7 +125,8 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
             for r in resolved:
                 r["max_atoms"] = max(int(q["n_nonzero_coefs"]) for q in resolved)
         swept = jnp.asarray([[float(r[n]) for n in spec.swept] for r in resolved], jnp.float64).reshape(len(points), len(spec.swept))
-        res = solve_batched(*solve_arrays, swept, method=method, static=_static_items(method, resolved[0]))
+        res = solve_batched(*solve_arrays, swept, method=method, static=_static_items(method, resolved[0]),
+                            full_rank=full_rank)
         launched.append((method, spec, points, resolved, res))
     frames = []
     for method, spec, points, resolved, res in launched:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from unmerge_jax.solvers.common import Problem, SolverResult, masked_solve, psd_solve, quad_objective
+from unmerge_jax.solvers.common import (Problem, SolverResult, gram_is_well_posed, masked_solve, psd_solve,
+                                        quad_objective)
 from unmerge_jax.solvers.dot import cosine_scores, dot
 from unmerge_jax.solvers.enet import elastic_net, enet_gap, enet_objective, lasso
 from unmerge_jax.solvers.nnls import nnls, nnls_kkt
@@ -57,4 +58,4 @@ ALIASES = {"elasticnet": "elastic_net", "enet": "elastic_net", "elastic-net": "e
 
 __all__ = ["SOLVERS", "ALIASES", "SolverSpec", "Problem", "SolverResult", "nnls", "omp", "lasso",
            "elastic_net", "ridge", "dot", "nnls_kkt", "enet_gap", "enet_objective", "cosine_scores",
-           "masked_solve", "psd_solve", "quad_objective"]
+           "masked_solve", "psd_solve", "quad_objective", "gram_is_well_posed"]

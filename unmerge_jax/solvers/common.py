@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Problem(NamedTuple):
@@ -107,18 +108,24 @@ def _backward(t, y):
     return jax.lax.fori_loop(0, k, step, jnp.zeros_like(y))
 
 
-def psd_solve(a, b):
+def psd_solve(a, b, *, full_rank: bool = False):
     """Minimum-norm least-squares solution ``x = A⁺ b`` of a symmetric PSD system (pure ``lax``).
 
     Pivoted Cholesky ``P A Pᵀ = T Tᵀ``; pivots below ``K·ε·max diag(A)`` count as zero (duplicate
     or zero atoms). Full rank: two triangular solves. Rank r < K (``b`` in the range of ``A``, as
     for any Gram system ``Dᵀv``): ``y = T_r⁻¹ P b``, ``x = Pᵀ T_r (T_rᵀT_r)⁻¹ y``, the solution of
     least norm. jit/vmap safe; error ≈ κ(A)·ε like a LAPACK solve.
+
+    ``full_rank=True`` (static) promises every pivot clears the tolerance (see
+    :func:`gram_is_well_posed`) and skips the rank-deficient branch, which under ``vmap`` is
+    otherwise computed for every lane and costs as much as the solve itself.
     """
     k = a.shape[0]
     tol = k * jnp.finfo(a.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(a)))
     t, perm, rank = _pivoted_cholesky(a, tol)
     y = _forward(t, b[perm], rank)
+    if full_rank:
+        return jnp.zeros_like(b).at[perm].set(_backward(t, y))
     full = jnp.zeros_like(b).at[perm].set(_backward(jnp.where(rank == k, t, jnp.eye(k, dtype=a.dtype)), y))
     keep = (jnp.arange(k) < rank).astype(a.dtype)
     tr = t * keep[None, :]
@@ -129,16 +136,47 @@ def psd_solve(a, b):
     return jnp.where(rank == k, full, least_norm)
 
 
-def masked_solve(gram, rhs, mask, shift=0.0):
+def masked_solve(gram, rhs, mask, shift=0.0, *, full_rank: bool = False):
     """Solve ``(G_SS + shift·I) x_S = rhs_S`` on the support ``S = mask``; ``x`` is 0 off ``S``.
 
     Shapes stay static (K×K) so this works under jit/vmap: rows/columns outside ``S`` are replaced
     by the identity. A singular ``G_SS`` (duplicate or zero atoms) gives the minimum-norm
-    least-squares solution instead of NaN (see :func:`psd_solve`).
+    least-squares solution instead of NaN (see :func:`psd_solve`); ``full_rank=True`` skips that
+    branch when :func:`gram_is_well_posed` holds for ``G``.
     """
     m = mask.astype(gram.dtype)
     a = gram * m[:, None] * m[None, :] + jnp.diag(1.0 - m) + shift * jnp.diag(m)
-    return psd_solve(a, rhs * m) * m
+    return psd_solve(a, rhs * m, full_rank=full_rank) * m
+
+
+# Margin over psd_solve's pivot tolerance K·ε·max diag: eigvalsh is accurate to ~ε·λmax.
+_WELL_POSED_MARGIN = 100.0
+
+
+def gram_is_well_posed(gram) -> bool:
+    """Host check that every masked, shifted or atom-normalised solve on ``gram`` has full rank.
+
+    Every pivot of a Cholesky factorisation of a principal submatrix ``G_SS (+ shift·I)`` is at
+    least ``λmin(G)``, and of the atom-normalised ``Ĝ = N⁻¹GN⁻¹`` (OMP) at least
+    ``λmin(G) / max diag G``. With ``s = max(1, max diag G)`` (the identity rows that pad a masked
+    system count in the tolerance too), ``λmin(G) > 100·K·ε·s`` and ``max diag G < 1/(100·K·ε)``
+    put every pivot of every such solve above :func:`psd_solve`'s tolerance.
+
+    Args:
+      gram: (..., K, K) float64 NumPy Gram matrices (all must pass).
+
+    Returns:
+      bool, safe to call the solvers with ``full_rank=True``.
+    """
+    gram = np.asarray(gram, np.float64)
+    k = gram.shape[-1]
+    eps = np.finfo(np.float64).eps
+    if not np.all(np.isfinite(gram)):
+        return False
+    top = np.max(np.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
+    lam_min = np.linalg.eigvalsh(gram)[..., 0]
+    bound = _WELL_POSED_MARGIN * k * eps
+    return bool(np.all(lam_min > bound * np.maximum(1.0, top)) and np.all(top < 1.0 / bound))
 
 
 def iterate(step: Callable, done: Callable, state, *, max_iter: int, block: int):

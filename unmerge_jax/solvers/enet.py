@@ -16,7 +16,6 @@ G, c and ‖v‖²) is ≤ ``tol · ‖v‖²`` — scikit-learn's meaning of ``
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from unmerge_jax.solvers.common import Problem, SolverResult, fista, masked_solve
@@ -50,7 +49,7 @@ def enet_gap(p: Problem, a, l1, l2, positive: bool):
 
 
 def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: float = 1e-10,
-                max_iter: int = 20000, block: int = 10) -> SolverResult:
+                max_iter: int = 20000, block: int = 10, full_rank: bool = False) -> SolverResult:
     """ElasticNet for one target; ``alpha``/``l1_ratio`` are arrays so a grid shares one program.
 
     ``error`` is the duality gap divided by ``‖v‖²`` (the quantity compared with ``tol``).
@@ -75,7 +74,7 @@ def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: flo
         support = a != 0
 
         def solve_with(s):
-            x = masked_solve(p.gram, p.cross - l1 * s, support, shift=l2)
+            x = masked_solve(p.gram, p.cross - l1 * s, support, shift=l2, full_rank=full_rank)
             return jnp.maximum(x, 0.0) if positive else x
 
         s = jnp.sign(a)
@@ -92,6 +91,7 @@ def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: flo
 
 
 def lasso(p: Problem, alpha, *, positive: bool = False, tol: float = 1e-10, max_iter: int = 20000,
-          block: int = 10) -> SolverResult:
+          block: int = 10, full_rank: bool = False) -> SolverResult:
     """Lasso = ElasticNet with ``l1_ratio = 1`` (scikit-learn's ``Lasso``)."""
-    return elastic_net(p, alpha, 1.0, positive=positive, tol=tol, max_iter=max_iter, block=block)
+    return elastic_net(p, alpha, 1.0, positive=positive, tol=tol, max_iter=max_iter, block=block,
+                       full_rank=full_rank)

@@ -25,14 +25,15 @@ def nnls_kkt(p: Problem, a):
     return jnp.max(jnp.abs(jnp.minimum(a, g))) / scale
 
 
-def nnls(p: Problem, *, tol: float = 1e-10, max_iter: int = 20000, block: int = 10) -> SolverResult:
+def nnls(p: Problem, *, tol: float = 1e-10, max_iter: int = 20000, block: int = 10,
+         full_rank: bool = False) -> SolverResult:
     """Solve one NNLS problem. Returns :class:`SolverResult`; ``error`` is the relative KKT residual."""
 
     def grad_prox(y, step):
         return jnp.maximum(y - step * (p.gram @ y - p.cross), 0.0)
 
     def polish(a):
-        x = masked_solve(p.gram, p.cross, a > 0)
+        x = masked_solve(p.gram, p.cross, a > 0, full_rank=full_rank)
         # Infeasible polish (support not yet right) falls back to the projected point.
         return jnp.maximum(x, 0.0)
 

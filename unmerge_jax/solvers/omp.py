@@ -21,7 +21,7 @@ from unmerge_jax.solvers.common import Problem, SolverResult, masked_solve
 _VANISH = 1e-12
 
 
-def omp(p: Problem, n_nonzero_coefs, *, max_atoms: int) -> SolverResult:
+def omp(p: Problem, n_nonzero_coefs, *, max_atoms: int, full_rank: bool = False) -> SolverResult:
     """OMP for one target. ``n_iter`` = atoms selected; ``error`` = final max residual correlation / max|ĉ|.
 
     The greedy path does not depend on ``n_nonzero_coefs`` (the run with k atoms is the first k
@@ -47,7 +47,7 @@ def omp(p: Problem, n_nonzero_coefs, *, max_atoms: int) -> SolverResult:
         onehot = jnp.arange(k) == jnp.argmax(cand)
         add = jnp.max(cand) > _VANISH * scale
         support = support | (onehot & add)
-        gamma = jnp.where(add, masked_solve(g, c, support), gamma)
+        gamma = jnp.where(add, masked_solve(g, c, support, full_rank=full_rank), gamma)
         n_sel = n_sel + add.astype(jnp.int32)
         return (support, gamma, n_sel, path.at[step + 1].set(gamma), counts.at[step + 1].set(n_sel),
                 resids.at[step + 1].set(residual(gamma)))

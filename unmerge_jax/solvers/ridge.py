@@ -15,12 +15,12 @@ import jax.numpy as jnp
 from unmerge_jax.solvers.common import Problem, SolverResult, masked_solve
 
 
-def ridge(p: Problem, alpha) -> SolverResult:
+def ridge(p: Problem, alpha, *, full_rank: bool = False) -> SolverResult:
     """Ridge for one target. ``error`` is ``‖(G + αI)a − c‖∞ / ‖c‖∞``."""
     alpha = jnp.asarray(alpha, p.cross.dtype)
     k = p.cross.shape[0]
     a_mat = p.gram + alpha * jnp.eye(k, dtype=p.gram.dtype)
-    x = masked_solve(p.gram, p.cross, jnp.diag(p.gram) > 0, shift=alpha)
+    x = masked_solve(p.gram, p.cross, jnp.diag(p.gram) > 0, shift=alpha, full_rank=full_rank)
     scale = jnp.maximum(jnp.max(jnp.abs(p.cross)), jnp.finfo(p.cross.dtype).tiny)
     err = jnp.max(jnp.abs(a_mat @ x - p.cross)) / scale
     return SolverResult(x, jnp.asarray(1, jnp.int32), err <= 1e-8, err)
