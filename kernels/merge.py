@@ -183,31 +183,36 @@ def bracket(sample: np.ndarray | None, n: int, ranks) -> tuple[np.uint32, np.uin
     return np.uint32(lo), np.uint32(hi)
 
 
-_POOL = []
+def select_largest_bracketed(chunks: Iterable, ranks, brackets, caps):
+    """Exact order statistics of K streamed uint32 arrays in **one** pass, given a bracket per model.
 
+    For every chunk it counts the entries above ``hi`` and keeps the values in ``[lo, hi]`` (a
+    few percent of them with a sampled :func:`bracket`); the wanted ranks are then selected among
+    the kept values. This replaces :func:`select_largest`'s two histogram passes (≈ 3.5 ns per entry
+    and model in ``np.bincount``, which casts to int64) by compares and a compress (≈ 1 ns).
 
-def _pool():
-    """Two long-lived worker threads for the statistics scans (long-lived, so per-thread scratch
-    buffers are reused from tensor to tensor)."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="unmerge-stats"))
-    return _POOL[0]
-
-
-def _bracket_scan(chunks: Iterable, want, brackets, caps):
-    """One pass of :func:`select_largest_bracketed` over some chunks: per model the count above
-    ``hi`` and the list of each chunk's values in ``[lo, hi]``; ``None`` past a cap."""
-    k_models = len(want)
+    Args:
+      chunks: iterator over the chunks, each a sequence of K 1-D uint32 arrays.
+      ranks: (K, R) 1-based ranks from the top; ``≤ 0`` = not wanted.
+      brackets: K ``(lo, hi)`` pairs (:func:`bracket`).
+      caps: (K,) most values to keep per model; beyond that the pass gives up (heavy ties).
+    Returns:
+      ``(thr, n_gt, ties)`` as :func:`select_largest` plus ``ties`` (K, R, n_chunks) int64: how many
+      entries of each chunk equal ``thr``; or ``None`` when a rank fell outside its bracket or a cap
+      was exceeded (the caller then falls back to :func:`select_largest`).
+    """
+    ranks = np.atleast_2d(np.asarray(ranks, np.int64))
+    k_models, n_ranks = ranks.shape
+    want = [bool(np.any(ranks[m] > 0)) for m in range(k_models)]
     above = np.zeros(k_models, np.int64)
     kept: list[list[np.ndarray]] = [[] for _ in range(k_models)]
     size = np.zeros(k_models, np.int64)
+    n_chunks = 0
     scratch_u, scratch_b = np.empty(0, np.uint32), np.empty(0, bool)   # reused: no page faults per chunk
     for bits in chunks:
+        n_chunks += 1
         for m, x in enumerate(bits):
             if not want[m]:
-                kept[m].append(None)
                 continue
             if scratch_u.size < x.size:
                 scratch_u, scratch_b = np.empty(x.size, np.uint32), np.empty(x.size, bool)
@@ -222,42 +227,6 @@ def _bracket_scan(chunks: Iterable, want, brackets, caps):
             size[m] += v.size
             if size[m] > caps[m]:
                 return None
-    return above, kept
-
-
-def select_largest_bracketed(parts, ranks, brackets, caps):
-    """Exact order statistics of K streamed uint32 arrays in **one** pass, given a bracket per model.
-
-    For every chunk it counts the entries above ``hi`` and keeps the values in ``[lo, hi]`` (a
-    few percent of them with a sampled :func:`bracket`); the wanted ranks are then selected among
-    the kept values. This replaces :func:`select_largest`'s two histogram passes (≈ 3.5 ns per entry
-    and model in ``np.bincount``, which casts to int64) by compares and a compress (≈ 1 ns).
-
-    Args:
-      parts: a sequence of chunk iterators — consecutive runs of the chunks, in order — scanned in
-        one thread each (NumPy releases the GIL; the apply kernels already use both cores); each
-        chunk is a sequence of K 1-D uint32 arrays (``None`` for a model not wanted).
-      ranks: (K, R) 1-based ranks from the top; ``≤ 0`` = not wanted.
-      brackets: K ``(lo, hi)`` pairs (:func:`bracket`).
-      caps: (K,) most values to keep per model; beyond that the pass gives up (heavy ties).
-    Returns:
-      ``(thr, n_gt, ties)`` as :func:`select_largest` plus ``ties`` (K, R, n_chunks) int64: how many
-      entries of each chunk equal ``thr``; or ``None`` when a rank fell outside its bracket or a cap
-      was exceeded (the caller then falls back to :func:`select_largest`).
-    """
-    ranks = np.atleast_2d(np.asarray(ranks, np.int64))
-    k_models, n_ranks = ranks.shape
-    want = [bool(np.any(ranks[m] > 0)) for m in range(k_models)]
-    parts = list(parts)
-    if len(parts) == 1:
-        scans = [_bracket_scan(parts[0], want, brackets, caps)]
-    else:
-        scans = list(_pool().map(lambda part: _bracket_scan(part, want, brackets, caps), parts))
-    if any(sc is None for sc in scans):
-        return None
-    above = sum(sc[0] for sc in scans)
-    kept = [[v for sc in scans for v in sc[1][m]] for m in range(k_models)]
-    n_chunks = len(kept[0]) if kept else 0
     thr = np.zeros((k_models, n_ranks), np.uint32)
     n_gt = np.zeros((k_models, n_ranks), np.int64)
     ties = np.zeros((k_models, n_ranks, n_chunks), np.int64)
@@ -265,8 +234,6 @@ def select_largest_bracketed(parts, ranks, brackets, caps):
         if not want[m]:
             continue
         vals = np.concatenate(kept[m]) if kept[m] else np.zeros(0, np.uint32)
-        if vals.size > caps[m]:
-            return None
         for j in range(n_ranks):
             r = int(ranks[m, j])
             if r <= 0:

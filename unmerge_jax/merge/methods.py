@@ -274,11 +274,11 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
     def store(sl, merged):
         flat_o[sl] = np.asarray(merged)[:sl.stop - sl.start]
 
-    def delta_bits(scale=None, want=None, part=None):
-        """Iterator over the chunks (``part``: some of them) of the K models' ``|δ|`` (or ``|w δ|``)
-        bit patterns (``None`` for a model not in ``want``); one reused buffer per model and thread."""
+    def delta_bits(scale=None, want=None):
+        """Iterator over the chunks of the K models' ``|δ|`` (or ``|w δ|``) bit patterns (``None``
+        for a model not in ``want``); one reused buffer per model."""
         bufs = [_scratch(("bits", i), 4 * min(chunk, n)).view(np.float32) for i in range(k)]
-        for sl in (slices if part is None else part):
+        for sl in slices:
             b = flat_b[sl]
             bits = []
             for i, r in enumerate(rows):
@@ -320,9 +320,7 @@ def run_kernel(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", d
             # ≈ 4× the values expected in the bracket, at most n/16: heavier ties use the radix passes.
             expect = n * np.count_nonzero((s_bits - lo) <= (hi - lo)) / idx.size
             caps.append(int(min(4 * expect + 4096, max(n // 16, 4096))))
-        half = (len(slices) + 1) // 2   # two threads over two runs of chunks when there are ≥ 4
-        parts = [slices[:half], slices[half:]] if len(slices) >= 4 else [slices]
-        got = K.select_largest_bracketed([delta_bits(scale, want, p) for p in parts], ranks, brackets, caps)
+        got = K.select_largest_bracketed(delta_bits(scale, want), ranks, brackets, caps)
         if got is not None:
             return got
         thr, n_gt = K.select_largest(lambda: delta_bits(scale, want), ranks)
