@@ -281,7 +281,7 @@ def test_staged_and_in_place_blocks_equal_float64_numpy(aligned):
     # (64-byte aligned input), with bootstrap replicates: a buffer refilled while the device still
     # read it would show up as wrong sums here.
     from unmerge_jax.kernels.stats import bootstrap_weights
-    from unmerge_jax.stats import ALIGN, aligned_empty
+    from unmerge_jax.hostmem import ALIGN, aligned_empty
 
     rng = np.random.default_rng(11)
     n, block = 5 * 2048 - 77, 2048

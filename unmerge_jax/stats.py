@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError, check_finite
+from unmerge_jax.hostmem import ALIGN, aligned_empty
 from unmerge_jax.io.atomic import atomic_file
 from unmerge_jax.kernels.stats import block_stats, row_mesh
 
@@ -203,18 +204,6 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
         raise UnmergeError("the statistics overflowed float64: the inputs hold values too large to square "
                            "(|x| > 1e150); rescale them")
     return total
-
-
-ALIGN = 64  # bytes; XLA:CPU uses a host buffer in place only at this alignment
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``ALIGN``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    skip = (-raw.ctypes.data) % ALIGN
-    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
 class _Staging:

@@ -18,7 +18,6 @@ temporary directory and renamed at the end, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -34,7 +33,8 @@ from unmerge_jax.io.writer import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_side
                                    write_config)
 from unmerge_jax.kernels import merge as K
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, layer_index, load_config, resolve_for_tensor
-from unmerge_jax.merge.methods import CHUNK, GLOBAL_FACES, aligned_empty, check_shapes, run_kernel
+from unmerge_jax.hostmem import aligned_empty
+from unmerge_jax.merge.methods import CHUNK, GLOBAL_FACES, check_shapes, run_kernel
 from unmerge_jax.progress import progress
 
 CONFIG_NAME = "unmerge_merge_config.yaml"
