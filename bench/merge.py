@@ -3,7 +3,9 @@
 Generates a Llama-shaped float32 base and K = 3 fine-tunes (multi-GB in total, sharded
 safetensors, seeded), then for each method runs, each in a fresh subprocess:
   * ``plain``    — the I/O limit: read the same input tensors and write the same output bytes;
-  * ``unmerge``  — ``unmerge_jax.merge`` (streaming, one tensor at a time, (1 + K) tensors);
+  * ``unmerge``  — ``unmerge_jax.merge`` (streaming, one tensor at a time, (1 + K) tensors), with
+    the persistent XLA cache on as ``unmerge merge`` has it, in a directory fresh for this bench
+    run: the first repeat compiles, later ones load (the median is a loaded run);
   * ``unmerge_overlap`` — the same with ``overlap=True`` (reads/computes the next tensor in a
     thread while the previous is written: one more set of inputs in memory);
   * ``mergekit`` — ``mergekit.merge.run_merge`` (lazy loading, CPU), when installed.
@@ -75,6 +77,8 @@ kind, cfg_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
 if kind.startswith("unmerge"):
     import unmerge_jax
+    from unmerge_jax.compile_cache import enable_compilation_cache
+    enable_compilation_cache()  # as `unmerge merge` does; the bench points it at a fresh directory
     t1 = time.perf_counter()
     unmerge_jax.merge(cfg_path, out, overlap=kind == "unmerge_overlap")
 elif kind == "mergekit":
@@ -114,13 +118,14 @@ print(json.dumps({"import_s": t1 - t0, "wall_s": t2 - t1, "peak_rss": peak}))
 """
 
 
-def run_child(kind, cfg_path, out):
+def run_child(kind, cfg_path, out, cache_dir=None):
     # Flush dirty pages first (not timed): otherwise the writeback of the generated checkpoints or
     # of the previous run's output lands in whichever run comes next (measured: the first method's
     # plain copy took 4.2 s, the second's 2.4 s).
     os.sync()
     r = subprocess.run([sys.executable, "-c", CHILD, kind, str(cfg_path), str(out)], capture_output=True, text=True,
-                       env={**os.environ, "UNMERGE_PROGRESS": "0"})
+                       env={**os.environ, "UNMERGE_PROGRESS": "0",
+                            **({"UNMERGE_CACHE_DIR": str(cache_dir)} if cache_dir else {})})
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -220,7 +225,7 @@ def main(argv=None):
                         continue
                     out = root / f"out_{method}_{kind}"
                     subprocess.run(["rm", "-rf", str(out)])   # keep the last run's output to compare
-                    r = run_child(kind, cfg_path, out)
+                    r = run_child(kind, cfg_path, out, cache_dir=root / "xla_cache")
                     runs[kind].append(r)
                     print(method, kind, rep, r, flush=True)
             row = {}
