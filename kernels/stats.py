@@ -102,8 +102,9 @@ def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype)
     """Statistics of this device's rows (no cross-device reduction), scanned in cache-sized chunks.
 
     The whole chunks are a free reshape of the input, scanned in place; a remainder (< one chunk)
-    is one more smaller call. Nothing is padded or copied to a chunk multiple (a sliced scan
-    input would be: measured 4× slower).
+    is one more smaller call. Nothing is padded or copied to a chunk multiple. Row indices and the
+    padding mask are computed here from scalars instead of being passed as arrays. (The previous
+    kernel, with a sliced scan input and those two arrays, took 2.9× the CPU time per block.)
     """
     r = d.shape[0]
     first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r  # this device's first row in the block
