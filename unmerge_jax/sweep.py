@@ -113,8 +113,8 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
     solve_arrays = stacked_problems(stats, use_seeds=use_seeds)
     full = stacked_problems(stats, use_seeds=False)  # runs are scored against the full data
     full_rank = gram_is_well_posed(solve_arrays[0])
-    # Dispatch every family first: the compiled calls run asynchronously (and side by side when
-    # there are cores to spare) while the host builds the previous family's rows.
+    # Dispatch every family first: the compiled calls run asynchronously, one after another,
+    # while the host builds the rows of the families already done.
     launched = []
     for method in chosen:
         spec = SOLVERS[method]
