@@ -69,6 +69,18 @@ def llama(seed: int):
     return LlamaForCausalLM(cfg).eval()
 
 
+def fine_tune(make, seed: int):
+    """``make()`` with about 60 % of its entries moved by 0.01·N(0, 1) (seeded): a stand-in fine-tune."""
+    import torch
+
+    m = make()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p) * (torch.rand_like(p) < 0.6))
+    return m
+
+
 def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -127,11 +139,7 @@ def _build(root: Path) -> dict:
     qwen(0).to(torch.float16).save_pretrained(q / "base_fp16")
     fts = {}
     for i in range(3):
-        m = qwen(0)
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.01 * torch.randn_like(p) * (torch.rand_like(p) < 0.6))
+        m = fine_tune(lambda: qwen(0), 100 + i)
         m.save_pretrained(q / f"ft{i}")
         fts[f"ft{i}"] = _state(m)
     _ta(lambda: qwen(0), base_state, fts, QWEN_TA, q / "ta")

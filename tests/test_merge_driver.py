@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
+from tests._tiny_models import fine_tune  # noqa: E402
 from unmerge_jax import UnmergeError, merge  # noqa: E402
 from unmerge_jax.kernels import merge as K  # noqa: E402
 
@@ -46,11 +47,7 @@ def tiny(tmp_path_factory):
     base.save_pretrained(root / "base", max_shard_size="100KB")   # sharded input with an index
     models = []
     for i in range(K_MODELS):
-        m = _llama(0)
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.01 * torch.randn_like(p) * (torch.rand_like(p) < 0.6))
+        m = fine_tune(lambda: _llama(0), 100 + i)
         m.save_pretrained(root / f"ft{i}")
         models.append(str(root / f"ft{i}"))
     (root / "other").mkdir()
