@@ -60,6 +60,9 @@ def add_input_args(p) -> None:
     b.add_argument("--seeds", type=int, default=0, help="bootstrap replicates S, all in the same pass (default 0)")
     b.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
     b.add_argument("--block-rows", type=int, default=None, help="rows per staged block (default 131072)")
+    b.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
+                   help="rows per bootstrap resampling unit: 1 = resample single parameters; default 4096 "
+                        "consecutive parameters once that leaves >= 200 units (819,200 rows), else 1")
 
 
 def stats_kwargs(args) -> dict:
@@ -67,6 +70,8 @@ def stats_kwargs(args) -> dict:
               key=args.seed)
     if args.block_rows is not None:
         kw["block_rows"] = args.block_rows
+    if args.bootstrap_block is not None:
+        kw["bootstrap_block"] = args.bootstrap_block
     if args.seeds < 0:
         raise UnmergeError(f"--seeds must be >= 0, got {args.seeds}")
     return kw

@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--methods", help="comma-separated subset of methods (default: all in the grid)")
     p.add_argument("--seeds", type=int, default=3, help="bootstrap replicates per run (default 3; 0 = full data once)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    p.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
+                   help="rows per bootstrap resampling unit with --dictionary/--targets: 1 = single rows; default "
+                        "4096 consecutive rows once that leaves >= 200 units (819,200 rows), else 1")
     p.add_argument("--truth", type=Path, help=".npy (targets x atoms) true weights: adds precision/recall/perfect match")
     p.add_argument("--by", default="method", help="comma-separated columns to summarise by (default: method)")
     p.add_argument("--out", type=Path, help="write every run to this CSV")
@@ -55,7 +58,7 @@ def run(args) -> int:
     elif args.dictionary is not None and args.targets is not None:
         d, atom_names = load_columns(args.dictionary)
         v, target_names = load_columns(args.targets)
-        data = (u.gram_stats(d, v, seeds=args.seeds, key=args.seed),)
+        data = (u.gram_stats(d, v, seeds=args.seeds, key=args.seed, bootstrap_block=args.bootstrap_block),)
     else:
         raise UnmergeError("give --stats FILE.npz, or both --dictionary and --targets")
     grid = "paper"

@@ -5,9 +5,12 @@ a block of parameter rows. Rows are sharded over a 1-D device mesh with ``shard_
 reduces its rows and a ``psum`` adds the partial sums, so the result does not depend on the number
 of devices (up to float64 summation order, ~1e-15 relative).
 
-Bootstrap weights are Poisson(1) draws that depend only on ``(key, global row index, seed)``, not
-on the block or tensor boundaries: streaming a checkpoint tensor by tensor and computing the
-statistics of the dense concatenation give the same replicates.
+Bootstrap weights are Poisson(1) draws that depend only on ``(key, resampling unit, seed)``, where
+a unit is ``row // boot_block`` for a global row index: not on the block or tensor boundaries, so
+streaming a checkpoint tensor by tensor and computing the statistics of the dense concatenation
+give the same replicates. ``boot_block = 1`` is the classic per-row bootstrap; a unit of
+``CHUNK_ROWS`` rows lets the kernel weight each chunk's products once instead of recomputing
+them per replicate (see ``unmerge_jax.stats.bootstrap_block``).
 """
 
 from __future__ import annotations
@@ -73,11 +76,14 @@ def bootstrap_weights(key, rows, n_seeds: int):
 CHUNK_ROWS = 4096
 
 
-def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute_dtype):
+def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute_dtype, boot_block: int = 1,
+                 unit_chunks: bool = False):
     """Statistics of one chunk of rows, float64 sums.
 
     ``start`` is the chunk's first row within the block, ``n_valid`` the block's valid rows (rows
     at or past it are padding and must be zero), ``row_offset`` the block's first global row.
+    With ``unit_chunks`` the caller guarantees the chunk lies inside one bootstrap unit of
+    ``boot_block`` rows, so every replicate is the chunk's products times one weight.
     """
     hi = jax.lax.Precision.HIGHEST
     k = d.shape[1]
@@ -88,8 +94,13 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     out = (prod[:, :k], prod[:, k:], jnp.sum(ysq, axis=0).astype(jnp.float64))
     if not n_seeds:
         return out
+    if unit_chunks:
+        unit = (row_offset + start) // boot_block
+        w = bootstrap_weights(key, unit[None], n_seeds)[:, 0].astype(jnp.float64)  # (S,)
+        valid = jnp.clip(n_valid - start, 0, x.shape[0]).astype(jnp.float64)
+        return (*out, w[:, None, None] * out[0], w[:, None, None] * out[1], w[:, None] * out[2], w * valid)
     local = start + jnp.arange(x.shape[0], dtype=jnp.int64)
-    w = bootstrap_weights(key, row_offset + local, n_seeds) * (local < n_valid)  # (S, r)
+    w = bootstrap_weights(key, (row_offset + local) // boot_block, n_seeds) * (local < n_valid)  # (S, r)
     wc = w.astype(compute_dtype)
     # [w_1 x, …, w_S x]ᵀ [x y]: every replicate's products in one GEMM.
     xw = (wc[:, :, None] * x[None]).transpose(1, 0, 2).reshape(x.shape[0], -1)
@@ -98,7 +109,8 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     return (*out, bprod[:, :, :k], bprod[:, :, k:], btsq, jnp.sum(w, axis=1).astype(jnp.float64))
 
 
-def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype):
+def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype, boot_block: int = 1,
+                 unit_chunks: bool = False):
     """Statistics of this device's rows (no cross-device reduction), scanned in cache-sized chunks.
 
     The whole chunks are a free reshape of the input, scanned in place; a remainder (< one chunk)
@@ -110,7 +122,7 @@ def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype)
     first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r  # this device's first row in the block
     chunk = min(CHUNK_ROWS, r)
     fn = functools.partial(_chunk_stats, n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, boot_block=boot_block, unit_chunks=unit_chunks)
     n_full = r // chunk
     main = n_full * chunk
     shapes = jax.eval_shape(fn, d[:chunk], v[:chunk], first)
@@ -129,12 +141,13 @@ def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_block_stats(mesh: Mesh, n_seeds: int, compute_dtype: str):
-    """jit(shard_map(local stats) + psum) for one mesh / seed count / dtype."""
+def _compiled_block_stats(mesh: Mesh, n_seeds: int, compute_dtype: str, boot_block: int, unit_chunks: bool):
+    """jit(shard_map(local stats) + psum) for one mesh / seed count / dtype / bootstrap layout."""
     cdt = jnp.dtype(compute_dtype)
 
     def local(d, v, n_valid, row_offset, key):
-        parts = _local_stats(d, v, n_valid, row_offset, key, n_seeds=n_seeds, compute_dtype=cdt)
+        parts = _local_stats(d, v, n_valid, row_offset, key, n_seeds=n_seeds, compute_dtype=cdt,
+                             boot_block=boot_block, unit_chunks=unit_chunks)
         return tuple(jax.lax.psum(p, ROW_AXIS) for p in parts)
 
     n_out = 7 if n_seeds else 3
@@ -148,8 +161,19 @@ def _compiled_block_stats(mesh: Mesh, n_seeds: int, compute_dtype: str):
     return jax.jit(sharded)
 
 
+def chunks_inside_units(n_seeds: int, boot_block: int, row_offset: int, device_rows: int) -> bool:
+    """Whether every scan chunk of a block lies inside one bootstrap unit (the cheap replicate path).
+
+    True when there are replicates, units are whole chunks (``boot_block`` a multiple of
+    ``CHUNK_ROWS``) and both the block's first global row and each device's share of rows are
+    chunk multiples, so chunk starts fall on chunk boundaries of the global row index.
+    """
+    return bool(n_seeds) and boot_block % CHUNK_ROWS == 0 and row_offset % CHUNK_ROWS == 0 \
+        and device_rows % CHUNK_ROWS == 0
+
+
 def block_stats(d, v, *, row_offset: int, n_seeds: int, key, mesh: Mesh, compute_dtype="float64",
-                pad_to: int | None = None, n_valid: int | None = None):
+                pad_to: int | None = None, n_valid: int | None = None, boot_block: int = 1):
     """Float64 statistics of one block of rows, rows sharded over ``mesh``.
 
     Args:
@@ -168,6 +192,10 @@ def block_stats(d, v, *, row_offset: int, n_seeds: int, key, mesh: Mesh, compute
         sizes reuse one compiled program. Default: next multiple of the device count.
       n_valid: rows of ``d``/``v`` that hold data (default: all); the rest must be zero. Lets a
         caller hand over a zero-padded staging buffer without slicing it.
+      boot_block: rows per bootstrap resampling unit (1 = per-row weights). When it is a multiple
+        of ``CHUNK_ROWS`` and the block and every device's share start on a chunk boundary, each
+        chunk's products are computed once and weighted per replicate (the replicates cost almost
+        nothing); otherwise every row gets its unit's weight (same values, four products).
 
     Returns:
       tuple (gram (K,K), cross (K,T), target_sq (T,), n_rows) and, with seeds,
@@ -188,7 +216,12 @@ def block_stats(d, v, *, row_offset: int, n_seeds: int, key, mesh: Mesh, compute
     d, v = jax.device_put(d, shard), jax.device_put(v, shard)
     if key is None:
         key = jax.random.key(0)
-    fn = _compiled_block_stats(mesh, int(n_seeds), jnp.dtype(compute_dtype).name)
+    boot_block = int(boot_block)
+    if boot_block < 1:
+        raise ValueError(f"boot_block must be >= 1, got {boot_block}")
+    unit_chunks = chunks_inside_units(n_seeds, boot_block, int(row_offset), target // n_dev)
+    fn = _compiled_block_stats(mesh, int(n_seeds), jnp.dtype(compute_dtype).name, boot_block if n_seeds else 1,
+                               unit_chunks)
     out = fn(d, v, np.int64(n_valid), np.int64(row_offset), key)
     n_rows = np.int64(n_valid)
     return (*out[:3], n_rows, *out[3:])

@@ -385,3 +385,56 @@ def test_sweep_fast_path_equals_general_path():
         slow = solve_batched(*arrays, sw, method=method, static=static, full_rank=False)
         np.testing.assert_allclose(np.asarray(fast.coef), np.asarray(slow.coef), rtol=1e-9, atol=1e-12, err_msg=method)
         np.testing.assert_array_equal(np.asarray(fast.n_iter), np.asarray(slow.n_iter))
+
+
+def test_block_bootstrap_weights_whole_units_and_matches_per_row_formula():
+    # bootstrap_block=CHUNK_ROWS: every row of unit u = row // 4096 carries that unit's Poisson
+    # weight. Aligned blocks take the fast path (chunk products weighted once per replicate),
+    # misaligned streamed blocks the per-row path; both must equal the float64 formula, with 1 and
+    # 8 devices.
+    from unmerge_jax.kernels.stats import CHUNK_ROWS, bootstrap_weights
+
+    rng = np.random.default_rng(21)
+    n = 2 * 8 * CHUNK_ROWS + 3000  # two full blocks and a ragged one
+    d = rng.standard_normal((n, 3)).astype(np.float32)
+    v = rng.standard_normal((n, 2)).astype(np.float32)
+    w = np.asarray(bootstrap_weights(jax.random.key(4), np.arange(n) // CHUNK_ROWS, 3)).astype(np.float64)
+    assert all(np.all(w[:, u * CHUNK_ROWS:(u + 1) * CHUNK_ROWS] == w[:, [u * CHUNK_ROWS]]) for u in range(n // CHUNK_ROWS))
+    d64, v64 = d.astype(np.float64), v.astype(np.float64)
+    runs = {
+        "fast, 8 devices": u.gram_stats(d, v, seeds=3, key=4, bootstrap_block=CHUNK_ROWS, block_rows=8 * CHUNK_ROWS),
+        "fast, 1 device": u.gram_stats(d, v, seeds=3, key=4, bootstrap_block=CHUNK_ROWS, block_rows=8 * CHUNK_ROWS,
+                                       devices=jax.devices()[:1]),
+        "per-row path": u.iter_gram_stats([(d[a:a + 10_007], v[a:a + 10_007]) for a in range(0, n, 10_007)],
+                                          seeds=3, key=4, bootstrap_block=CHUNK_ROWS),
+    }
+    for name, st in runs.items():
+        for s in range(3):
+            np.testing.assert_allclose(st.boot_gram[s], (d64 * w[s][:, None]).T @ d64, rtol=1e-12, err_msg=name)
+            np.testing.assert_allclose(st.boot_cross[s], (d64 * w[s][:, None]).T @ v64, rtol=1e-10, atol=1e-8,
+                                       err_msg=name)
+            np.testing.assert_allclose(st.boot_target_sq[s], w[s] @ v64**2, rtol=1e-12, err_msg=name)
+            assert st.boot_n_rows[s] == w[s].sum(), name
+        np.testing.assert_allclose(st.gram, d64.T @ d64, rtol=1e-12, err_msg=name)
+
+
+def test_cheap_replicate_path_only_when_chunks_sit_inside_units():
+    from unmerge_jax.kernels.stats import CHUNK_ROWS as C, chunks_inside_units
+
+    assert chunks_inside_units(3, C, 5 * C, 2 * C)
+    assert chunks_inside_units(3, 4 * C, 0, C)
+    assert not chunks_inside_units(0, C, 0, C)  # no replicates
+    assert not chunks_inside_units(3, 1, 0, C)  # per-row units
+    assert not chunks_inside_units(3, C // 2, 0, C)  # units smaller than a chunk
+    assert not chunks_inside_units(3, C, 7, C)  # block starts mid-chunk
+    assert not chunks_inside_units(3, C, 0, C + 8)  # device shares straddle chunks
+
+
+def test_automatic_bootstrap_unit():
+    from unmerge_jax.kernels.stats import CHUNK_ROWS
+
+    assert u.bootstrap_unit_rows(1000) == 1 and u.bootstrap_unit_rows(200 * CHUNK_ROWS - 1) == 1
+    assert u.bootstrap_unit_rows(200 * CHUNK_ROWS) == CHUNK_ROWS == u.bootstrap_unit_rows(10**9)
+    assert u.bootstrap_unit_rows(10**9, 1) == 1 and u.bootstrap_unit_rows(10, 64) == 64
+    with pytest.raises(u.UnmergeError, match="bootstrap_block must be >= 1"):
+        u.gram_stats(np.ones((4, 1)), np.ones(4), seeds=1, bootstrap_block=0)

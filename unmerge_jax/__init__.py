@@ -12,7 +12,8 @@ _jax.config.update("jax_enable_x64", True)
 from unmerge_jax.errors import UnmergeError  # noqa: E402
 
 # --- core engine: statistics, solvers, sweeps (issue 2) ---
-from unmerge_jax.stats import GramStats, accumulate_block, add_stats, gram_stats, iter_gram_stats, load_stats, save_stats  # noqa: E402
+from unmerge_jax.stats import (GramStats, accumulate_block, add_stats, bootstrap_unit_rows, gram_stats, iter_gram_stats,  # noqa: E402
+                                load_stats, save_stats)
 from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: E402
 from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 

@@ -21,9 +21,33 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError, check_finite
 from unmerge_jax.hostmem import ALIGN, aligned_empty
 from unmerge_jax.io.atomic import atomic_file
-from unmerge_jax.kernels.stats import block_stats, row_mesh
+from unmerge_jax.kernels.stats import CHUNK_ROWS, block_stats, row_mesh
 
 DEFAULT_BLOCK_ROWS = 1 << 16
+# Fewest resampling units for which the automatic bootstrap resamples blocks instead of rows.
+MIN_BOOT_UNITS = 200
+
+
+def bootstrap_unit_rows(n_rows: int, block: int | None = None) -> int:
+    """Rows per bootstrap resampling unit for ``n_rows`` rows (``block`` if given, else automatic).
+
+    Replicate ``s`` weights every row of unit ``u = row // block`` with one Poisson(1) draw.
+    ``block = 1`` is the classic per-row bootstrap. The automatic choice is ``CHUNK_ROWS`` (4,096
+    consecutive parameters, e.g. one row of a 4,096-wide weight matrix) once that still leaves at
+    least ``MIN_BOOT_UNITS`` units (n ≥ 819,200 rows), and 1 below that.
+
+    Why blocks: neighbouring parameters of a weight matrix are not independent, and resampling
+    contiguous blocks (the block bootstrap) keeps that dependence inside each unit; for
+    independent rows it estimates the same variance, from fewer units. And the kernel then
+    computes each 4,096-row chunk's products once and weights them per replicate, so S replicates
+    cost almost nothing instead of S more products.
+    """
+    if block is None:
+        return CHUNK_ROWS if n_rows >= MIN_BOOT_UNITS * CHUNK_ROWS else 1
+    block = int(block)
+    if block < 1:
+        raise UnmergeError(f"bootstrap_block must be >= 1 row, got {block}")
+    return block
 
 
 class GramStats(NamedTuple):
@@ -124,7 +148,7 @@ def validate_inputs(D, V, *, check_values: bool = True):
 
 
 def accumulate_block(D_block, V_block, *, row_offset: int = 0, seeds: int = 0, key=None, devices=None,
-                     compute_dtype="float64", pad_to: int | None = None) -> GramStats:
+                     compute_dtype="float64", pad_to: int | None = None, bootstrap_block: int = 1) -> GramStats:
     """Partial statistics of one block of rows (for streaming passes; sum blocks with add_stats).
 
     Args:
@@ -134,10 +158,12 @@ def accumulate_block(D_block, V_block, *, row_offset: int = 0, seeds: int = 0, k
       seeds, key: bootstrap replicates (see :func:`gram_stats`).
       devices: devices to shard rows over (default: all).
       compute_dtype, pad_to: see ``kernels.stats.block_stats``.
+      bootstrap_block: rows per resampling unit (see :func:`bootstrap_unit_rows`); every block of
+        one pass must use the same value.
     """
     out = block_stats(D_block, V_block, row_offset=row_offset, n_seeds=seeds,
                       key=_seed_key(key, seeds), mesh=row_mesh(devices), compute_dtype=compute_dtype,
-                      pad_to=pad_to)
+                      pad_to=pad_to, boot_block=bootstrap_unit_rows(0, bootstrap_block))
     return GramStats(*out)
 
 
@@ -152,7 +178,7 @@ def _seed_key(key, seeds):
 
 
 def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int = DEFAULT_BLOCK_ROWS,
-               compute_dtype="float64") -> GramStats:
+               compute_dtype="float64", bootstrap_block: int | None = None) -> GramStats:
     """Float64 sufficient statistics of dictionary ``D`` and targets ``V``.
 
     ``G = DᵀD``, ``C = DᵀV``, ``‖v_t‖²``, accumulated over row blocks in float64 and sharded over
@@ -169,6 +195,8 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
       V: (n,) or (n, T) targets.
       seeds: S ≥ 0 Poisson(1) bootstrap replicates computed in the same pass.
       key: ``jax.random`` key or int seed for the replicates (default 0).
+      bootstrap_block: rows per resampling unit; default automatic: 4,096-row blocks from
+        819,200 rows up, single rows below (see :func:`bootstrap_unit_rows`).
       devices: devices to shard rows over (default: all of the default backend).
       block_rows: rows per compiled block (bounds the float64 temporaries and the staging buffers).
       compute_dtype: "float64" (default, exact products) or "float32" (float32 products summed in
@@ -185,6 +213,7 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
     n_dev = mesh.devices.size
     block = -(-max(n_dev, min(block_rows, n)) // n_dev) * n_dev
     key = _seed_key(key, seeds)
+    boot_block = bootstrap_unit_rows(n, bootstrap_block)
     stage_d, stage_v = _Staging(D, block), _Staging(V, block)
     inflight: list = []
     total = None
@@ -194,7 +223,8 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
             jax.block_until_ready(inflight.pop(0))
         d_blk, v_blk = stage_d.block(i, start, stop), stage_v.block(i, start, stop)
         part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
-                                      compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start))
+                                      compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start,
+                                      boot_block=boot_block))
         inflight.append(part.gram)
         total = part if total is None else add_stats(total, part)
     total = to_host(total)
@@ -252,17 +282,19 @@ def to_host(stats: GramStats) -> GramStats:
 
 
 def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
-                    compute_dtype="float64", pad_to: int | None = None) -> GramStats:
+                    compute_dtype="float64", pad_to: int | None = None, bootstrap_block: int = 1) -> GramStats:
     """Statistics of a stream of ``(D_block, V_block)`` row blocks, never materialised whole.
 
-    Blocks may differ in size; row offsets are counted along the stream.
+    Blocks may differ in size; row offsets are counted along the stream. The stream's length is
+    not known in advance, so the bootstrap unit is not chosen automatically: ``bootstrap_block``
+    defaults to single rows (pass :func:`bootstrap_unit_rows` of the total to match ``gram_stats``).
     """
     total, offset = None, 0
     key = _seed_key(key, seeds)
     for d, v in blocks:
         d, v = validate_inputs(d, v)
         part = accumulate_block(d, v, row_offset=offset, seeds=seeds, key=key, devices=devices,
-                                compute_dtype=compute_dtype, pad_to=pad_to)
+                                compute_dtype=compute_dtype, pad_to=pad_to, bootstrap_block=bootstrap_block)
         offset += d.shape[0]
         total = part if total is None else add_stats(total, part)
     if total is None:

@@ -41,7 +41,7 @@ from unmerge_jax.io.taskvec import TaskVector, task_vector
 from unmerge_jax.kernels.stats import ROW_AXIS, row_mesh
 from unmerge_jax.kernels.stream_stats import row_block
 from unmerge_jax.progress import progress
-from unmerge_jax.stats import GramStats, accumulate_block, add_stats
+from unmerge_jax.stats import GramStats, accumulate_block, add_stats, bootstrap_unit_rows
 
 DEFAULT_BLOCK_ROWS = 1 << 17
 CHECK_EVERY = 16  # blocks between non-finite checks (each check waits for the device)
@@ -145,11 +145,12 @@ def _sum_over_processes(stats: GramStats) -> GramStats:
 class _Packer:
     """Packs selected rows of consecutive tensors into blocks and accumulates their statistics."""
 
-    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad):
+    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad, boot_block=1):
         self.n_dict, self.block = n_dict, block
         self.n_in = 1 + len(relative)
         self.relative = jnp.asarray(np.asarray(relative, bool))
         self.devices, self.seeds, self.key, self.cdt = devices, seeds, key, compute_dtype
+        self.boot_block = boot_block
         self.sharding = NamedSharding(row_mesh(devices), P(None, ROW_AXIS))
         self.offset = offset
         self.fill = 0
@@ -192,7 +193,7 @@ class _Packer:
         if n < self.block:
             D, V = D[:n], V[:n]
         part = accumulate_block(D, V, row_offset=self.offset, seeds=self.seeds, key=self.key, devices=self.devices,
-                                compute_dtype=self.cdt, pad_to=self.block)
+                                compute_dtype=self.cdt, pad_to=self.block, bootstrap_block=self.boot_block)
         self.total = part if self.total is None else add_stats(self.total, part)
         self.pending.append((bad, tuple(self.segments)))
         # Bound the blocks in flight (async dispatch would otherwise queue staged copies without
@@ -236,7 +237,8 @@ def _load_mask(mask, base) -> Selection:
 
 def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: str = "group", modules=None,
                  mask=None, seeds: int = 0, key: int = 0, devices=None, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 compute_dtype: str = "float64", distributed: bool | None = None) -> StreamResult:
+                 compute_dtype: str = "float64", distributed: bool | None = None,
+                 bootstrap_block: int | None = None) -> StreamResult:
     """Float64 :class:`GramStats` of checkpoint task vectors in one streaming pass.
 
     Args:
@@ -257,6 +259,8 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
       compute_dtype: block product dtype (see :func:`unmerge_jax.gram_stats`).
       distributed: share tensors over the ``jax.distributed`` processes (default: when more than
         one process runs). Every process returns the summed statistics.
+      bootstrap_block: rows per bootstrap resampling unit (default automatic from the selected
+        rows, as :func:`unmerge_jax.gram_stats` does; see :func:`unmerge_jax.bootstrap_unit_rows`).
 
     Returns:
       :class:`StreamResult` (``stats``, ``provenance``, ``selection``).
@@ -282,16 +286,20 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
     n_rows = selection.n_rows
     if n_rows == 0:
         raise UnmergeError("the selection keeps no parameter entries; raise --top-k or widen --modules")
+    boot_block = bootstrap_unit_rows(n_rows, bootstrap_block)
     stats, n_blocks = _accumulate(base, srcs, K, selection, seeds=seeds, key=key, devices=devices,
-                                  block_rows=block_rows, compute_dtype=compute_dtype, pidx=pidx, pcount=pcount)
+                                  block_rows=block_rows, compute_dtype=compute_dtype, pidx=pidx, pcount=pcount,
+                                  boot_block=boot_block)
     prov = provenance(base, d_entries, t_entries, srcs, selection, seeds=seeds, key=key, block_rows=block_rows,
+                      bootstrap_block=boot_block,
                       n_processes=pcount, seconds=time.perf_counter() - t0, mask_file=None if mask is None or
                       isinstance(mask, Selection) else str(mask))
     prov["n_blocks"] = n_blocks
     return StreamResult(stats, prov, selection)
 
 
-def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount):
+def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
+                boot_block=1):
     names = selection.names
     mine = share(names, [selection.rows(n) for n in names], pcount)[pidx]
     if devices is None:
@@ -308,7 +316,8 @@ def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, co
     def on_bad(tensor_ids, inp):
         _raise_nonfinite(base, srcs, K, selection, [names[i] for i in tensor_ids], inp)
 
-    packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad)
+    packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad,
+                     boot_block)
     # One reusable buffer per input, sized for its largest tensor: tensors are read (in their stored
     # dtype; staging casts to float32) into it instead of into fresh arrays, so the pass allocates
     # (and page-faults) its (1 + K + T) tensors' worth once, not once per tensor.
@@ -512,13 +521,15 @@ def collect_stats(base, dictionary, targets, *, top_k=None, scope="group", modul
         if D.shape[0] != V.shape[0]:
             raise UnmergeError(f"the dictionary arrays have {D.shape[0]} rows but the targets have {V.shape[0]}; both "
                                f"must be flattened over the same parameters")
-        stats = gram_stats(D, V, seeds=seeds, key=key)
+        boot_block = bootstrap_unit_rows(int(D.shape[0]), kw.get("bootstrap_block"))
+        stats = gram_stats(D, V, seeds=seeds, key=key, bootstrap_block=boot_block)
         import unmerge_jax
 
         prov = {"created_by": f"unmerge_jax {unmerge_jax.__version__}", "mode": "arrays",
                 "dictionary": [str(Path(e.path).resolve()) for e in d_entries],
                 "targets": [str(Path(e.path).resolve()) for e in t_entries], "atom_names": d_names,
                 "target_names": t_names, "n_rows": int(D.shape[0]), "dtypes": sorted({str(D.dtype), str(V.dtype)}),
+                "bootstrap_block": boot_block,
                 "seeds": int(seeds), "key": int(key), "seconds": time.perf_counter() - t0}
         return StreamResult(stats, prov, None)
     if any(arrays):
