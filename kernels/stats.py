@@ -161,6 +161,77 @@ def _compiled_block_stats(mesh: Mesh, n_seeds: int, compute_dtype: str, boot_blo
     return jax.jit(sharded)
 
 
+def _flat_local_stats(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key, *, rows: int, n_seeds: int,
+                      compute_dtype, boot_block: int, unit_chunks: bool):
+    """``_local_stats`` of a block handed over as two flat buffers, each starting ``shift`` entries early.
+
+    Each chunk is sliced out of the flat buffer inside the scan (the scan copies every chunk into
+    cache anyway), so a misaligned host block needs no staging copy: the caller passes the
+    aligned address at or before it.
+    """
+    k = (d_flat.shape[0] - FLAT_PAD[d_flat.dtype.itemsize]) // rows
+    t = (v_flat.shape[0] - FLAT_PAD[v_flat.dtype.itemsize]) // rows
+    chunk = min(CHUNK_ROWS, rows)
+    fn = functools.partial(_chunk_stats, n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds,
+                           compute_dtype=compute_dtype, boot_block=boot_block, unit_chunks=unit_chunks)
+
+    def take(start, size):
+        d = jax.lax.dynamic_slice(d_flat, (d_shift + start * k,), (size * k,)).reshape(size, k)
+        v = jax.lax.dynamic_slice(v_flat, (v_shift + start * t,), (size * t,)).reshape(size, t)
+        return d, v, start
+
+    n_full = rows // chunk
+    main = n_full * chunk
+    shapes = jax.eval_shape(lambda: fn(*take(jnp.int64(0), chunk)))
+    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
+
+    def body(acc, i):
+        return tuple(x + y for x, y in zip(acc, fn(*take(i * chunk, chunk)))), None
+
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int64))
+    if main < rows:
+        total = tuple(x + y for x, y in zip(total, fn(*take(jnp.int64(main), rows - main))))
+    return total
+
+
+# Entries a flat buffer carries beyond rows × columns, by item size: room for a shift of up to one
+# alignment unit.
+FLAT_PAD = {4: 16, 8: 8, 2: 32}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flat_stats(rows: int, n_seeds: int, compute_dtype: str, boot_block: int, unit_chunks: bool):
+    return jax.jit(functools.partial(_flat_local_stats, rows=rows, n_seeds=n_seeds,
+                                     compute_dtype=jnp.dtype(compute_dtype), boot_block=boot_block,
+                                     unit_chunks=unit_chunks))
+
+
+def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, row_offset: int, n_seeds: int, key,
+                     device, compute_dtype="float64", n_valid: int | None = None, boot_block: int = 1):
+    """``block_stats`` on one device for a block given as flat host buffers (zero-copy on CPU).
+
+    Args:
+      d_flat: 1-D buffer of ``rows·K + FLAT_PAD`` entries whose data starts on a 64-byte boundary;
+        the block's (rows, K) row-major entries start at entry ``d_shift``.
+      v_flat, v_shift: the same for the (rows, T) targets.
+      rows: rows in the block (static: one program per block size).
+      device: the device to run on.
+      Other arguments as :func:`block_stats`.
+
+    Returns:
+      as :func:`block_stats`.
+    """
+    n_valid = rows if n_valid is None else int(n_valid)
+    if key is None:
+        key = jax.random.key(0)
+    unit_chunks = chunks_inside_units(n_seeds, boot_block, int(row_offset), rows)
+    fn = _compiled_flat_stats(rows, int(n_seeds), jnp.dtype(compute_dtype).name, boot_block if n_seeds else 1,
+                              unit_chunks)
+    d_flat, v_flat = jax.device_put(d_flat, device), jax.device_put(v_flat, device)
+    out = fn(d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
+    return (*out[:3], np.int64(n_valid), *out[3:])
+
+
 def chunks_inside_units(n_seeds: int, boot_block: int, row_offset: int, device_rows: int) -> bool:
     """Whether every scan chunk of a block lies inside one bootstrap unit (the cheap replicate path).
 

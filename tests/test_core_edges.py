@@ -236,7 +236,12 @@ def test_statistics_come_back_on_host_so_solves_run_on_one_device():
     st = u.gram_stats(d, v, seeds=2, key=0)
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in (st.gram, st.cross, st.boot_gram))
     problems = u.solve.__globals__["stacked_problems"](st, use_seeds=True)
-    assert all(len(p.devices()) == 1 for p in problems)
+    # Host arrays: the jitted solvers put them on the default device, never on a mesh.
+    assert all(isinstance(p, np.ndarray) and p.dtype == np.float64 for p in problems)
+    from unmerge_jax.solve import solve_batched
+
+    res = solve_batched(*problems, np.zeros((1, 0)), method="nnls", static=(), full_rank=True)
+    assert len(res.coef.devices()) == 1
 
 
 @pytest.mark.parametrize("case", ["spd", "ill", "rank_deficient", "zero_rows"])
@@ -438,3 +443,40 @@ def test_automatic_bootstrap_unit():
     assert u.bootstrap_unit_rows(10**9, 1) == 1 and u.bootstrap_unit_rows(10, 64) == 64
     with pytest.raises(u.UnmergeError, match="bootstrap_block must be >= 1"):
         u.gram_stats(np.ones((4, 1)), np.ones(4), seeds=1, bootstrap_block=0)
+
+
+@pytest.mark.parametrize("offset_bytes", [0, 16, 48])
+def test_one_device_reads_misaligned_host_arrays_in_place(offset_bytes):
+    # On one device, blocks of a C-contiguous NumPy array go over as flat buffers starting at the
+    # 64-byte boundary at or before them (NumPy's large arrays start 16 bytes past one), so they
+    # are not copied. The first block (no room before it) and the ragged last one are staged.
+    from unmerge_jax.hostmem import ALIGN, aligned_empty
+    from unmerge_jax.kernels.stats import CHUNK_ROWS, bootstrap_weights
+    from unmerge_jax.stats import _Staging
+
+    rng = np.random.default_rng(offset_bytes)
+    n, block = 5 * 2 * CHUNK_ROWS - 333, 2 * CHUNK_ROWS
+
+    def at_offset(cols):
+        raw = aligned_empty(n * cols * 4 + ALIGN, np.uint8)
+        x = raw[offset_bytes:offset_bytes + n * cols * 4].view(np.float32).reshape(n, cols)
+        x[...] = rng.standard_normal((n, cols))
+        return x
+
+    d, v = at_offset(3), at_offset(5)
+    before = d.copy(), v.copy()
+    assert d.ctypes.data % ALIGN == offset_bytes
+    shifts = [_Staging(v, block, flat=True)._shifted(a, a + block) for a in range(block, n - block, block)]
+    assert all(s is not None and s[0].ctypes.data % ALIGN == 0 for s in shifts)
+    st = u.gram_stats(d, v, seeds=2, key=3, block_rows=block, bootstrap_block=CHUNK_ROWS, devices=jax.devices()[:1])
+    d64, v64 = d.astype(np.float64), v.astype(np.float64)
+    np.testing.assert_allclose(st.gram, d64.T @ d64, rtol=1e-12)
+    np.testing.assert_allclose(st.cross, d64.T @ v64, rtol=1e-11, atol=1e-9)
+    np.testing.assert_allclose(st.target_sq, (v64 ** 2).sum(0), rtol=1e-12)
+    w = np.asarray(bootstrap_weights(jax.random.key(3), np.arange(n) // CHUNK_ROWS, 2)).astype(np.float64)
+    for s in range(2):
+        np.testing.assert_allclose(st.boot_cross[s], (d64 * w[s][:, None]).T @ v64, rtol=1e-11, atol=1e-9)
+        np.testing.assert_allclose(st.boot_target_sq[s], w[s] @ v64**2, rtol=1e-12)
+        assert st.boot_n_rows[s] == w[s].sum()
+    np.testing.assert_array_equal(d, before[0])  # inputs are never written
+    np.testing.assert_array_equal(v, before[1])

@@ -139,8 +139,10 @@ def stacked_problems(stats: GramStats, *, use_seeds: bool):
     gram = s.gram
     # λmax on the host: G is K×K and eager JAX would compile an eigh per shape.
     lip = np.linalg.eigvalsh(gram)[..., -1]
-    return (jnp.asarray(gram), jnp.asarray(s.cross), jnp.asarray(s.target_sq), jnp.asarray(s.n_rows, jnp.float64),
-            jnp.asarray(lip))
+    # Host NumPy: the jitted solvers take them as they are, and the sweep's host-side scoring reads
+    # them without an eager device op per slice.
+    return (np.asarray(gram, np.float64), np.asarray(s.cross, np.float64), np.asarray(s.target_sq, np.float64),
+            np.asarray(s.n_rows, np.float64), np.asarray(lip, np.float64))
 
 
 def validate_stats(stats: GramStats) -> None:

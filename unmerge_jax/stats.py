@@ -21,7 +21,7 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError, check_finite
 from unmerge_jax.hostmem import ALIGN, aligned_empty
 from unmerge_jax.io.atomic import atomic_file
-from unmerge_jax.kernels.stats import CHUNK_ROWS, block_stats, row_mesh
+from unmerge_jax.kernels.stats import CHUNK_ROWS, FLAT_PAD, block_stats, flat_block_stats, row_mesh
 
 DEFAULT_BLOCK_ROWS = 1 << 16
 # Fewest resampling units for which the automatic bootstrap resamples blocks instead of rows.
@@ -214,7 +214,10 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
     block = -(-max(n_dev, min(block_rows, n)) // n_dev) * n_dev
     key = _seed_key(key, seeds)
     boot_block = bootstrap_unit_rows(n, bootstrap_block)
-    stage_d, stage_v = _Staging(D, block), _Staging(V, block)
+    # One device and host arrays: blocks go over as flat buffers starting at the 64-byte boundary at
+    # or before them, so NumPy's usual 16-byte-aligned arrays are read in place too.
+    flat = n_dev == 1 and all(isinstance(x, np.ndarray) and x.dtype.itemsize in FLAT_PAD for x in (D, V))
+    stage_d, stage_v = _Staging(D, block, flat), _Staging(V, block, flat)
     inflight: list = []
     total = None
     for i, start in enumerate(range(0, n, block)):
@@ -222,9 +225,14 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
         if len(inflight) == 2:  # the device may still read the staging buffer about to be refilled
             jax.block_until_ready(inflight.pop(0))
         d_blk, v_blk = stage_d.block(i, start, stop), stage_v.block(i, start, stop)
-        part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
-                                      compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start,
-                                      boot_block=boot_block))
+        if flat:
+            part = GramStats(*flat_block_stats(*d_blk, *v_blk, rows=block, row_offset=start, n_seeds=seeds, key=key,
+                                               device=mesh.devices.flat[0], compute_dtype=compute_dtype,
+                                               n_valid=stop - start, boot_block=boot_block))
+        else:
+            part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
+                                          compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start,
+                                          boot_block=boot_block))
         inflight.append(part.gram)
         total = part if total is None else add_stats(total, part)
     total = to_host(total)
@@ -239,14 +247,20 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
 class _Staging:
     """Hands row blocks of one input to the device, copying only when it cannot be used in place.
 
-    JAX arrays are sliced on their device. A NumPy block is passed as is when it is C-contiguous,
-    64-byte aligned and full; otherwise it is copied into one of two aligned buffers (used
-    alternately, so block i+1 is staged while the device still reads block i), and a short last
-    block is zero-padded there.
+    JAX arrays are sliced on their device. A NumPy block is passed as is when it is C-contiguous
+    and full and either 64-byte aligned or (``flat`` mode, one device) preceded within the array
+    by the entries back to a 64-byte boundary: it then goes over as a flat buffer from that
+    boundary plus the shift to the block. Otherwise it is copied into one of two aligned buffers
+    (used alternately, so block i+1 is staged while the device still reads block i), and a short
+    last block is zero-padded there.
+
+    ``block()`` returns a (rows, cols) array, or in ``flat`` mode a ``(buffer, shift)`` pair.
     """
 
-    def __init__(self, x, block: int):
-        self.x, self.block_rows = x, block
+    def __init__(self, x, block: int, flat: bool = False):
+        self.x, self.block_rows, self.flat = x, block, flat
+        self.cols = x.shape[1]
+        self.pad = FLAT_PAD[x.dtype.itemsize] if flat else 0
         self.buffers: list = []
 
     def block(self, i: int, start: int, stop: int):
@@ -254,15 +268,36 @@ class _Staging:
         if isinstance(self.x, jax.Array):
             return part
         full = stop - start == self.block_rows
-        if full and part.flags.c_contiguous and part.ctypes.data % ALIGN == 0:
-            return part
+        if full and self.x.flags.c_contiguous:
+            if self.flat:
+                shifted = self._shifted(start, stop)
+                if shifted is not None:
+                    return shifted
+            elif part.ctypes.data % ALIGN == 0:
+                return part
         while len(self.buffers) <= i % 2:
-            self.buffers.append(aligned_empty((self.block_rows, self.x.shape[1]), self.x.dtype))
+            self.buffers.append(aligned_empty(self.block_rows * self.cols + self.pad, self.x.dtype))
         buf = self.buffers[i % 2]
-        np.copyto(buf[: stop - start], part)
+        rows = buf[: self.block_rows * self.cols].reshape(self.block_rows, self.cols)
+        np.copyto(rows[: stop - start], part)
         if not full:
-            buf[stop - start:] = 0
-        return buf
+            rows[stop - start:] = 0
+        return (buf, 0) if self.flat else rows
+
+    def _shifted(self, start: int, stop: int):
+        """``(flat view from the 64-byte boundary at or before row start, shift)``, or None if that
+        boundary or the view's padded end falls outside the array."""
+        flat = self.x.reshape(-1)
+        size = self.x.dtype.itemsize
+        first = start * self.cols
+        addr = flat.ctypes.data + first * size
+        if addr % size:
+            return None
+        shift = (addr % ALIGN) // size
+        lo, hi = first - shift, first - shift + (stop - start) * self.cols + self.pad
+        if lo < 0 or hi > flat.size:
+            return None
+        return flat[lo:hi], shift
 
 
 def to_host(stats: GramStats) -> GramStats:

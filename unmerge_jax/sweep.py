@@ -12,7 +12,6 @@ import itertools
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -124,7 +123,7 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
         if method == "omp":
             for r in resolved:
                 r["max_atoms"] = max(int(q["n_nonzero_coefs"]) for q in resolved)
-        swept = jnp.asarray([[float(r[n]) for n in spec.swept] for r in resolved], jnp.float64).reshape(len(points), len(spec.swept))
+        swept = np.asarray([[float(r[n]) for n in spec.swept] for r in resolved], np.float64).reshape(len(points), len(spec.swept))
         res = solve_batched(*solve_arrays, swept, method=method, static=_static_items(method, resolved[0]),
                             full_rank=full_rank)
         launched.append((method, spec, points, resolved, res))
@@ -157,10 +156,30 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
             cols.update(sm)
         else:
             cols["sparsity"] = np.sum(np.abs(flat) > support_tol, axis=-1).astype(float)
-        frames.append(pd.DataFrame(cols))
-    table = pd.concat(frames, ignore_index=True)
+        frames.append(cols)
+    table = _concat_columns(frames)
     table.attrs["atom_names"] = atom_names
     return table
+
+
+def _concat_columns(frames: list[dict]) -> pd.DataFrame:
+    """One DataFrame from per-family column dicts (what ``pd.concat`` of their frames gives: columns
+    in order of first appearance, NaN where a family lacks a column), built in one go."""
+    lengths = [len(f["coef"]) for f in frames]
+    names = list(dict.fromkeys(name for f in frames for name in f))
+    columns = {}
+    for name in names:
+        parts = []
+        for f, n in zip(frames, lengths):
+            value = f.get(name, np.nan)
+            if isinstance(value, list):  # tuples (coefficients) stay one object per row
+                parts.append(np.fromiter(value, dtype=object, count=n))
+            elif np.ndim(value):
+                parts.append(np.asarray(value))
+            else:
+                parts.append(np.full(n, value, dtype=object if isinstance(value, str) else None))
+        columns[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return pd.DataFrame(columns)
 
 
 class Summary(NamedTuple):
