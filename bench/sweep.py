@@ -106,8 +106,9 @@ def paper_case(n, k, t, seeds, samples, rounds=7):
                                (stats32.boot_cross, stats.boot_cross)])
 
     # Warm timings, interleaved round by round with the limit (one float32 BLAS pass over the
-    # data, as stored), in rotating order, and the best of each kept: on a shared machine a ratio
-    # of two timings taken minutes apart measures the load, not the engine.
+    # data, as stored), each item right after an untimed run of itself, in rotating order, and the
+    # best of each kept: on a shared machine a ratio of two timings taken minutes apart measures
+    # the load, not the engine.
     dv = np.concatenate([d, v], axis=1)
     timed = {
         "limit": lambda: d.T @ dv,
@@ -123,10 +124,12 @@ def paper_case(n, k, t, seeds, samples, rounds=7):
     best = {name: float("inf") for name in timed}
     names = list(timed)
     for r in range(rounds):
-        # Rotate the order every round: whatever runs right after the NumPy limit shares the cores
-        # with OpenBLAS threads still spinning, so a fixed order would always penalise one item.
         for name in names[r % len(names):] + names[: r % len(names)]:
             fn = timed[name]
+            # Each timed call follows an untimed call of the same item: whatever ran before would
+            # otherwise still hold the cores (OpenBLAS threads keep spinning after the limit) and
+            # penalise the next item. The order rotates every round.
+            fn()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)

@@ -200,14 +200,24 @@ FLAT_PAD = {4: 16, 8: 8, 2: 32}
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flat_stats(rows: int, n_seeds: int, compute_dtype: str, boot_block: int, unit_chunks: bool):
-    return jax.jit(functools.partial(_flat_local_stats, rows=rows, n_seeds=n_seeds,
-                                     compute_dtype=jnp.dtype(compute_dtype), boot_block=boot_block,
-                                     unit_chunks=unit_chunks))
+def _compiled_flat_stats(rows: int, n_seeds: int, compute_dtype: str, boot_block: int, unit_chunks: bool,
+                         accumulate: bool):
+    local = functools.partial(_flat_local_stats, rows=rows, n_seeds=n_seeds, compute_dtype=jnp.dtype(compute_dtype),
+                              boot_block=boot_block, unit_chunks=unit_chunks)
+    if not accumulate:
+        return jax.jit(local)
+
+    def add_to(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key, total):
+        part = local(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key)
+        return tuple(a + b for a, b in zip(total, part))
+
+    # The running total is updated in place: no extra dispatch or buffer per block.
+    return jax.jit(add_to, donate_argnums=(7,))
 
 
 def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, row_offset: int, n_seeds: int, key,
-                     device, compute_dtype="float64", n_valid: int | None = None, boot_block: int = 1):
+                     device, compute_dtype="float64", n_valid: int | None = None, boot_block: int = 1,
+                     total=None):
     """``block_stats`` on one device for a block given as flat host buffers (zero-copy on CPU).
 
     Args:
@@ -216,19 +226,25 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
       v_flat, v_shift: the same for the (rows, T) targets.
       rows: rows in the block (static: one program per block size).
       device: the device to run on.
+      total: optional running sums (the float arrays of a previous call's result, in order, without
+        ``n_rows``); they are added to inside the program and their buffers donated (do not reuse
+        them).
       Other arguments as :func:`block_stats`.
 
     Returns:
-      as :func:`block_stats`.
+      as :func:`block_stats` (this block's sums plus ``total``; ``n_rows`` is this block's).
     """
     n_valid = rows if n_valid is None else int(n_valid)
     if key is None:
         key = jax.random.key(0)
     unit_chunks = chunks_inside_units(n_seeds, boot_block, int(row_offset), rows)
     fn = _compiled_flat_stats(rows, int(n_seeds), jnp.dtype(compute_dtype).name, boot_block if n_seeds else 1,
-                              unit_chunks)
-    d_flat, v_flat = jax.device_put(d_flat, device), jax.device_put(v_flat, device)
-    out = fn(d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
+                              unit_chunks, total is not None)
+    if device != jax.devices()[0] or jax.config.jax_default_device is not None:
+        # jit places host arguments on the default device itself, faster than device_put.
+        d_flat, v_flat = jax.device_put(d_flat, device), jax.device_put(v_flat, device)
+    args = (d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
+    out = fn(*args) if total is None else fn(*args, tuple(total))
     return (*out[:3], np.int64(n_valid), *out[3:])
 
 
