@@ -19,6 +19,10 @@ weights again) or dense arrays (--dictionary D --targets V, each .npy (rows x co
 The paper grid: OMP k=1..8; Lasso alpha in {1e-8,1e-7,1e-6}; Ridge alpha in {1e-8,1e-6,1e-4,1e-2};
 ElasticNet l1_ratio in {0.1,0.5,0.9} x alpha in {1e-8,1e-6,1e-4}; NNLS; dot threshold in {0.01,0.05,0.1}.
 Lasso/ElasticNet use scikit-learn's (1/2n) objective, Ridge has no 1/n.
+
+Bootstrap seeds reweight rows with Poisson(1) draws, one per resampling unit: single rows up to
+819,199 rows, blocks of 4,096 consecutive rows from 819,200 (neighbouring parameters are
+dependent, and whole-chunk units make the replicates nearly free); --bootstrap-block overrides.
 """
 
 

@@ -6,7 +6,9 @@ works in K-dimensional Gram space, whatever the model size.
 
 Bootstrap: with ``seeds=S`` the same pass also accumulates ``G_s = Dᵀ W_s D``, ``C_s = Dᵀ W_s V``,
 ``‖v‖²_s = Σ_r w_sr v_r²`` for S Poisson(1) row weightings ``W_s`` (DESIGN.md §1), giving
-confidence intervals and selection stability at no extra read.
+confidence intervals and selection stability at no extra read. Rows are resampled in units of
+``bootstrap_block`` consecutive rows (:func:`bootstrap_unit_rows`): every row of a unit carries
+the unit's weight.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
       D_or_stats: (n, K) dictionary (then ``V`` is (n,) or (n, T)), or a :class:`GramStats`.
       V: targets when a dictionary array is given.
       grid: "paper" (:data:`PAPER_GRID`) or ``{method: {param: [values]}}``.
-      seeds: S bootstrap replicates (Poisson(1) row weights); each run is solved on a replicate and
+      seeds: S bootstrap replicates (Poisson(1) weights per resampling unit of rows, see
+        ``unmerge_jax.bootstrap_unit_rows``); each run is solved on a replicate and
         scored against the full data. ``seeds=0`` solves the full data once (``seed = -1``).
         With statistics that already hold replicates, the first S are used.
       key: bootstrap key/int seed (arrays only).

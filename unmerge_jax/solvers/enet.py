@@ -79,6 +79,10 @@ def elastic_net(p: Problem, alpha, l1_ratio, *, positive: bool = False, tol: flo
 
         s = jnp.sign(a)
         x = solve_with(s)
+        if positive:
+            # Non-negative: s = 1 on the support and the clipped x never changes sign, so the
+            # corrected signs equal s and the second solve would repeat the first.
+            return x
         return solve_with(jnp.where(x != 0, jnp.sign(x), s))
 
     def gap(a):
