@@ -76,14 +76,11 @@ def bootstrap_weights(key, rows, n_seeds: int):
 CHUNK_ROWS = 4096
 
 
-def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute_dtype, boot_block: int = 1,
-                 unit_chunks: bool = False):
-    """Statistics of one chunk of rows, float64 sums.
+def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute_dtype, boot_block: int = 1):
+    """Statistics of one chunk of rows, float64 sums, replicates with per-row unit weights.
 
     ``start`` is the chunk's first row within the block, ``n_valid`` the block's valid rows (rows
     at or past it are padding and must be zero), ``row_offset`` the block's first global row.
-    With ``unit_chunks`` the caller guarantees the chunk lies inside one bootstrap unit of
-    ``boot_block`` rows, so every replicate is the chunk's products times one weight.
     """
     hi = jax.lax.Precision.HIGHEST
     k = d.shape[1]
@@ -94,11 +91,6 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     out = (prod[:, :k], prod[:, k:], jnp.sum(ysq, axis=0).astype(jnp.float64))
     if not n_seeds:
         return out
-    if unit_chunks:
-        unit = (row_offset + start) // boot_block
-        w = bootstrap_weights(key, unit[None], n_seeds)[:, 0].astype(jnp.float64)  # (S,)
-        valid = jnp.clip(n_valid - start, 0, x.shape[0]).astype(jnp.float64)
-        return (*out, w[:, None, None] * out[0], w[:, None, None] * out[1], w[:, None] * out[2], w * valid)
     local = start + jnp.arange(x.shape[0], dtype=jnp.int64)
     w = bootstrap_weights(key, (row_offset + local) // boot_block, n_seeds) * (local < n_valid)  # (S, r)
     wc = w.astype(compute_dtype)
@@ -107,6 +99,30 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     bprod = jnp.matmul(xw.T, xy, precision=hi).astype(jnp.float64).reshape(n_seeds, k, -1)
     btsq = jnp.matmul(wc, ysq, precision=hi).astype(jnp.float64)  # (S, T)
     return (*out, bprod[:, :, :k], bprod[:, :, k:], btsq, jnp.sum(w, axis=1).astype(jnp.float64))
+
+
+def _sum_chunks(fn, xs, starts, chunk: int, *, n_valid, row_offset, key, n_seeds: int, boot_block: int,
+                unit_chunks: bool):
+    """Σ over scanned chunks of ``fn(x, n_seeds)`` (the statistics of chunk ``x``).
+
+    With ``unit_chunks`` (every chunk inside one bootstrap unit) the scan emits each chunk's point
+    statistics and the replicates are weighted sums of them after the loop: one weight per chunk,
+    drawn for all chunks at once, instead of S more products per chunk.
+
+    Args:
+      fn: ``(x, n_seeds) -> tuple`` of float64 sums for one scanned element ``x``.
+      xs: the scan's input (a pytree with leading axis n_chunks).
+      starts: (n_chunks,) int64 first row of each chunk within the block.
+      chunk: rows per chunk.
+    """
+    if unit_chunks and n_seeds:
+        per = jax.lax.scan(lambda carry, x: (carry, fn(x, 0)), None, xs)[1]  # each (n_chunks, ...)
+        w = bootstrap_weights(key, (row_offset + starts) // boot_block, n_seeds).astype(jnp.float64)  # (S, n_chunks)
+        valid = jnp.clip(n_valid - starts, 0, chunk).astype(jnp.float64)
+        return (*(jnp.sum(p, axis=0) for p in per), *(jnp.tensordot(w, p, axes=1) for p in per), w @ valid)
+    first = jax.tree_util.tree_map(lambda a: a[0], xs)
+    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(lambda: fn(first, n_seeds)))
+    return jax.lax.scan(lambda acc, x: (tuple(a + b for a, b in zip(acc, fn(x, n_seeds))), None), zeros, xs)[0]
 
 
 def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype, boot_block: int = 1,
@@ -121,22 +137,16 @@ def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype,
     r = d.shape[0]
     first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r  # this device's first row in the block
     chunk = min(CHUNK_ROWS, r)
-    fn = functools.partial(_chunk_stats, n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds,
-                           compute_dtype=compute_dtype, boot_block=boot_block, unit_chunks=unit_chunks)
+    kw = dict(n_valid=n_valid, row_offset=row_offset, key=key, compute_dtype=compute_dtype, boot_block=boot_block)
     n_full = r // chunk
     main = n_full * chunk
-    shapes = jax.eval_shape(fn, d[:chunk], v[:chunk], first)
-    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
     dm, vm = (d, v) if main == r else (d[:main], v[:main])
-    xs = (dm.reshape(n_full, chunk, -1), vm.reshape(n_full, chunk, -1),
-          first + chunk * jnp.arange(n_full, dtype=jnp.int64))
-
-    def body(acc, xs):
-        return tuple(x + y for x, y in zip(acc, fn(*xs))), None
-
-    total, _ = jax.lax.scan(body, zeros, xs)
-    if main < r:
-        total = tuple(x + y for x, y in zip(total, fn(d[main:], v[main:], first + main)))
+    starts = first + chunk * jnp.arange(n_full, dtype=jnp.int64)
+    xs = (dm.reshape(n_full, chunk, -1), vm.reshape(n_full, chunk, -1), starts)
+    total = _sum_chunks(lambda x, s: _chunk_stats(*x, n_seeds=s, **kw), xs, starts, chunk, n_valid=n_valid,
+                        row_offset=row_offset, key=key, n_seeds=n_seeds, boot_block=boot_block, unit_chunks=unit_chunks)
+    if main < r:  # never with unit_chunks: shares are then chunk multiples
+        total = tuple(x + y for x, y in zip(total, _chunk_stats(d[main:], v[main:], first + main, n_seeds=n_seeds, **kw)))
     return total
 
 
@@ -172,8 +182,7 @@ def _flat_local_stats(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key
     k = (d_flat.shape[0] - FLAT_PAD[d_flat.dtype.itemsize]) // rows
     t = (v_flat.shape[0] - FLAT_PAD[v_flat.dtype.itemsize]) // rows
     chunk = min(CHUNK_ROWS, rows)
-    fn = functools.partial(_chunk_stats, n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds,
-                           compute_dtype=compute_dtype, boot_block=boot_block, unit_chunks=unit_chunks)
+    kw = dict(n_valid=n_valid, row_offset=row_offset, key=key, compute_dtype=compute_dtype, boot_block=boot_block)
 
     def take(start, size):
         d = jax.lax.dynamic_slice(d_flat, (d_shift + start * k,), (size * k,)).reshape(size, k)
@@ -182,15 +191,12 @@ def _flat_local_stats(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key
 
     n_full = rows // chunk
     main = n_full * chunk
-    shapes = jax.eval_shape(lambda: fn(*take(jnp.int64(0), chunk)))
-    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
-
-    def body(acc, i):
-        return tuple(x + y for x, y in zip(acc, fn(*take(i * chunk, chunk)))), None
-
-    total, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int64))
-    if main < rows:
-        total = tuple(x + y for x, y in zip(total, fn(*take(jnp.int64(main), rows - main))))
+    starts = chunk * jnp.arange(n_full, dtype=jnp.int64)
+    total = _sum_chunks(lambda start, s: _chunk_stats(*take(start, chunk), n_seeds=s, **kw), starts, starts, chunk,
+                        n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds, boot_block=boot_block,
+                        unit_chunks=unit_chunks)
+    if main < rows:  # never with unit_chunks: rows are then chunk multiples
+        total = tuple(x + y for x, y in zip(total, _chunk_stats(*take(jnp.int64(main), rows - main), n_seeds=n_seeds, **kw)))
     return total
 
 
