@@ -478,5 +478,8 @@ def test_one_device_reads_misaligned_host_arrays_in_place(offset_bytes):
         np.testing.assert_allclose(st.boot_cross[s], (d64 * w[s][:, None]).T @ v64, rtol=1e-11, atol=1e-9)
         np.testing.assert_allclose(st.boot_target_sq[s], w[s] @ v64**2, rtol=1e-12)
         assert st.boot_n_rows[s] == w[s].sum()
+    other = u.gram_stats(d, v, seeds=2, key=3, block_rows=block, bootstrap_block=CHUNK_ROWS, devices=jax.devices()[3:4])
+    for a, b in zip(st, other):  # a device other than the default one: buffers placed explicitly
+        np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(d, before[0])  # inputs are never written
     np.testing.assert_array_equal(v, before[1])
