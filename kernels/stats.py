@@ -10,7 +10,7 @@ a unit is ``row // boot_block`` for a global row index: not on the block or tens
 streaming a checkpoint tensor by tensor and computing the statistics of the dense concatenation
 give the same replicates. ``boot_block = 1`` is the classic per-row bootstrap; a unit of
 ``CHUNK_ROWS`` rows lets the kernel weight each chunk's products once instead of recomputing
-them per replicate (see ``unmerge_jax.stats.bootstrap_block``).
+them per replicate (see ``unmerge_jax.stats.bootstrap_unit_rows``).
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def _local_stats(d, v, n_valid, row_offset, key, *, n_seeds: int, compute_dtype,
     total = _sum_chunks(lambda x, s: _chunk_stats(*x, n_seeds=s, **kw), xs, starts, chunk, n_valid=n_valid,
                         row_offset=row_offset, key=key, n_seeds=n_seeds, boot_block=boot_block, unit_chunks=unit_chunks)
     if main < r:  # never with unit_chunks: shares are then chunk multiples
-        total = tuple(x + y for x, y in zip(total, _chunk_stats(d[main:], v[main:], first + main, n_seeds=n_seeds, **kw)))
+        rest = _chunk_stats(d[main:], v[main:], first + main, n_seeds=n_seeds, **kw)
+        total = tuple(x + y for x, y in zip(total, rest))
     return total
 
 
@@ -196,7 +197,8 @@ def _flat_local_stats(d_flat, d_shift, v_flat, v_shift, n_valid, row_offset, key
                         n_valid=n_valid, row_offset=row_offset, key=key, n_seeds=n_seeds, boot_block=boot_block,
                         unit_chunks=unit_chunks)
     if main < rows:  # never with unit_chunks: rows are then chunk multiples
-        total = tuple(x + y for x, y in zip(total, _chunk_stats(*take(jnp.int64(main), rows - main), n_seeds=n_seeds, **kw)))
+        rest = _chunk_stats(*take(jnp.int64(main), rows - main), n_seeds=n_seeds, **kw)
+        total = tuple(x + y for x, y in zip(total, rest))
     return total
 
 
@@ -247,7 +249,8 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
     fn = _compiled_flat_stats(rows, int(n_seeds), jnp.dtype(compute_dtype).name, boot_block if n_seeds else 1,
                               unit_chunks, total is not None)
     if device != jax.devices()[0] or jax.config.jax_default_device is not None:
-        # jit places host arguments on the default device itself, faster than device_put.
+        # jit puts host arguments on the default device itself (faster than device_put); only
+        # another device needs them placed explicitly.
         d_flat, v_flat = jax.device_put(d_flat, device), jax.device_put(v_flat, device)
     args = (d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
     out = fn(*args) if total is None else fn(*args, tuple(total))

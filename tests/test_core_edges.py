@@ -404,7 +404,7 @@ def test_block_bootstrap_weights_whole_units_and_matches_per_row_formula():
     d = rng.standard_normal((n, 3)).astype(np.float32)
     v = rng.standard_normal((n, 2)).astype(np.float32)
     w = np.asarray(bootstrap_weights(jax.random.key(4), np.arange(n) // CHUNK_ROWS, 3)).astype(np.float64)
-    assert all(np.all(w[:, u * CHUNK_ROWS:(u + 1) * CHUNK_ROWS] == w[:, [u * CHUNK_ROWS]]) for u in range(n // CHUNK_ROWS))
+    assert all(np.all(w[:, i * CHUNK_ROWS:(i + 1) * CHUNK_ROWS] == w[:, [i * CHUNK_ROWS]]) for i in range(n // CHUNK_ROWS))
     d64, v64 = d.astype(np.float64), v.astype(np.float64)
     runs = {
         "fast, 8 devices": u.gram_stats(d, v, seeds=3, key=4, bootstrap_block=CHUNK_ROWS, block_rows=8 * CHUNK_ROWS),
