@@ -280,8 +280,9 @@ def test_chunked_statistics_equal_float64_numpy_across_chunk_and_device_boundari
     assert int(st.n_rows) == n
 
 
+@pytest.mark.parametrize("n_devices", [8, 1])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_staged_and_in_place_blocks_equal_float64_numpy(aligned):
+def test_staged_and_in_place_blocks_equal_float64_numpy(aligned, n_devices):
     # Five blocks through the two reused staging buffers (misaligned input) or used in place
     # (64-byte aligned input), with bootstrap replicates: a buffer refilled while the device still
     # read it would show up as wrong sums here.
@@ -300,7 +301,9 @@ def test_staged_and_in_place_blocks_equal_float64_numpy(aligned):
         x[...] = src
         assert x.ctypes.data % ALIGN != 0
     d, v = x[:, :4], np.ascontiguousarray(x[:, 4:])  # d is a strided view: always staged
-    st = u.gram_stats(d, v, seeds=2, key=5, block_rows=block)
+    # One device: the flat path, whose staged blocks (all of them for the strided d) refill the
+    # two buffers after waiting for the running total.
+    st = u.gram_stats(d, v, seeds=2, key=5, block_rows=block, devices=jax.devices()[:n_devices])
     d64, v64 = src[:, :4].astype(np.float64), src[:, 4:].astype(np.float64)
     np.testing.assert_allclose(st.gram, d64.T @ d64, rtol=1e-12)
     np.testing.assert_allclose(st.cross, d64.T @ v64, rtol=1e-11, atol=1e-9)

@@ -219,19 +219,19 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
     # One device and host arrays: blocks go over as flat buffers starting at the 64-byte boundary at
     # or before them, so NumPy's usual 16-byte-aligned arrays are read in place too.
     flat = n_dev == 1 and all(isinstance(x, np.ndarray) and x.dtype.itemsize in FLAT_PAD for x in (D, V))
-    state = {"total": None, "inflight": []}
+    total = None
+    inflight: list = []
 
     def before_copy():
         # A staging buffer is about to be refilled: the device may still read it. Flat mode keeps
         # one running total (each block's program adds to it), so wait for that; rare, as flat
-        # mode stages only the first and the last block.
-        if flat and state["total"] is not None:
-            jax.block_until_ready(state["total"].gram)
+        # mode stages only the first and the last block. (Reads ``total`` as it is at the call.)
+        if flat and total is not None:
+            jax.block_until_ready(total.gram)
 
     stage_d, stage_v = _Staging(D, block, flat, before_copy), _Staging(V, block, flat, before_copy)
     for i, start in enumerate(range(0, n, block)):
         stop = min(n, start + block)
-        total, inflight = state["total"], state["inflight"]
         if len(inflight) == 2:  # the device may still read the staging buffer about to be refilled
             jax.block_until_ready(inflight.pop(0))
         d_blk, v_blk = stage_d.block(i, start, stop), stage_v.block(i, start, stop)
@@ -241,14 +241,13 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
             out = GramStats(*flat_block_stats(*d_blk, *v_blk, rows=block, row_offset=start, n_seeds=seeds, key=key,
                                               device=mesh.devices.flat[0], compute_dtype=compute_dtype,
                                               n_valid=stop - start, boot_block=boot_block, total=sums))
-            state["total"] = out._replace(n_rows=out.n_rows + (0 if total is None else total.n_rows))
+            total = out._replace(n_rows=out.n_rows + (0 if total is None else total.n_rows))
         else:
             part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
                                           compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start,
                                           boot_block=boot_block))
             inflight.append(part.gram)
-            state["total"] = part if total is None else add_stats(total, part)
-    total = state["total"]
+            total = part if total is None else add_stats(total, part)
     total = to_host(total)
     if not (np.all(np.isfinite(np.diagonal(total.gram))) and np.all(np.isfinite(total.target_sq))):
         check_finite("dictionary D", D)  # names the array and the first bad entry
