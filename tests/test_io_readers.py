@@ -148,13 +148,13 @@ def test_adapter_delta_equals_merge_and_unload(tiny, family, name):
 @models
 def test_task_vectors_of_adapter_and_merged_model_agree(tiny):
     from unmerge_jax.io.checkpoint import open_checkpoint
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     q = tiny["qwen"]
     base = open_checkpoint(q / "base")
     tv_a = task_vector(base, q / "lora0")          # an opened base ...
     tv_m = task_vector(str(q / "base"), q / "lora0_merged")  # ... or a path
-    assert (tv_a.kind, tv_m.kind, tv_a.name) == ("adapter", "model", "lora0")
+    assert (tv_a.origin, tv_m.origin, tv_a.name) == ("adapter", "model", "lora0")
     assert tv_a.names == tv_m.names == base.names
     for n in base.names:
         a, m = tv_a.delta(n), tv_m.delta(n)
@@ -165,7 +165,7 @@ def test_task_vectors_of_adapter_and_merged_model_agree(tiny):
             assert not a.any() and not m.any() and not tv_a.touches(n)
     ft = task_vector(base, q / "ft0")
     n = "model.layers.1.mlp.up_proj.weight"
-    np.testing.assert_array_equal(ft.delta(n), ft.model.read(n) - base.read(n))
+    np.testing.assert_array_equal(ft.delta(n), ft.source.read(n) - base.read(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_bad_checkpoint_files(tiny, tmp_path, mutate, match):
 @models
 def test_missing_paths_and_adapter_as_model(tiny, tmp_path):
     from unmerge_jax.io.checkpoint import open_checkpoint
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     with pytest.raises(UnmergeError, match="does not exist"):
         open_checkpoint(tmp_path / "nope")
@@ -250,7 +250,7 @@ def test_missing_paths_and_adapter_as_model(tiny, tmp_path):
     ("lora_cousin", r"declares base_model_name_or_path .*cousin whose intermediate_size is 96"),
 ])
 def test_architecture_and_adapter_base_checks(tiny, source, match):
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     with pytest.raises(UnmergeError, match=match) as err:
         task_vector(tiny["qwen"] / "base", tiny["qwen"] / source)
@@ -262,7 +262,7 @@ def test_missing_tensor_and_broken_adapter(tiny, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from unmerge_jax.io.lora import open_adapter
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     ft = _copy(tiny, tmp_path, "ft0")
     f = ft / "model.safetensors"

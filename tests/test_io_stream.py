@@ -151,7 +151,7 @@ def _brute_force_mask(base, dictionary, names, k, scope):
 def test_topk_mask_matches_numpy_reference(tiny, scope, k):
     from unmerge_jax.io.checkpoint import open_checkpoint
     from unmerge_jax.io.compress import build_selection
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     q = tiny["qwen"]
     dic = [q / "ft0", q / "ft1", q / "ft2"]

@@ -23,7 +23,7 @@ from unmerge_jax.io.compress import Selection, topk_mask  # noqa: E402
 from unmerge_jax.io.lora import open_adapter  # noqa: E402
 from unmerge_jax.io.names import parse_tensor_name  # noqa: E402
 from unmerge_jax.io.stream import StreamResult, decomposition_report, stream_stats  # noqa: E402
-from unmerge_jax.io.taskvec import TaskVector, task_vector  # noqa: E402
+from unmerge_jax.sources import TaskVector, task_vector  # noqa: E402
 
 # --- merge engine (issue 4) ---
 from unmerge_jax.merge import MERGE_METHODS, load_config, merge_tensors  # noqa: E402

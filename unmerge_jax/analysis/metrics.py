@@ -98,7 +98,7 @@ def _path_source(path: Path, base) -> TensorSource:
         raise UnmergeError(f"{path} does not exist; pass a model/adapter directory or a .safetensors file")
     if base is not None:
         from unmerge_jax.io.checkpoint import open_checkpoint
-        from unmerge_jax.io.taskvec import task_vector
+        from unmerge_jax.sources import task_vector
 
         tv = task_vector(base, path)
         bck = open_checkpoint(base)

@@ -25,20 +25,13 @@ import json
 import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.dtypes import BYTES_PER, FLOAT_TAGS, NP_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
-NP_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-             "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-             "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-             "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
-             "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
-BYTES_PER = {tag: dt.itemsize for tag, dt in NP_DTYPES.items()}
 
 
 def _safe_open(path: Path):
@@ -192,6 +185,31 @@ class Checkpoint:
             out = out[:want].view(dt).reshape(shape)
         try:
             got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)], start) if want else 0
+        except OSError as err:
+            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}") from None
+        if got != want:
+            raise UnmergeError(f"{self._root / fname} ended inside tensor {name} ({got} of {want} bytes): the file "
+                               f"is truncated — re-download it")
+        return out
+
+    def read_raw_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis of ``name`` as stored, by one ``pread`` of just
+        their bytes (C order makes a row range one contiguous byte range)."""
+        tag, shape = self._entry(name)
+        dt = NP_DTYPES.get(tag)
+        if dt is None:
+            raise UnmergeError(f"tensor {name} in {self.file_of(name)} has dtype {tag}, which this reader does not "
+                               f"support")
+        if not shape:
+            return self.read_raw(name)
+        start, stop = max(0, int(start)), min(int(shape[0]), int(stop))
+        out = np.empty((max(0, stop - start),) + tuple(shape[1:]), dt)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+        fname = self._where[name]
+        want = out.nbytes
+        try:
+            got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)],
+                            self._span[name][0] + start * row_bytes) if want else 0
         except OSError as err:
             raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}") from None
         if got != want:

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.checkpoint import open_checkpoint
 from unmerge_jax.io.compress import Selection, build_selection, candidate_names, share
-from unmerge_jax.io.taskvec import TaskVector, task_vector
+from unmerge_jax.sources import TaskVector, task_vector
 from unmerge_jax.kernels.stats import ROW_AXIS, row_mesh
 from unmerge_jax.kernels.stream_stats import row_block
 from unmerge_jax.progress import progress
@@ -308,7 +308,7 @@ def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, co
     local_rows = sum(selection.rows(n) for n in mine)
     block = max(n_dev, min(int(block_rows), local_rows))
     block = -(-block // n_dev) * n_dev
-    relative = [s.kind == "model" for s in srcs]
+    relative = [s.relative for s in srcs]
     need_base = any(relative)
     offsets = selection.offsets()
     ids = {n: i for i, n in enumerate(names)}
@@ -346,8 +346,8 @@ def _accumulate(base, srcs, K, selection, *, seeds, key, devices, block_rows, co
 
 def _source_buffer(src: TaskVector, names) -> np.ndarray:
     """A byte buffer large enough for any of ``names`` as ``src`` is read (stored bytes, or ΔW float32)."""
-    if src.kind == "model":
-        size = max((src.model.nbytes(n) for n in names), default=0)
+    if src.relative:
+        size = max((src.source.stored_nbytes(n) for n in names), default=0)
     else:
         size = max((4 * int(np.prod(src.shape(n), dtype=np.int64)) for n in names if src.touches(n)), default=0)
     return np.empty(size, np.uint8)
@@ -355,12 +355,11 @@ def _source_buffer(src: TaskVector, names) -> np.ndarray:
 
 def _read_source(src: TaskVector, name, buf):
     """One source's tensor, flat, into ``buf``: stored values (model) or ΔW (adapter), or None (zero)."""
-    if src.kind == "model":
-        return src.model.read_raw(name, out=buf).reshape(-1)
+    if src.relative:
+        return src.source.read_raw(name, out=buf).reshape(-1)
     if not src.touches(name):
         return None
-    own = src._touched[name]
-    return src.adapter.delta(own, out=buf.view(np.float32)).reshape(-1)
+    return src.source.read(name, out=buf).reshape(-1)
 
 
 def _zero_stats(K, T, seeds):
@@ -385,7 +384,7 @@ def _raise_nonfinite(base, srcs, K, selection, tensors, inp):
         arr, _ = s.parts(name)
         if arr is not None and not np.all(np.isfinite(pick(arr))):
             role = "dictionary entry" if inp - 1 < K else "target"
-            where = s.model.file_of(name) if s.kind == "model" else s.adapter.file
+            where = s.where(name)
             raise UnmergeError(f"tensor {name} of {role} {s.name} ({where}) holds NaN/Inf; fix or drop that input")
     s = srcs[inp - 1] if inp else None
     raise UnmergeError(f"non-finite values in the task vector of {s.name if s else 'the base'} near tensor "
@@ -404,12 +403,12 @@ def provenance(base, d_entries, t_entries, srcs, selection, **extra) -> dict:
         return out
 
     def entry(e, s):
-        d = {"name": e.name, "path": str(Path(e.path).resolve()), "kind": s.kind}
-        if s.kind == "model":
-            d["dtypes"] = dtypes_of(s.model, selection.names)
+        d = {"name": e.name, "path": str(Path(e.path).resolve()), "kind": s.origin}
+        if s.origin == "model":
+            d["dtypes"] = dtypes_of(s.source, selection.names)
         else:
-            d["lora_modules"] = len(s.adapter.base_names)
-            d["dtypes"] = s.adapter.factor_dtypes()
+            d["lora_modules"] = len(s.source.adapter.base_names)
+            d["dtypes"] = s.source.adapter.factor_dtypes()
         return d
 
     K = len(d_entries)

@@ -16,30 +16,15 @@ import shutil
 import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.dtypes import ST_DTYPES, TORCH_NAMES, dtype_tag  # noqa: F401  (dtype_tag re-exported)
 
-# safetensors dtype tag → NumPy dtype; user-facing names → tag.
-ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-             "F64": np.dtype(np.float64)}
-DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
-               "bfloat16": "BF16", "bf16": "BF16", "float64": "F64", "F32": "F32", "F16": "F16", "BF16": "BF16",
-               "F64": "F64"}
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default out_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-
-
-def dtype_tag(name) -> str:
-    """Normalise a dtype name (``bfloat16``, ``bf16``, ``BF16`` …) to a safetensors tag."""
-    tag = DTYPE_NAMES.get(str(name).replace("torch.", ""))
-    if tag is None:
-        raise UnmergeError(f"unsupported output dtype {name!r}; use float32, float16 or bfloat16")
-    return tag
 
 
 class ShardedWriter:

@@ -58,7 +58,7 @@ def _readers():
     open_adapter, task_vector."""
     from unmerge_jax.io.checkpoint import open_checkpoint
     from unmerge_jax.io.lora import is_adapter_dir, open_adapter
-    from unmerge_jax.io.taskvec import task_vector
+    from unmerge_jax.sources import task_vector
 
     return open_checkpoint, is_adapter_dir, open_adapter, task_vector
 

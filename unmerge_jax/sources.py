@@ -1,0 +1,446 @@
+"""Tensor sources: the one way the engine reads named tensors, one tensor (or row block) at a time.
+
+Every command — decompose, stats, merge, sparsity, the studies — reads its inputs through a
+:class:`TensorSource`:
+
+* ``names``: tensor names, in a fixed order;
+* ``shape(name)`` / ``dtype(name)``: the stored shape and safetensors dtype tag, from headers;
+* ``read(name, out=None)``: the tensor as float32 NumPy (a fresh array the caller may modify, or a
+  view into the reusable buffer ``out``); ``read_rows(name, start, stop)``: rows ``start:stop`` of
+  its first axis, without reading the rest where the storage allows it;
+* ``kind``: ``"weights"`` (full model weights) or ``"delta"`` (a task vector / update ``ΔW``);
+* ``touches(name)``: False when the tensor is known to be an all-zero delta without reading it
+  (a module a LoRA adapter does not adapt).
+
+Implementations: :class:`CheckpointSource` (a Hugging Face model directory, single file or sharded
+index), :class:`AdapterSource` (a PEFT LoRA adapter, ``ΔW = B@A·scale`` produced lazily),
+:class:`MemorySource` (a ``{name: array}`` mapping) and :class:`VirtualSource` (tensors generated on
+the fly, never on disk). :class:`TaskVector` is ``source − base``, lazily: the one representation of
+a task vector. :func:`open_source` turns a path, a mapping or an array into a source.
+
+The architecture checks between a source and its base (same tensor names and shapes) live here,
+in :func:`check_same_architecture`, so every command validates its inputs the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.checkpoint import Checkpoint, is_checkpoint, open_checkpoint
+from unmerge_jax.io.dtypes import FLOAT_TAGS, NP_DTYPES
+from unmerge_jax.io.lora import Adapter, is_adapter_dir, open_adapter
+
+WEIGHTS = "weights"
+DELTA = "delta"
+KINDS = (WEIGHTS, DELTA)
+
+
+def _float32(arr, name: str, where: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.dtype.kind not in "fiub":
+        raise UnmergeError(f"tensor {name!r} of {where} has dtype {a.dtype}; expected a real-valued array")
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _into(arr: np.ndarray, out) -> np.ndarray:
+    """``arr`` copied into the reusable buffer ``out`` (any dtype, enough bytes), as a float32 view."""
+    if out is None:
+        return arr
+    view = out.reshape(-1).view(np.uint8)[:arr.nbytes].view(np.float32).reshape(arr.shape)
+    np.copyto(view, arr)
+    return view
+
+
+class TensorSource:
+    """Named tensors read one at a time (see the module docstring for the protocol).
+
+    Subclasses set ``label``, ``kind`` and ``names`` and implement ``shape``, ``dtype`` and
+    ``read``; ``read_rows``, ``touches``, ``where`` and ``nbytes`` have generic defaults.
+    """
+
+    label: str = "tensors"
+    kind: str = DELTA
+    names: list
+
+    def __contains__(self, name) -> bool:
+        return name in self._name_set()
+
+    def _name_set(self) -> set:
+        cached = getattr(self, "_names_cache", None)
+        if cached is None or len(cached) != len(self.names):
+            cached = self._names_cache = set(self.names)
+        return cached
+
+    def _check(self, name) -> None:
+        if name not in self:
+            raise UnmergeError(f"{self.label} has no tensor {name}; the inputs must share one architecture")
+
+    def shape(self, name) -> tuple:
+        raise NotImplementedError
+
+    def dtype(self, name) -> str:
+        """The stored safetensors dtype tag of ``name`` (``F32``, ``BF16``, ...)."""
+        raise NotImplementedError
+
+    def is_float(self, name) -> bool:
+        return self.dtype(name) in FLOAT_TAGS
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        """``name`` as float32 of shape :meth:`shape`: a fresh array, or a view into ``out``
+        (a reusable buffer with at least :meth:`nbytes` bytes)."""
+        raise NotImplementedError
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis of ``name`` as float32 (1-D tensors: entries)."""
+        return np.ascontiguousarray(self.read(name)[start:stop])
+
+    def touches(self, name) -> bool:
+        """False when ``name`` is known, without reading, to be an all-zero delta."""
+        return True
+
+    def where(self, name) -> str:
+        """The file (or description) holding ``name``, for error messages."""
+        return self.label
+
+    def nbytes(self, name) -> int:
+        """Bytes of ``read(name)``'s float32 result."""
+        return 4 * int(np.prod(self.shape(name), dtype=np.int64))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label!r}, kind={self.kind}, {len(self.names)} tensors)"
+
+
+class CheckpointSource(TensorSource):
+    """A Hugging Face safetensors model directory (or one ``.safetensors`` file), read lazily.
+
+    Args:
+      path: the directory/file, or an opened :class:`~unmerge_jax.io.checkpoint.Checkpoint`.
+      kind: ``"weights"`` (default: full model weights) or ``"delta"`` (a file that stores task
+        vectors themselves).
+
+    Attributes:
+      checkpoint: the opened checkpoint (headers only); ``path``, ``config`` come from it.
+    """
+
+    def __init__(self, path, kind: str = WEIGHTS):
+        if kind not in KINDS:
+            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.checkpoint = open_checkpoint(path)
+        self.kind = kind
+        self.path = self.checkpoint.path
+        self.label = str(self.path)
+        self.names = list(self.checkpoint.names)
+        self.config = self.checkpoint.config
+
+    def __contains__(self, name) -> bool:
+        return name in self.checkpoint
+
+    def shape(self, name) -> tuple:
+        return tuple(self.checkpoint.shape(name))
+
+    def dtype(self, name) -> str:
+        return self.checkpoint.dtype(name)
+
+    def stored_nbytes(self, name) -> int:
+        """Bytes of ``name`` as stored (what :meth:`read_raw` needs)."""
+        return self.checkpoint.nbytes(name)
+
+    def read_raw(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        """``name`` in its stored dtype (one ``pread``; a view into the byte buffer ``out`` if given)."""
+        return self.checkpoint.read_raw(name, out=out)
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None and self.dtype(name) == "F32":
+            return self.checkpoint.read_raw(name, out=out)
+        return _into(self.checkpoint.read(name), out)
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        rows = self.checkpoint.read_raw_rows(name, start, stop)
+        return rows if rows.dtype == np.float32 else rows.astype(np.float32)
+
+    def where(self, name) -> str:
+        return str(self.checkpoint.file_of(name))
+
+
+class AdapterSource(TensorSource):
+    """A PEFT LoRA adapter as the deltas ``ΔW = B@A·scale`` it adds to a base (``kind="delta"``).
+
+    Args:
+      path: the adapter directory (or an opened :class:`~unmerge_jax.io.lora.Adapter`).
+      base: the base it applies to (a :class:`TensorSource` or a model directory). With a base,
+        the adapter is checked against it (names, shapes, declared base) and ``names`` are the
+        *base's* tensor names it changes; without, the adapter's own names.
+
+    Attributes:
+      adapter: the opened adapter (config and factor shapes only).
+    """
+
+    kind = DELTA
+
+    def __init__(self, path, base=None):
+        self.adapter = open_adapter(path)
+        self.path = self.adapter.path
+        self.label = str(self.path)
+        if base is not None:
+            base = base if isinstance(base, TensorSource) else CheckpointSource(base)
+            ck = base.checkpoint if isinstance(base, CheckpointSource) else base
+            mapping = self.adapter.check_base(ck)          # {adapter name: base name}
+        else:
+            mapping = {n: n for n in self.adapter.base_names}
+        self._own = {b: a for a, b in mapping.items()}    # base name → adapter name
+        self.names = sorted(self._own)
+
+    def touches(self, name) -> bool:
+        return name in self._own
+
+    def shape(self, name) -> tuple:
+        self._check(name)
+        return tuple(self.adapter.shape(self._own[name]))
+
+    def dtype(self, name) -> str:
+        """The factors' stored tag (LoRA factors of one adapter share a dtype in practice)."""
+        self._check(name)
+        a_key = self.adapter._mods[self._own[name]][0]
+        return str(self.adapter._f.get_slice(a_key).get_dtype())
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        self._check(name)
+        buf = None if out is None else out.reshape(-1).view(np.uint8).view(np.float32)
+        return self.adapter.delta(self._own[name], out=buf)
+
+    def scale(self, name) -> float:
+        return self.adapter.scale(self._own[name])
+
+    def where(self, name) -> str:
+        return str(self.adapter.file)
+
+
+class MemorySource(TensorSource):
+    """In-memory ``{name: array}`` tensors (read returns float32 copies; the caller's arrays are
+    never modified).
+
+    Args:
+      tensors: the mapping (its order is ``names``).
+      kind: ``"delta"`` (default) or ``"weights"``.
+      label: a description for messages.
+    """
+
+    def __init__(self, tensors: Mapping, kind: str = DELTA, label: str = "in-memory tensors"):
+        if kind not in KINDS:
+            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.tensors = {str(k): v for k, v in tensors.items()}
+        self.kind, self.label = kind, label
+        self.names = list(self.tensors)
+
+    def shape(self, name) -> tuple:
+        self._check(name)
+        return tuple(np.shape(self.tensors[name]))
+
+    def dtype(self, name) -> str:
+        self._check(name)
+        dt = np.asarray(self.tensors[name]).dtype
+        tags = {v: k for k, v in NP_DTYPES.items()}
+        return tags.get(dt, str(dt))
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        self._check(name)
+        arr = _float32(self.tensors[name], name, self.label)
+        if out is not None:
+            return _into(arr, out)
+        return np.array(arr, np.float32)  # a copy: the caller may modify it
+
+
+class VirtualSource(TensorSource):
+    """Tensors generated on the fly (seeded), never stored: ``generate(name) -> array``.
+
+    Args:
+      shapes: ``{name: shape}`` in order (the order is ``names``).
+      generate: a function of the tensor name returning the tensor (any real dtype, converted to
+        float32) or None for an all-zero tensor.
+      kind: ``"delta"`` (default) or ``"weights"``.
+      label: a description for messages.
+      dtypes: optional ``{name: tag}`` reported by :meth:`dtype` (default ``F32``).
+    """
+
+    def __init__(self, shapes: Mapping, generate: Callable, kind: str = DELTA, label: str = "generated tensors",
+                 dtypes: Mapping | None = None):
+        if kind not in KINDS:
+            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.shapes = {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.generate, self.kind, self.label = generate, kind, label
+        self.dtypes = dict(dtypes or {})
+        self.names = list(self.shapes)
+
+    def shape(self, name) -> tuple:
+        self._check(name)
+        return self.shapes[name]
+
+    def dtype(self, name) -> str:
+        self._check(name)
+        return self.dtypes.get(name, "F32")
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        self._check(name)
+        arr = self.generate(name)
+        if arr is None:
+            arr = np.zeros(self.shapes[name], np.float32)
+        arr = _float32(arr, name, self.label).reshape(self.shapes[name])
+        return _into(arr, out) if out is not None else arr
+
+
+# ----------------------------------------------------------------------------------------------
+# task vectors
+# ----------------------------------------------------------------------------------------------
+class TaskVector(TensorSource):
+    """``source − base`` over the base's tensors, formed lazily. Use :func:`task_vector`.
+
+    ``source`` of kind ``"weights"`` (a fine-tuned model): ``δ = θ − θ_base`` per tensor;
+    of kind ``"delta"`` (a LoRA adapter, stored deltas): ``δ`` is the source's tensor, zero where
+    the source does not touch a base tensor.
+
+    Attributes:
+      name: a label (the source directory's basename unless given).
+      path: the source's path (None for in-memory/virtual sources).
+      base: the base :class:`TensorSource` (kind ``"weights"``).
+      source: the fine-tuned side.
+      names: the base's tensor names (a task vector covers every tensor of the base).
+    """
+
+    kind = DELTA
+
+    def __init__(self, base: TensorSource, source: TensorSource, name: str | None = None):
+        self.base, self.source = base, source
+        self.path = getattr(source, "path", None)
+        self.name = name or (Path(self.path).name if self.path is not None else source.label)
+        self.label = self.name
+        self.names = list(base.names)
+
+    @property
+    def relative(self) -> bool:
+        """True when the source holds full weights (``δ`` needs the base subtracted)."""
+        return self.source.kind == WEIGHTS
+
+    @property
+    def origin(self) -> str:
+        """What the fine-tuned side is: ``"model"`` (a model directory), ``"adapter"`` (a PEFT LoRA
+        adapter), or ``"memory"`` / ``"generated"``."""
+        if isinstance(self.source, AdapterSource):
+            return "adapter"
+        if isinstance(self.source, CheckpointSource):
+            return "model"
+        return "generated" if isinstance(self.source, VirtualSource) else "memory"
+
+    def shape(self, name) -> tuple:
+        return self.base.shape(name)
+
+    def dtype(self, name) -> str:
+        """Stored dtype of the fine-tuned side (the base's where a delta source does not touch it)."""
+        return self.source.dtype(name) if self.touches(name) else self.base.dtype(name)
+
+    def touches(self, name) -> bool:
+        return self.relative or self.source.touches(name)
+
+    def where(self, name) -> str:
+        return self.source.where(name) if self.touches(name) else self.base.where(name)
+
+    def parts(self, name, out: np.ndarray | None = None) -> tuple[np.ndarray | None, bool]:
+        """``(array, relative)``: the fine-tuned weights with ``relative=True`` (subtract the base),
+        the delta with ``relative=False``, or ``(None, False)`` for an untouched (all-zero) tensor.
+
+        Lets a streaming pass read the base tensor once for all task vectors of a tensor.
+        """
+        if name not in self.base:
+            raise UnmergeError(f"base {self.base.label} has no tensor {name}")
+        if not self.touches(name):
+            return None, False
+        return self.source.read(name, out=out), self.relative
+
+    def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
+        """``δ`` of tensor ``name`` as float32 (a new array, or a view into ``out``)."""
+        arr, relative = self.parts(name, out=out)
+        if arr is None:
+            z = np.zeros(self.base.shape(name), np.float32)
+            return _into(z, out) if out is not None else z
+        if relative:
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            arr -= self.base.read(name)
+        return arr
+
+    def delta(self, name) -> np.ndarray:
+        """``δ`` of ``name`` as a new float32 array (same as :meth:`read`)."""
+        return self.read(name)
+
+    def __repr__(self) -> str:
+        return f"TaskVector({self.name!r}: {self.source.label} − {self.base.label})"
+
+
+def check_same_architecture(base: TensorSource, model: TensorSource, names=None) -> None:
+    """One-line error when ``model`` lacks a tensor of ``base`` or stores one with another shape."""
+    for n in (base.names if names is None else names):
+        if n not in model:
+            raise UnmergeError(f"{model.label} has no tensor {n} (the base {base.label} has it): missing tensor — the "
+                               f"inputs must be fine-tunes of the same architecture")
+        if tuple(model.shape(n)) != tuple(base.shape(n)):
+            raise UnmergeError(f"shape mismatch for tensor {n}: {model.label} has {tuple(model.shape(n))}, the base "
+                               f"{base.label} has {tuple(base.shape(n))} — a different architecture; use fine-tunes "
+                               f"of this base")
+
+
+def open_source(obj, *, base=None, kind: str | None = None) -> TensorSource:
+    """A :class:`TensorSource` for ``obj``.
+
+    Args:
+      obj: a source (returned as is); a PEFT LoRA adapter directory (:class:`AdapterSource`,
+        checked against ``base`` when given); a model directory or ``.safetensors`` file
+        (:class:`CheckpointSource`); an opened ``Checkpoint``/``Adapter``; a ``{name: array}``
+        mapping (:class:`MemorySource`); or one array (a source with the single tensor ``"delta"``).
+      base: the base model, for adapters (optional).
+      kind: ``"weights"`` or ``"delta"`` for checkpoints and mappings (default: weights for
+        checkpoints, delta for mappings and arrays).
+    """
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, Checkpoint):
+        return CheckpointSource(obj, kind or WEIGHTS)
+    if isinstance(obj, Adapter):
+        return AdapterSource(obj, base)
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        if not path.exists():
+            raise UnmergeError(f"{path} does not exist; pass a model directory, a LoRA adapter directory or a "
+                               f".safetensors file")
+        if path.is_dir() and is_adapter_dir(path):
+            return AdapterSource(path, base)
+        if is_checkpoint(path) or path.is_dir():
+            return CheckpointSource(path, kind or WEIGHTS)
+        raise UnmergeError(f"{path} is not a model directory, a LoRA adapter directory or a .safetensors file")
+    if isinstance(obj, Mapping):
+        return MemorySource(obj, kind or DELTA, "dict of arrays")
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return MemorySource({"delta": obj}, kind or DELTA, "array")
+    raise UnmergeError(f"cannot read tensors from {type(obj).__name__}; pass a model/adapter directory, a "
+                       f".safetensors file, a dict of arrays or an array")
+
+
+def task_vector(base, source, name: str | None = None, *, check_names=None) -> TaskVector:
+    """The lazy task vector ``source − base``, checked from headers only.
+
+    Args:
+      base: the base model (a :class:`TensorSource`, an opened checkpoint or a model directory).
+      source: a fine-tuned model directory, a PEFT LoRA adapter directory, or a source.
+      name: label (default: the source directory's basename).
+      check_names: base tensors that must exist with the base's shape in a full-weight source
+        (default: all of them).
+    """
+    base = open_source(base, kind=WEIGHTS)
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise UnmergeError(f"{source} does not exist; pass a fine-tuned model directory or a LoRA adapter directory")
+    src = open_source(source, base=base)
+    if src.kind == WEIGHTS:
+        check_same_architecture(base, src, check_names)
+    return TaskVector(base, src, name)
