@@ -33,7 +33,6 @@ accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmeti
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import NamedTuple
@@ -41,6 +40,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unmerge_jax.kernels.random import bernoulli_at, model_keys, name_hash  # noqa: F401  (name_hash: the driver's)
 
 # mergekit's thresholds: rescaling skipped below this L1 norm; |Σw| below this is "zero".
 RESCALE_EPS = 1e-7
@@ -63,11 +64,6 @@ class RAMConfig(NamedTuple):
 
     face: str = "mergekit"         # "seed003" | "arm" (λ given) | "tensor_local" (λ from counts)
     deltas: bool = True
-
-
-def name_hash(name: str) -> int:
-    """A stable 31-bit hash of a tensor name (CRC-32; Python's ``hash`` is salted per process)."""
-    return zlib.crc32(str(name).encode("utf-8")) & 0x7FFFFFFF
 
 
 def _task_vectors(base, tensors, deltas: bool):
@@ -294,56 +290,6 @@ def _topk_mask(a, k):
     eq = bits == thr
     need = k - jnp.sum(bits > thr, dtype=jnp.int64)
     return (bits > thr) | (eq & (jnp.cumsum(eq, dtype=jnp.int64) <= need))
-
-
-def model_keys(seed, nhash, k: int):
-    """(k,) keys: model ``i`` of tensor ``nhash`` gets ``fold_in(fold_in(key(seed), nhash), i)``."""
-    key = jax.random.fold_in(jax.random.key(seed), nhash)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k, dtype=jnp.uint32))
-
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k1, k2, x1, x2):
-    """Threefry-2x32 (20 rounds), the cipher behind ``jax.random``, written out elementwise.
-
-    Same bits as ``jax.extend.random.threefry2x32_p`` (tested through ``jax.random.bernoulli``),
-    but its CPU lowering runs the 5 round groups as a rolled loop that materialises two
-    chunk-sized arrays per group (≈ 15–50 ns per entry here, depending on cache contention);
-    unrolled, XLA fuses the rounds with the mask's consumer into one loop (≈ 3 ns).
-    """
-    def rotl(x, d):
-        return (x << jnp.uint32(d)) | (x >> jnp.uint32(32 - d))
-
-    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-    x = [x1 + ks[0], x2 + ks[1]]
-    for g in range(5):
-        for r in _ROTATIONS[g % 2]:
-            x[0] = x[0] + x[1]
-            x[1] = x[0] ^ rotl(x[1], r)
-        x = [x[0] + ks[(g + 1) % 3], x[1] + ks[(g + 2) % 3] + jnp.uint32(g + 1)]
-    return x[0], x[1]
-
-
-def bernoulli_at(key, p, start, size: int):
-    """Bernoulli(``p``) for entries ``start … start+size−1`` of a flat tensor.
-
-    Entry ``i`` draws from threefry-2x32 (``jax.random``'s cipher) of ``key`` and the 64-bit
-    counter ``i``, turned into a uniform float32 as ``jax.random.uniform`` does; so a chunk's
-    mask is the same slice of the whole-tensor mask whatever the chunking, and equals
-    ``jax.random.bernoulli(key, p, (n,))[i]`` under JAX's default
-    ``jax_threefry_partitionable=True`` (tested). The counter is built in uint32 halves with a
-    carry (a uint64 iota made the draw 3× slower).
-    """
-    kd = jax.random.key_data(key)
-    start = jnp.asarray(start).astype(jnp.uint64)
-    lo0, hi0 = start.astype(jnp.uint32), (start >> jnp.uint64(32)).astype(jnp.uint32)
-    lo = lo0 + jnp.arange(size, dtype=jnp.uint32)
-    hi = hi0 + (lo < lo0).astype(jnp.uint32)
-    b1, b2 = _threefry2x32(kd[0], kd[1], hi, lo)
-    mant = ((b1 ^ b2) >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    return jax.lax.bitcast_convert_type(mant, jnp.float32) - jnp.float32(1.0) < p.astype(jnp.float32)
 
 
 class GTAStats(NamedTuple):

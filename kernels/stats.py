@@ -22,52 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unmerge_jax.kernels.random import poisson1_weights
+
 ROW_AXIS = "rows"
-
-# CDF of Poisson(1) at 0..15 (the mass beyond 15 is < 1e-13). A draw from a uniform 32-bit word
-# b is the number of CDF points below u = (b + ½)·2⁻³²: inverse-CDF sampling, no rejection loop.
-_POISSON1_CDF = np.cumsum([np.exp(-1.0) / np.prod(np.arange(1, k + 1, dtype=np.float64)) for k in range(16)])
-# The same test on integers: u > cdf_k  ⇔  b ≥ ⌊cdf_k·2³² − ½⌋ + 1. Points at or above 2³² can never
-# be exceeded by a 32-bit word and are dropped.
-_POISSON1_THRESHOLDS = np.floor(_POISSON1_CDF * 2.0**32 - 0.5) + 1
-_POISSON1_THRESHOLDS = _POISSON1_THRESHOLDS[_POISSON1_THRESHOLDS < 2.0**32].astype(np.uint32)
-
 
 def row_mesh(devices=None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: all devices of the default backend)."""
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (ROW_AXIS,))
-
-
-def bootstrap_weights(key, rows, n_seeds: int):
-    """Poisson(1) weights for the given global row indices.
-
-    Replicate ``s`` of row ``i`` is a pure function of ``(key, i, s)`` — not of the block, the
-    tensor boundaries, the device count or the number of replicates S: it is word ``s mod 2`` of
-    one Threefry-2x32 hash of the 64-bit row index under the key ``fold_in(key, s // 2)``. One
-    hash per row and pair of replicates (counter-based, like ``jax.random`` itself) is the
-    cheapest draw that keeps that property.
-
-    Args:
-      key: a ``jax.random`` key (the bootstrap seed).
-      rows: int64 array (r,) of global row indices.
-      n_seeds: number of replicates S (static).
-
-    Returns:
-      int32 array (S, r) of non-negative integer weights.
-    """
-    from jax.extend.random import threefry_2x32
-
-    rows = jnp.asarray(rows).astype(jnp.uint64)
-    counter = jnp.concatenate([(rows & 0xFFFFFFFF).astype(jnp.uint32), (rows >> 32).astype(jnp.uint32)])
-    thresholds = jnp.asarray(_POISSON1_THRESHOLDS)
-    out = []
-    for pair in range(-(-n_seeds // 2)):
-        pair_key = jax.random.bits(jax.random.fold_in(key, pair), (2,), jnp.uint32)
-        words = threefry_2x32((pair_key[0], pair_key[1]), counter).reshape(2, -1)  # (lo, hi) → 2 words
-        for word in words[: min(2, n_seeds - 2 * pair)]:
-            out.append(jnp.sum(word[:, None] >= thresholds, axis=-1, dtype=jnp.int32))
-    return jnp.stack(out)
 
 
 # Rows per scan step: the float64 copy of a chunk stays in cache, so the pass runs near the
@@ -92,7 +54,7 @@ def _chunk_stats(d, v, start, n_valid, row_offset, key, *, n_seeds: int, compute
     if not n_seeds:
         return out
     local = start + jnp.arange(x.shape[0], dtype=jnp.int64)
-    w = bootstrap_weights(key, (row_offset + local) // boot_block, n_seeds) * (local < n_valid)  # (S, r)
+    w = poisson1_weights(key, (row_offset + local) // boot_block, n_seeds) * (local < n_valid)  # (S, r)
     wc = w.astype(compute_dtype)
     # [w_1 x, …, w_S x]ᵀ [x y]: every replicate's products in one GEMM.
     xw = (wc[:, :, None] * x[None]).transpose(1, 0, 2).reshape(x.shape[0], -1)
@@ -126,7 +88,7 @@ def _block_totals(take, rows: int, first, *, n_valid, row_offset, key, n_seeds: 
     if unit_chunks and n_seeds:
         per = jax.lax.scan(lambda carry, i: (carry, stats_of(i, 0)), None, local)[1]  # each (n_chunks, ...)
         starts = first + local
-        w = bootstrap_weights(key, (row_offset + starts) // boot_block, n_seeds).astype(jnp.float64)  # (S, n_chunks)
+        w = poisson1_weights(key, (row_offset + starts) // boot_block, n_seeds).astype(jnp.float64)  # (S, n_chunks)
         valid = jnp.clip(n_valid - starts, 0, chunk).astype(jnp.float64)
         total = (*(jnp.sum(p, axis=0) for p in per), *(jnp.tensordot(w, p, axes=1) for p in per), w @ valid)
     else:

@@ -44,7 +44,7 @@ def test_sharded_equals_single_device_and_streaming():
 def test_bootstrap_replicates_are_weighted_grams():
     d, v = rand(n=3000)
     st = u.gram_stats(d, v, seeds=2, key=3)
-    from unmerge_jax.kernels.stats import bootstrap_weights
+    from unmerge_jax.kernels.random import poisson1_weights as bootstrap_weights
 
     w = np.asarray(bootstrap_weights(jax.random.key(3), np.arange(3000), 2))
     assert set(np.unique(w)) <= set(range(16)) and abs(w.mean() - 1) < 0.1  # Poisson(1)
@@ -286,7 +286,7 @@ def test_staged_and_in_place_blocks_equal_float64_numpy(aligned, n_devices):
     # Five blocks through the two reused staging buffers (misaligned input) or used in place
     # (64-byte aligned input), with bootstrap replicates: a buffer refilled while the device still
     # read it would show up as wrong sums here.
-    from unmerge_jax.kernels.stats import bootstrap_weights
+    from unmerge_jax.kernels.random import poisson1_weights as bootstrap_weights
     from unmerge_jax.hostmem import ALIGN, aligned_empty
 
     rng = np.random.default_rng(11)
@@ -315,7 +315,7 @@ def test_staged_and_in_place_blocks_equal_float64_numpy(aligned, n_devices):
 
 
 def test_bootstrap_replicate_depends_on_row_and_seed_only():
-    from unmerge_jax.kernels.stats import bootstrap_weights
+    from unmerge_jax.kernels.random import poisson1_weights as bootstrap_weights
 
     key = jax.random.key(9)
     rows = np.arange(200_000)
@@ -400,7 +400,8 @@ def test_block_bootstrap_weights_whole_units_and_matches_per_row_formula():
     # weight. Aligned blocks take the fast path (chunk products weighted once per replicate),
     # misaligned streamed blocks the per-row path; both must equal the float64 formula, with 1 and
     # 8 devices.
-    from unmerge_jax.kernels.stats import CHUNK_ROWS, bootstrap_weights
+    from unmerge_jax.kernels.random import poisson1_weights as bootstrap_weights
+    from unmerge_jax.kernels.stats import CHUNK_ROWS
 
     rng = np.random.default_rng(21)
     n = 2 * 8 * CHUNK_ROWS + 3000  # two full blocks and a ragged one
@@ -454,7 +455,8 @@ def test_one_device_reads_misaligned_host_arrays_in_place(offset_bytes):
     # 64-byte boundary at or before them (NumPy's large arrays start 16 bytes past one), so they
     # are not copied. The first block (no room before it) and the ragged last one are staged.
     from unmerge_jax.hostmem import ALIGN, aligned_empty
-    from unmerge_jax.kernels.stats import CHUNK_ROWS, bootstrap_weights
+    from unmerge_jax.kernels.random import poisson1_weights as bootstrap_weights
+    from unmerge_jax.kernels.stats import CHUNK_ROWS
     from unmerge_jax.stats import _Staging
 
     rng = np.random.default_rng(offset_bytes)
