@@ -11,32 +11,33 @@ _jax.config.update("jax_enable_x64", True)
 
 from unmerge_jax.errors import UnmergeError  # noqa: E402
 
-# --- core engine: statistics, solvers, sweeps (issue 2) ---
+# --- core engine: statistics, solvers, sweeps ---
 from unmerge_jax.stats import (GramStats, accumulate_block, add_stats, bootstrap_unit_rows, gram_stats, iter_gram_stats,  # noqa: E402
                                 load_stats, save_stats)
 from unmerge_jax.solve import Decomposition, SOLVERS, decompose, solve  # noqa: E402
 from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 
-# --- checkpoints in (issue 3) ---
+# --- tensor sources and checkpoints ---
 from unmerge_jax.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from unmerge_jax.io.compress import Selection, topk_mask  # noqa: E402
 from unmerge_jax.io.lora import open_adapter  # noqa: E402
 from unmerge_jax.io.names import parse_tensor_name  # noqa: E402
 from unmerge_jax.io.stream import StreamResult, decomposition_report, stream_stats  # noqa: E402
-from unmerge_jax.sources import TaskVector, task_vector  # noqa: E402
+from unmerge_jax.sources import (AdapterSource, CheckpointSource, MemorySource, TaskVector, TensorSource,  # noqa: E402
+                                 VirtualSource, open_source, task_vector)
 
-# --- merge engine (issue 4) ---
+# --- merge engine ---
 from unmerge_jax.merge import MERGE_METHODS, load_config, merge_tensors  # noqa: E402
 from unmerge_jax.merge.driver import MergeResult, merge  # noqa: E402  (shadows the subpackage name on purpose)
 
-# --- sparsity analysis (issue 5) ---
+# --- sparsity analysis ---
 from unmerge_jax.analysis.metrics import sparsity_metrics  # noqa: E402
 from unmerge_jax.analysis.overlap import inter_agent  # noqa: E402
 from unmerge_jax.analysis.scaling import ScalingFit, fit_scaling_law  # noqa: E402
 from unmerge_jax.analysis.simulator import simulate_agents, simulate_and_measure, simulate_model, simulate_trials  # noqa: E402
 from unmerge_jax.analysis.studies import STUDIES, run_study  # noqa: E402
 
-# --- experiment (issue 6) ---
+# --- experiment ---
 from unmerge_jax.experiment import ExperimentResult, run_experiment  # noqa: E402
 
 __version__ = "0.1.0"
