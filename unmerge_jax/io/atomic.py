@@ -1,18 +1,169 @@
-"""Atomic outputs: write to a temporary sibling, then rename, so nothing is ever half-written."""
+"""Atomic outputs: write to a temporary sibling, then rename, so nothing is ever half-written.
+
+Every output of every command goes through :func:`atomic_file` or :func:`atomic_dir`, which
+enforce the output contract in one place:
+
+* **never over an input**: an output may not be an input file, lie inside an input directory, or
+  (for ``--force`` on a directory) contain an input — compared as resolved paths;
+* **one writer at a time**: an exclusive lock on ``.<name>.lock`` beside the output; a second
+  concurrent run to the same output fails at once;
+* **nothing half-written, nothing left behind**: the result appears by one ``rename``; on an error,
+  SIGINT or SIGTERM the temporary is removed; a temporary left by ``kill -9`` is named and removed
+  by the next run to the same output;
+* **one-line OS errors**: a full disk, a read-only or missing location, a parent that is a file —
+  :class:`~unmerge_jax.errors.UnmergeError` naming the path and what to do.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from unmerge_jax.errors import UnmergeError
 
+_HINTS = {
+    errno.ENOSPC: "the disk is full — free space or choose another location",
+    errno.EDQUOT: "the disk quota is exceeded — free space or choose another location",
+    errno.EROFS: "the file system is read-only — choose a writable location",
+    errno.EACCES: "permission denied — choose a location you can write to",
+    errno.EPERM: "permission denied — choose a location you can write to",
+    errno.ENOTDIR: "a parent of the path is a file, not a directory — choose another path",
+    errno.EISDIR: "it is a directory — give a file path",
+    errno.ENAMETOOLONG: "the name is too long — choose a shorter path",
+}
+
+
+def os_error(err: OSError, path, doing: str = "write") -> UnmergeError:
+    """A one-line :class:`UnmergeError` for an OS error on ``path``, saying what to do."""
+    hint = _HINTS.get(err.errno, err.strerror or str(err))
+    return UnmergeError(f"cannot {doing} {path}: {hint}")
+
+
+def check_disjoint(out, inputs=(), *, replacing: bool = False) -> None:
+    """Refuse an output that would overwrite or sit inside an input.
+
+    Args:
+      out: the output path (file or directory).
+      inputs: input paths (files or directories); None entries are ignored.
+      replacing: the output will replace an existing directory (``--force``): also refuse when
+        it contains an input.
+    """
+    o = Path(out).resolve()
+    for p in inputs or ():
+        if p is None:
+            continue
+        i = Path(p).resolve()
+        if o == i:
+            raise UnmergeError(f"output {out} is the input {p}; choose a new path (inputs are never overwritten)")
+        if i in o.parents:
+            raise UnmergeError(f"output {out} is inside the input {p}; write it outside the input directory")
+        if o in i.parents and (replacing or o.is_file()):
+            raise UnmergeError(f"output {out} contains the input {p}; replacing it would delete that input — choose "
+                               f"a new output directory")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.unmerge-"
+
+
+def _stale_temps(path: Path):
+    """Temporaries of earlier runs to ``path``, killed before they could clean up."""
+    try:
+        return sorted(path.parent.glob(_temp_prefix(path) + "*"))
+    except OSError:
+        return []
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
 
 @contextlib.contextmanager
-def atomic_file(path, *, force: bool = True, suffix: str = ""):
+def _output_lock(path: Path):
+    """Hold an exclusive lock for writing ``path``; remove stale temporaries once it is ours."""
+    import fcntl
+
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise os_error(err, path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UnmergeError(f"another unmerge run is writing {path} right now; wait for it to finish or choose "
+                               f"another output") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the current one
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        for stale in _stale_temps(path):
+            print(f"note: removing {stale}, left by an earlier run to {path} that was killed", file=sys.stderr)
+            _remove(stale)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """Turn SIGTERM into ``SystemExit`` in the main thread while an output is written, so the
+    ``finally`` blocks that remove temporaries run (SIGINT already raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, _exit)
+    except (ValueError, OSError):  # not settable here (embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _prepare(path: Path, force: bool, inputs, what: str, is_dir: bool):
+    if path.exists() and not force:
+        raise UnmergeError(f"{what}{path} already exists; pass --force to overwrite it")
+    if path.exists() and is_dir and not path.is_dir():
+        raise UnmergeError(f"output {path} is a file; give a directory path")
+    if path.is_dir() and not is_dir:
+        raise UnmergeError(f"{path} is a directory; give a file path")
+    check_disjoint(path, inputs, replacing=is_dir and path.exists())
+    above = next((a for a in path.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UnmergeError(f"cannot write {path}: {above} is a file, not a directory — choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err, path.parent, "create the directory") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path, *, force: bool = True, suffix: str = "", inputs=()):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Args:
@@ -20,41 +171,53 @@ def atomic_file(path, *, force: bool = True, suffix: str = ""):
       force: when False, refuse to replace an existing file.
       suffix: suffix for the temporary name (some writers, e.g. ``np.savez``, append ``.npz``
         unless the name already ends with it).
+      inputs: paths the output must not overwrite or sit inside (see :func:`check_disjoint`).
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise UnmergeError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _prepare(path, force, inputs, "", is_dir=False)
+    with _output_lock(path), _terminate_cleanly():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
+        except OSError as err:
+            raise os_error(err, path) from None
+        os.close(fd)
+        try:
+            try:
+                yield Path(tmp)
+                os.replace(tmp, path)
+            except OSError as err:
+                raise os_error(err, path) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(path, *, force: bool = False):
+def atomic_dir(path, *, force: bool = False, inputs=()):
     """Yield a temporary directory beside ``path``; move it onto ``path`` when the block succeeds.
 
-    An existing ``path`` is replaced only with ``force=True`` (and only after success).
+    An existing ``path`` is replaced only with ``force=True`` (and only after success), never when
+    it contains one of ``inputs``.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise UnmergeError(f"output {path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _prepare(path, force, inputs, "output ", is_dir=True)
+    with _output_lock(path), _terminate_cleanly():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        except OSError as err:
+            raise os_error(err, path) from None
+        try:
+            try:
+                yield tmp
+                if path.exists():
+                    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+                    os.replace(path, old / "x")
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, path)
+            except OSError as err:
+                raise os_error(err, path) from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
