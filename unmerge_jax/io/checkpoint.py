@@ -1,7 +1,10 @@
 """Lazy reader of Hugging Face safetensors checkpoints: one tensor at a time, float32 out.
 
 A checkpoint is a model directory holding ``model.safetensors`` or the shards listed in
-``model.safetensors.index.json`` (a single ``.safetensors`` file is accepted too). Opening it
+``model.safetensors.index.json`` (a single ``.safetensors`` file is accepted too). When both are
+there, ``model.safetensors`` is read, as transformers does. An index may name only shard files of
+the directory itself (no sub-paths, ``..`` or absolute paths; a symlinked shard must stay inside the
+directory or the Hugging Face cache's ``blobs/``). Opening it
 reads the headers only: ``safetensors.safe_open`` validates each file (header, dtypes, that the
 data covers the file exactly) and the header's offsets are kept. :meth:`Checkpoint.read` then
 reads exactly one tensor's bytes with one ``pread`` into a fresh array and upcasts fp16/bf16 to
@@ -99,6 +102,10 @@ class Checkpoint:
 
     @staticmethod
     def _layout(path: Path):
+        # transformers loads model.safetensors when a directory holds it, whatever index sits
+        # beside it: read the same file, so the model analysed is the model served.
+        if (path / SINGLE_NAME).is_file():
+            return None, [SINGLE_NAME]
         index = path / INDEX_NAME
         if index.exists():
             try:
@@ -108,15 +115,16 @@ class Checkpoint:
             except (ValueError, KeyError, TypeError) as err:
                 raise UnmergeError(f"cannot parse {index}: {err!r}; it must hold a weight_map — re-download "
                                    f"it") from None
-            files = sorted(set(wm.values()))
+            except OSError as err:
+                raise UnmergeError(f"cannot read {index}: {err.strerror or err}") from None
+            files = sorted({str(v) for v in wm.values()})
             for f in files:
+                _check_shard_name(path, index, f, wm)
                 if not (path / f).is_file():
                     n = sum(1 for v in wm.values() if v == f)
                     raise UnmergeError(f"{index} lists shard {f} ({n} tensors) but {path / f} is missing; "
                                        f"download the missing shard")
             return dict(wm), files
-        if (path / SINGLE_NAME).is_file():
-            return None, [SINGLE_NAME]
         if (path / "adapter_config.json").exists():
             raise UnmergeError(f"{path} is a PEFT LoRA adapter, not a model; pass it as a dictionary/target entry "
                                f"together with --base")
@@ -242,6 +250,25 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {len(self.files)} file(s))"
+
+
+def _check_shard_name(root: Path, index: Path, fname: str, weight_map: dict) -> None:
+    """An index's shard must be a file name inside the model directory: no sub-path, no ``..``,
+    not absolute. A shard that is a symlink may only lead inside the directory or, for a Hugging
+    Face cache snapshot (``…/snapshots/<rev>/``), into that repository's ``blobs/``."""
+    tensor = next(k for k, v in weight_map.items() if str(v) == fname)
+    p = Path(fname)
+    if not fname or p.is_absolute() or len(p.parts) != 1 or p.name in (".", ".."):
+        raise UnmergeError(f"{index} maps tensor {tensor} to {fname!r}, which is not a file of the model directory "
+                           f"{root}; an index may only name shards beside it — fix or re-download the index")
+    target = (root / p).resolve()
+    inside = root.resolve()
+    allowed = [inside]
+    if inside.parent.name == "snapshots":
+        allowed.append(inside.parent.parent / "blobs")
+    if not any(target == a or a in target.parents for a in allowed):
+        raise UnmergeError(f"shard {root / p} of {index} is a link to {target}, outside the model directory; copy the "
+                           f"shard into the directory instead of linking it")
 
 
 def _header(path: Path) -> dict:

@@ -3,9 +3,12 @@
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` (r × in) and ``…lora_B.weight`` (out × r). The task
 vector of the module's weight ``<module>.weight`` is ``B @ A`` times the scale (per-module ``r`` from
-A's shape, ``α`` from ``alpha_pattern`` or ``lora_alpha``), transposed for ``fan_in_fan_out``
-(GPT-2 Conv1D) and for embedding LoRA (``lora_embedding_A/B``). Computed in float32 from the
-stored factors, one module at a time.
+A's shape, checked against ``r``/``rank_pattern``; ``α`` from ``alpha_pattern`` or ``lora_alpha``;
+missing fields take PEFT's ``LoraConfig`` defaults, ``r = lora_alpha = 8``), transposed for
+``fan_in_fan_out`` where PEFT applies it (GPT-2 Conv1D weights stored (in, out); PEFT resets the flag
+on Linear layers) and for embedding LoRA (``lora_embedding_A/B``). Computed in float32 from the
+stored factors, one module at a time. Malformed config values (a JSON list, strings for numbers,
+NaN, a pattern that is not a regex) are one-line errors naming the file and key.
 
 Not supported (one-line error with the fix): DoRA magnitude vectors, ``modules_to_save`` and
 trained biases — merge such adapters with ``merge_and_unload()`` and pass the merged model.
@@ -43,6 +46,44 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+# PEFT's LoraConfig defaults for the fields that change ΔW.
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False}
+
+
+def _number(cfg_path, key, value, *, integer=False):
+    """A finite positive config number, or a one-line error naming the file and key."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a finite positive number"
+        raise UnmergeError(f"{cfg_path}: {key} is {value!r}, which is not {kind}; fix the adapter config")
+    return value
+
+
+def _flag(cfg_path, key, value):
+    if not isinstance(value, bool):
+        raise UnmergeError(f"{cfg_path}: {key} is {value!r}, expected true or false; fix the adapter config")
+    return value
+
+
+def _patterns(cfg_path, key, value) -> dict:
+    """``alpha_pattern``/``rank_pattern``: ``{regex: number}``, each regex compiled up front."""
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict):
+        raise UnmergeError(f"{cfg_path}: {key} is {type(value).__name__}, expected an object {{pattern: number}}; "
+                           f"fix the adapter config")
+    for pat, val in value.items():
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise UnmergeError(f"{cfg_path}: {key} pattern {pat!r} is not a regular expression ({err}); fix the "
+                               f"adapter config") from None
+        _number(cfg_path, f"{key}[{pat!r}]", val, integer=key == "rank_pattern")
+    return value
+
+
 class Adapter:
     """An opened PEFT LoRA adapter (factors are read lazily). Use :func:`open_adapter`.
 
@@ -64,6 +105,11 @@ class Adapter:
             self.config = json.loads(cfg_path.read_text())
         except ValueError as err:
             raise UnmergeError(f"cannot parse {cfg_path}: {err}; re-save the adapter") from None
+        except OSError as err:
+            raise UnmergeError(f"cannot read {cfg_path}: {err.strerror or err}") from None
+        if not isinstance(self.config, dict):
+            raise UnmergeError(f"{cfg_path} holds a JSON {type(self.config).__name__}, not an object; re-save the "
+                               f"adapter")
         ptype = str(self.config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise UnmergeError(f"{cfg_path} is a {ptype} adapter; only LoRA adapters are supported")
@@ -78,10 +124,13 @@ class Adapter:
         self.file = wfile
         self._f = _safe_open(wfile)
         self.base_model = self.config.get("base_model_name_or_path")
-        r_default = self.config.get("r", 8)
-        self._alpha = self.config.get("lora_alpha", r_default)
-        self._rslora = bool(self.config.get("use_rslora", False))
-        self._fan = bool(self.config.get("fan_in_fan_out", False))
+        cfg = {**PEFT_DEFAULTS, **{k: v for k, v in self.config.items() if v is not None}}
+        self._r = int(_number(cfg_path, "r", cfg["r"], integer=True))
+        self._alpha = _number(cfg_path, "lora_alpha", cfg["lora_alpha"])
+        self._rslora = _flag(cfg_path, "use_rslora", cfg["use_rslora"])
+        self._fan = _flag(cfg_path, "fan_in_fan_out", cfg["fan_in_fan_out"])
+        alpha_pattern = _patterns(cfg_path, "alpha_pattern", self.config.get("alpha_pattern"))
+        rank_pattern = _patterns(cfg_path, "rank_pattern", self.config.get("rank_pattern"))
         pairs: dict[str, dict] = {}
         for key in self._f.keys():
             m = _KEY.match(key)
@@ -106,7 +155,12 @@ class Adapter:
                 raise UnmergeError(f"{wfile}: LoRA factors of {mod} have shapes A {a_shape}, B {b_shape}; expected "
                                    f"A (r, in) and B (out, r)")
             r = a_shape[0]
-            alpha = _pattern_value(self.config.get("alpha_pattern"), mod, self._alpha)
+            want_r = int(_pattern_value(rank_pattern, mod, self._r))
+            if r != want_r:
+                raise UnmergeError(f"{wfile}: the LoRA factors of {mod} have rank {r} but {cfg_path} gives r = {want_r}"
+                                   f"{' (rank_pattern)' if want_r != self._r else ''}; the config does not belong to "
+                                   f"these weights — re-save the adapter")
+            alpha = _pattern_value(alpha_pattern, mod, self._alpha)
             scale = float(alpha) / (np.sqrt(r) if self._rslora else r)
             transpose = e["emb"] or self._fan
             shape = (b_shape[0], a_shape[1])
@@ -184,6 +238,12 @@ class Adapter:
                 raise UnmergeError(f"adapter {self.path} changes tensor {n}, which base {base.path} lacks: the adapter was "
                                    f"trained on a different base model; pass that base with --base")
             want, got = tuple(base.shape(mapping[n])), self.shape(n)
+            a_key, b_key, scale, transpose, shape = self._mods[n]
+            if want != got and want == got[::-1] and self._fan and ".lora_embedding_" not in a_key:
+                # PEFT honours fan_in_fan_out only for Conv1D layers (weights stored (in, out)); on a
+                # Linear layer it resets the flag and ΔW keeps B@A's (out, in) orientation.
+                self._mods[n] = (a_key, b_key, scale, not transpose, shape[::-1])
+                got = want
             if want != got:
                 raise UnmergeError(f"adapter {self.path} gives {n} shape {got} but base {base.path} has {want}: the "
                                    f"adapter was trained on a different base model (shape mismatch); pass that base")
