@@ -50,3 +50,19 @@ def test_model_keys_differ_by_model_and_tensor():
     b = jax.random.key_data(R.model_keys(0, R.name_hash("b"), 3))
     assert len({tuple(np.asarray(x)) for x in list(a) + list(b)}) == 6
     assert R.name_hash("model.layers.0.mlp.up_proj.weight") == R.name_hash("model.layers.0.mlp.up_proj.weight")
+
+
+def test_bootstrap_draw_depends_on_row_and_seed_only():
+    key = jax.random.key(9)
+    rows = np.arange(200_000)
+    w3 = np.asarray(R.poisson1_weights(key, rows, 3))
+    np.testing.assert_array_equal(np.asarray(R.poisson1_weights(key, rows, 2)), w3[:2])  # S does not matter
+    np.testing.assert_array_equal(np.asarray(R.poisson1_weights(key, rows[5000:6000], 3)), w3[:, 5000:6000])
+    big = np.asarray(R.poisson1_weights(key, np.asarray([2**40 + 7, 7]), 1))[0]
+    assert big.shape == (2,)  # 64-bit row indices hash both words
+    # Poisson(1): mean 1, variance 1, P(0) = P(1) = e⁻¹, P(2) = e⁻¹/2; replicates uncorrelated.
+    for s in range(3):
+        assert abs(w3[s].mean() - 1) < 0.01 and abs(w3[s].var() - 1) < 0.02
+        freq = np.bincount(w3[s], minlength=3)[:3] / rows.size
+        np.testing.assert_allclose(freq, np.exp(-1) * np.array([1, 1, 0.5]), atol=0.005)
+    assert abs(np.corrcoef(w3)[np.triu_indices(3, 1)]).max() < 0.01
