@@ -7,7 +7,7 @@ then runs each mode in a fresh subprocess on the warm page cache:
   * ``read_raw``  — the I/O limit: read every file's bytes sequentially (``readinto``);
   * ``read``      — every tensor of every checkpoint through ``safe_open(...).get_tensor``, as the
                     streaming pass reads them (the reader's limit);
-  * ``stream``    — ``unmerge_jax.io.stream.stream_stats`` (full model, ``--seeds`` replicates),
+  * ``stream``    — ``unmerge_jax.passes.statistics.stream_stats`` (full model, ``--seeds`` replicates),
                     run twice in the process: the first includes compilation, the second is the
                     steady state;
   * ``dense``     — the dense way: load every task vector, concatenate into D (n × K) and
@@ -104,7 +104,7 @@ os.environ.setdefault("UNMERGE_PROGRESS", "0")
 import numpy as np, psutil
 import jax, unmerge_jax  # imports stay outside the timed region in every mode
 from unmerge_jax.io.checkpoint import open_checkpoint
-from unmerge_jax.io.stream import stream_stats, dense_columns
+from unmerge_jax.passes.statistics import stream_stats, dense_columns
 mode, root, k, t, seeds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 proc = psutil.Process()
 def anon():

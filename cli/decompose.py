@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.staging import BLOCK_ROWS
 
 HELP = """Decompose target models into a dictionary of known fine-tunes: for every target, the
 coefficients a with v ~ sum_i a_i d_i, where d_i = fine-tune_i - base and v = target - base.
@@ -59,7 +59,7 @@ def add_input_args(p) -> None:
     b = p.add_argument_group("statistics")
     b.add_argument("--seeds", type=int, default=0, help="bootstrap replicates S, all in the same pass (default 0)")
     b.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
-    b.add_argument("--block-rows", type=int, default=None, help="rows per staged block (default 131072)")
+    b.add_argument("--block-rows", type=int, default=None, help=f"rows per staged block (default {BLOCK_ROWS})")
     b.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
                    help="rows per bootstrap resampling unit: 1 = resample single parameters; default 4096 "
                         "consecutive parameters once that leaves >= 200 units (819,200 rows), else 1")
@@ -75,24 +75,6 @@ def stats_kwargs(args) -> dict:
     if args.seeds < 0:
         raise UnmergeError(f"--seeds must be >= 0, got {args.seeds}")
     return kw
-
-
-def check_outputs(args, *paths) -> None:
-    """Refuse outputs that would overwrite an input, before any work."""
-    inputs = [args.base, *args.dictionary, *args.target, args.mask]
-    resolved = {Path(str(p).partition("=")[2] or str(p)).resolve() for p in inputs if p} | {
-        Path(str(p)).resolve() for p in inputs if p}
-    for out in paths:
-        if out is not None and Path(out).resolve() in resolved:
-            raise UnmergeError(f"output {out} is one of the inputs; choose another file")
-
-
-def save_mask(args, result) -> None:
-    if args.save_mask is None:
-        return
-    if result.selection is None:
-        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
-    result.selection.save(args.save_mask)
 
 
 def _parse_params(items) -> dict:
@@ -129,28 +111,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from unmerge_jax.io.atomic import atomic_file
-    from unmerge_jax.io.stream import collect_stats, decomposition_report, format_report
-    from unmerge_jax.stats import save_stats
+    from unmerge_jax.pipeline import decompose_files
+    from unmerge_jax.report import format_report
 
-    from unmerge_jax.solve import resolve_method, resolve_params
-
-    check_outputs(args, args.json, args.save_mask, args.stats_out)
-    params = _parse_params(args.param)
-    resolve_params(resolve_method(args.method), 1 << 30, params)  # bad method/parameter: fail before reading
-    if args.save_mask is not None and args.base is None:
-        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
-    res = collect_stats(args.base, args.dictionary, args.target, **stats_kwargs(args))
-    prov = res.provenance
-    report = decomposition_report(res.stats, prov["atom_names"], prov["target_names"], args.method, ci=args.ci,
-                                  **params)
+    report = decompose_files(args.base, args.dictionary, args.target, args.method, params=_parse_params(args.param),
+                             ci=args.ci, json_out=args.json, stats_out=args.stats_out, mask_out=args.save_mask,
+                             **stats_kwargs(args))
     print(format_report(report))
-    report["provenance"] = prov
-    # Everything succeeded: now write (each file atomically).
-    if args.json is not None:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str))
-    if args.stats_out is not None:
-        save_stats(args.stats_out, res.stats, prov)
-    save_mask(args, res)
     return 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unmerge_jax.cli.decompose import add_input_args, check_outputs, save_mask, stats_kwargs
-from unmerge_jax.errors import UnmergeError
+from unmerge_jax.cli.decompose import add_input_args, stats_kwargs
 
 HELP = """Compute the sufficient statistics of a decomposition problem -- G = D'D, C = D'V, ||v||^2
 and S bootstrap replicates, in float64 -- in one streaming pass over the checkpoints, and write
@@ -39,31 +38,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from unmerge_jax.io.stream import collect_stats
-    from unmerge_jax.stats import save_stats
+    from unmerge_jax.pipeline import stats_file
 
-    check_outputs(args, args.out, args.save_mask)
-    given = [x is not None for x in (args.coordinator, args.num_processes, args.process_id)]
-    if any(given) and not all(given):
-        raise UnmergeError("--coordinator, --num-processes and --process-id go together")
-    if args.save_mask is not None and args.base is None:
-        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
-    writer = True
-    if all(given):
-        import jax
-
-        if args.base is None:
-            raise UnmergeError("several processes need checkpoint inputs (--base); arrays are read by one process")
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-        writer = args.process_id == 0
-    res = collect_stats(args.base, args.dictionary, args.target, **stats_kwargs(args))
-    s = res.stats
-    if writer:
-        save_stats(args.out, s, res.provenance)
-        save_mask(args, res)
-        print(f"wrote {args.out}: {s.n_atoms} dictionary entries x {s.n_targets} targets over "
-              f"{res.provenance['n_rows']:,} rows" + (f" from {res.provenance['n_tensors']} tensors" if
-                                                     "n_tensors" in res.provenance else "")
+    res, written = stats_file(args.base, args.dictionary, args.target, args.out, mask_out=args.save_mask,
+                              coordinator=args.coordinator, num_processes=args.num_processes,
+                              process_id=args.process_id, **stats_kwargs(args))
+    s, prov = res.stats, res.provenance
+    if written:
+        print(f"wrote {args.out}: {s.n_atoms} dictionary entries x {s.n_targets} targets over {prov['n_rows']:,} rows"
+              + (f" from {prov['n_tensors']} tensors" if "n_tensors" in prov else "")
               + (f", {s.n_seeds} bootstrap seeds" if s.n_seeds else ""))
     return 0

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import argparse
 from pathlib import Path
-
-import numpy as np
-
-from unmerge_jax.errors import UnmergeError
 
 HELP = """Run a vectorised grid of decompositions: every target x method x parameter x bootstrap seed,
 one compiled call per method family.
@@ -28,7 +24,7 @@ dependent, and whole-chunk units make the replicates nearly free); --bootstrap-b
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="grid of decompositions over all targets and seeds", description=HELP,
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("inputs (give --stats, or --dictionary and --targets)")
     src.add_argument("--stats", type=Path, help="GramStats .npz from `unmerge stats`")
     src.add_argument("--dictionary", type=Path, help="dictionary array (.npy rows x atoms, or .safetensors)")
@@ -48,42 +44,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import unmerge_jax as u
-    from unmerge_jax.io.arrays import load_columns
-    from unmerge_jax.io.atomic import atomic_file
+    from unmerge_jax.pipeline import sweep_files
 
-    atom_names = target_names = None
-    if args.stats is not None:
-        if args.dictionary or args.targets:
-            raise UnmergeError("give either --stats or --dictionary/--targets, not both")
-        stats, prov = u.load_stats(args.stats)
-        atom_names, target_names = prov.get("atom_names"), prov.get("target_names")
-        data = (stats,)
-    elif args.dictionary is not None and args.targets is not None:
-        d, atom_names = load_columns(args.dictionary)
-        v, target_names = load_columns(args.targets)
-        data = (u.gram_stats(d, v, seeds=args.seeds, key=args.seed, bootstrap_block=args.bootstrap_block),)
-    else:
-        raise UnmergeError("give --stats FILE.npz, or both --dictionary and --targets")
-    grid = "paper"
-    if args.grid != "paper":
-        try:
-            grid = json.loads(Path(args.grid).read_text())
-        except (OSError, ValueError) as err:
-            raise UnmergeError(f"cannot read grid file {args.grid}: {err}") from None
-    truth = np.load(args.truth) if args.truth else None
-    methods = args.methods.split(",") if args.methods else None
-    table = u.sweep(*data, grid=grid, seeds=args.seeds, truth=truth, methods=methods,
-                    atom_names=atom_names, target_names=target_names)
-    metrics = ["recon_error", "precision", "recall", "perfect_match", "sparsity"] if truth is not None else ["recon_error", "sparsity"]
-    summary = u.summarize(table, by=args.by.split(","), metrics=metrics)
+    table, summary = sweep_files(stats=args.stats, dictionary=args.dictionary, targets=args.targets, grid=args.grid,
+                                 methods=args.methods.split(",") if args.methods else None, seeds=args.seeds,
+                                 key=args.seed, bootstrap_block=args.bootstrap_block, truth=args.truth,
+                                 by=args.by.split(","), runs_out=args.out, summary_out=args.json)
     print(f"{len(table)} runs ({table.target.nunique()} targets x {table.groupby(['method', 'params']).ngroups} "
           f"configurations x {max(1, args.seeds)} seed(s))\n")
     print(summary.markdown)
-    if args.out:
-        with atomic_file(args.out) as tmp:
-            table.to_csv(tmp, index=False)
-    if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(summary.frame.to_json(orient="records", indent=2))
     return 0

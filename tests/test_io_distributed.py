@@ -48,8 +48,8 @@ def _run_two(tmp_path, args):
 
 @pytest.mark.parametrize("extra", [["--seeds", "2"], ["--top-k", "3000", "--seeds", "2"]], ids=["full", "topk"])
 def test_two_processes_equal_dense_gram_stats(tiny, tmp_path, extra):
-    from unmerge_jax.io.compress import Selection
-    from unmerge_jax.io.stream import dense_columns, stream_stats
+    from unmerge_jax.passes.mask import Selection
+    from unmerge_jax.passes.statistics import dense_columns, stream_stats
 
     q = tiny["qwen"]
     dic, tgt = [q / "ft0", q / "ft1", q / "lora0"], [q / "ta", q / "lora_ta"]

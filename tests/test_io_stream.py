@@ -14,7 +14,7 @@ import pytest
 
 import unmerge_jax as u
 from unmerge_jax import UnmergeError
-from unmerge_jax.io.compress import Selection, select_top, topk_mask
+from unmerge_jax.passes.mask import Selection, select_top, topk_mask
 from unmerge_jax.io.names import parse_tensor_name
 
 pytestmark = pytest.mark.models
@@ -85,7 +85,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("n_dev", [1, 8])
 def test_stream_equals_dense_gram_stats(tiny, case, n_dev):
-    from unmerge_jax.io.stream import dense_columns, stream_stats
+    from unmerge_jax.passes.statistics import dense_columns, stream_stats
 
     q = tiny["qwen"]
     dic = [q / "ft0", q / "ft1", q / "lora0"]     # full fine-tunes and an adapter mixed
@@ -115,7 +115,7 @@ def test_stream_equals_dense_gram_stats(tiny, case, n_dev):
 def test_half_precision_base_streams_like_its_float32_upcast(tiny, base_dir):
     """Stored bf16/fp16 tensors are staged in their stored dtype and cast to float32 while
     staging: the statistics equal those of the float32-upcast dense columns."""
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     q = tiny["qwen"]
     dic, tgt = [q / "ft0", q / "lora2"], [q / "ta"]
@@ -150,7 +150,7 @@ def _brute_force_mask(base, dictionary, names, k, scope):
 @pytest.mark.parametrize("scope,k", [("group", 3000), ("global", 2000)])
 def test_topk_mask_matches_numpy_reference(tiny, scope, k):
     from unmerge_jax.io.checkpoint import open_checkpoint
-    from unmerge_jax.io.compress import build_selection
+    from unmerge_jax.passes.mask import build_selection
     from unmerge_jax.sources import task_vector
 
     q = tiny["qwen"]
@@ -199,7 +199,7 @@ def test_paper_allocation_and_tie_rule():
 
 
 def test_saved_mask_compresses_targets_identically(tiny, tmp_path):
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     q = tiny["qwen"]
     dic = [q / "lora0", q / "lora1", q / "lora2"]
@@ -221,7 +221,7 @@ def test_saved_mask_compresses_targets_identically(tiny, tmp_path):
 def test_every_tensor_read_once_per_input(tiny, monkeypatch):
     from unmerge_jax.io.checkpoint import Checkpoint
     from unmerge_jax.io.lora import Adapter
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     reads = []
     orig_read, orig_delta = Checkpoint.read_raw, Adapter.delta  # Checkpoint.read goes through read_raw
@@ -240,7 +240,7 @@ def test_every_tensor_read_once_per_input(tiny, monkeypatch):
 
 
 def test_progress_bar_over_tensors(tiny, monkeypatch, capsys):
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     monkeypatch.setenv("UNMERGE_PROGRESS", "1")
     q = tiny["qwen"]
@@ -267,7 +267,7 @@ def _nan_copy(src, dst, tensor):
 @pytest.mark.parametrize("where", ["target", "dictionary"])
 @pytest.mark.parametrize("top_k", [None, 3000])
 def test_nan_names_tensor_and_input(tiny, tmp_path, where, top_k):
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     q = tiny["qwen"]
     bad_name = "model.layers.1.mlp.up_proj.weight"
@@ -284,7 +284,7 @@ def test_nan_names_tensor_and_input(tiny, tmp_path, where, top_k):
 
 
 def test_empty_inputs(tiny):
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     q = tiny["qwen"]
     with pytest.raises(UnmergeError, match="dictionary is empty"):
@@ -302,7 +302,7 @@ MEM_SCRIPT = textwrap.dedent("""
     os.environ["UNMERGE_PROGRESS"] = "0"
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import unmerge_jax
-    from unmerge_jax.io.stream import stream_stats
+    from unmerge_jax.passes.statistics import stream_stats
 
     def anon():
         for line in open("/proc/self/status"):

@@ -19,10 +19,11 @@ from unmerge_jax.sweep import PAPER_GRID, summarize, sweep  # noqa: E402
 
 # --- tensor sources and checkpoints ---
 from unmerge_jax.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
-from unmerge_jax.io.compress import Selection, topk_mask  # noqa: E402
+from unmerge_jax.passes.mask import Selection, topk_mask  # noqa: E402
 from unmerge_jax.io.lora import open_adapter  # noqa: E402
 from unmerge_jax.io.names import parse_tensor_name  # noqa: E402
-from unmerge_jax.io.stream import StreamResult, decomposition_report, stream_stats  # noqa: E402
+from unmerge_jax.passes.statistics import StreamResult, stream_stats  # noqa: E402
+from unmerge_jax.report import decomposition_report  # noqa: E402
 from unmerge_jax.sources import (AdapterSource, CheckpointSource, MemorySource, TaskVector, TensorSource,  # noqa: E402
                                  VirtualSource, open_source, task_vector)
 
@@ -40,4 +41,4 @@ from unmerge_jax.analysis.studies import STUDIES, run_study  # noqa: E402
 # --- experiment ---
 from unmerge_jax.experiment import ExperimentResult, run_experiment  # noqa: E402
 
-__version__ = "0.1.0"
+from unmerge_jax.version import __version__  # noqa: E402,F401

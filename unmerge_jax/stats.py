@@ -13,7 +13,6 @@ the unit's weight.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, NamedTuple
 
 import jax
@@ -21,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError, check_finite
-from unmerge_jax.hostmem import ALIGN, aligned_empty
-from unmerge_jax.io.atomic import atomic_file
+from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.kernels.stats import CHUNK_ROWS, FLAT_PAD, block_stats, flat_block_stats, row_mesh
+from unmerge_jax.staging import BLOCK_ROWS, ArrayBlocks, Staging, block_rows_for
 
-DEFAULT_BLOCK_ROWS = 1 << 16
 # Fewest resampling units for which the automatic bootstrap resamples blocks instead of rows.
 MIN_BOOT_UNITS = 200
 
@@ -179,7 +177,7 @@ def _seed_key(key, seeds):
     return key
 
 
-def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int = DEFAULT_BLOCK_ROWS,
+def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int = BLOCK_ROWS,
                compute_dtype="float64", bootstrap_block: int | None = None) -> GramStats:
     """Float64 sufficient statistics of dictionary ``D`` and targets ``V``.
 
@@ -213,14 +211,13 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
     n = D.shape[0]
     mesh = row_mesh(devices)
     n_dev = mesh.devices.size
-    block = -(-max(n_dev, min(block_rows, n)) // n_dev) * n_dev
+    block = block_rows_for(n, block_rows, n_dev)
     key = _seed_key(key, seeds)
     boot_block = bootstrap_unit_rows(n, bootstrap_block)
     # One device and host arrays: blocks go over as flat buffers starting at the 64-byte boundary at
     # or before them, so NumPy's usual 16-byte-aligned arrays are read in place too.
     flat = n_dev == 1 and all(isinstance(x, np.ndarray) and x.dtype.itemsize in FLAT_PAD for x in (D, V))
     total = None
-    inflight: list = []
 
     def before_copy():
         # A staging buffer is about to be refilled: the device may still read it. Flat mode keeps
@@ -229,11 +226,12 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
         if flat and total is not None:
             jax.block_until_ready(total.gram)
 
-    stage_d, stage_v = _Staging(D, block, flat, before_copy), _Staging(V, block, flat, before_copy)
+    staging = Staging(depth=2)
+    stage_d = ArrayBlocks(D, block, flat, before_copy, staging)
+    stage_v = ArrayBlocks(V, block, flat, before_copy, staging)
     for i, start in enumerate(range(0, n, block)):
         stop = min(n, start + block)
-        if len(inflight) == 2:  # the device may still read the staging buffer about to be refilled
-            jax.block_until_ready(inflight.pop(0))
+        staging.wait_turn()  # flat mode dispatches nothing to wait for: ``before_copy`` waits instead
         d_blk, v_blk = stage_d.block(i, start, stop), stage_v.block(i, start, stop)
         if flat:
             # Sums accumulate inside the kernel (one dispatch per block, nothing added on the host).
@@ -246,7 +244,7 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
             part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
                                           compute_dtype=compute_dtype, pad_to=block, n_valid=stop - start,
                                           boot_block=boot_block))
-            inflight.append(part.gram)
+            staging.dispatched(part.gram)
             total = part if total is None else add_stats(total, part)
     total = to_host(total)
     if not (np.all(np.isfinite(np.diagonal(total.gram))) and np.all(np.isfinite(total.target_sq))):
@@ -255,65 +253,6 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
         raise UnmergeError("the statistics overflowed float64: the inputs hold values too large to square "
                            "(|x| > 1e150); rescale them")
     return total
-
-
-class _Staging:
-    """Hands row blocks of one input to the device, copying only when it cannot be used in place.
-
-    JAX arrays are sliced on their device. A NumPy block is passed as is when it is C-contiguous
-    and full and either 64-byte aligned or (``flat`` mode, one device) preceded within the array
-    by the entries back to a 64-byte boundary: it then goes over as a flat buffer from that
-    boundary plus the shift to the block. Otherwise it is copied into one of two aligned buffers
-    (used alternately, so block i+1 is staged while the device still reads block i), and a short
-    last block is zero-padded there.
-
-    ``block()`` returns a (rows, cols) array, or in ``flat`` mode a ``(buffer, shift)`` pair.
-    """
-
-    def __init__(self, x, block: int, flat: bool = False, before_copy=None):
-        self.x, self.block_rows, self.flat = x, block, flat
-        self.before_copy = before_copy
-        self.cols = x.shape[1]
-        self.pad = FLAT_PAD[x.dtype.itemsize] if flat else 0
-        self.buffers: list = []
-
-    def block(self, i: int, start: int, stop: int):
-        part = self.x[start:stop]
-        if isinstance(self.x, jax.Array):
-            return part
-        full = stop - start == self.block_rows
-        if full and self.x.flags.c_contiguous:
-            if self.flat:
-                shifted = self._shifted(start, stop)
-                if shifted is not None:
-                    return shifted
-            elif part.ctypes.data % ALIGN == 0:
-                return part
-        while len(self.buffers) <= i % 2:
-            self.buffers.append(aligned_empty(self.block_rows * self.cols + self.pad, self.x.dtype))
-        buf = self.buffers[i % 2]
-        if self.before_copy is not None:
-            self.before_copy()
-        rows = buf[: self.block_rows * self.cols].reshape(self.block_rows, self.cols)
-        np.copyto(rows[: stop - start], part)
-        if not full:
-            rows[stop - start:] = 0
-        return (buf, 0) if self.flat else rows
-
-    def _shifted(self, start: int, stop: int):
-        """``(flat view from the 64-byte boundary at or before row start, shift)``, or None if that
-        boundary or the view's padded end falls outside the array."""
-        flat = self.x.reshape(-1)
-        size = self.x.dtype.itemsize
-        first = start * self.cols
-        addr = flat.ctypes.data + first * size
-        if addr % size:
-            return None
-        shift = (addr % ALIGN) // size
-        lo, hi = first - shift, first - shift + (stop - start) * self.cols + self.pad
-        if lo < 0 or hi > flat.size:
-            return None
-        return flat[lo:hi], shift
 
 
 def to_host(stats: GramStats) -> GramStats:
@@ -358,24 +297,15 @@ _FIELDS = GramStats._fields
 
 def save_stats(path, stats: GramStats, provenance: dict | None = None) -> None:
     """Write statistics (and a JSON-serialisable provenance dict) to ``.npz``, atomically."""
-    arrays = {f: np.asarray(getattr(stats, f)) for f in _FIELDS if getattr(stats, f) is not None}
-    arrays["provenance_json"] = np.asarray(json.dumps(provenance or {}, sort_keys=True, default=str))
-    with atomic_file(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    arrays = {f: getattr(stats, f) for f in _FIELDS if getattr(stats, f) is not None}
+    write_npz(path, arrays, {"provenance": provenance or {}})
 
 
 def load_stats(path) -> tuple[GramStats, dict]:
     """Read statistics written by :func:`save_stats`; returns ``(stats, provenance)``."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [f for f in ("gram", "cross", "target_sq", "n_rows") if f not in z]
-            if missing:
-                raise UnmergeError(f"{path} is not a GramStats file (missing {', '.join(missing)}); "
-                                   f"write one with `unmerge stats` or unmerge_jax.save_stats")
-            fields = {f: (np.asarray(z[f]) if f in z else None) for f in _FIELDS}
-            prov = json.loads(str(z["provenance_json"])) if "provenance_json" in z else {}
-    except (OSError, ValueError) as err:
-        if isinstance(err, UnmergeError):
-            raise
-        raise UnmergeError(f"cannot read statistics file {path}: {err}") from None
-    return GramStats(**fields), prov
+    arrays, meta = read_npz(path, "statistics file")
+    missing = [f for f in ("gram", "cross", "target_sq", "n_rows") if f not in arrays]
+    if missing:
+        raise UnmergeError(f"{path} is not a GramStats file (missing {', '.join(missing)}); "
+                           f"write one with `unmerge stats` or unmerge_jax.save_stats")
+    return GramStats(**{f: arrays.get(f) for f in _FIELDS}), meta.get("provenance", {})

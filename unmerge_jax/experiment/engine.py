@@ -36,7 +36,7 @@ def adapter_deltas(adapter_dir) -> dict[str, np.ndarray]:
 def topk_mask(dictionary: list[dict[str, np.ndarray]], top_k: int) -> dict[str, np.ndarray]:
     """Boolean masks keeping ``top_k`` entries spread uniformly over tensors (one tensor = one
     (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4): the checkpoint I/O's
-    compression rule (``unmerge_jax.io.compress``), applied to in-memory task vectors."""
-    from unmerge_jax.io.compress import topk_mask as io_topk
+    compression rule (``unmerge_jax.passes.mask``), applied to in-memory task vectors."""
+    from unmerge_jax.passes.mask import topk_mask as io_topk
 
     return io_topk(dictionary, top_k)

@@ -1,4 +1,4 @@
-"""Which parameter entries enter the decomposition: the paper's top-k compression (§3.4).
+"""The mask pass: which parameter entries enter the decomposition (the paper's top-k compression, §3.4).
 
 ``M = max_i |d_i|`` over the dictionary's task vectors, entry by entry. Keep
 
@@ -16,20 +16,23 @@ indices kept (None = all). It defines the rows of the statistics; saved to ``.np
 it makes targets compressed exactly like the dictionary. Computing it is a streaming pass: per
 tensor, M is formed in place from one task vector at a time (memory: base + M + one tensor) and
 only the tensor's top candidates (≤ k_g, or ≤ k) are kept.
+
+Inputs are tensor sources (``unmerge_jax.sources``): the base, and the dictionary's task vectors
+(:class:`~unmerge_jax.sources.TaskVector`); :func:`topk_mask` applies the same rule to in-memory
+task vectors through :class:`~unmerge_jax.sources.MemorySource`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.atomic import atomic_file
+from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
 from unmerge_jax.progress import progress
+from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource
 
 SCOPES = ("group", "global")
 
@@ -77,52 +80,40 @@ class Selection:
         return m.reshape(shape)
 
     def check_base(self, base) -> None:
-        """One-line error when ``base`` (an opened checkpoint) lacks a tensor or has another shape."""
+        """One-line error when ``base`` (a :class:`~unmerge_jax.sources.TensorSource`) lacks a tensor or
+        has another shape."""
         for n in self.names:
             if n not in base:
-                raise UnmergeError(f"the mask selects tensor {n}, which base {base.path} lacks; the mask was made for "
+                raise UnmergeError(f"the mask selects tensor {n}, which base {base.label} lacks; the mask was made for "
                                    f"another model — recompute it")
             if tuple(base.shape(n)) != tuple(self.shapes[n]):
-                raise UnmergeError(f"the mask has tensor {n} with shape {tuple(self.shapes[n])} but base {base.path} has "
-                                   f"{tuple(base.shape(n))}; recompute the mask for this base")
+                raise UnmergeError(f"the mask has tensor {n} with shape {tuple(self.shapes[n])} but base {base.label} "
+                                   f"has {tuple(base.shape(n))}; recompute the mask for this base")
 
     def save(self, path) -> None:
         """Write to ``.npz`` atomically (spec, tensor names and shapes, the index arrays)."""
-        arrays = {"spec_json": np.asarray(json.dumps(self.spec, sort_keys=True, default=str)),
-                  "names_json": np.asarray(json.dumps(list(self.names))),
-                  "shapes_json": np.asarray(json.dumps([list(self.shapes[n]) for n in self.names]))}
-        for i, n in enumerate(self.names):
-            if self.index.get(n) is not None:
-                arrays[f"idx_{i}"] = np.asarray(self.index[n], np.int64)
-        with atomic_file(path, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
+        arrays = {f"idx_{i}": np.asarray(self.index[n], np.int64) for i, n in enumerate(self.names)
+                  if self.index.get(n) is not None}
+        write_npz(path, arrays, {"spec": self.spec, "names": list(self.names),
+                                 "shapes": [list(self.shapes[n]) for n in self.names]})
 
     @classmethod
     def load(cls, path) -> "Selection":
         """Read a selection written by :meth:`save`."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "names_json" not in z:
-                    raise UnmergeError(f"{path} is not a mask file (no names_json); write one with --save-mask")
-                names = json.loads(str(z["names_json"]))
-                shapes = {n: tuple(s) for n, s in zip(names, json.loads(str(z["shapes_json"])))}
-                index = {n: (np.asarray(z[f"idx_{i}"], np.int64) if f"idx_{i}" in z else None)
-                         for i, n in enumerate(names)}
-                spec = json.loads(str(z["spec_json"]))
-        except UnmergeError:
-            raise
-        except (OSError, ValueError, KeyError) as err:
-            raise UnmergeError(f"cannot read mask file {path}: {err}") from None
+        arrays, meta = read_npz(path, "mask file")
+        for key in ("names", "shapes", "spec"):
+            if key not in meta:
+                raise UnmergeError(f"{path} is not a mask file (no {key}_json); write one with --save-mask")
+        names = meta["names"]
+        shapes = {n: tuple(s) for n, s in zip(names, meta["shapes"])}
+        index = {n: (np.asarray(arrays[f"idx_{i}"], np.int64) if f"idx_{i}" in arrays else None)
+                 for i, n in enumerate(names)}
         for n, idx in index.items():
             size = int(np.prod(shapes[n], dtype=np.int64))
             if idx is not None and (idx.size and (idx.min() < 0 or idx.max() >= size) or np.any(np.diff(idx) <= 0)):
                 raise UnmergeError(f"mask file {path}: indices of {n} are not sorted, unique and inside its {size} "
                                    f"entries; recompute the mask")
-        return cls(names, shapes, index, spec)
-
-
-def load_selection(path) -> Selection:
-    return Selection.load(path)
+        return cls(names, shapes, index, meta["spec"])
 
 
 def candidate_names(base, modules=None) -> list[str]:
@@ -130,7 +121,7 @@ def candidate_names(base, modules=None) -> list[str]:
     keep = module_filter(modules)
     names = [n for n in base.names if base.is_float(n) and keep(n)]
     if not names:
-        raise UnmergeError(f"no floating-point tensor of {base.path} matches --modules {modules_label(modules)}; "
+        raise UnmergeError(f"no floating-point tensor of {base.label} matches --modules {modules_label(modules)}; "
                            f"e.g. {base.names[0] if base.names else '(no tensors)'} is "
                            f"{parse_tensor_name(base.names[0]).module_class if base.names else '-'}")
     return names
@@ -200,12 +191,12 @@ def _max_abs(base, dictionary, name) -> np.ndarray:
 def _raise_nonfinite(base, dictionary, name):
     base_arr = base.read(name)
     if not np.all(np.isfinite(base_arr)):
-        raise UnmergeError(f"tensor {name} of base {base.path} holds NaN/Inf; fix or re-download the base")
+        raise UnmergeError(f"tensor {name} of base {base.label} holds NaN/Inf; fix or re-download the base")
     for tv in dictionary:
         d = tv.delta(name)
         if not np.all(np.isfinite(d)):
-            raise UnmergeError(f"tensor {name} of dictionary entry {tv.name} ({tv.path}) holds NaN/Inf; fix or drop "
-                               f"that entry")
+            raise UnmergeError(f"tensor {name} of dictionary entry {tv.name} ({tv.where(name)}) holds NaN/Inf; fix or "
+                               f"drop that entry")
     raise UnmergeError(f"tensor {name}: the dictionary's task vectors are not finite")  # pragma: no cover
 
 
@@ -222,15 +213,15 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
     """The streaming mask pass: top-k of ``M = max_i |d_i|`` (or everything when ``top_k`` is None).
 
     Args:
-      base: opened base checkpoint.
-      dictionary: the dictionary's task vectors (:class:`~unmerge_jax.io.taskvec.TaskVector`).
+      base: the base (a :class:`~unmerge_jax.sources.TensorSource` of kind ``"weights"``).
+      dictionary: the dictionary's task vectors (:class:`~unmerge_jax.sources.TaskVector`).
       top_k: total entries to keep; None keeps every entry (the full model).
       scope: ``"group"`` (k spread uniformly over (layer, module) groups, the paper) or ``"global"``.
       modules: ``--modules`` filter.
       names: tensors to consider (default: the base's float tensors passing ``modules``).
       process_index, process_count, gather: multi-process pass — this process reads tensors
         ``share(names)[process_index]`` and ``gather(values, ranks, idx)`` returns every process's
-        candidates concatenated (see :mod:`unmerge_jax.io.stream`).
+        candidates concatenated (see :mod:`unmerge_jax.passes.statistics`).
     """
     if top_k is None:
         sel = full_selection(base, modules)
@@ -328,33 +319,8 @@ def topk_mask(dictionary: list[dict], top_k: int, scope: str = "group") -> dict[
             missing = sorted(set(names) ^ set(d))
             raise UnmergeError(f"dictionary entry {j} has other tensors than entry 0 (e.g. {missing[0] if missing else 'order'})")
 
-    class _Mem:  # the streaming pass's view of in-memory arrays
-        def __init__(self, d):
-            self.d, self.name, self.path = d, "in-memory", "memory"
-
-        def parts(self, n):
-            return np.array(self.d[n], np.float32), False
-
-        def delta(self, n):
-            return np.asarray(self.d[n], np.float32)
-
-    class _Shapes:
-        path = "memory"
-
-        def __init__(self):
-            self.names = names
-
-        def shape(self, n):
-            return np.shape(dictionary[0][n])
-
-        def is_float(self, n):
-            return True
-
-        def __contains__(self, n):
-            return n in dictionary[0]
-
-        def read(self, n):
-            return np.zeros(np.shape(dictionary[0][n]), np.float32)
-
-    sel = build_selection(_Shapes(), [_Mem(d) for d in dictionary], top_k, scope=scope, names=names)
+    shapes = {n: np.shape(dictionary[0][n]) for n in names}
+    base = VirtualSource(shapes, lambda n: None, kind=WEIGHTS, label="in-memory dictionary")  # zeros: δ as given
+    tvs = [TaskVector(base, MemorySource(d, label=f"in-memory task vector {j}"), name=str(j)) for j, d in enumerate(dictionary)]
+    sel = build_selection(base, tvs, top_k, scope=scope, names=names)
     return {n: sel.mask(n) for n in names}
