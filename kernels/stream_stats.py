@@ -1,8 +1,8 @@
 """Row-block kernel of the streaming statistics pass: staged checkpoint values → ``(D, V)`` rows.
 
-The streaming pass (``unmerge_jax.io.stream``) packs the selected entries of consecutive tensors
-into fixed-size blocks of B global rows, one staging row per input: row 0 holds the base's values,
-rows 1..K the dictionary's, rows K+1..K+T the targets'. A source given as full fine-tuned
+The checkpoint statistics pass (``unmerge_jax.passes.statistics``) packs the selected entries of
+consecutive tensors into fixed-size blocks of B global rows, one staging row per input: row 0
+holds the base's values, rows 1..K the dictionary's, rows K+1..K+T the targets'. A source given as full fine-tuned
 weights is *relative* (its task vector is ``value − base``), a LoRA ``ΔW`` is not. Applying the
 mask is a gather of the kept flat indices while staging, so a compressed pass moves only the kept
 entries, never whole tensors.

@@ -186,7 +186,8 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
 
     NumPy inputs are handed to the device block by block: a 64-byte aligned C-contiguous block is
     used in place (XLA:CPU aliases it, no copy); otherwise it is copied into one of two reused
-    aligned staging buffers while the device works on the previous block. NaN/Inf are detected
+    aligned staging buffers while the device works on the previous block (``unmerge_jax.staging``,
+    the staging of every statistics pass). NaN/Inf are detected
     from the statistics themselves (a non-finite entry makes a diagonal of ``G`` or an entry of
     ``‖v‖²`` non-finite), so valid inputs are read exactly once.
 
