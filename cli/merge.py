@@ -4,29 +4,50 @@ from __future__ import annotations
 
 import argparse
 
+from unmerge_jax.merge import MERGE_METHODS
+from unmerge_jax.merge.methods.ram import ALIASES, FACES
+
 HELP = """Merge fine-tuned models or PEFT LoRA adapters into a new model directory, one tensor at a
 time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's YAML schema:
 
-  merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties, ram, ramplus_tl
+  merge_method: ties            # one of the methods below
   base_model: ./base
   models:
     - model: ./math             # a model directory or a PEFT LoRA adapter directory (merged as B@A*alpha/r)
-      parameters: {weight: 0.5, density: 0.5}
+      parameters: {{weight: 0.5, density: 0.5}}
     - model: ./code
-      parameters: {weight: 0.5, density: 0.5}
-  parameters: {normalize: true} # method-wide; values may be gradients or [{filter: mlp, value: ...}, ...]
+      parameters: {{weight: 0.5, density: 0.5}}
+  parameters: {{normalize: true}} # method-wide; values may be gradients or [{{filter: mlp, value: ...}}, ...]
   dtype: bfloat16
 
-RAM faces (merge_method: ram, parameters: {face: ...}): mergekit (default), seed003, arm, arm-r,
-arm-r-v2 (= authors; r: 1.0 RAM, 1.2 RAM+), tensor_local. DARE's masks are keyed by (--seed,
-tensor name). Output: sharded safetensors + index, config.json (dtype updated), tokenizer and
-generation files, and the resolved config. Existing outputs are kept unless --force.
+Methods (parameters, defaults):
+{methods}
+
+RAM faces (merge_method: ram, parameters: {{face: ...}}; default {default_face}):
+{faces}
+
+DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
+(dtype updated), tokenizer and generation files, and the resolved config. Existing outputs are
+kept unless --force.
 """
 
 
+def _help() -> str:
+    methods = []
+    for name, m in MERGE_METHODS.items():
+        defaults = {**m.per_model, **{k: v for k, v in m.shared.items() if v is not None}}
+        methods.append(f"  {name:<16}" + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+    faces = []
+    for name, face in FACES.items():
+        aliases = [a for a, c in ALIASES.items() if c == name]
+        faces.append(f"  {name}" + (f" (also {', '.join(aliases)})" if aliases else "") + f": {face.summary}")
+    return HELP.format(methods="\n".join(methods), faces="\n".join(faces),
+                       default_face=MERGE_METHODS["ram"].shared["face"])
+
+
 def register(sub) -> None:
-    p = sub.add_parser("merge", help="merge models/LoRA adapters (TA, linear, TIES, DARE, RAM) by streaming",
-                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("merge", help=f"merge models/LoRA adapters by streaming ({', '.join(MERGE_METHODS)})",
+                       description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
     p.add_argument("--seed", type=int, default=0, help="seed for DARE's random masks (default 0)")

@@ -10,21 +10,20 @@ Every kernel works on one tensor — or one chunk of a flattened tensor — at a
 * per-model arrays ``weights`` (K,), ``density`` (K,) / ``topk`` (K,), and per-tensor scalars.
 
 Everything that fixes the program's structure (sparsification, consensus, rescale rule, RAM
-face) is a frozen hashable static argument, so one program is compiled per (config, shape,
-dtype) and swept numbers (weights, densities, λ) reuse it. Randomness (DARE) comes from a
-``jax.random`` key derived from ``(seed, tensor name, model index)`` by :func:`model_keys`, so a
-merge does not depend on the order in which tensors are visited or on sharding.
+selection rule) is a frozen hashable static argument, so one program is compiled per (config,
+shape, dtype) and swept numbers (weights, densities, λ) reuse it. Randomness (DARE) comes from
+the counter-based keys of ``unmerge_jax.kernels.random`` derived from ``(seed, tensor name,
+model index)``, so a merge does not depend on the order in which tensors are visited or on
+sharding.
 
-Methods with a per-tensor statistic run in two passes over the chunks of a tensor (driven by
-``unmerge_jax.merge.methods.run_kernel``): a statistics pass whose state is O(K) numbers — the
-exact k-th largest ``|δ|`` of each model for TIES and the order statistics around seed 003's
-percentile (:func:`select_largest_bracketed`: one pass inside a bracket from a sample of the
-values; :func:`select_largest`, a two-pass radix selection over the float32 bit pattern, when the
-bracket misses), DARE's L1 sums and keep-masks (:func:`gta_l1_sums`), RAM's tensor-local counts
-(:func:`ram_counts`) — then the elementwise apply pass (:func:`gta_kernel`, :func:`ram_kernel`) on
-the same chunks. Ties at TIES's threshold are kept first by position: the statistics pass counts
-each chunk's ties, so the host knows before the apply pass up to which position each chunk keeps
-them, and the chunked result equals the whole-tensor one exactly.
+The kernels here are the statistics and apply steps of the merge methods in
+``unmerge_jax.merge.methods`` (one file per method family), which drive them chunk by chunk:
+DARE's L1 sums and keep-masks (:func:`gta_l1_sums`), RAM's changed/overlap counts
+(:func:`ram_counts`), and the elementwise apply kernels (:func:`gta_kernel`, :func:`ram_kernel`).
+The order statistics a threshold needs (TIES's k-th largest ``|δ|``, the percentile RAM face's
+percentile, the per-chunk tie cuts) are found on the host by ``unmerge_jax.orderstats`` and come
+in as numbers (:class:`GTAStats`, ``thr``), so every apply kernel is elementwise and the chunked
+result equals the whole-tensor one exactly.
 
 Computation is float32 (the inputs' precision); L1 norms for DARE's ``l1`` rescale are
 accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmetic.py``,
@@ -33,7 +32,6 @@ accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmeti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from functools import partial
 from typing import NamedTuple
 
@@ -41,12 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unmerge_jax.kernels.random import bernoulli_at, model_keys, name_hash  # noqa: F401  (name_hash: the driver's)
+from unmerge_jax.kernels.random import bernoulli_at, model_keys
 
 # mergekit's thresholds: rescaling skipped below this L1 norm; |Σw| below this is "zero".
 RESCALE_EPS = 1e-7
 WEIGHT_EPS = 1e-8
-DIGIT = 16  # bits per radix digit of the selection passes (two digits cover float32)
 
 
 class GTAConfig(NamedTuple):
@@ -62,7 +59,7 @@ class GTAConfig(NamedTuple):
 class RAMConfig(NamedTuple):
     """Static structure of a RAM merge (see :func:`ram_kernel`)."""
 
-    face: str = "mergekit"         # "seed003" | "arm" (λ given) | "tensor_local" (λ from counts)
+    rule: str = "epsilon"          # "epsilon" (|u| > ε, per-model λ) | "percentile" (|u| ≥ thr, one λ)
     deltas: bool = True
 
 
@@ -76,200 +73,6 @@ def _task_vectors(base, tensors, deltas: bool):
     if not deltas:
         rows = [r - b for r in rows]
     return rows, b
-
-
-def abs_bits(x) -> np.ndarray:
-    """The uint32 bit patterns of ``|x|`` (float32, NumPy): for non-negative floats the pattern is
-    monotone in the value (NaN above +inf, as in a sort), so order statistics can be found on it."""
-    return np.abs(np.asarray(x, np.float32)).view(np.uint32)
-
-
-def select_largest(passes: Callable[[], Iterable], ranks) -> tuple[np.ndarray, np.ndarray]:
-    """Exact order statistics of K streamed uint32 arrays without sorting them.
-
-    ``passes()`` returns a fresh iterator over the chunks of the K arrays (each item a sequence
-    of K 1-D uint32 arrays); it is called twice. Pass 1 histograms the top :data:`DIGIT` bits of
-    every model (``2^16`` counts), which fixes the top digit of each wanted value; pass 2
-    histograms the low digit of the entries sharing that top digit. The state is those
-    histograms: O(K) tensors-independent memory, no sort, no tensor-sized temporary.
-
-    Args:
-      passes: chunk iterator factory, as above.
-      ranks: (K, R) int, 1-based ranks from the top (``r = 1`` the largest); ``≤ 0`` = not wanted.
-    Returns:
-      ``thr`` (K, R) uint32: the ``r``-th largest value; ``n_gt`` (K, R) int64: how many entries
-      are strictly larger (so ``r − n_gt`` entries equal to ``thr`` complete the top ``r``).
-    """
-    ranks = np.atleast_2d(np.asarray(ranks, np.int64))
-    k_models, n_ranks = ranks.shape
-    nb = 1 << DIGIT
-    want = [bool(np.any(ranks[m] > 0)) for m in range(k_models)]
-    hist = np.zeros((k_models, nb), np.int64)
-    for bits in passes():
-        for m, b in enumerate(bits):
-            if want[m]:
-                hist[m] += np.bincount(b >> DIGIT, minlength=nb)
-    top = np.zeros((k_models, n_ranks), np.int64)
-    above = np.zeros((k_models, n_ranks), np.int64)
-    rest = np.zeros((k_models, n_ranks), np.int64)
-    for m in range(k_models):
-        if not want[m]:
-            continue
-        suf = np.cumsum(hist[m, ::-1])[::-1]            # suf[h] = #(top digit ≥ h)
-        for j in range(n_ranks):
-            r = min(int(ranks[m, j]), int(suf[0]))
-            if r <= 0:
-                continue
-            h = int(np.count_nonzero(suf >= r)) - 1     # suf is non-increasing
-            top[m, j], above[m, j] = h, (suf[h + 1] if h + 1 < nb else 0)
-            rest[m, j] = r - above[m, j]
-    buckets = [sorted({int(top[m, j]) for j in range(n_ranks) if rest[m, j] > 0}) for m in range(k_models)]
-    low = {(m, h): np.zeros(nb, np.int64) for m in range(k_models) for h in buckets[m]}
-    if low:
-        for bits in passes():
-            for m, b in enumerate(bits):
-                if not buckets[m]:
-                    continue
-                hi = b >> DIGIT
-                for h in buckets[m]:
-                    low[m, h] += np.bincount(b[hi == h] & (nb - 1), minlength=nb)
-    thr = np.zeros((k_models, n_ranks), np.uint32)
-    n_gt = np.zeros((k_models, n_ranks), np.int64)
-    for m in range(k_models):
-        for j in range(n_ranks):
-            if rest[m, j] <= 0:
-                continue
-            h = int(top[m, j])
-            suf = np.cumsum(low[m, h][::-1])[::-1]
-            lo = int(np.count_nonzero(suf >= rest[m, j])) - 1
-            thr[m, j] = np.uint32((h << DIGIT) | lo)
-            n_gt[m, j] = above[m, j] + (suf[lo + 1] if lo + 1 < nb else 0)
-    return thr, n_gt
-
-
-SAMPLE = 1 << 16   # entries per model drawn to bracket an order statistic before the exact pass
-BRACKET_Z = 6.0    # half-width of the bracket in standard deviations of the sample's rank
-
-
-def sample_index(n: int, m: int = SAMPLE) -> np.ndarray | None:
-    """Sorted positions of a fixed pseudo-random sample of ``m`` of ``n`` entries (seeded by ``n``,
-    so the same for every model and run), or ``None`` when ``n ≤ 4m`` (then the exact pass just
-    keeps every value)."""
-    if n <= 4 * m:
-        return None
-    return np.sort(np.random.default_rng(n).integers(0, n, m))
-
-
-def bracket(sample: np.ndarray | None, n: int, ranks) -> tuple[np.uint32, np.uint32]:
-    """Bit patterns ``lo ≤ hi`` that hold the ``ranks``-th largest (1-based) of ``n`` values with
-    probability ≈ 1 − 1e-9, from a uniform sample of them: the sample's order statistics
-    ``BRACKET_Z`` binomial standard deviations either side of each rank. ``(0, 2³²−1)`` without a
-    sample. Any bracket gives exact results: a miss only costs the radix fallback."""
-    top = np.uint32(0xFFFFFFFF)
-    ranks = [int(r) for r in np.ravel(ranks) if r > 0]
-    if sample is None or not ranks:
-        return np.uint32(0), top
-    srt = np.sort(sample)[::-1]
-    m = srt.size
-    pos = [(r / n * m, BRACKET_Z * np.sqrt(m * (r / n) * (1 - r / n)) + 3) for r in ranks]
-    i_hi = min(int(np.floor(p - d)) for p, d in pos)
-    i_lo = max(int(np.ceil(p + d)) for p, d in pos)
-    hi = srt[i_hi] if i_hi >= 0 else top
-    lo = srt[i_lo] if i_lo < m else np.uint32(0)
-    return np.uint32(lo), np.uint32(hi)
-
-
-def select_largest_bracketed(chunks: Iterable, ranks, brackets, caps):
-    """Exact order statistics of K streamed uint32 arrays in **one** pass, given a bracket per model.
-
-    For every chunk it counts the entries above ``hi`` and keeps the values in ``[lo, hi]`` (a
-    few percent of them with a sampled :func:`bracket`); the wanted ranks are then selected among
-    the kept values. This replaces :func:`select_largest`'s two histogram passes (≈ 3.5 ns per entry
-    and model in ``np.bincount``, which casts to int64) by compares and a compress (≈ 1 ns).
-
-    Args:
-      chunks: iterator over the chunks, each a sequence of K 1-D uint32 arrays.
-      ranks: (K, R) 1-based ranks from the top; ``≤ 0`` = not wanted.
-      brackets: K ``(lo, hi)`` pairs (:func:`bracket`).
-      caps: (K,) most values to keep per model; beyond that the pass gives up (heavy ties).
-    Returns:
-      ``(thr, n_gt, ties)`` as :func:`select_largest` plus ``ties`` (K, R, n_chunks) int64: how many
-      entries of each chunk equal ``thr``; or ``None`` when a rank fell outside its bracket or a cap
-      was exceeded (the caller then falls back to :func:`select_largest`).
-    """
-    ranks = np.atleast_2d(np.asarray(ranks, np.int64))
-    k_models, n_ranks = ranks.shape
-    want = [bool(np.any(ranks[m] > 0)) for m in range(k_models)]
-    above = np.zeros(k_models, np.int64)
-    kept: list[list[np.ndarray]] = [[] for _ in range(k_models)]
-    size = np.zeros(k_models, np.int64)
-    n_chunks = 0
-    scratch_u, scratch_b = np.empty(0, np.uint32), np.empty(0, bool)   # reused: no page faults per chunk
-    for bits in chunks:
-        n_chunks += 1
-        for m, x in enumerate(bits):
-            if not want[m]:
-                continue
-            if scratch_u.size < x.size:
-                scratch_u, scratch_b = np.empty(x.size, np.uint32), np.empty(x.size, bool)
-            u, flag = scratch_u[:x.size], scratch_b[:x.size]
-            lo, hi = brackets[m]
-            above[m] += np.count_nonzero(np.greater(x, hi, out=flag))
-            if lo == 0 and hi == 0xFFFFFFFF:
-                v = np.array(x, copy=True)
-            else:   # uint32 wrap-around: one compare for lo ≤ x ≤ hi
-                v = np.compress(np.less_equal(np.subtract(x, lo, out=u), hi - lo, out=flag), x)   # 0.4 vs 0.5 ns for x[flag]
-            kept[m].append(v)
-            size[m] += v.size
-            if size[m] > caps[m]:
-                return None
-    thr = np.zeros((k_models, n_ranks), np.uint32)
-    n_gt = np.zeros((k_models, n_ranks), np.int64)
-    ties = np.zeros((k_models, n_ranks, n_chunks), np.int64)
-    for m in range(k_models):
-        if not want[m]:
-            continue
-        vals = np.concatenate(kept[m]) if kept[m] else np.zeros(0, np.uint32)
-        for j in range(n_ranks):
-            r = int(ranks[m, j])
-            if r <= 0:
-                continue
-            r = min(r, int(above[m] + vals.size)) if brackets[m][0] == 0 else r   # rank > n: the smallest
-            rr = r - int(above[m])
-            if not 1 <= rr <= vals.size:
-                return None
-            t = np.partition(vals, vals.size - rr)[vals.size - rr]
-            thr[m, j] = t
-            n_gt[m, j] = above[m] + np.count_nonzero(vals > t)
-            ties[m, j] = [np.count_nonzero(v == t) for v in kept[m]]
-    return thr, n_gt, ties
-
-
-def tie_counts(chunks: Iterable, thr) -> np.ndarray:
-    """(K, n_chunks) int64: entries of each chunk equal to ``thr[k]`` (after :func:`select_largest`)."""
-    return np.asarray([[0 if x is None else np.count_nonzero(x == thr[m]) for m, x in enumerate(bits)]
-                       for bits in chunks], np.int64).reshape(-1, len(thr)).T
-
-
-def percentile_ranks(n: int, q: float):
-    """Where the linear-interpolation ``q``-th percentile of ``n`` values lies: position
-    ``pos = (q/100)·(n−1)`` (float64, as NumPy); returns the 1-based ranks *from the top* of the
-    values at ``floor(pos)`` and ``ceil(pos)`` (ascending order) and the fraction ``pos − floor``."""
-    pos = float(q) / 100.0 * (n - 1)
-    low, high = (int(min(max(x, 0), n - 1)) for x in (np.floor(pos), np.ceil(pos)))
-    return (n - low, n - high), pos - np.floor(pos)
-
-
-def percentile_from_order(lo_v, hi_v, frac) -> np.ndarray:
-    """The percentile ``lo + (hi − lo)·frac`` in float64, rounded *up* to float32, so that for
-    float32 ``x``, ``x ≥ thr`` exactly when ``x ≥`` the float64 percentile (NumPy's
-    ``np.percentile``, the reference of seed 003's masks). ``jnp.percentile`` interpolates in
-    float32 and its last bit depends on how XLA fuses it, so it is not the definition."""
-    lo = np.asarray(lo_v, np.float32).astype(np.float64)
-    hi = np.asarray(hi_v, np.float32).astype(np.float64)
-    t = np.where(frac == 0.0, lo, lo + (hi - lo) * frac)
-    t32 = t.astype(np.float32)
-    return np.where(t32.astype(np.float64) < t, np.nextafter(t32, np.float32(np.inf)), t32).astype(np.float32)
 
 
 def _kth_largest_bits(bits, k):
@@ -301,10 +104,6 @@ class GTAStats(NamedTuple):
     scale: jax.Array | np.ndarray   # float32 rescale of the kept entries (l1 rule; else 1)
 
 
-def gta_stats_init(k: int) -> GTAStats:
-    return GTAStats(np.zeros(k, np.uint32), np.zeros(k, np.int32), np.ones(k, np.float32))
-
-
 def _keep(rows, density, stats, start, keys, sparsify, packed=None):
     """Keep-masks of one chunk (a list of K rows). Magnitude: ``|δ| > thr``, and ``|δ| = thr``
     before position ``cut`` (the host finds where the k-th kept tie lies, so this is elementwise —
@@ -324,12 +123,19 @@ def _keep(rows, density, stats, start, keys, sparsify, packed=None):
     return kept
 
 
-def keep_masks(d, density, topk, keys, sparsify):
-    """(K, n) boolean keep-masks of whole tensors: top-``topk[k]`` magnitudes (exactly, ties by
-    position) or Bernoulli(``density[k]``)."""
+def keep_mask(d, density, topk, key, sparsify: str):
+    """One model's whole-tensor keep-mask, (n,) bool: its top-``topk`` magnitudes of ``d`` (n,)
+    (exactly, ties by position; ``density`` unused) or Bernoulli(``density``) keyed by ``key``
+    (``topk`` unused)."""
     if sparsify == "magnitude":
-        return jax.vmap(_topk_mask)(jnp.abs(d), topk)
-    return jax.vmap(lambda key, p: bernoulli_at(key, p, 0, d.shape[1]))(keys, density.astype(jnp.float32))
+        return _topk_mask(jnp.abs(d), topk)
+    return bernoulli_at(key, density.astype(jnp.float32), 0, d.shape[0])
+
+
+def keep_masks(d, density, topk, keys, sparsify: str):
+    """(K, n) boolean keep-masks of whole tensors: :func:`keep_mask` vmapped over the K models
+    (``d`` (K, n), ``density`` (K,), ``topk`` (K,), ``keys`` (K, 2))."""
+    return jax.vmap(partial(keep_mask, sparsify=sparsify))(d, density, topk, keys)
 
 
 @partial(jax.jit, static_argnames=("sparsify", "deltas"))
@@ -444,13 +250,6 @@ def gta_kernel_masked(base, tensors, weights, density, lam, masks, *, cfg: GTACo
     return _mix(b, rows, weights, lam, cfg).reshape(base.shape)
 
 
-def l1_scale(before, after) -> np.ndarray:
-    """Host-side :func:`_l1_scale` on accumulated float64 sums → float32 (K,)."""
-    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
-    skip = (before < RESCALE_EPS) | (after < RESCALE_EPS)
-    return np.where(skip, 1.0, before / np.where(skip, 1.0, after)).astype(np.float32)
-
-
 def _ram_masks(u, eps):
     """Per-model active masks ``|u_k| > ε`` (a list) and the per-entry active count."""
     act = [jnp.abs(x) > eps for x in u]
@@ -469,31 +268,24 @@ def ram_counts(base, tensors, weights, eps, *, deltas: bool = True):
     return changed, overlap
 
 
-def tensor_local_lambdas(changed, overlap, eps, r, alpha) -> np.ndarray:
-    """mergekit ``ramplus_tl``: ``λ_k = 1 + r·clip(shared_k / max(unique_k, ε), 0, α)`` from one
-    tensor's counts (``shared = overlap``, ``unique = changed − overlap``), float32."""
-    f32 = np.float32
-    shared = np.asarray(overlap).astype(f32)
-    unique = (np.asarray(changed) - np.asarray(overlap)).astype(f32)
-    rho = shared / np.maximum(unique, f32(eps))
-    return (f32(1.0) + f32(r) * np.clip(rho, f32(0.0), f32(alpha))).astype(f32)
-
-
 @partial(jax.jit, static_argnames=("cfg",))
 def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
     """RAM on one tensor or chunk; ``u_k = w_k δ_k`` (weights default to 1).
 
-    * ``seed003`` (seed 003 eq. 4–5): active ``a_k = |u_k| ≥ thr_k`` where ``thr_k`` is the
-      ``q``-th percentile of ``|u_k|`` over the whole tensor (linear interpolation, from the
-      statistics pass: :func:`select_largest`, :func:`percentile_ranks`); ``c = Σ a_k``;
-      ``c ≥ 2`` → ``(1/K) Σ_k u_k`` (plain mean over all K); ``c = 1`` → ``λ · u_j`` of the active
-      model (λ = ``lambdas[0]``, 1.5 in the paper); else 0.
-    * ``arm`` (RAM authors / mergekit ``ram``): active ``a_k = |u_k| > ε``; ``c ≥ 2`` →
-      ``Σ a_k u_k / c`` (mean over the *active* models); ``c = 1`` → ``λ_j u_j`` with the
-      per-model ``lambdas`` (K,) (1 for ``arm``; from a whole-model counting pass for
-      ``arm-r``/``arm-r-v2``); else 0.
-    * ``tensor_local`` (mergekit ``ramplus_tl``): as ``arm``; ``lambdas`` come from this
-      tensor's :func:`ram_counts` via :func:`tensor_local_lambdas`.
+    * ``cfg.rule = "percentile"``: active ``a_k = |u_k| ≥ thr_k``, where ``thr_k`` is a
+      per-tensor threshold (the ``q``-th percentile of ``|u_k|``, found on the host by
+      ``unmerge_jax.orderstats``); ``c = Σ a_k``; ``c ≥ 2`` → ``(1/K) Σ_k u_k`` (plain mean over
+      all K); ``c = 1`` → ``λ · u_j`` of the active model (λ = ``lambdas[0]``); else 0.
+    * ``cfg.rule = "epsilon"``: active ``a_k = |u_k| > ε``; ``c ≥ 2`` → ``Σ a_k u_k / c`` (mean
+      over the *active* models); ``c = 1`` → ``λ_j u_j`` with the per-model ``lambdas`` (K,);
+      else 0. The faces of this rule differ only in where λ comes from (1; a whole-model or a
+      tensor-local count of :func:`ram_counts`).
+
+    Args:
+      base, tensors: as the module docstring. weights, lambdas: (K,) float. eps: scalar ε.
+      thr: (K,) float32 thresholds (``percentile`` rule; ignored otherwise).
+    Returns:
+      float32 array of shape ``S``.
     """
     rows, b = _task_vectors(base, tensors, cfg.deltas)
     k = len(rows)
@@ -502,7 +294,7 @@ def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
     def total(xs):
         return sum(xs[1:], xs[0])
 
-    if cfg.face == "seed003":
+    if cfg.rule == "percentile":
         act = [jnp.abs(x) >= thr[i].astype(jnp.float32) for i, x in enumerate(u)]
         c = total([a.astype(jnp.int32) for a in act])
         shared = total(u) / jnp.float32(k)
@@ -515,24 +307,3 @@ def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
     merged = jnp.where(c >= 2, shared, jnp.where(c == 1, unique, 0.0))
     return (b + merged).reshape(base.shape)
 
-
-def ram_lambdas(face: str, r: float, changed, overlap) -> np.ndarray:
-    """Per-model unique-region scales of the RAM authors' faces from whole-model counts.
-
-    ``arm``: 1. ``arm-r``: ``1 + (r−1)·clip(overlap/changed, 0, 1)``. ``arm-r-v2``:
-    ``1 + (r−1)·min(1, overlap/(changed − overlap))`` — where a model's every change overlaps
-    (``changed = overlap > 0``) the authors' code divides by zero; we take ρ = ∞ → λ = r.
-    A model that changed nothing gets ρ = 0. ``r < 1`` is raised to 1, as in the authors' code.
-    """
-    changed = np.asarray(changed, dtype=np.float64)
-    overlap = np.asarray(overlap, dtype=np.float64)
-    r = max(float(r), 1.0)
-    if face == "arm":
-        return np.ones_like(changed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if face == "arm-r":
-            rho = np.where(changed > 0, overlap / np.where(changed > 0, changed, 1.0), 0.0)
-        else:
-            uniq = changed - overlap
-            rho = np.where(changed == 0, 0.0, np.where(uniq > 0, overlap / np.where(uniq > 0, uniq, 1.0), np.inf))
-    return 1.0 + (r - 1.0) * np.clip(rho, 0.0, 1.0)

@@ -1,11 +1,17 @@
-"""Merge kernels vs plain-NumPy float64 formulas written here (values), edge cases and bad input."""
+"""Merge kernels vs plain-NumPy float64 formulas (the references of tests/test_merge_registry.py):
+values, edge cases and bad input."""
 
 import numpy as np
 import pytest
 
+from tests.test_merge_registry import np_gta, np_ram, np_topk
 from unmerge_jax import UnmergeError, merge_tensors
+from unmerge_jax import orderstats as O
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.merge.methods import MERGE_METHODS, resolve, run_kernel
+from unmerge_jax.kernels.random import bernoulli_at, name_hash
+from unmerge_jax.merge.methods import MERGE_METHODS, gta, ram
+from unmerge_jax.merge.params import resolve
+from unmerge_jax.merge.tensor import merge_resolved
 
 RTOL = 2e-6  # float32 kernels vs float64 references
 ATOL = 2e-6
@@ -20,78 +26,6 @@ def _data(k=3, shape=(6, 7), seed=0):
 
 def close(got, want):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=ATOL)
-
-
-# ---------------------------------------------------------------- NumPy references (float64)
-def np_topk(d, density):
-    """mergekit magnitude(): keep the k = max(1, int(density·n)) largest |d|."""
-    flat = np.abs(d).ravel()
-    if density >= 1:
-        return np.ones(d.shape, bool)
-    k = max(1, int(density * flat.size))
-    keep = np.zeros(flat.size, bool)
-    keep[np.argsort(-flat, kind="stable")[:k]] = True
-    return keep.reshape(d.shape)
-
-
-def np_rescale(d, keep, density, rule):
-    m = np.where(keep, d, 0.0)
-    if density >= 1:
-        return d
-    if rule == "inverse_density":
-        return m / density
-    if rule == "l1":
-        before, after = np.abs(d).sum(), np.abs(m).sum()
-        return m if before < 1e-7 or after < 1e-7 else m * before / after
-    return m
-
-
-def np_gta(base, deltas, w, *, keeps=None, density=None, rule=None, consensus=False, normalize=False, lam=1.0):
-    d = np.asarray(deltas, np.float64)
-    w = np.asarray(w, np.float64)
-    if keeps is not None:
-        d = np.stack([np_rescale(d[i], keeps[i], density[i], rule) for i in range(len(d))])
-    u = w.reshape(-1, *[1] * (d.ndim - 1)) * d
-    if consensus:
-        maj = np.where(u.sum(0) >= 0, 1.0, -1.0)
-        agree = np.sign(u) == maj
-        mixed = (u * agree).sum(0)
-        div = (w.reshape(u.shape[:1] + (1,) * (u.ndim - 1)) * agree).sum(0)
-        div[div == 0] = 1
-    else:
-        mixed, div = u.sum(0), w.sum()
-    if normalize:
-        mixed = mixed / div
-    return base + lam * mixed
-
-
-def np_ram(base, deltas, *, face, lam=None, eps=1e-5, q=90, r=1.0, alpha=0.2):
-    d = np.asarray(deltas, np.float64).reshape(len(deltas), -1)
-    if face == "seed003":
-        act = np.abs(d) >= np.percentile(np.abs(d), q, axis=1, keepdims=True)
-    else:
-        act = np.abs(d) > eps
-    c = act.sum(0)
-    out = np.zeros(d.shape[1])
-    if face == "seed003":
-        out[c >= 2] = d[:, c >= 2].mean(0)
-        out[c == 1] = 1.5 * (d * act)[:, c == 1].sum(0)
-        return base + out.reshape(base.shape)
-    changed = act.sum(1)
-    overlap = (act & (c >= 2)).sum(1)
-    if face == "tensor_local":
-        rho = overlap / np.maximum(changed - overlap, eps)
-        lam = 1 + r * np.clip(rho, 0, alpha)
-    elif face == "arm-r":
-        lam = 1 + (max(r, 1) - 1) * np.clip(overlap / changed, 0, 1)
-    elif face == "arm-r-v2":
-        lam = 1 + (max(r, 1) - 1) * np.minimum(1, overlap / (changed - overlap))
-    elif lam is None:
-        lam = np.ones(len(d))
-    sh = c >= 2
-    out[sh] = (d * act)[:, sh].sum(0) / c[sh]
-    out[c == 1] = (lam[:, None] * d * act)[:, c == 1].sum(0)
-    return base + out.reshape(base.shape)
 
 
 # ---------------------------------------------------------------- values
@@ -132,7 +66,7 @@ def test_dare_given_its_keep_mask(method, consensus, rule):
     dens = np.array([0.3, 0.5, 0.7])
     res = resolve(method, 3, {"rescale": rule}, [{"weight": a, "density": b} for a, b in zip(w, dens)])
     masks = np.asarray(K.draw_masks(base, tuple(d), dens.astype(np.float32), np.ones(3, np.int64), np.uint32(5),
-                                    np.uint32(K.name_hash("x")), sparsify="random"))
+                                    np.uint32(name_hash("x")), sparsify="random"))
     want = np_gta(base, d, w, keeps=[m.reshape(base.shape) for m in masks], density=dens,
                   rule=rule or None, consensus=consensus)
     close(merge_tensors(method, base, d, w, density=list(dens), rescale=rule, seed=5, name="x"), want)
@@ -170,9 +104,9 @@ def test_ram_faces(face):
 
 def test_ram_authors_global_lambdas_from_counts():
     # λ_j from whole-model counts: two tensors counted together differ from either alone.
-    assert np.allclose(K.ram_lambdas("arm-r-v2", 1.2, [10, 4, 0, 5], [5, 1, 0, 5]), [1.2, 1 + 0.2 / 3, 1.0, 1.2])
-    assert np.allclose(K.ram_lambdas("arm-r", 1.2, [10, 4], [5, 1]), [1.1, 1.05])
-    assert np.allclose(K.ram_lambdas("arm-r", 0.5, [10, 4], [5, 1]), [1.0, 1.0])
+    assert np.allclose(ram.ram_lambdas("arm-r-v2", 1.2, [10, 4, 0, 5], [5, 1, 0, 5]), [1.2, 1 + 0.2 / 3, 1.0, 1.2])
+    assert np.allclose(ram.ram_lambdas("arm-r", 1.2, [10, 4], [5, 1]), [1.1, 1.05])
+    assert np.allclose(ram.ram_lambdas("arm-r", 0.5, [10, 4], [5, 1]), [1.0, 1.0])
 
 
 # ---------------------------------------------------------------- edge cases
@@ -233,60 +167,12 @@ def test_second_call_does_not_recompile():
 
 
 # ---------------------------------------------------------------- streaming statistics
-def test_select_largest_equals_sorted_order_statistics():
-    """The two-pass radix selection over chunks gives the exact r-th largest value and the count
-    above it, with many ties, zeros and values sharing the top 16 bits."""
-    rng = np.random.default_rng(4)
-    a = np.abs(rng.normal(size=5000)).astype(np.float32)
-    a[::7] = a[3]                                    # a heavily tied value
-    a[::11] = 0.0
-    b = (1.0 + rng.integers(0, 50, 5000) * np.float32(2**-20)).astype(np.float32)   # one top digit
-    arrs = [K.abs_bits(a), K.abs_bits(b), K.abs_bits(np.zeros(10, np.float32))]
-    ranks = np.array([[1, 2500, 5000, 0], [1, 17, 4999, 3000], [1, 10, 5, 0]])
-
-    def passes():
-        for s in range(0, 5000, 333):
-            yield [x[s:s + 333] for x in arrs]
-
-    thr, n_gt = K.select_largest(passes, ranks)
-    for m, x in enumerate([a, b, np.zeros(10, np.float32)]):
-        srt = np.sort(x)[::-1]
-        for j, r in enumerate(ranks[m]):
-            if r > 0:
-                assert thr[m, j].view(np.float32) == srt[r - 1]
-                assert n_gt[m, j] == np.sum(x > srt[r - 1])
-
-
-def test_bracketed_selection_equals_radix_and_gives_up_on_misses():
-    """The one-pass selection inside a bracket gives the radix selection's threshold and count
-    above it, and per-chunk tie counts; a bracket that misses a rank, or a cap that heavy ties
-    overflow, returns None (the caller falls back)."""
-    rng = np.random.default_rng(8)
-    a = np.abs(rng.normal(size=6000)).astype(np.float32)
-    a[::5] = a[7]                                        # ties across chunks
-    arrs = [K.abs_bits(a), K.abs_bits(a[::-1].copy())]
-    srt = np.sort(arrs[0])[::-1]
-    r = int(np.argmax(srt == arrs[0][7])) + 600          # inside the 1,200 tied entries
-    ranks = np.array([[r, r + 1], [3000, 0]])
-    chunks = lambda: ([x[s:s + 500] for x in arrs] for s in range(0, 6000, 500))  # noqa: E731
-    thr, n_gt = K.select_largest(chunks, ranks)
-    wide = [(srt[min(r + 2000, 5999)], srt[max(r - 500, 0)]), (np.uint32(0), np.uint32(0xFFFFFFFF))]
-    got = K.select_largest_bracketed(chunks(), ranks, wide, [6000, 6000])
-    assert got is not None
-    np.testing.assert_array_equal(got[0], thr)
-    np.testing.assert_array_equal(got[1], n_gt)
-    np.testing.assert_array_equal(got[2][:, :, :], np.stack([K.tie_counts(chunks(), thr[:, j]) for j in range(2)], 1))
-    assert got[2][0, 0].sum() == np.sum(arrs[0] == thr[0, 0]) > 1
-    assert K.select_largest_bracketed(chunks(), ranks, [(srt[r - 650], srt[r - 700]), wide[1]], [6000, 6000]) is None
-    assert K.select_largest_bracketed(chunks(), ranks, wide, [100, 6000]) is None
-
-
 @pytest.mark.parametrize("ties", [False, True])
 def test_sampled_topk_on_a_large_tensor_equals_the_in_jit_topk(ties):
     """Above 4 × SAMPLE entries the TIES threshold comes from a sampled bracket and one pass
     (heavy ties overflow the bracket's cap and take the radix fallback); the merge equals the
     whole-tensor kernel given the in-jit bisection top-k masks."""
-    n = 4 * K.SAMPLE + 12345
+    n = 4 * O.SAMPLE + 12345
     rng = np.random.default_rng(11)
     base = rng.normal(size=n).astype(np.float32)
     d = (0.01 * rng.normal(size=(3, n))).astype(np.float32)
@@ -298,15 +184,15 @@ def test_sampled_topk_on_a_large_tensor_equals_the_in_jit_topk(ties):
     topk = np.array([max(1, int(p * n)) for p in dens])
     masks = K.draw_masks(base, tuple(d), dens.astype(np.float32), topk, np.uint32(0), np.uint32(0),
                          sparsify="magnitude")
-    want = np.asarray(run_kernel(res, base, tuple(d), masks=masks))
+    want = np.asarray(gta.merge_masked(res, base, tuple(d), masks))
     for chunk in (1 << 20, 100_003):
-        np.testing.assert_array_equal(run_kernel(res, base, tuple(d), chunk=chunk), want)
+        np.testing.assert_array_equal(merge_resolved(res, base, tuple(d), chunk=chunk), want)
 
 
 def test_sampled_percentile_on_a_large_tensor_equals_numpy():
     """RAM seed003's two order statistics through the sampled bracket (above 4 × SAMPLE entries)
     select like ``np.percentile``."""
-    n = 4 * K.SAMPLE + 999
+    n = 4 * O.SAMPLE + 999
     rng = np.random.default_rng(12)
     base = rng.normal(size=n).astype(np.float32)
     d = (0.01 * rng.normal(size=(3, n)) * (rng.random((3, n)) < 0.5)).astype(np.float32)
@@ -320,7 +206,7 @@ def test_bernoulli_chunks_equal_the_whole_tensor_draw():
     key = jax.random.fold_in(jax.random.key(9), 123)
     p = np.float32(0.37)
     whole = np.asarray(jax.random.bernoulli(key, p, (10_007,)))
-    draw = jax.jit(K.bernoulli_at, static_argnames="size")
+    draw = jax.jit(bernoulli_at, static_argnames="size")
     for step in (1, 7, 999):
         parts = [np.asarray(draw(key, p, np.int64(s), size=min(step, 10_007 - s))) for s in range(0, 10_007, step)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
@@ -335,50 +221,6 @@ def test_in_jit_topk_mask_matches_numpy():
                                     sparsify="magnitude"))
     for i in range(3):
         np.testing.assert_array_equal(masks[i].reshape(base.shape), np_topk(d[i], dens[i]))
-
-
-@pytest.mark.parametrize("method,params", [
-    ("ties", {"density": [0.3, 0.5, 0.7]}),
-    ("ties", {"density": 0.4, "rescale": "l1"}),
-    ("dare_ties", {"density": [0.3, 0.5, 0.7]}),
-    ("dare_linear", {"density": 0.5, "rescale": "inverse_density"}),
-    ("ram", {"face": "seed003"}),
-    ("ram", {"face": "arm-r-v2", "r": 1.2}),
-    ("ramplus_tl", {}),
-])
-@pytest.mark.parametrize("deltas", [True, False])
-def test_chunked_equals_whole_tensor(method, params, deltas):
-    """Statistics + apply passes over chunks of 1, 7 or 97 entries give exactly the one-chunk
-    result, with magnitudes tied across chunk boundaries (the carried tie count)."""
-    base, d = _data(shape=(31, 17), seed=5)
-    d[:, 5::4] = d[:, 5:6]                            # ties spanning chunks
-    d = d.astype(np.float32)
-    ts = tuple(d if deltas else (base + d).astype(np.float32))
-    p = dict(params)
-    per_model = [{"weight": w} for w in (0.5, 1.0, 0.8)]
-    if isinstance(p.get("density"), list):
-        for pm, dd in zip(per_model, p.pop("density")):
-            pm["density"] = dd
-    res = resolve(method, 3, p, per_model)
-    one = run_kernel(res, base, ts, seed=2, name="t", deltas=deltas, chunk=1 << 20)
-    for chunk in (1, 7, 97):
-        np.testing.assert_array_equal(run_kernel(res, base, ts, seed=2, name="t", deltas=deltas, chunk=chunk), one)
-
-
-def test_seed003_threshold_selects_like_numpy_percentile():
-    """The threshold from two order statistics selects exactly ``|u| ≥ np.percentile(|u|, q)``
-    (float64, linear), with ties and zeros, for any n and q."""
-    rng = np.random.default_rng(3)
-    for n in (1, 2, 10, 1001, 4999):
-        u = np.abs(rng.normal(size=(3, n))).astype(np.float32)
-        u[1, ::3] = u[1, 0]
-        u[2, ::2] = 0.0
-        for q in (0.0, 37.5, 90.0, 100.0, *rng.uniform(0, 100, 20)):
-            (r_lo, r_hi), frac = K.percentile_ranks(n, q)
-            srt = np.sort(u, axis=1)[:, ::-1]
-            thr = K.percentile_from_order(srt[:, r_lo - 1], srt[:, r_hi - 1], frac)
-            want = u.astype(np.float64) >= np.percentile(u.astype(np.float64), q, axis=1, keepdims=True)
-            np.testing.assert_array_equal(u >= thr[:, None], want)
 
 
 # ---------------------------------------------------------------- bad input

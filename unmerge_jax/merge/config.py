@@ -11,18 +11,18 @@ surgery and ``model+lora`` references are refused with a one-line error.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.merge.methods import Resolved, get_method, resolve
+from unmerge_jax.io.names import parse_tensor_name
+from unmerge_jax.merge.base import Resolved
+from unmerge_jax.merge.params import get_method, resolve
 
 _KNOWN_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
                "slices", "modules", "tokenizer", "chat_template", "name"}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass
@@ -133,15 +133,9 @@ def load_config(config) -> MergeConfig:
     return cfg
 
 
-def layer_index(name: str) -> int | None:
-    """The layer number in ``model.layers.7.mlp…`` (also GPT-2's ``h.7.``), else None."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
 def layer_fraction(name: str, n_layers: int | None) -> float:
     """mergekit's ``t`` for a tensor: layer / (n_layers − 1) inside the layer stack, else 0."""
-    i = layer_index(name)
+    i = parse_tensor_name(name).layer
     if i is None or not n_layers:
         return 0.0
     return i / (n_layers - 1) if n_layers > 1 else 1.0

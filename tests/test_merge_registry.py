@@ -1,0 +1,358 @@
+"""The contract every ``MERGE_METHODS`` entry must pass; parametrised over the registry itself, so
+registering a method tests it.
+
+For each entry, over the parameter cases listed with its reference below: the merged tensor equals
+a NumPy float64 reference formula written here from mergekit 0.1.5's definitions (and the RAM
+study's for the ``percentile`` face), on task vectors and on fine-tuned weights; it does not depend
+on the chunk size nor on the order in which tensors are visited; a second call with other numbers
+does not retrace any kernel; and where the method's masks are drawn by a vmapped kernel, vmap
+equals a Python loop over the models. An entry (or a RAM face) without a reference here fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unmerge_jax.kernels import merge as K
+from unmerge_jax.kernels.random import model_keys
+from unmerge_jax.merge import MERGE_METHODS
+from unmerge_jax.merge.base import merge_key
+from unmerge_jax.merge.chunks import TensorChunks
+from unmerge_jax.merge.methods.ram import FACES, canonical_face
+from unmerge_jax.merge.params import resolve
+from unmerge_jax.merge.tensor import merge_resolved, merge_tensors
+from unmerge_jax.orderstats import topk_counts
+
+RTOL = 2e-6  # float32 kernels vs float64 references
+ATOL = 2e-6
+WEIGHTS = (0.5, 1.0, 0.8)
+SEED, NAME = 2, "model.layers.0.mlp.up_proj.weight"
+
+
+# ---------------------------------------------------------------- NumPy float64 references
+def np_topk(d, density):
+    """mergekit ``magnitude``: keep the k = max(1, int(density·n)) largest |d| (ties: first by
+    position, our documented choice where mergekit's argsort is arbitrary)."""
+    flat = np.abs(d).ravel()
+    if density >= 1:
+        return np.ones(d.shape, bool)
+    k = max(1, int(density * flat.size))
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    return keep.reshape(d.shape)
+
+
+def np_rescale(d, keep, density, rule):
+    """mergekit ``rescaled_masked_tensor`` (l1: ‖d‖₁/‖kept‖₁, skipped below 1e-7) or 1/density."""
+    m = np.where(keep, d, 0.0)
+    if density >= 1:
+        return d
+    if rule == "inverse_density":
+        return m / density
+    if rule == "l1":
+        before, after = np.abs(d).sum(), np.abs(m).sum()
+        return m if before < 1e-7 or after < 1e-7 else m * before / after
+    return m
+
+
+def np_gta(base, deltas, w, *, keeps=None, density=None, rule=None, consensus=False, normalize=False, lam=1.0):
+    """mergekit ``GeneralizedTaskArithmeticMerge``: sparsify, weight, sign consensus ("sum"),
+    normalise by the (agreeing) weights, scale by λ."""
+    d = np.asarray(deltas, np.float64)
+    w = np.asarray(w, np.float64)
+    if keeps is not None:
+        d = np.stack([np_rescale(d[i], keeps[i], density[i], rule) for i in range(len(d))])
+    u = w.reshape(-1, *[1] * (d.ndim - 1)) * d
+    if consensus:
+        maj = np.where(u.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(u) == maj
+        mixed = (u * agree).sum(0)
+        div = (w.reshape(u.shape[:1] + (1,) * (u.ndim - 1)) * agree).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed, div = u.sum(0), w.sum()
+    if normalize:
+        mixed = mixed / div
+    return base + lam * mixed
+
+
+def np_ram(base, deltas, *, face, w=None, lam=None, eps=1e-5, q=90, r=1.0, alpha=0.2):
+    """RAM on ``u_k = w_k δ_k``: the percentile face (the RAM study) or the ε faces (mergekit
+    ``ram``/``ramplus_tl``, the RAM authors' whole-model λ)."""
+    face = canonical_face(face)
+    d = np.asarray(deltas, np.float64).reshape(len(deltas), -1)
+    if w is not None:
+        d = np.asarray(w, np.float64)[:, None] * d
+    if face == "percentile":
+        act = np.abs(d) >= np.percentile(np.abs(d), q, axis=1, keepdims=True)
+    else:
+        act = np.abs(d) > eps
+    c = act.sum(0)
+    out = np.zeros(d.shape[1])
+    if face == "percentile":
+        out[c >= 2] = d[:, c >= 2].mean(0)
+        out[c == 1] = (1.5 if lam is None else lam) * (d * act)[:, c == 1].sum(0)
+        return base + out.reshape(base.shape)
+    changed = act.sum(1)
+    overlap = (act & (c >= 2)).sum(1)
+    if face == "tensor_local":
+        rho = overlap / np.maximum(changed - overlap, eps)
+        lam = 1 + r * np.clip(rho, 0, alpha)
+    elif face == "overlap_changed":
+        lam = 1 + (max(r, 1) - 1) * np.clip(overlap / changed, 0, 1)
+    elif face == "overlap_unique":
+        lam = 1 + (max(r, 1) - 1) * np.minimum(1, overlap / (changed - overlap))
+    elif face == "active_mean":
+        lam = np.ones(len(d))
+    else:
+        raise KeyError(f"no reference for RAM face {face!r}")
+    sh = c >= 2
+    out[sh] = (d * act)[:, sh].sum(0) / c[sh]
+    out[c == 1] = (lam[:, None] * d * act)[:, c == 1].sum(0)
+    return base + out.reshape(base.shape)
+
+
+def _density(p, k):
+    return np.broadcast_to(np.asarray(p.get("density", 1.0), float), (k,))
+
+
+def ref_linear(base, d, w, p, masks):
+    return np_gta(base, d, w, normalize=p.get("normalize", True))
+
+
+def ref_task_arithmetic(base, d, w, p, masks):
+    return np_gta(base, d, w, normalize=p.get("normalize", False), lam=p.get("lambda", 1.0))
+
+
+def ref_ties(base, d, w, p, masks):
+    dens = _density(p, len(d))
+    keeps = [np_topk(d[i], dens[i]) for i in range(len(d))]
+    rule = p.get("rescale", False)
+    rule = "l1" if rule is True else (rule or None)
+    return np_gta(base, d, w, keeps=keeps, density=dens, rule=rule, consensus=True,
+                  normalize=p.get("normalize", True), lam=p.get("lambda", 1.0))
+
+
+def _ref_dare(consensus):
+    def ref(base, d, w, p, masks):
+        """DARE given the method's own Bernoulli keep-masks (their distribution is tested in
+        test_merge_kernels.py): rescale (mergekit default ``l1``), then TA or TIES."""
+        dens = _density(p, len(d))
+        rule = p.get("rescale", "l1")
+        rule = "l1" if rule is True else (rule or None)
+        keeps = [m.reshape(base.shape) for m in masks]
+        return np_gta(base, d, w, keeps=keeps, density=dens, rule=rule, consensus=consensus,
+                      normalize=p.get("normalize", False), lam=p.get("lambda", 1.0))
+    return ref
+
+
+def ref_ram(base, d, w, p, masks):
+    face = p.get("face", "active_mean")
+    r = p.get("r", 0.1 if canonical_face(face) == "tensor_local" else 1.0)
+    return np_ram(base, d, face=face, w=w, lam=p.get("lambda"), q=p.get("q", 90), r=r, alpha=p.get("alpha", 0.2))
+
+
+def ref_ramplus_tl(base, d, w, p, masks):
+    return np_ram(base, d, face="tensor_local", w=w, r=p.get("r", 0.1), alpha=p.get("alpha", 0.2))
+
+
+_DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
+               {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
+
+# name → (reference, parameter cases). Every registry entry needs one; every RAM face is a case.
+REFERENCES = {
+    "linear": (ref_linear, [{}, {"normalize": False}]),
+    "task_arithmetic": (ref_task_arithmetic, [{}, {"lambda": 0.7}, {"normalize": True}]),
+    "ties": (ref_ties, [{"density": 0.3}, {"density": [0.2, 0.5, 0.9], "normalize": False},
+                        {"density": 0.4, "lambda": 1.3}, {"density": 0.4, "rescale": "l1"}, {"density": 1.0}]),
+    "dare_linear": (_ref_dare(False), _DARE_CASES),
+    "dare_ties": (_ref_dare(True), _DARE_CASES),
+    "ram": (ref_ram, [{"face": f} for f in FACES] + [
+        {"face": "overlap_changed", "r": 1.2}, {"face": "overlap_unique", "r": 1.2},
+        {"face": "percentile", "q": 75.0, "lambda": 2.0}, {"face": "tensor_local", "r": 0.3, "alpha": 0.5}]),
+    "ramplus_tl": (ref_ramplus_tl, [{}, {"r": 0.3, "alpha": 0.5}]),
+}
+
+
+# ---------------------------------------------------------------- helpers
+def _data(shape=(31, 17), seed=5, k=3):
+    """Base and K task vectors with magnitudes tied across chunk boundaries and exact zeros."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape).astype(np.float32)
+    d = (0.1 * rng.normal(size=(k, *shape)) * (rng.random((k, *shape)) < 0.6)).astype(np.float32)
+    d[:, 5::4] = d[:, 5:6]
+    return base, d
+
+
+def _resolved(name, params, k=3, weights=WEIGHTS):
+    p = dict(params)
+    per_model = [{"weight": w} for w in weights]
+    if isinstance(p.get("density"), list):
+        for pm, dd in zip(per_model, p.pop("density")):
+            pm["density"] = dd
+    return resolve(name, k, p, per_model)
+
+
+def _inputs(base, d, deltas):
+    """The tensors handed to the kernels and the task vectors they stand for (float32 exactly as
+    the kernel forms ``θ − θ_base`` from fine-tuned weights)."""
+    if deltas:
+        return tuple(d), d
+    theta = (base + d).astype(np.float32)
+    return tuple(theta), (theta - base).astype(np.float32)
+
+
+def _cases(name):
+    return REFERENCES[name][1]    # KeyError (a failure) for an entry without a reference
+
+
+@pytest.fixture
+def traces():
+    """Counts jaxpr traces (any jit, anywhere) while the test runs."""
+    events = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+METHODS = sorted(MERGE_METHODS)
+
+
+# ---------------------------------------------------------------- the contract
+def test_references_name_registered_methods():
+    assert set(REFERENCES) <= set(MERGE_METHODS), sorted(set(REFERENCES) - set(MERGE_METHODS))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_entry_has_a_reference(name):
+    assert name in REFERENCES, f"merge method {name!r} has no NumPy reference in tests/test_merge_registry.py"
+    assert MERGE_METHODS[name].name == name
+
+
+@pytest.mark.parametrize("deltas", [True, False])
+@pytest.mark.parametrize("name", METHODS)
+def test_equals_reference(name, deltas):
+    ref = REFERENCES[name][0]
+    method = MERGE_METHODS[name]
+    base, d = _data()
+    for params in _cases(name):
+        res = _resolved(name, params)
+        ts, dd = _inputs(base, d, deltas)
+        masks = None
+        if method.masks is not None:
+            masks = method.masks(res, base, dd, merge_key(SEED, NAME))
+        got = merge_resolved(res, base, ts, seed=SEED, name=NAME, deltas=deltas)
+        want = ref(base, dd, np.asarray(WEIGHTS), params, masks)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=ATOL, err_msg=f"{name} {params}")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_public_entry_point_equals_resolved_run(name):
+    base, d = _data()
+    params = _cases(name)[0]
+    res = _resolved(name, params)
+    kw = dict(params)
+    got = merge_tensors(name, base, d, list(WEIGHTS), seed=SEED, name=NAME, **kw)
+    np.testing.assert_array_equal(np.asarray(got), merge_resolved(res, base, tuple(d), seed=SEED, name=NAME))
+
+
+@pytest.mark.parametrize("deltas", [True, False])
+@pytest.mark.parametrize("name", METHODS)
+def test_chunk_size_does_not_change_the_result(name, deltas):
+    """Statistics + apply passes over chunks of 2, 7 or 97 entries give exactly the one-chunk
+    result (magnitudes tied across chunk boundaries). Not 1: XLA compiles a one-entry chunk to
+    scalar code whose division by the scalar Σw (linear, normalised task arithmetic) rounds
+    differently in the last bit."""
+    base, d = _data()
+    ts, _ = _inputs(base, d, deltas)
+    for params in _cases(name):
+        res = _resolved(name, params)
+        one = merge_resolved(res, base, ts, seed=SEED, name=NAME, deltas=deltas)
+        for chunk in (2, 7, 97):
+            np.testing.assert_array_equal(merge_resolved(res, base, ts, seed=SEED, name=NAME, deltas=deltas,
+                                                         chunk=chunk), one, err_msg=f"{name} {params} chunk {chunk}")
+
+
+def _merge_model(res, tensors, order, chunk):
+    """Merge a 'model' of several tensors visiting them in ``order``, as the driver does: the
+    whole-model statistics pass first (if the method has one), then each tensor."""
+    method = res.method
+    model_stats = None
+    if method.statistics(res) == "model":
+        totals = 0
+        for n in order:
+            base, d = tensors[n]
+            totals = totals + method.count(res, TensorChunks(base, tuple(d), deltas=True, chunk=chunk, out=base))
+        model_stats = method.finish(res, totals)
+    return {n: merge_resolved(res, tensors[n][0], tuple(tensors[n][1]), seed=SEED, name=n, model_stats=model_stats,
+                              chunk=chunk).copy() for n in order}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_visiting_order_does_not_change_the_result(name):
+    """Tensors of three shapes (one chunk, several chunks with a padded tail) merged a → b → c and
+    c → b → a give identical tensors: no state is carried from one tensor to the next."""
+    tensors = {"a.weight": _data((3, 5), seed=1), "b.weight": _data((40, 9), seed=2), "c.bias": _data((200,), seed=3)}
+    for params in _cases(name):
+        res = _resolved(name, params)
+        fwd = _merge_model(res, tensors, ["a.weight", "b.weight", "c.bias"], chunk=97)
+        rev = _merge_model(res, tensors, ["c.bias", "b.weight", "a.weight"], chunk=97)
+        for n in tensors:
+            np.testing.assert_array_equal(fwd[n], rev[n], err_msg=f"{name} {params} {n}")
+
+
+def _other_numbers(params):
+    """The same structure with other numbers: densities below 1 moved, λ moved."""
+    p = dict(params)
+    if "density" in p:
+        dens = np.asarray(p["density"], float)
+        p["density"] = np.where(dens < 1, dens * 0.9, dens).tolist()
+    if "lambda" in p:
+        p["lambda"] = p["lambda"] * 1.1
+    return p
+
+
+def test_trace_counter_sees_a_trace(traces):
+    jax.jit(lambda x: x + 1)(np.zeros(3))
+    assert traces
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_second_call_does_not_retrace(name, traces):
+    base, d = _data()
+    for params in _cases(name):
+        merge_resolved(_resolved(name, params), base, tuple(d), seed=SEED, name=NAME)
+        traces.clear()
+        res = _resolved(name, _other_numbers(params), weights=(0.2, 3.0, 1.0))
+        merge_resolved(res, base, tuple(d), seed=SEED + 1, name="another.tensor")
+        assert not traces, f"{name} {params}: {len(traces)} retrace(s) on a second call"
+
+
+MASKED = [n for n in METHODS if MERGE_METHODS[n].masks is not None]
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_vmapped_masks_equal_a_loop_over_models(name):
+    """The method's whole-tensor keep-masks (``keep_masks``, vmapped over the models) equal
+    ``keep_mask`` called model by model."""
+    base, d = _data()
+    method = MERGE_METHODS[name]
+    key = merge_key(SEED, NAME)
+    for params in _cases(name):
+        res = _resolved(name, params)
+        got = method.masks(res, base, d, key)
+        n = base.size
+        topk = topk_counts(res.density, n)
+        keys = model_keys(key.seed, key.name, len(d))
+        flat = jnp.asarray(d.reshape(len(d), -1))
+        loop = np.stack([np.asarray(K.keep_mask(flat[i], jnp.float32(res.density[i]), topk[i], keys[i],
+                                                method.options["sparsify"])) for i in range(len(d))])
+        np.testing.assert_array_equal(got, loop, err_msg=f"{name} {params}")

@@ -1,0 +1,118 @@
+"""What a merge method is: :class:`MergeMethod`, the entry type of the ``MERGE_METHODS`` registry.
+
+A method merges K inputs of one tensor. The generic code (``merge.tensor`` in memory,
+``merge.driver`` streaming a model) knows nothing about any method: it resolves the parameters
+with the entry's ``check``, asks ``statistics`` which pass the method needs, runs it, then
+``apply``. One file per method family (``merge/methods/gta.py``, ``merge/methods/ram.py``) builds
+the entries.
+
+Statistics passes (``STATISTICS``):
+
+* ``"none"`` — every merged entry depends only on that entry's inputs (linear, task arithmetic,
+  TIES/DARE at density 1, DARE without the ``l1`` rescale, RAM with given λ);
+* ``"tensor"`` — a pass over the chunks of the tensor first, whose state is O(K) numbers
+  (thresholds, L1 sums, counts): ``tensor_stats(res, chunks, key)``;
+* ``"model"`` — additive per-model counts over the *whole model* first (``count`` on every
+  tensor, summed, then ``finish`` → (K,) per-model numbers); in memory a single tensor is the
+  whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.kernels.random import name_hash
+
+STATISTICS = ("none", "tensor", "model")
+
+
+class MergeKey(NamedTuple):
+    """The uint32 words keying a method's random draws for one tensor: ``(seed, crc32(name))``."""
+
+    seed: np.uint32
+    name: np.uint32
+
+
+def merge_key(seed: int, name: str) -> MergeKey:
+    return MergeKey(np.uint32(int(seed) & 0xFFFFFFFF), np.uint32(name_hash(name)))
+
+
+class Resolved(NamedTuple):
+    """A method with every parameter checked and defaulted, for K models (one tensor).
+
+    Attributes:
+      method: the :class:`MergeMethod`.
+      shared: method-wide parameters (all of ``method.shared``, normalised by ``method.check``).
+      weights: (K,) float64 per-model weights.
+      density: (K,) float64 per-model densities (ones for methods without ``density``).
+    """
+
+    method: "MergeMethod"
+    shared: dict
+    weights: np.ndarray
+    density: np.ndarray
+
+
+class MergeMethod(NamedTuple):
+    """One registered merge method: its parameters and its behaviour.
+
+    Attributes:
+      name: the mergekit name (``merge_method:``).
+      shared: method-wide parameter defaults (mergekit 0.1.5's, plus ours where documented).
+      per_model: per-input parameter defaults (``weight``, ``density``).
+      needs_base: True when a ``base_model`` is required.
+      check: ``check(method, shared, weights, density, at) -> shared`` — validate and normalise
+        the method-wide parameters (``at`` is a context suffix for messages); raise
+        :class:`UnmergeError` on bad values.
+      statistics: ``statistics(res) -> "none" | "tensor" | "model"`` (see the module docstring).
+      apply: ``apply(res, chunks, stats, key)`` — run the apply kernel chunk by chunk into
+        ``chunks`` (a :class:`~unmerge_jax.merge.chunks.TensorChunks`); ``stats`` is the result
+        of the statistics pass (None for ``"none"``).
+      tensor_stats: ``tensor_stats(res, chunks, key) -> stats`` for ``"tensor"``.
+      count: ``count(res, chunks) -> (C, K) int64`` additive whole-model counts for ``"model"``.
+      finish: ``finish(res, totals) -> (K,) float64`` per-model numbers from the summed counts
+        (``totals`` is 0 when no tensor was counted); these are the ``stats`` of ``apply``.
+      masks: ``masks(res, base, tensors, key, deltas) -> (K, n) bool`` — the keep-masks the method
+        applies to a whole tensor, vmapped over the models (None for methods without masks).
+      options: the family's static structure of this method (GTA: ``sparsify``, ``consensus``).
+    """
+
+    name: str
+    shared: Mapping[str, Any]
+    per_model: Mapping[str, float]
+    needs_base: bool
+    check: Callable
+    statistics: Callable
+    apply: Callable
+    tensor_stats: Callable | None = None
+    count: Callable | None = None
+    finish: Callable | None = None
+    masks: Callable | None = None
+    options: Mapping[str, Any] = {}
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Every parameter name the method accepts, sorted."""
+        return tuple(sorted({*self.shared, *self.per_model}))
+
+
+def as_bool(what: str, v) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise UnmergeError(f"parameter {what} must be true or false, got {v!r}")
+
+
+def as_float(what: str, v) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise UnmergeError(f"parameter {what} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise UnmergeError(f"parameter {what} must be finite, got {v!r}")
+    return x

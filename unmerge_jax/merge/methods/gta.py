@@ -1,0 +1,174 @@
+"""Generalized task arithmetic: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+
+mergekit's ``GeneralizedTaskArithmeticMerge`` (mergekit 0.1.5 ``generalized_task_arithmetic.py``,
+``sparsify.py``): for each model ``δ'_k = sparsify(δ_k)`` — its top-``density`` magnitudes
+(``magnitude``, TIES: k = max(1, int(density·n)), ties at the k-th magnitude kept first by
+position) or a Bernoulli(``density``) keep-mask (``random``, DARE), then the rescale rule
+(``l1``: ‖δ_k‖₁ / ‖kept‖₁, skipped below 1e-7; ``inverse_density``: 1/density); untouched where
+``density ≥ 1``. With ``u_k = w_k δ'_k``, no consensus gives ``m = Σ u_k``, ``D = Σ w_k``; the
+``sum`` consensus (TIES) elects ``s = sign(Σ u_k)`` (ties → +) and keeps the agreeing terms,
+``m = Σ u_k [sign u_k = s]``, ``D = Σ w_k [sign u_k = s]`` (``D = 0 → 1``). The merge is
+``θ_base + λ · (m / D if normalize else m)``.
+
+Statistics pass (``"tensor"``): TIES's exact k-th largest ``|δ_k|`` and per-chunk tie cuts
+(``unmerge_jax.orderstats``); DARE ``l1``'s float64 L1 sums, keeping the drawn masks bit-packed
+(K × n/8 bytes) so the apply pass does not draw them again. Apply: :func:`~unmerge_jax.kernels.merge.gta_kernel`.
+
+References: Task Arithmetic (arXiv:2212.04089), TIES-Merging (arXiv:2306.01708), DARE
+(arXiv:2311.03099).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError, check_choice
+from unmerge_jax.kernels import merge as K
+from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool, as_float
+from unmerge_jax.orderstats import select_ranks, tie_cuts, topk_counts
+
+RESCALE_RULES = ("l1", "inverse_density")
+_SHARED = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
+_PER_MODEL = {"weight": 1.0, "density": 1.0}
+
+
+class GTATensorStats(NamedTuple):
+    """Result of the statistics pass over one tensor's chunks.
+
+    Attributes:
+      stats: :class:`~unmerge_jax.kernels.merge.GTAStats` (K,) thresholds and L1 scales.
+      cut: (n_chunks, K) int32 tie cut-off positions per chunk (magnitude).
+      packed: per chunk, the (K, ⌈chunk/8⌉) bit-packed ``random`` masks the L1 pass drew, or None.
+    """
+
+    stats: K.GTAStats
+    cut: np.ndarray
+    packed: list
+
+
+def kernel_config(res: Resolved, deltas: bool) -> K.GTAConfig:
+    """The kernel's static structure. Sparsification is skipped when every density is 1."""
+    opt = res.method.options
+    sparsify = opt["sparsify"] if opt["sparsify"] and bool(np.any(res.density < 1.0)) else None
+    return K.GTAConfig(sparsify=sparsify, rescale=res.shared.get("rescale") if sparsify else None,
+                       consensus=opt["consensus"], normalize=res.shared["normalize"], deltas=deltas)
+
+
+def l1_scale(before, after) -> np.ndarray:
+    """mergekit's ``rescaled_masked_tensor`` from accumulated float64 sums: ``‖δ‖₁ / ‖kept‖₁``,
+    1 where either is below ``RESCALE_EPS``; float32 (K,)."""
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    skip = (before < K.RESCALE_EPS) | (after < K.RESCALE_EPS)
+    return np.where(skip, 1.0, before / np.where(skip, 1.0, after)).astype(np.float32)
+
+
+def _init_stats(k: int) -> K.GTAStats:
+    return K.GTAStats(np.zeros(k, np.uint32), np.zeros(k, np.int32), np.ones(k, np.float32))
+
+
+def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.ndarray, at: str) -> dict:
+    """``normalize`` as a bool, ``rescale`` as None | ``"l1"`` | ``"inverse_density"`` (mergekit's
+    ``true`` is ``l1``), ``lambda`` a number; weights may not sum to zero under ``normalize``."""
+    out = dict(shared)
+    out["normalize"] = as_bool("normalize", out["normalize"])
+    if "rescale" in out:
+        rule = out["rescale"]
+        if rule in (None, False, "none", "false", "False"):
+            out["rescale"] = None
+        elif rule is True or rule in ("true", "True"):
+            out["rescale"] = "l1"
+        else:
+            check_choice("rescale rule", rule, (*RESCALE_RULES, True, False))
+    if "lambda" in out:
+        out["lambda"] = as_float("lambda", out["lambda"])
+    if out["normalize"] and abs(weights.sum()) < K.WEIGHT_EPS:
+        raise UnmergeError(f"weights {weights.tolist()} sum to zero but {method.name!r} normalises by their sum{at}; "
+                           f"change the weights or set normalize: false")
+    return out
+
+
+def statistics(res: Resolved) -> str:
+    cfg = kernel_config(res, True)
+    needs = cfg.sparsify == "magnitude" or (cfg.sparsify is not None and cfg.rescale == "l1")
+    return "tensor" if needs else "none"
+
+
+def tensor_stats(res: Resolved, chunks, key) -> GTATensorStats:
+    """TIES: each model's exact top-k threshold and tie cuts; DARE ``l1``: the L1 sums (and masks)."""
+    cfg = kernel_config(res, chunks.deltas)
+    k, n = chunks.k, chunks.n
+    dens = np.asarray(res.density, np.float32)
+    stats = _init_stats(k)
+    # cut[c]: chunk c keeps the entries tied at the threshold before this position — the first
+    # ones of the tensor by position, as many as top-k needs; known before the apply pass, so its
+    # kernel is elementwise and its chunks independent.
+    cut = np.zeros((len(chunks), k), np.int32)
+    if cfg.sparsify == "magnitude":
+        ranks = np.where(res.density < 1.0, topk_counts(res.density, n), 0)
+        want = ranks > 0
+        thr, n_gt, ties = select_ranks(n, ranks[:, None], chunks.sampled_abs_bits,
+                                       lambda: chunks.abs_bits(want=want))
+        stats = stats._replace(thr=thr[:, 0])
+        cut = tie_cuts(ranks - n_gt[:, 0], ties[:, 0], thr[:, 0], chunks.chunk_abs_bits, chunks.sizes)
+    packed = [None] * len(chunks)
+    if cfg.sparsify is not None and cfg.rescale == "l1":
+        before, after = np.zeros(k), np.zeros(k)
+        for c in range(len(chunks)):
+            b1, a1, packed[c] = K.gta_l1_sums(*chunks.inputs(c), dens, stats._replace(cut=cut[c]), chunks.start(c),
+                                              key.seed, key.name, cfg=cfg)
+            before += np.asarray(b1)
+            after += np.asarray(a1)
+        stats = stats._replace(scale=l1_scale(before, after))
+    return GTATensorStats(stats, cut, packed)
+
+
+def apply(res: Resolved, chunks, stats: GTATensorStats | None, key) -> None:
+    cfg = kernel_config(res, chunks.deltas)
+    w = np.asarray(res.weights, np.float32)
+    dens = np.asarray(res.density, np.float32)
+    lam = np.float32(res.shared.get("lambda", 1.0))
+    if stats is None:
+        stats = GTATensorStats(_init_stats(chunks.k), np.zeros((len(chunks), chunks.k), np.int32), [None] * len(chunks))
+    packed = stats.packed
+    for c in range(len(chunks)):
+        chunks.store(c, K.gta_kernel(*chunks.inputs(c), w, dens, lam, stats.stats._replace(cut=stats.cut[c]),
+                                     chunks.start(c), key.seed, key.name, packed[c], cfg=cfg))
+        packed[c] = None
+
+
+def masks(res: Resolved, base, tensors, key, deltas: bool = True) -> np.ndarray:
+    """(K, n) keep-masks of the method's sparsification on a whole tensor, drawn by
+    :func:`~unmerge_jax.kernels.merge.keep_masks` (vmapped over the models): exactly what the
+    chunked statistics and apply passes keep."""
+    n = int(np.size(base))
+    return np.asarray(K.draw_masks(np.asarray(base, np.float32), tuple(np.asarray(t, np.float32) for t in tensors),
+                                   np.asarray(res.density, np.float32), topk_counts(res.density, n), key.seed,
+                                   key.name, sparsify=res.method.options["sparsify"], deltas=deltas))
+
+
+def merge_masked(res: Resolved, base, tensors, keep, *, deltas: bool = True):
+    """The method on a whole tensor with the given (K, n) keep-masks instead of its own (parity
+    tests: feed mergekit's formula and ours the same masks). Returns a JAX array."""
+    cfg = kernel_config(res, deltas)._replace(sparsify=res.method.options["sparsify"])
+    return K.gta_kernel_masked(base, tuple(tensors), np.asarray(res.weights, np.float32),
+                               np.asarray(res.density, np.float32), np.float32(res.shared.get("lambda", 1.0)),
+                               np.asarray(keep, bool), cfg=cfg)
+
+
+def _method(name: str, sparsify: str | None, consensus: str | None, shared: dict, per_model: dict = _PER_MODEL,
+            needs_base: bool = True) -> MergeMethod:
+    sparse = sparsify is not None
+    return MergeMethod(name, shared, dict(per_model), needs_base, check, statistics, apply,
+                       tensor_stats=tensor_stats if sparse else None, masks=masks if sparse else None,
+                       options={"sparsify": sparsify, "consensus": consensus})
+
+
+# Defaults as mergekit 0.1.5 registers them (normalize, rescale per method).
+# linear: Σ w θ / Σ w over full weights; a base, when given, is not averaged in.
+LINEAR = _method("linear", None, None, {"normalize": True}, {"weight": 1.0}, needs_base=False)
+TASK_ARITHMETIC = _method("task_arithmetic", None, None, {**_SHARED, "normalize": False, "rescale": False})
+TIES = _method("ties", "magnitude", "sum", {**_SHARED, "normalize": True, "rescale": False})
+DARE_LINEAR = _method("dare_linear", "random", None, {**_SHARED, "normalize": False, "rescale": True})
+DARE_TIES = _method("dare_ties", "random", "sum", {**_SHARED, "normalize": False, "rescale": True})

@@ -1,0 +1,112 @@
+"""Merging one tensor: any registered method, chunk by chunk (:func:`merge_resolved`), and the
+in-memory entry point :func:`merge_tensors`.
+
+The code here is the same for every method: it runs the statistics pass the method asks for
+(``MergeMethod.statistics``: none, a per-tensor pass with O(K) state, or — in memory, where this
+tensor is the whole model — the whole-model counting pass), then the method's apply kernel over
+the same chunks. No float32 tensor-sized temporary is created besides the output, and the result
+does not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.merge.base import Resolved, merge_key
+from unmerge_jax.merge.chunks import CHUNK, TensorChunks
+from unmerge_jax.merge.params import get_method, resolve
+
+
+def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
+                   model_stats=None, chunk: int = CHUNK, out: np.ndarray | None = None) -> np.ndarray:
+    """Run a resolved method on one tensor, streamed in chunks of ``chunk`` elements.
+
+    Args:
+      res: the resolved method (:func:`~unmerge_jax.merge.params.resolve`).
+      base, tensors: the base (shape ``S``) and K inputs of the same shape (checked by the caller).
+      seed, name: key the method's random draws (DARE) by ``(seed, name)``.
+      deltas: ``tensors`` are task vectors (else fine-tuned weights; δ is formed per chunk).
+      model_stats: for a method with a whole-model pass, its (K,) result over the whole model
+        (the driver's counting pass); None: this tensor is the whole model.
+      chunk: elements per kernel call.
+      out: float32 buffer of shape ``S`` for the result; may be ``base`` itself.
+    Returns:
+      the merged float32 NumPy array (``out`` when given).
+    """
+    method = res.method
+    chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out)
+    key = merge_key(seed, name)
+    kind = method.statistics(res)
+    stats = None
+    if kind == "tensor":
+        stats = method.tensor_stats(res, chunks, key)
+    elif kind == "model":
+        stats = model_stats if model_stats is not None else method.finish(res, method.count(res, chunks))
+    method.apply(res, chunks, stats, key)
+    return chunks.out
+
+
+def check_shapes(base_shape, shapes, names, where: str = "") -> None:
+    at = f" for tensor {where}" if where else ""
+    for n, s in zip(names, shapes):
+        if tuple(s) != tuple(base_shape):
+            raise UnmergeError(f"shape mismatch{at}: {n} has {tuple(s)} but the base has {tuple(base_shape)}; "
+                               f"inputs must share the base architecture")
+
+
+def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, name: str = "",
+                  deltas: bool = True, **params):
+    """Merge one tensor in memory.
+
+    Args:
+      method: a name in ``MERGE_METHODS`` (linear, task_arithmetic, ties, dare_linear, dare_ties,
+        ram, ramplus_tl).
+      base: base weights, shape ``S``; ``None`` only for ``linear`` (then ``tensors`` are merged
+        as full weights onto a zero base).
+      tensors: K arrays of shape ``S`` (a list or a stacked ``(K, *S)`` array). By default these
+        are **task vectors** ``δ_k = θ_k − θ_base``; pass ``deltas=False`` for fine-tuned weights.
+      weights: K per-model weights (default 1 each).
+      seed, name: key DARE's random masks by ``(seed, name)`` (see ``kernels.random``).
+      **params: the method's mergekit parameters, e.g. ``density`` (scalar or K values),
+        ``normalize``, ``rescale`` (``"l1"``/True, ``"inverse_density"``, False), ``lambda``;
+        for ``ram``: ``face`` (one of ``unmerge_jax.merge.methods.ram.FACES`` or an alias),
+        ``epsilon``, ``r``, ``alpha``, ``lambda``, ``q``. For the whole-model faces
+        (``overlap_changed``, ``overlap_unique``) this tensor is the whole model.
+    Returns:
+      the merged float32 weights ``θ``, shape ``S`` (a JAX array).
+    """
+    spec = get_method(method)
+    tensors = [np.asarray(t, dtype=np.float32) for t in tensors]
+    if base is None:
+        if spec.needs_base:
+            raise UnmergeError(f"merge method {method!r} needs a base model; pass base (base_model: in a config)")
+        if not tensors:
+            raise UnmergeError(f"merge method {method!r} needs at least one model to merge")
+        base = np.zeros_like(tensors[0])
+        deltas = True
+    base = np.asarray(base, dtype=np.float32)
+    k = len(tensors)
+    check_shapes(base.shape, [t.shape for t in tensors], [f"model {i}" for i in range(k)], name)
+    per_model = [{} for _ in range(k)]
+    for pname in ("weight", "density"):
+        v = params.pop(pname, None)
+        if v is None:
+            continue
+        if np.ndim(v) == 0:
+            params[pname] = v
+        else:
+            _per_model_list(pname, v, k, per_model)
+    if weights is not None:
+        _per_model_list("weight", weights, k, per_model)
+    res = resolve(method, k, params, per_model, where=name)
+    return jnp.asarray(merge_resolved(res, base, tuple(tensors), seed=seed, name=name, deltas=deltas))
+
+
+def _per_model_list(pname, values, k, per_model):
+    values = list(np.ravel(np.asarray(values, dtype=object)))
+    if len(values) != k:
+        raise UnmergeError(f"{len(values)} {pname} value(s) given for {k} model(s); give one per model")
+    for p, v in zip(per_model, values):
+        p[pname] = v
