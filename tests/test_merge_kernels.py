@@ -102,6 +102,16 @@ def test_ram_faces(face):
         close(merge_tensors("ramplus_tl", base, d), np_ram(base, d, face="tensor_local", r=0.1))
 
 
+@pytest.mark.parametrize("alias", sorted(ram.ALIASES))
+def test_face_aliases_merge_like_their_canonical_face(alias):
+    base, d = _data(shape=(30, 20))
+    d = d * (np.random.default_rng(2).random(d.shape) < 0.4)
+    canonical = ram.ALIASES[alias]
+    assert resolve("ram", 3, {"face": alias}).shared["face"] == canonical
+    np.testing.assert_array_equal(np.asarray(merge_tensors("ram", base, d, face=alias, r=1.2)),
+                                  np.asarray(merge_tensors("ram", base, d, face=canonical, r=1.2)))
+
+
 def test_ram_authors_global_lambdas_from_counts():
     # λ_j from whole-model counts: two tensors counted together differ from either alone.
     assert np.allclose(ram.ram_lambdas("arm-r-v2", 1.2, [10, 4, 0, 5], [5, 1, 0, 5]), [1.2, 1 + 0.2 / 3, 1.0, 1.2])
@@ -190,13 +200,13 @@ def test_sampled_topk_on_a_large_tensor_equals_the_in_jit_topk(ties):
 
 
 def test_sampled_percentile_on_a_large_tensor_equals_numpy():
-    """RAM seed003's two order statistics through the sampled bracket (above 4 × SAMPLE entries)
-    select like ``np.percentile``."""
+    """The percentile RAM face's two order statistics through the sampled bracket (above
+    4 × SAMPLE entries) select like ``np.percentile``."""
     n = 4 * O.SAMPLE + 999
     rng = np.random.default_rng(12)
     base = rng.normal(size=n).astype(np.float32)
     d = (0.01 * rng.normal(size=(3, n)) * (rng.random((3, n)) < 0.5)).astype(np.float32)
-    close(merge_tensors("ram", base, d, face="seed003"), np_ram(base, d, face="seed003"))
+    close(merge_tensors("ram", base, d, face="percentile"), np_ram(base, d, face="percentile"))
 
 
 def test_bernoulli_chunks_equal_the_whole_tensor_draw():
