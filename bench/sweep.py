@@ -222,7 +222,7 @@ def main():
     ap.add_argument("--targets", type=int, default=72)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=2, help="paper-way runs timed per configuration (default 2)")
-    ap.add_argument("--scale-rows", type=int, default=262_144, help="scale case rows (default 262,144; the issue's 1M "
+    ap.add_argument("--scale-rows", type=int, default=262_144, help="scale case rows (default 262,144; 1M "
                     "takes ~4x longer and gives the same throughput)")
     ap.add_argument("--scale-block", type=int, default=16_384)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
