@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.checkpoint import Checkpoint, is_checkpoint, open_checkpoint
+from unmerge_jax.io.checkpoint import ARCH_KEYS, Checkpoint, is_checkpoint, open_checkpoint
 from unmerge_jax.io.dtypes import FLOAT_TAGS, NP_DTYPES
 from unmerge_jax.io.lora import Adapter, is_adapter_dir, open_adapter
 
@@ -379,8 +379,23 @@ class TaskVector(TensorSource):
         return f"TaskVector({self.name!r}: {self.source.label} − {self.base.label})"
 
 
-def check_same_architecture(base: TensorSource, model: TensorSource, names=None) -> None:
-    """One-line error when ``model`` lacks a tensor of ``base`` or stores one with another shape."""
+def check_same_architecture(base: TensorSource, model: TensorSource, names=None, *, allow_extra: bool = False) -> None:
+    """One-line error unless ``model`` is a fine-tune of ``base``'s architecture.
+
+    Checked from headers and configs only: every tensor of ``base`` (or of ``names``) exists in
+    ``model`` with the same shape; a tensor the base stores as floating point is floating point in
+    ``model`` too, and a non-float tensor (an integer buffer) has the base's dtype; ``model`` has no
+    tensor the base lacks (unless ``allow_extra``: those are then ignored); the architecture fields
+    of both ``config.json`` files (``ARCH_KEYS``: model type, layers, sizes, vocabulary, tied
+    embeddings) agree where both state them.
+    """
+    base_cfg, model_cfg = getattr(base, "config", None), getattr(model, "config", None)
+    if isinstance(base_cfg, dict) and isinstance(model_cfg, dict):
+        for k in ARCH_KEYS:
+            if k in base_cfg and k in model_cfg and base_cfg[k] != model_cfg[k]:
+                raise UnmergeError(f"{model.label} has {k} = {model_cfg[k]!r} in config.json but the base "
+                                   f"{base.label} has {base_cfg[k]!r}: a different architecture — use fine-tunes "
+                                   f"of this base")
     for n in (base.names if names is None else names):
         if n not in model:
             raise UnmergeError(f"{model.label} has no tensor {n} (the base {base.label} has it): missing tensor — the "
@@ -389,6 +404,28 @@ def check_same_architecture(base: TensorSource, model: TensorSource, names=None)
             raise UnmergeError(f"shape mismatch for tensor {n}: {model.label} has {tuple(model.shape(n))}, the base "
                                f"{base.label} has {tuple(base.shape(n))} — a different architecture; use fine-tunes "
                                f"of this base")
+        mine, theirs = model.dtype(n), base.dtype(n)
+        if (theirs in FLOAT_TAGS) != (mine in FLOAT_TAGS) or (theirs not in FLOAT_TAGS and mine != theirs):
+            raise UnmergeError(f"tensor {n} of {model.where(n)} is stored as {mine} but the base {base.label} stores "
+                               f"it as {theirs}; the file is mislabelled or from another model — re-save it")
+    if not allow_extra:
+        extra = [n for n in model.names if n not in base]
+        if extra:
+            raise UnmergeError(f"{model.label} has tensor {extra[0]} that the base {base.label} lacks ({len(extra)} "
+                               f"extra tensor(s)): a different architecture — use fine-tunes of this base")
+
+
+def first_nonfinite(arr: np.ndarray):
+    """Index (a tuple) of the first NaN/Inf of ``arr`` in C order, or None when all are finite."""
+    bad = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
+    return None if bad.size == 0 else tuple(int(i) for i in np.unravel_index(bad[0], arr.shape))
+
+
+def nonfinite_error(name: str, where: str, arr: np.ndarray, what: str = "holds") -> UnmergeError:
+    """The one-line error for a tensor with NaN/Inf: file, tensor, first index and value."""
+    idx = first_nonfinite(arr)
+    at = "" if idx is None else f" at index {idx if len(idx) != 1 else idx[0]} ({arr[idx]})"
+    return UnmergeError(f"tensor {name} of {where} {what} a non-finite value{at}; fix or drop that input")
 
 
 def open_source(obj, *, base=None, kind: str | None = None) -> TensorSource:

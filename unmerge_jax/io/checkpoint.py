@@ -35,6 +35,10 @@ from unmerge_jax.io.dtypes import BYTES_PER, FLOAT_TAGS, NP_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# config.json fields that fix the architecture: two checkpoints that differ in one are not
+# fine-tunes of one another.
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "tie_word_embeddings", "n_embd", "n_layer", "n_head")
 
 
 def _safe_open(path: Path):

@@ -23,17 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.checkpoint import _safe_open
+from unmerge_jax.io.checkpoint import ARCH_KEYS, _safe_open
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])"
                   r"(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?$")
-# Architecture fields that must agree between the base an adapter was trained on and ours.
-ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "vocab_size", "n_embd", "n_layer", "n_head")
-
-
 def is_adapter_dir(path) -> bool:
     """True when ``path`` is a directory holding ``adapter_config.json``."""
     return (Path(path) / CONFIG_NAME).is_file()
