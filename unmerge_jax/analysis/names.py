@@ -1,54 +1,34 @@
-"""Module class and layer index of a tensor name, for the sparsity anatomy.
+"""The anatomy's module classes of a tensor name: ``parse_tensor_name``'s classes mapped onto the
+five the sparsity anatomy reports (attention, mlp, norm, embedding, lm_head; anything else is
+"other").
 
-Uses ``unmerge_jax.io.names.parse_tensor_name`` when present (the checkpoint reader's parser) and
-maps its module classes onto the five the seed-003 anatomy reports: attention, mlp, norm,
-embedding, lm_head (anything else is "other").
+The parser (layer index, leaf module, class) is :func:`unmerge_jax.io.names.parse_tensor_name`;
+this module only maps its classes. The projection classes (``attention_q`` … ``attention_qkv``)
+are "attention"; a block's causal-mask buffers (GPT-2's ``attn.bias``), which the parser leaves
+"other" so that ``--modules attn`` does not select them, count to the attention module holding
+them.
 """
 
 from __future__ import annotations
 
 import functools
-import re
+
+from unmerge_jax.io.names import parse_tensor_name
 
 CLASSES = ("attention", "mlp", "norm", "embedding", "lm_head", "other")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_RULES = (
-    ("lm_head", re.compile(r"lm_head|output\.weight$")),
-    ("embedding", re.compile(r"embed|wte|wpe")),
-    ("norm", re.compile(r"norm|ln_")),
-    ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj")),
-    ("mlp", re.compile(r"mlp|gate_proj|up_proj|down_proj|ffn|fc\d")),
-)
-
-
-def _own_parse(name: str):
-    m = _LAYER.search(name)
-    layer = int(m.group(1)) if m else None
-    base = re.sub(r"\.(weight|bias)$", "", name)
-    module = base.rsplit(".", 1)[-1] if "." in base else base
-    cls = next((c for c, rx in _RULES if rx.search(name)), "other")
-    return layer, module, cls
-
-
-def _map_class(cls: str) -> str:
-    c = (cls or "").lower()
-    for target, keys in (("lm_head", ("lm_head", "head", "output")), ("embedding", ("embed",)),
-                         ("norm", ("norm",)), ("attention", ("attn", "attention")), ("mlp", ("mlp", "ffn"))):
-        if any(k in c for k in keys):
-            return target
-    return "other"
+#: ``parse_tensor_name`` module class → anatomy class (absent: "other").
+ANATOMY_CLASS = {
+    "attention_q": "attention", "attention_k": "attention", "attention_v": "attention", "attention_o": "attention",
+    "attention_qkv": "attention", "attention": "attention", "mlp": "mlp", "norm": "norm", "embedding": "embedding",
+    "lm_head": "lm_head",
+}
 
 
 @functools.lru_cache(maxsize=None)
-def classify(name: str):
-    """``(layer or None, module, module_class)`` of a tensor name."""
-    layer, module, cls = _own_parse(name)
-    try:
-        from unmerge_jax.io.names import parse_tensor_name
-    except ImportError:
-        return layer, module, cls
-    info = parse_tensor_name(name)
-    theirs = _map_class(getattr(info, "module_class", None))
-    return (info.layer if info.layer is not None else layer), (info.module or module), (
-        theirs if theirs != "other" else cls)
+def classify(name: str) -> tuple:
+    """``(layer or None, module, module_class)`` of a tensor name; ``module_class`` is one of
+    :data:`CLASSES`."""
+    t = parse_tensor_name(name)
+    cls = "attention" if t.causal_mask else ANATOMY_CLASS.get(t.module_class, "other")
+    return t.layer, t.module, cls

@@ -48,11 +48,18 @@ class TensorName(NamedTuple):
         """The compression group: ``(layer or -1, path)``."""
         return (-1 if self.layer is None else self.layer, self.path)
 
+    @property
+    def causal_mask(self) -> bool:
+        """A block's causal-mask buffer (GPT-2's ``attn.bias`` / ``attn.masked_bias``), not a weight."""
+        return self.layer is not None and (f"{self.path}.{self.param}" if self.param else self.path) in CAUSAL_MASKS
+
 
 _PREFIXES = ("base_model.model.", "model.language_model.", "language_model.model.", "model.decoder.", "model.",
              "transformer.", "gpt_neox.", "decoder.")
 _LAYER = re.compile(r"^(?:.*?\.)?(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
 _PARAMS = ("weight", "bias")
+#: What follows the block index in the names of GPT-2's causal-mask buffers (class "other").
+CAUSAL_MASKS = ("attn.bias", "attn.masked_bias")
 
 # Leaf module name → (class, short). Checked after the norm / attention / mlp context rules below.
 _ATTN = {
@@ -127,7 +134,7 @@ def parse_tensor_name(name: str) -> TensorName:
         layer = int(m.group(1))
         path, param = _split_param(m.group(2))
         leaf = path.rsplit(".", 1)[-1]
-        if m.group(2) in ("attn.bias", "attn.masked_bias"):
+        if m.group(2) in CAUSAL_MASKS:
             return TensorName(name, layer, leaf, path, "other", "other", param)  # GPT-2's causal-mask buffers
         cls, short = _block_class(path, leaf)
         return TensorName(name, layer, leaf, path, cls, short, param)
