@@ -41,3 +41,13 @@ def test_summarize_mean_and_sample_std():
     assert "| NNLS | 0.30 ± 0.26 | 0.67 ± 0.58 |" in s.markdown
     wide = u.summarize(table, by=["method"], columns="cat", metrics=["recon_error"])
     assert "| NNLS | 0.15 ± 0.07 | 0.60 ± 0.00 |" in wide.markdown
+
+
+def test_mean_std_cell_format():
+    from unmerge_jax.sweep import mean_std_cell, mean_std_cells
+
+    assert mean_std_cell(0.4549, 0.2051) == "0.45 ± 0.21"
+    assert mean_std_cell(6.1, float("nan"), digits=1) == "6.1 ± 0.0"  # one value: no spread
+    assert mean_std_cell(0.5, 0.1, std=False) == "0.50"
+    row = pd.Series({"precision_mean": 1.0, "precision_std": 0.0, "recall_mean": 0.4, "recall_std": 0.25})
+    assert mean_std_cells(row, ["precision", "recall"]) == "1.00 ± 0.00 / 0.40 ± 0.25"

@@ -183,6 +183,23 @@ def _concat_columns(frames: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def mean_std_cell(mean, sd, *, digits: int = 2, std: bool = True) -> str:
+    """One cell of the paper's tables: ``"0.45 ± 0.21"`` (``mean ± sd`` to ``digits`` decimals).
+
+    A missing ``sd`` (NaN: a sample standard deviation of a single value) prints as 0;
+    ``std=False`` prints the mean alone.
+    """
+    if not std:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {0.0 if pd.isna(sd) else sd:.{digits}f}"
+
+
+def mean_std_cells(row, metrics: Sequence[str], *, digits: int = 2, std: bool = True) -> str:
+    """``metrics`` of one :func:`summarize` frame row (``<metric>_mean`` / ``<metric>_std`` columns) as
+    :func:`mean_std_cell` cells joined by `` / ``."""
+    return " / ".join(mean_std_cell(row[f"{m}_mean"], row[f"{m}_std"], digits=digits, std=std) for m in metrics)
+
+
 class Summary(NamedTuple):
     """``frame``: numeric means/stds/counts; ``markdown``: the paper-style table."""
 
@@ -219,16 +236,8 @@ def summarize(table: pd.DataFrame, by: Sequence[str] = ("method",), metrics: Seq
     frame = frame.reset_index()
     labels = {**METHOD_LABELS, **(labels or {})}
 
-    def cell(row):
-        parts = []
-        for m in metrics:
-            mean, sd = row[f"{m}_mean"], row[f"{m}_std"]
-            sd = 0.0 if pd.isna(sd) else sd
-            parts.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if std else f"{mean:.{digits}f}")
-        return " / ".join(parts)
-
     show = frame.copy()
-    show["cell"] = show.apply(cell, axis=1)
+    show["cell"] = show.apply(lambda row: mean_std_cells(row, metrics, digits=digits, std=std), axis=1)
     for c in keys:
         show[c] = show[c].map(lambda v: labels.get(v, v))
     if columns:
@@ -238,11 +247,8 @@ def summarize(table: pd.DataFrame, by: Sequence[str] = ("method",), metrics: Seq
         rows = wide.astype(str).values.tolist()
     else:
         header = [*by, *[m.replace("_", " ") for m in metrics]]
-        rows = []
-        for _, r in show.iterrows():
-            cells = [(f"{r[f'{m}_mean']:.{digits}f} ± {0.0 if pd.isna(r[f'{m}_std']) else r[f'{m}_std']:.{digits}f}" if std
-                      else f"{r[f'{m}_mean']:.{digits}f}") for m in metrics]
-            rows.append([str(r[c]) for c in by] + cells)
+        rows = [[str(r[c]) for c in by] + [mean_std_cells(r, [m], digits=digits, std=std) for m in metrics]
+                for _, r in show.iterrows()]
     md = "| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
     return Summary(frame, md)

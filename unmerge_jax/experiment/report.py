@@ -15,7 +15,7 @@ import pandas as pd
 from unmerge_jax.analysis.report import figure, save_figure, write_json
 from unmerge_jax.experiment.targets import CATEGORIES, MERGE_LABELS
 from unmerge_jax.io.atomic import atomic_file
-from unmerge_jax.sweep import METHOD_LABELS, summarize
+from unmerge_jax.sweep import METHOD_LABELS, mean_std_cells, summarize
 
 ALGORITHMS = ("nnls", "omp", "ridge", "elastic_net", "dot", "lasso")  # the paper's row order
 MERGES = ("task_arithmetic", "linear", "ties", "dare")  # Table 3 column order
@@ -68,15 +68,6 @@ def _ordered(table: pd.DataFrame, col: str, order) -> pd.DataFrame:
     return t.iloc[np.argsort(t[col].map(rank).to_numpy(), kind="stable")]
 
 
-def _cell(row, metrics, digits=2, std=True):
-    parts = []
-    for m in metrics:
-        mean, sd = row[f"{m}_mean"], row[f"{m}_std"]
-        sd = 0.0 if pd.isna(sd) else sd
-        parts.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if std else f"{mean:.{digits}f}")
-    return " / ".join(parts)
-
-
 def _grid(table, rows: str, row_order, cols: str | None, col_order, metrics, *, digits=2):
     """summarize() → (numeric frame, {row: [cells in col_order]})."""
     t = _ordered(table, rows, row_order)
@@ -87,10 +78,10 @@ def _grid(table, rows: str, row_order, cols: str | None, col_order, metrics, *, 
     for r in row_order:
         sub = frame[frame[rows] == r]
         if cols:
-            cells[r] = [_cell(sub[sub[cols] == c].iloc[0], metrics, digits) if (sub[cols] == c).any() else "–"
+            cells[r] = [mean_std_cells(sub[sub[cols] == c].iloc[0], metrics, digits=digits) if (sub[cols] == c).any() else "–"
                         for c in col_order]
         elif len(sub):
-            cells[r] = [_cell(sub.iloc[0], [m], digits) for m in metrics]
+            cells[r] = [mean_std_cells(sub.iloc[0], [m], digits=digits) for m in metrics]
     return frame, cells
 
 
