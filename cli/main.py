@@ -14,8 +14,8 @@ import sys
 
 from unmerge_jax.errors import UnmergeError
 
-# Order is the order in `unmerge --help`. A module that is missing (an optional part not yet
-# installed) is skipped rather than breaking every other command.
+# Order is the order in `unmerge --help`. Every module imports without the optional extras; a
+# command that needs one says which (a one-line error naming the extra to install).
 COMMAND_MODULES = (
     "demo",
     "decompose",
@@ -41,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"unmerge_jax.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"unmerge_jax.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"unmerge_jax.cli.{name}").register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``unmerge simulate``: simulated RL task vectors (seed 003 §2.6) and their measured sparsity."""
+"""``unmerge simulate``: simulated RL task vectors (the sparsity-scaling paper, §2.6) and their measured sparsity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``unmerge sparsity``: streaming sparsity metrics of a task vector (seed 003 §2.2)."""
+"""``unmerge sparsity``: streaming sparsity metrics of a task vector (the sparsity-scaling paper, §2.2)."""
 
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ def _fmt(v):
 
 
 def run(args) -> int:
+    from unmerge_jax.analysis.metrics import METRIC_KEYS as keys
     from unmerge_jax.analysis.metrics import sparsity_metrics
     from unmerge_jax.analysis.report import write_json
 
     r = sparsity_metrics(args.target, base=args.base, eps=args.eps, atol=args.atol, mode=args.mode,
                          exact_limit=args.exact_limit, passes=1 if args.one_pass else 2)
-    keys = ("l0", "exact_zero", "near_zero", "gini", "kurtosis", "top1_mass", "top5_mass", "n_params")
     print(f"{'group':<14}" + "".join(f"{k:>12}" for k in keys))
     print(f"{'overall':<14}" + "".join(f"{_fmt(r['overall'][k]):>12}" for k in keys))
     for cls, m in r["by_module"].items():

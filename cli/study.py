@@ -1,4 +1,4 @@
-"""``unmerge study``: regenerate the seed-003 tables and figures."""
+"""``unmerge study``: regenerate the tables and figures of the sparsity-scaling paper."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = """Regenerate a study of the sparsity / RAM paper (seed 003) into --out DIR as Markdown, CSV and
+HELP = """Regenerate a study of the sparsity-scaling / RAM paper ("Does Sparsity Persist?") into --out DIR as Markdown, CSV and
 JSON tables plus PNG figures:
 
   merge-quality  Table 2, Figures 2-3: cosine to the oracle (sum of task vectors) and mean per-agent
@@ -23,7 +23,7 @@ Extra study parameters: --param key=value (JSON values), e.g. --param trials=3 -
 
 
 def register(sub) -> None:
-    p = sub.add_parser("study", help="regenerate the seed-003 tables and figures", description=HELP,
+    p = sub.add_parser("study", help="regenerate the sparsity-scaling paper's tables and figures", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=("merge-quality", "scaling-law", "memory", "anatomy"))
     p.add_argument("--out", type=Path, required=True, help="output directory")

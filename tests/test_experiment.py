@@ -1,4 +1,4 @@
-"""The UNMERGE experiment (issue 6): tasks, targets, the synthetic preset end to end, byte-identical
+"""The UNMERGE experiment: tasks, targets, the synthetic preset end to end, byte-identical
 re-runs, and (slow-ish, needs torch/peft) the reduced LoRA preset recovering known TA targets."""
 
 from __future__ import annotations

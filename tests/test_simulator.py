@@ -65,7 +65,7 @@ def test_calibration_law_hits_the_ram_points():
 
 
 def test_model_stream_profiles_and_shapes():
-    shapes = tensor_shapes("llama-3.2-1b", use_transformers=False)
+    shapes = tensor_shapes("llama-3.2-1b")
     got = list(simulate_model(shapes[:12], jax.random.key(0), 3, 0.95, profile=PROFILES["paper-like"],
                               max_elements=50_000))
     for name, x, s in got:
@@ -84,8 +84,8 @@ def test_architecture_shapes_from_meta_match_layout_and_published_sizes():
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
     for arch in ("llama-3-70b", "qwen2.5-7b", "llama-3.2-3b"):
-        assert tensor_shapes(arch) == tensor_shapes(arch, use_transformers=False)
-    assert len(tensor_shapes("llama-3-70b")) == 723  # seed 003 Table 3 count
+        assert tensor_shapes(arch, use_transformers=True) == tensor_shapes(arch)
+    assert len(tensor_shapes("llama-3-70b")) == 723  # the sparsity-scaling paper's Table 3 count
     assert n_params("llama-3-70b") == 70_553_706_496
     assert n_params("llama-3.1-405b") == 405_853_388_800
     assert math.isclose(n_params("qwen2.5-7b") / 1e9, 7.6156, rel_tol=1e-4)

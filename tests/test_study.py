@@ -64,7 +64,6 @@ def test_sparsity_cli_json_matches_api(tmp_path, capsys):
          "model.layers.1.self_attn.q_proj.weight": rng.standard_normal((32, 32)).astype(np.float32)}
     f = tmp_path / "delta.safetensors"
     save_file(t, str(f))
-    pytest.importorskip("unmerge_jax.io.checkpoint")
     assert main(["sparsity", str(f), "--json", str(tmp_path / "s.json")]) == 0
     got = json.loads((tmp_path / "s.json").read_text())
     want = sparsity_metrics(t)

@@ -1,8 +1,9 @@
 """Tensor shapes of real architectures, without allocating weights.
 
-Configs are built in code from the published sizes (no hub access); shapes come from instantiating
-the transformers model on the ``meta`` device (no memory), or — without torch/transformers — from
-the same config by the Llama/Qwen2 layout (identical names and shapes; tested against each other).
+Sizes are the published ones, written in code (no hub access). :func:`tensor_shapes` lays the
+tensors out as the Hugging Face Llama / Qwen2 models name and shape them; with
+``use_transformers=True`` it instantiates the transformers model on the ``meta`` device instead
+(no memory; needs the ``[models]`` extra) — the test checks that both give the same tensors.
 """
 
 from __future__ import annotations
@@ -34,11 +35,21 @@ PAPER_MEMORY_ARCHS = {"3B": "llama-3.2-3b", "7B": "llama-2-7b", "13B": "llama-2-
                       "405B": "llama-3.1-405b"}
 
 
+def _transformers():
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError as err:
+        raise UnmergeError(f"architecture shapes from transformers need torch and transformers "
+                           f"(pip install 'unmerge_jax[models]'): {err}") from None
+    return transformers
+
+
 def hf_config(arch: str):
     """A ``transformers`` config object with the published sizes of ``arch``."""
     check_choice("architecture", arch, ARCHITECTURES)
     fam, h, inter, n_layers, heads, kv, vocab, tied = ARCHITECTURES[arch]
-    import transformers
+    transformers = _transformers()
 
     cls = transformers.LlamaConfig if fam == "llama" else transformers.Qwen2Config
     return cls(hidden_size=h, intermediate_size=inter, num_hidden_layers=n_layers, num_attention_heads=heads,
@@ -71,8 +82,8 @@ def _layout_shapes(arch):
 
 def _meta_shapes(arch):
     import torch
-    import transformers
 
+    transformers = _transformers()
     cfg = hf_config(arch)
     cls = transformers.LlamaForCausalLM if ARCHITECTURES[arch][0] == "llama" else transformers.Qwen2ForCausalLM
     with torch.device("meta"):
@@ -82,15 +93,12 @@ def _meta_shapes(arch):
 
 
 @functools.lru_cache(maxsize=None)
-def tensor_shapes(arch: str, *, use_transformers: bool = True) -> tuple:
-    """``((name, shape), …)`` of every parameter tensor of ``arch`` (tied lm_head omitted)."""
+def tensor_shapes(arch: str, *, use_transformers: bool = False) -> tuple:
+    """``((name, shape), …)`` of every parameter tensor of ``arch`` (tied lm_head omitted), in the
+    models' order: from the Llama/Qwen2 layout, or (``use_transformers=True``) from the
+    transformers model instantiated on the meta device."""
     check_choice("architecture", arch, ARCHITECTURES)
-    if use_transformers:
-        try:
-            return tuple(_meta_shapes(arch))
-        except ImportError:
-            pass
-    return tuple(_layout_shapes(arch))
+    return tuple(_meta_shapes(arch) if use_transformers else _layout_shapes(arch))
 
 
 def n_params(arch: str) -> int:

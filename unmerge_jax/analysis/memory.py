@@ -1,7 +1,7 @@
-"""Peak-memory model of merging K agents (seed 003 Table 4 / Figure 6) from real tensor shapes.
+"""Peak-memory model of merging K agents (the sparsity-scaling paper's Table 4 / Figure 6) from real tensor shapes.
 
 * naive (paper): ``(1 + K)·d·2`` bytes — base and K fine-tuned models resident in fp16.
-* streaming, per tensor (DESIGN §4, our merge driver): ``(1 + K)·max_t |θ_t|·4`` bytes — one
+* streaming, per tensor (a merge that holds whole tensors): ``(1 + K)·max_t |θ_t|·4`` bytes — one
   float32 tensor of the base and of each agent at a time; the largest tensor of a Llama is the
   embedding (or lm_head), not a transformer layer.
 * streaming, excluding embedding/lm_head: the same bound if those two were merged in row chunks.
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from unmerge_jax.analysis.architectures import PAPER_MEMORY_ARCHS, n_params, tensor_shapes
+from unmerge_jax.analysis.architectures import PAPER_MEMORY_ARCHS, tensor_shapes
 from unmerge_jax.analysis.names import classify
 
 GB = 1e9
 
-# Seed 003 Table 4 (3 agents): FP16, naive, stream (GB) and the reduction.
+# The sparsity-scaling paper's Table 4 (3 agents): FP16, naive, stream (GB) and the reduction.
 PAPER_TABLE4 = {
     "3B": (6.0, 24.0, 2.6, 9), "7B": (14.0, 56.0, 3.0, 19), "13B": (26.0, 104.0, 3.6, 29),
     "70B": (140.0, 560.0, 6.0, 93), "405B": (810.0, 3240.0, 18.0, 180),
@@ -66,4 +66,4 @@ def predicted_stream_bytes(shapes, n_agents: int) -> int:
     return (1 + n_agents) * max(int(np.prod(s)) for _, s in shapes) * 4
 
 
-__all__ = ["PAPER_TABLE4", "memory_row", "memory_table", "predicted_stream_bytes", "n_params"]
+__all__ = ["PAPER_TABLE4", "memory_row", "memory_table", "predicted_stream_bytes"]

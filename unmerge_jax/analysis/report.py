@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.atomic import atomic_file
 
 
@@ -46,19 +47,28 @@ def write_table(out_dir, stem: str, rows: list, *, title: str = "", floatfmt: st
     return out_dir / f"{stem}.md"
 
 
-def figure(nrows=1, ncols=2, size=(11, 4.2)):
-    import matplotlib
-
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UnmergeError("the studies draw their figures with matplotlib: pip install 'unmerge_jax[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure(nrows=1, ncols=2, size=(11, 4.2)):
+    """A matplotlib figure (Agg backend) and its axes, flattened."""
+    plt = _pyplot()
 
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     return fig, axes.ravel()
 
 
 def save_figure(fig, path) -> Path:
-    import matplotlib.pyplot as plt
-
+    """Write ``fig`` as a PNG (atomically) and close it."""
+    plt = _pyplot()
     path = Path(path)
     fig.tight_layout()
     with atomic_file(path, suffix=".png") as tmp:
@@ -68,5 +78,6 @@ def save_figure(fig, path) -> Path:
 
 
 def mean_std(values) -> tuple:
+    """``(mean, sample std)`` of ``values`` (std 0 for a single value), as floats."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0

@@ -1,4 +1,4 @@
-"""Sparsity scaling law ``s(N) = 1 − a·N^(−b)`` (seed 003 eq. 3): nonlinear least squares,
+"""Sparsity scaling law ``s(N) = 1 − a·N^(−b)`` (the sparsity-scaling paper, eq. 3): nonlinear least squares,
 R², and stratified bootstrap confidence intervals.
 
 The fit minimises ``Σ_i (s_i − 1 + a·N_i^(−b))²`` over every trial (not the per-scale means) with

@@ -1,4 +1,4 @@
-"""The seed-003 studies by name: each writes Markdown/CSV/JSON tables and PNG figures into a
+"""The sparsity-scaling paper's studies by name: each writes Markdown/CSV/JSON tables and PNG figures into a
 directory (atomically: a temporary sibling renamed into place when the study finishes)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scaling-law study (seed 003 Table 1, Figures 1 and 5).
+"""Scaling-law study (the sparsity-scaling paper's Table 1, Figures 1 and 5).
 
 Protocol (§2.6): the *set* sparsity at size N comes from the law through the RAM paper's two
 points (0.85 at 3B, 0.90 at 7B); K agents' task vectors of length ``d`` are simulated with it;
@@ -22,7 +22,7 @@ from unmerge_jax.analysis.simulator import calibrated_sparsity, simulate_trials
 from unmerge_jax.progress import progress
 
 PAPER_SIZES = (1, 3, 7, 8, 14, 32, 70, 100, 200, 405)
-# Seed 003 Table 1: L0 mean, L0 std, Gini mean, Gini std, kurtosis, top-1% mass.
+# The sparsity-scaling paper's Table 1: L0 mean, L0 std, Gini mean, Gini std, kurtosis, top-1% mass.
 PAPER_TABLE1 = {
     1: (0.9139, 0.0224, 0.9268, 0.0038, 792.6, 0.3998), 3: (0.9609, 0.0099, 0.9584, 0.0021, 1876.7, 0.5143),
     7: (0.9630, 0.0064, 0.9685, 0.0026, 1300.7, 0.5663), 8: (0.9828, 0.0067, 0.9714, 0.0025, 6688.9, 0.5922),
@@ -68,7 +68,7 @@ def scaling_law_study(out, *, sizes=PAPER_SIZES, trials: int = 5, d: int = 1 << 
          **{f"s({int(k)}B)": f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in fit.predictions.items()}},
         {"fit": "ours: measured Gini", "a": fit_gini.a, "b": fit_gini.b, "r2_trials": fit_gini.r2,
          "r2_means": fit_gini.r2_means},
-        {"fit": "seed 003 (paper)", "a": PAPER_FIT["a"], "b": PAPER_FIT["b"], "r2_trials": float("nan"),
+        {"fit": "paper", "a": PAPER_FIT["a"], "b": PAPER_FIT["b"], "r2_trials": float("nan"),
          "r2_means": PAPER_FIT["r2"], **{f"s({k}B)": f"{law(k, PAPER_FIT['a'], PAPER_FIT['b']):.4f}"
                                           for k in (70, 100, 405)}},
     ]

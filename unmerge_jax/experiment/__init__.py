@@ -1,4 +1,4 @@
-"""The UNMERGE experiment end to end (issue 6): synthetic tasks, a tiny Qwen2 base with LoRA adapters,
+"""The UNMERGE experiment end to end: synthetic tasks, a tiny Qwen2 base with LoRA adapters,
 72 merged targets, compression, one statistics pass, the paper-grid sweep, Tables 1–6 and a report.
 
 Entry point: :func:`run_experiment` (CLI: ``unmerge experiment``; ``unmerge demo`` runs the

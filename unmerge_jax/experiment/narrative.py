@@ -1,4 +1,4 @@
-"""report.md: each table beside the paper's, and the comparisons the issue asks for, computed from the runs.
+"""report.md: each table beside the paper's, and the findings that compare with it, computed from the runs.
 
 Every number in the prose is read from the runs; the explanations say which mechanism produces a
 difference, and whether our data confirm it.
@@ -38,7 +38,7 @@ def report_markdown(runs: pd.DataFrame, tables: dict, md: dict, meta: dict) -> s
              f"parameters (top-k per layer × module on max|d|); {meta['seeds']} bootstrap seeds; "
              f"{len(runs)} runs in `runs.csv`. The paper: Qwen2.5-7B, rank-32 LoRA, 800M → 1M parameters, 9072 runs.\n"]
 
-    # --- the comparisons the issue asks for -------------------------------------------------
+    # --- findings beside the paper ----------------------------------------------------------
     lines = ["## Findings beside the paper\n"]
     n_k, o_k = alg(known, "nnls"), alg(known, "omp")
     ta = alg(mer(known, "task_arithmetic"), "nnls")
