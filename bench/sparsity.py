@@ -5,8 +5,8 @@ same bytes, side by side in one run.
 
 Writes F32 shards of a sparse log-normal task vector (Llama-like tensor names), warms the page
 cache with one plain read, then times (best of --repeat):
-  * plain read: every tensor read as float32 through the same reader the metrics use + one max
-    (so the bytes are actually touched);
+  * plain read: every tensor read as float32 through the tensor source the metrics read
+    (``CheckpointSource(dir, kind="delta")``) + one max (so the bytes are actually touched);
   * metrics in hist mode, 2 passes (exact L0: reads twice), hist mode 1 pass, and exact mode;
   * the same on tensors already in memory (compute only), beside an in-memory max.
 Prints GB/s (checkpoint bytes / seconds) and the ratio to the plain read; writes JSON under
@@ -55,24 +55,6 @@ def make_checkpoint(root: Path, gb: float, seed: int = 0) -> tuple[int, int]:
     return total, len(wm)
 
 
-def reader(root: Path):
-    """The metrics' own reader when the checkpoint module is installed, else safetensors directly."""
-    try:
-        from unmerge_jax.io.checkpoint import open_checkpoint
-
-        ck = open_checkpoint(root)
-        return "unmerge_jax.io.checkpoint", list(ck.names), ck.read
-    except ImportError:
-        from safetensors import safe_open
-
-        wm = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
-
-        def read(name):
-            with safe_open(str(root / wm[name]), framework="numpy") as f:
-                return f.get_tensor(name).astype(np.float32, copy=False)
-        return "safetensors.safe_open (numpy)", list(wm), read
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=2.0)
@@ -81,20 +63,21 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     args = ap.parse_args()
     os.environ.setdefault("UNMERGE_PROGRESS", "0")
-    from unmerge_jax.analysis.metrics import TensorSource, sparsity_metrics
+    from unmerge_jax.analysis.metrics import sparsity_metrics
+    from unmerge_jax.sources import CheckpointSource
 
     t0 = time.perf_counter()
     nbytes, ntensors = make_checkpoint(args.dir, args.gb)
     gen_s = time.perf_counter() - t0
-    how, names, read = reader(args.dir)
+    src = CheckpointSource(args.dir, kind="delta")
+    how, names = "unmerge_jax.sources.CheckpointSource", src.names
 
     def plain():
         s = 0.0
         for n in names:
-            s += float(read(n).max())  # touch every byte (SIMD max: cheaper than any metric)
+            s += float(src.read(n).max())  # touch every byte (SIMD max: cheaper than any metric)
         return s
 
-    src = TensorSource(names, read, {}, {}, str(args.dir))
     cases = {
         "plain_read": plain,
         "metrics_hist_2pass": lambda: sparsity_metrics(src, mode="hist", passes=2, per_tensor=False),
@@ -102,11 +85,10 @@ def main():
         "metrics_exact": lambda: sparsity_metrics(src, mode="exact", per_tensor=False),
     }
     plain()  # warm the page cache: every case reads warm bytes
-    held = {n: read(n) for n in names}  # compute-only cases: tensors already in memory
-    mem = TensorSource(names, held.__getitem__, {}, {}, "in memory")
+    held = {n: src.read(n) for n in names}  # compute-only cases: tensors already in memory (read in place)
     cases["in_memory_max"] = lambda: sum(float(v.max()) for v in held.values())
-    cases["in_memory_metrics_hist_1pass"] = lambda: sparsity_metrics(mem, mode="hist", passes=1, per_tensor=False)
-    cases["in_memory_metrics_exact"] = lambda: sparsity_metrics(mem, mode="exact", per_tensor=False)
+    cases["in_memory_metrics_hist_1pass"] = lambda: sparsity_metrics(held, mode="hist", passes=1, per_tensor=False)
+    cases["in_memory_metrics_exact"] = lambda: sparsity_metrics(held, mode="exact", per_tensor=False)
     results = {}
     for name, fn in cases.items():
         times = []

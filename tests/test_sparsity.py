@@ -12,7 +12,7 @@ from unmerge_jax.errors import UnmergeError
 
 
 def reference(x, eps=0.01, atol=1e-5):
-    """Seed-003 formulas, written directly on the whole vector."""
+    """The sparsity-scaling paper's formulas, written directly on the whole vector."""
     x = np.ravel(np.asarray(x, dtype=np.float32))
     a = np.sort(np.abs(x).astype(np.float64))
     n, l1 = a.size, a.sum()
@@ -177,7 +177,7 @@ def test_sharded_safetensors_streamed_equals_in_memory(tmp_path):
     """Tensors read lazily from two shards (one open file at a time) give the in-memory result."""
     from safetensors import safe_open
 
-    from unmerge_jax.analysis.metrics import TensorSource
+    from unmerge_jax.sources import VirtualSource
 
     t = toy_model(np.random.default_rng(5))
     wm = write_sharded(tmp_path, t)
@@ -190,7 +190,7 @@ def test_sharded_safetensors_streamed_equals_in_memory(tmp_path):
 
     for mode in ("exact", "hist"):
         reads.clear()
-        streamed = sparsity_metrics(TensorSource(list(wm), read, {}, {}, "shards"), mode=mode)
+        streamed = sparsity_metrics(VirtualSource({n: t[n].shape for n in wm}, read, label="shards"), mode=mode)
         in_mem = sparsity_metrics(t, mode=mode)
         for sec in ("overall", "by_module", "by_layer", "depth_trend"):
             assert streamed[sec] == in_mem[sec]
@@ -198,7 +198,6 @@ def test_sharded_safetensors_streamed_equals_in_memory(tmp_path):
 
 
 def test_sharded_checkpoint_path_streamed_equals_in_memory(tmp_path):
-    pytest.importorskip("unmerge_jax.io.checkpoint")
     t = toy_model(np.random.default_rng(5))
     write_sharded(tmp_path, t)
     for mode in ("exact", "hist"):
@@ -208,3 +207,49 @@ def test_sharded_checkpoint_path_streamed_equals_in_memory(tmp_path):
         for sec in ("overall", "by_module", "by_layer"):
             assert streamed[sec] == in_mem[sec]
         assert streamed["dtypes"] == {"F32": in_mem["overall"]["n_params"]}
+
+
+def test_model_dir_minus_base_equals_numpy_deltas_and_skips_nothing(tmp_path):
+    """``target − base`` of two model directories: every base tensor counts (unchanged ones as
+    zeros) and the result equals the metrics of the NumPy deltas."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(6)
+    base = {n: rng.standard_normal(np.shape(v)).astype(np.float32) for n, v in toy_model(rng).items()}
+    delta = toy_model(rng)
+    for d, tensors in (("base", base), ("ft", {n: base[n] + delta[n] for n in base})):
+        (tmp_path / d).mkdir()
+        save_file(tensors, str(tmp_path / d / "model.safetensors"))
+    got = sparsity_metrics(str(tmp_path / "ft"), base=str(tmp_path / "base"), mode="exact")
+    want = sparsity_metrics({n: (base[n] + delta[n]) - base[n] for n in sorted(base)}, mode="exact")
+    for sec in ("overall", "by_module", "by_layer"):
+        assert got[sec] == want[sec], sec
+    assert got["dtypes"] == {"F32": want["overall"]["n_params"]} and "ft" in got["source"] and "base" in got["source"]
+
+
+def test_full_weights_without_a_base_are_a_clear_error(tmp_path):
+    from unmerge_jax.sources import MemorySource
+
+    with pytest.raises(UnmergeError, match="full model weights; pass base="):
+        sparsity_metrics(MemorySource({"w": np.ones(3, np.float32)}, kind="weights"))
+
+
+def test_gpt2_causal_mask_buffers_count_to_attention():
+    from unmerge_jax.analysis.names import classify
+
+    assert classify("transformer.h.0.attn.bias") == (0, "attn", "attention")
+    assert classify("transformer.h.0.attn.masked_bias")[2] == "attention"
+    assert classify("transformer.h.0.attn.c_attn.bias") == (0, "c_attn", "attention")
+    assert classify("model.rotary_emb.inv_freq")[2] == "other"
+
+
+def test_in_memory_inputs_are_read_in_place_and_never_written():
+    from unmerge_jax.analysis.metrics import delta_source
+
+    x = sparse_vector(np.random.default_rng(7), 10_000, 0.1)
+    before = x.copy()
+    view = delta_source({"t": x}).read("t")
+    assert np.shares_memory(view, x) and not view.flags.writeable  # no copy per tensor
+    sparsity_metrics({"t": x}, mode="hist")
+    sparsity_metrics(x, mode="exact")
+    np.testing.assert_array_equal(x, before)

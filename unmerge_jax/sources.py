@@ -227,13 +227,15 @@ class MemorySource(TensorSource):
       tensors: the mapping (its order is ``names``).
       kind: ``"delta"`` (default) or ``"weights"``.
       label: a description for messages.
+      copy: False makes :meth:`read` (without ``out``) return float32 arrays as read-only views
+        of the caller's, not copies — for passes that only read.
     """
 
-    def __init__(self, tensors: Mapping, kind: str = DELTA, label: str = "in-memory tensors"):
+    def __init__(self, tensors: Mapping, kind: str = DELTA, label: str = "in-memory tensors", *, copy: bool = True):
         if kind not in KINDS:
             raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
         self.tensors = {str(k): v for k, v in tensors.items()}
-        self.kind, self.label = kind, label
+        self.kind, self.label, self.copy = kind, label, copy
         self.names = list(self.tensors)
 
     def shape(self, name) -> tuple:
@@ -251,6 +253,10 @@ class MemorySource(TensorSource):
         arr = _float32(self.tensors[name], name, self.label)
         if out is not None:
             return _into(arr, out)
+        if not self.copy:
+            view = arr.view()
+            view.flags.writeable = False
+            return view
         return np.array(arr, np.float32)  # a copy: the caller may modify it
 
 

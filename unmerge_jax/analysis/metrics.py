@@ -1,4 +1,4 @@
-"""Streaming sparsity metrics of a task vector (seed 003 §2.2), overall, per module class, per layer.
+"""Streaming sparsity metrics of a task vector (the sparsity-scaling paper, §2.2), overall, per module class, per layer.
 
 Metrics (N = number of entries of the whole vector, unchanged tensors included, x = |δ|):
 
@@ -25,13 +25,18 @@ Streaming scheme (one tensor in memory at a time):
   the maxima are known (``passes=2``); with ``passes=1`` it is bounded by the count of the bin
   holding the threshold. ``mode="auto"`` starts exact and converts to the histogram once more
   than ``exact_limit`` non-zeros are held.
+
+Inputs are read through the tensor sources of :mod:`unmerge_jax.sources` (:func:`delta_source`):
+arrays and mappings as a ``MemorySource``, a model directory as ``target − base`` (``TaskVector``),
+a checkpoint without a base as stored deltas. A tensor the source knows to be an all-zero delta
+(a module a LoRA adapter does not adapt) is counted without being read.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -39,83 +44,49 @@ from unmerge_jax.analysis.names import classify
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import sparsity as K
 from unmerge_jax.progress import progress
+from unmerge_jax.sources import DELTA, MemorySource, TaskVector, TensorSource, open_source, task_vector
 
 METRIC_KEYS = ("l0", "exact_zero", "near_zero", "gini", "kurtosis", "top1_mass", "top5_mass", "n_params")
 TOP_FRACTIONS = {"top1_mass": 0.01, "top5_mass": 0.05}
 
 
 # ----------------------------------------------------------------------------------------------
-# sources: names + a way to read one tensor (float32) at a time
+# the input as a tensor source of deltas
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class TensorSource:
-    """A re-readable stream of named tensors. ``read(name)`` may return None for an all-zero
-    (unchanged) tensor of shape ``shapes[name]``."""
+def delta_source(obj, base=None) -> TensorSource:
+    """The task vector to measure, as a :class:`~unmerge_jax.sources.TensorSource` of deltas.
 
-    names: list
-    read: callable
-    shapes: dict
-    dtypes: dict = field(default_factory=dict)
-    label: str = "task vector"
+    Args:
+      obj: an array (one tensor named ``"delta"``), a ``{name: array}`` mapping, a model or LoRA
+        adapter directory or ``.safetensors`` file, or a tensor source.
+      base: the base model. With it the task vector is ``obj − base`` over every base tensor
+        (:func:`~unmerge_jax.sources.task_vector`; tensors a LoRA adapter does not touch are
+        all-zero deltas). Without it ``obj``'s tensors are the deltas (a checkpoint opens with
+        ``kind="delta"``).
 
-
-def as_source(obj, base=None) -> TensorSource:
-    """Wrap an array, a ``{name: array}`` dict, a checkpoint/adapter path (with ``base``: the task
-    vector ``path − base``; without: the checkpoint's tensors *are* the deltas), or an object with
-    ``names`` and ``delta(name)`` / ``read(name)``."""
-    if isinstance(obj, TensorSource):
-        return obj
-    if isinstance(obj, (str, Path)):
-        return _path_source(Path(obj), base)
-    if isinstance(obj, dict):
-        arrs = {str(k): v for k, v in obj.items()}
-        return TensorSource(list(arrs), lambda n: _as_f32(arrs[n], n), {k: np.shape(v) for k, v in arrs.items()},
-                            {k: str(np.asarray(v).dtype) for k, v in arrs.items()}, "dict of arrays")
-    if hasattr(obj, "names") and (hasattr(obj, "delta") or hasattr(obj, "read")):
-        get = obj.delta if hasattr(obj, "delta") else obj.read
-        names = list(obj.names)
-        shapes = {n: tuple(obj.shape(n)) for n in names} if hasattr(obj, "shape") else {}
-        dtypes = {n: obj.dtype(n) for n in names} if hasattr(obj, "dtype") else {}
-        return TensorSource(names, lambda n: _as_f32(get(n), n), shapes, dtypes, type(obj).__name__)
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        return TensorSource(["delta"], lambda n: _as_f32(obj, n), {"delta": tuple(obj.shape)},
-                            {"delta": str(obj.dtype)}, "array")
-    raise UnmergeError(f"cannot read a task vector from {type(obj).__name__}; pass an array, a dict of "
-                       f"arrays, or a checkpoint/adapter directory (with base=...)")
-
-
-def _as_f32(x, name):
-    if x is None:
-        return None
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiub":
-        raise UnmergeError(f"tensor {name!r} has dtype {a.dtype}; expected a real-valued array")
-    return a.astype(np.float32, copy=False)
-
-
-def _path_source(path: Path, base) -> TensorSource:
-    if not path.exists():
-        raise UnmergeError(f"{path} does not exist; pass a model/adapter directory or a .safetensors file")
+    Raises:
+      UnmergeError: the input cannot be read, or it holds full model weights and no base is given.
+    """
     if base is not None:
-        from unmerge_jax.io.checkpoint import open_checkpoint
-        from unmerge_jax.sources import task_vector
+        return task_vector(base, obj)
+    if isinstance(obj, TensorSource):
+        src = obj
+    elif isinstance(obj, (str, Path)):
+        src = open_source(obj, kind=DELTA)
+    elif isinstance(obj, Mapping):
+        src = MemorySource(obj, DELTA, "dict of arrays", copy=False)
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        src = MemorySource({"delta": obj}, DELTA, "array", copy=False)
+    else:
+        src = open_source(obj, kind=DELTA)  # the one-line error for anything else
+    if src.kind != DELTA:
+        raise UnmergeError(f"{src.label} holds full model weights; pass base=... (the model it was fine-tuned from) "
+                           f"to measure its task vector")
+    return src
 
-        tv = task_vector(base, path)
-        bck = open_checkpoint(base)
-        tv_names = set(tv.names)
-        # Every base tensor counts: those the target leaves untouched are all-zero deltas.
-        names = list(bck.names) + [n for n in tv.names if n not in set(bck.names)]
-        shapes = {n: tuple(bck.shape(n)) for n in bck.names}
-        dtypes = {n: bck.dtype(n) for n in bck.names}
-        if hasattr(tv, "shape"):
-            shapes.update({n: tuple(tv.shape(n)) for n in tv.names})
-        return TensorSource(names, lambda n: _as_f32(tv.delta(n), n) if n in tv_names else None, shapes, dtypes,
-                            f"{path} − {base}")
-    from unmerge_jax.io.checkpoint import open_checkpoint
 
-    ck = open_checkpoint(path)
-    return TensorSource(list(ck.names), lambda n: _as_f32(ck.read(n), n), {n: tuple(ck.shape(n)) for n in ck.names},
-                        {n: ck.dtype(n) for n in ck.names}, str(path))
+def _label(src: TensorSource) -> str:
+    return f"{src.source.label} − {src.base.label}" if isinstance(src, TaskVector) else src.label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,11 +215,12 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
     """Sparsity metrics of a task vector, streamed one tensor at a time.
 
     Args:
-      delta_or_checkpoint: an array, a ``{name: array}`` dict, a checkpoint/adapter directory or
-        ``.safetensors`` file, or a task-vector object (``names`` + ``delta(name)``).
-      base: base checkpoint; when given, the target's task vector ``target − base`` is analysed
-        over every base tensor (unchanged ones are all-zero deltas).
-      eps: L0 threshold relative to the max |δ| (0.01 in seed 003).
+      delta_or_checkpoint: an array, a ``{name: array}`` dict, a model/adapter directory or
+        ``.safetensors`` file, or a tensor source of deltas (see :func:`delta_source`).
+      base: base model; when given, the target's task vector ``target − base`` is analysed
+        over every base tensor (unchanged ones are all-zero deltas). Without it the target's
+        tensors are taken to be deltas.
+      eps: L0 threshold relative to the max |δ| (0.01 in the sparsity-scaling paper).
       atol: absolute threshold of ``near_zero`` (1e-5: the RAM authors' "changed" threshold).
       mode: ``"exact"``, ``"hist"`` or ``"auto"`` (see module doc); ``passes``: 2 = exact L0 in
         hist mode by re-reading, 1 = one pass with an L0 bound.
@@ -272,9 +244,10 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
         raise UnmergeError(f"passes must be 1 or 2, got {passes}")
     if not 0 < group_hist_bits <= hist_bits <= 20:
         raise UnmergeError("need 0 < group_hist_bits <= hist_bits <= 20")
-    src = as_source(delta_or_checkpoint, base)
+    src = delta_source(delta_or_checkpoint, base)
+    label = _label(src)
     if not src.names:
-        raise UnmergeError(f"{src.label} has no tensors")
+        raise UnmergeError(f"{label} has no tensors")
     hist_mode = mode == "hist"
     overall = _Group(hist_bits)
     mods, layers, tensors, dtypes, stored = {}, {}, {}, {}, 0
@@ -290,22 +263,22 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
 
     info = {}
     for name in progress(src.names, desc="sparsity", enabled=progress_bar):
-        x = src.read(name)
-        shape = tuple(np.shape(x)) if x is not None else tuple(src.shapes.get(name, ()))
-        n = int(np.prod(shape)) if x is not None or shape else 0
+        x = src.read(name) if src.touches(name) else None  # None: a known all-zero delta, not read
+        shape = tuple(src.shape(name))
+        n = int(np.prod(shape))
         if x is None:
             s = dict(n=n, max_abs=0.0, n_nonfinite=0, n_zero=n, n_atol=n, n_own_below=n, l1=0.0,
                      moments=(n, 0.0, 0.0, 0.0, 0.0))
         else:
             s = K.tensor_summary(x, eps, atol)
         if s["n_nonfinite"]:
-            raise UnmergeError(f"tensor {name!r} of {src.label} holds {s['n_nonfinite']} NaN/Inf value(s); "
+            raise UnmergeError(f"tensor {name!r} of {src.where(name)} holds {s['n_nonfinite']} NaN/Inf value(s); "
                                f"fix or exclude it before measuring sparsity")
         if n == 0:
             continue
         layer, module, cls = classify(name)
-        info[name] = (layer, cls)
-        dt = str(src.dtypes.get(name, "F32" if x is None else x.dtype))
+        info[name] = (layer, cls, n)
+        dt = src.dtype(name)
         dtypes[dt] = dtypes.get(dt, 0) + n
         l0_t = 1.0 if s["max_abs"] == 0 else s["n_own_below"] / n
         if per_tensor:
@@ -332,13 +305,13 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
     if hist_mode and passes == 2:  # exact L0: count |δ| < ε·max per group now the maxima are known
         n_pass = 2
         for name in progress(list(info), desc="sparsity (L0 pass)", enabled=progress_bar):
-            layer, cls = info[name]
+            layer, cls, n = info[name]
             gs = [overall, mods[cls]] + ([layers[layer]] if layer is not None else [])
-            x = src.read(name)
-            if x is None:
+            if not src.touches(name):
                 for g in gs:
-                    g.below += tensors[name]["n_params"] if per_tensor else int(np.prod(src.shapes[name]))
+                    g.below += n
                 continue
+            x = src.read(name)
             counts = K.count_below(x, [K.threshold(eps, g.max_abs) for g in gs])
             for g, c in zip(gs, counts):
                 g.below += int(c)
@@ -371,7 +344,7 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
         "error_bounds": bounds,
         "eps": eps,
         "atol": atol,
-        "source": src.label,
+        "source": label,
     }
     if per_tensor:
         result["tensors"] = tensors

@@ -1,4 +1,4 @@
-"""Simulated RL task vectors (seed 003 §2.6): exact sparsity, log-normal magnitudes, random signs,
+"""Simulated RL task vectors (the sparsity-scaling paper, §2.6): exact sparsity, log-normal magnitudes, random signs,
 controlled shared/unique support between K agents; per tensor of a real architecture.
 
 Support model. Each of the K agents changes exactly ``n_act = round((1 − s)·d)`` of the d entries.
@@ -81,7 +81,7 @@ def simulate_trials(seed: int, n_trials: int, d: int, n_agents: int, sparsity: f
 class SparsityProfile:
     """Per-tensor sparsity ``s + module_offset[class] + depth_slope·(layer/(L−1) − ½)``, clipped.
 
-    ``FLAT`` adds nothing. ``PAPER_LIKE`` encodes the pattern seed 003 reports (attention sparser
+    ``FLAT`` adds nothing. ``PAPER_LIKE`` encodes the pattern the sparsity-scaling paper reports (attention sparser
     than MLP, norms densest, deeper layers sparser): in a simulation this pattern is an *input*.
     """
 
@@ -104,7 +104,7 @@ PROFILES = {
 
 
 def calibrated_sparsity(n_billion, points=((3.0, 0.85), (7.0, 0.90))):
-    """The set sparsity of seed 003 §2.6: the law ``1 − a·N^-b`` through the RAM paper's two points."""
+    """The set sparsity of the sparsity-scaling paper (§2.6): the law ``1 − a·N^-b`` through the RAM paper's two points."""
     (n1, s1), (n2, s2) = points
     b = np.log((1 - s1) / (1 - s2)) / np.log(n2 / n1)
     a = (1 - s1) * n1 ** b
@@ -139,8 +139,9 @@ def simulate_and_measure(*, length: int | None = None, arch: str | None = None, 
     ``agent_<k>.safetensors`` (tensor name → δ) into ``out``. ``size_b`` picks the calibrated set
     sparsity of a model of that many billion parameters."""
     from unmerge_jax.analysis.architectures import resolve, tensor_shapes
-    from unmerge_jax.analysis.metrics import TensorSource, sparsity_metrics
+    from unmerge_jax.analysis.metrics import sparsity_metrics
     from unmerge_jax.analysis.overlap import OverlapAccumulator
+    from unmerge_jax.sources import MemorySource
 
     if (length is None) == (arch is None):
         raise UnmergeError("give exactly one of --length or --arch")
@@ -156,11 +157,11 @@ def simulate_and_measure(*, length: int | None = None, arch: str | None = None, 
                                      max_elements=cap, shared=shared):
         tensors[name] = x
         ov.add(x)
-    per_agent = []
-    for k in range(n_agents):
-        src = TensorSource(list(tensors), lambda n, k=k: tensors[n][k], {n: v.shape[1:] for n, v in tensors.items()},
-                           {n: "F32" for n in tensors}, f"simulated agent {k}")
-        per_agent.append(sparsity_metrics(src, per_tensor=False))
+    # The K agents of a tensor are drawn together (their supports are coupled), so they are held
+    # and each agent is measured from memory.
+    per_agent = [sparsity_metrics(MemorySource({n: v[k] for n, v in tensors.items()}, label=f"simulated agent {k}",
+                                               copy=False), per_tensor=False)
+                 for k in range(n_agents)]
     if out is not None:
         from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Layer-wise sparsity anatomy (seed 003 Table 3, Figure 4) of a simulated 70B-class model — or of
+"""Layer-wise sparsity anatomy (the sparsity-scaling paper's Table 3, Figure 4) of a simulated 70B-class model — or of
 a real task vector.
 
 Simulated: every one of the 723 tensors of Llama-3-70B (real shapes, from the meta-device
@@ -18,36 +18,34 @@ import jax
 import numpy as np
 
 from unmerge_jax.analysis.architectures import tensor_shapes
-from unmerge_jax.analysis.metrics import TensorSource, sparsity_metrics
+from unmerge_jax.analysis.metrics import sparsity_metrics
+from unmerge_jax.analysis.names import classify
 from unmerge_jax.analysis.report import figure, save_figure, write_json, write_table
 from unmerge_jax.analysis.simulator import PROFILES, calibrated_sparsity, simulate_agents
+from unmerge_jax.sources import VirtualSource
 
-# Seed 003 Table 3 (70B, 80 layers): mean L0, std L0, count.
+# The sparsity-scaling paper's Table 3 (70B, 80 layers): mean L0, std L0, count.
 PAPER_TABLE3 = {"attention": (0.9688, 0.0105, 320), "mlp": (0.9454, 0.0154, 240), "norm": (0.8798, 0.0345, 161),
                 "embedding": (0.9741, 0.0, 1), "lm_head": (0.9182, 0.0, 1), "overall": (0.9412, 0.0397, 723)}
 
 
 def simulated_source(arch: str, sparsity: float, *, profile: str = "flat", max_elements: int | None = 1 << 16,
-                     seed: int = 0) -> TensorSource:
-    """A re-readable :class:`TensorSource` of one simulated agent's task vector over ``arch``:
-    tensor i is generated on demand from ``fold_in(key(seed), i)``, so nothing is held."""
+                     seed: int = 0) -> VirtualSource:
+    """One simulated agent's task vector over ``arch`` as a :class:`~unmerge_jax.sources.VirtualSource`:
+    tensor i (flat, at most ``max_elements`` entries) is generated on demand from
+    ``fold_in(key(seed), i)``, so nothing is held and a re-read gives the same values."""
     shapes = list(tensor_shapes(arch))
     prof = PROFILES[profile]
-    n_layers = 1 + max(int(n.split(".")[2]) for n, _ in shapes if n.startswith("model.layers."))
+    n_layers = 1 + max(layer for layer in (classify(n)[0] for n, _ in shapes) if layer is not None)
     index = {n: i for i, (n, _) in enumerate(shapes)}
-    shape_of = dict(shapes)
     key = jax.random.key(seed)
+    sizes = {n: int(np.prod(s)) if max_elements is None else min(int(np.prod(s)), max_elements) for n, s in shapes}
 
-    def size(n):
-        d = int(np.prod(shape_of[n]))
-        return d if max_elements is None else min(d, max_elements)
-
-    def read(n):
+    def generate(n):
         s = prof.sparsity(sparsity, n, n_layers)
-        return np.asarray(simulate_agents(jax.random.fold_in(key, index[n]), size(n), 1, s))[0]
+        return np.asarray(simulate_agents(jax.random.fold_in(key, index[n]), sizes[n], 1, s))[0]
 
-    return TensorSource([n for n, _ in shapes], read, {n: (size(n),) for n, _ in shapes},
-                        {n: "F32" for n, _ in shapes}, f"simulated {arch} ({profile} profile)")
+    return VirtualSource({n: (d,) for n, d in sizes.items()}, generate, label=f"simulated {arch} ({profile} profile)")
 
 
 def anatomy_table(result: dict) -> list:
