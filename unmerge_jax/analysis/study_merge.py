@@ -28,7 +28,7 @@ PAPER_TABLE2 = {
     "Simple Avg": {0.80: (1.0000, 0.5753), 0.90: (1.0000, 0.5725), 0.95: (1.0000, 0.5778)},
     "TIES": {0.80: (0.9903, 0.5695), 0.90: (0.9916, 0.5672), 0.95: (0.9919, 0.5724)},
     "DARE": {0.80: (0.5082, 0.2933), 0.90: (0.2669, 0.1476), 0.95: (0.2087, 0.1099)},
-    "RAM (seed 003)": {0.80: (0.9135, 0.5315), 0.90: (1.0000, 0.5725), 0.95: (1.0000, 0.5778)},
+    "RAM (percentile)": {0.80: (0.9135, 0.5315), 0.90: (1.0000, 0.5725), 0.95: (1.0000, 0.5778)},
 }
 
 # (label, method name in the merge registry, parameters). A method the registry lacks, or a
@@ -39,7 +39,7 @@ DEFAULT_METHODS = (
     ("TIES", "ties", {"density": 0.2}),
     ("DARE", "dare_linear", {"density": 0.2}),
     ("DARE-TIES", "dare_ties", {"density": 0.2}),
-    ("RAM (seed 003)", "ram", {"face": "percentile"}),
+    ("RAM (percentile)", "ram", {"face": "percentile"}),
     ("RAM (authors)", "ram", {"face": "authors", "r": 1.0}),
     ("RAM+ (authors)", "ram", {"face": "authors", "r": 1.2}),
     ("RAM (mergekit)", "ram", {"face": "mergekit"}),
