@@ -1,4 +1,4 @@
-"""The experiment's only contact points with the engine's other parts (merge engine, checkpoint I/O).
+"""The experiment's only contact points with the engine's other parts (merge engine, adapter reader, mask pass).
 
 Kept in one small module so the experiment never grows its own copies of merging, adapter reading
 or compression: each function here forwards to the public engine API.
@@ -35,8 +35,8 @@ def adapter_deltas(adapter_dir) -> dict[str, np.ndarray]:
 
 def topk_mask(dictionary: list[dict[str, np.ndarray]], top_k: int) -> dict[str, np.ndarray]:
     """Boolean masks keeping ``top_k`` entries spread uniformly over tensors (one tensor = one
-    (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4): the checkpoint I/O's
+    (layer, module) group here) ranked by ``M = max_i |d_i|`` (paper §3.4): the mask pass's
     compression rule (``unmerge_jax.passes.mask``), applied to in-memory task vectors."""
-    from unmerge_jax.passes.mask import topk_mask as io_topk
+    from unmerge_jax.passes.mask import topk_mask as mask_pass_topk
 
-    return io_topk(dictionary, top_k)
+    return mask_pass_topk(dictionary, top_k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from unmerge_jax.experiment.report import LABELS, PAPER, TITLES, _markdown
+from unmerge_jax.sweep import mean_std_cell
 
 
 def _m(frame: pd.DataFrame, col: str) -> float:
@@ -83,8 +84,8 @@ def report_markdown(runs: pd.DataFrame, tables: dict, md: dict, meta: dict) -> s
                  f"dictionary atoms it correlates with, which adds false positives (lower precision); the true dictionary "
                  f"tasks stay selected (recall).")
     n_u = alg(unknown, "nnls")
-    lines.append(f"\n**Unknown targets (NNLS).** Reconstruction error {_m(n_u, 'recon_error'):.2f} ± "
-                 f"{n_u['recon_error'].std(ddof=1):.2f} (paper 0.68 ± 0.09), sparsity {_m(n_u, 'sparsity'):.2f}. The error "
+    lines.append(f"\n**Unknown targets (NNLS).** Reconstruction error "
+                 f"{mean_std_cell(_m(n_u, 'recon_error'), n_u['recon_error'].std(ddof=1))} (paper 0.68 ± 0.09), sparsity {_m(n_u, 'sparsity'):.2f}. The error "
                  f"is 1 − cos² of the target's projection onto the dictionary span: it measures how correlated the outside "
                  f"tasks are with the dictionary tasks (shared base, shared optimiser dynamics), not decomposition quality. "
                  f"All Lasso unknown errors: {_m(alg(unknown, 'lasso'), 'recon_error'):.2f} (paper 0.99). Unknown targets "
