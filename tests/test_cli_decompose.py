@@ -178,7 +178,7 @@ def _bad_cases():
     return {
         "missing tensor": (["B:missing", "Q:ft1"], ["Q:ta"], "Q:base", [],
                            r"ft_missing has no tensor model\.layers\.0\.mlp\.gate_proj\.weight"),
-        "shape mismatch": (["Q:ft0", "Q:wide"], ["Q:ta"], "Q:base", [], r"shape mismatch for tensor .*wide has"),
+        "architecture mismatch": (["Q:ft0", "Q:wide"], ["Q:ta"], "Q:base", [], r"wide has hidden_size = 32 in config.json"),
         "adapter of another base (shapes)": (["Q:lora0", "Q:lora_wide"], ["Q:lora_ta"], "Q:base", [],
                                              r"lora_wide gives .* shape .*different base"),
         "adapter of another base (config)": (["Q:lora_cousin"], ["Q:lora_ta"], "Q:base", [],
