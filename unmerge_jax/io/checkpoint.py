@@ -183,47 +183,38 @@ class Checkpoint:
             result is then a view into it (a streaming pass reuses one buffer per input instead
             of allocating — and page-faulting — a fresh tensor every time).
         """
-        tag, shape = self._entry(name)
-        fname = self._where[name]
-        dt = NP_DTYPES.get(tag)
-        if dt is None:
-            raise UnmergeError(f"tensor {name} in {self._root / fname} has dtype {tag}, which this reader does not "
-                               f"support")
-        start, stop = self._span[name]
-        want = stop - start
-        if out is None:
-            out = np.empty(shape, dt)
-        else:
-            out = out[:want].view(dt).reshape(shape)
-        try:
-            got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)], start) if want else 0
-        except OSError as err:
-            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}") from None
-        if got != want:
-            raise UnmergeError(f"{self._root / fname} ended inside tensor {name} ({got} of {want} bytes): the file "
-                               f"is truncated — re-download it")
-        return out
+        tag, shape, dt = self._stored(name)
+        want = self._span[name][1] - self._span[name][0]
+        out = np.empty(shape, dt) if out is None else out[:want].view(dt).reshape(shape)
+        return self._pread(name, out, 0)
 
     def read_raw_rows(self, name, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of the first axis of ``name`` as stored, by one ``pread`` of just
         their bytes (C order makes a row range one contiguous byte range)."""
+        tag, shape, dt = self._stored(name)
+        if not shape:
+            return self.read_raw(name)
+        start, stop = max(0, int(start)), min(int(shape[0]), int(stop))
+        out = np.empty((max(0, stop - start),) + tuple(shape[1:]), dt)
+        return self._pread(name, out, start * int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize)
+
+    def _stored(self, name):
+        """``(tag, shape, NumPy dtype)`` of a readable tensor."""
         tag, shape = self._entry(name)
         dt = NP_DTYPES.get(tag)
         if dt is None:
             raise UnmergeError(f"tensor {name} in {self.file_of(name)} has dtype {tag}, which this reader does not "
                                f"support")
-        if not shape:
-            return self.read_raw(name)
-        start, stop = max(0, int(start)), min(int(shape[0]), int(stop))
-        out = np.empty((max(0, stop - start),) + tuple(shape[1:]), dt)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+        return tag, shape, dt
+
+    def _pread(self, name, out: np.ndarray, skip: int) -> np.ndarray:
+        """Fill ``out`` with the bytes of ``name`` from byte ``skip`` of its data on (one ``pread``)."""
         fname = self._where[name]
         want = out.nbytes
         try:
-            got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)],
-                            self._span[name][0] + start * row_bytes) if want else 0
+            got = os.preadv(self._fd(fname), [out.reshape(-1).view(np.uint8)], self._span[name][0] + skip) if want else 0
         except OSError as err:
-            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err}") from None
+            raise UnmergeError(f"cannot read tensor {name} from {self._root / fname}: {err.strerror or err}") from None
         if got != want:
             raise UnmergeError(f"{self._root / fname} ended inside tensor {name} ({got} of {want} bytes): the file "
                                f"is truncated — re-download it")
