@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+
 class TiesFit(NamedTuple):
     """TIES-consistent weights. Leading axes as the inputs' (e.g. (P, T) or (P, T, K+1)).
 
@@ -125,12 +126,13 @@ def _quad(w, M):
     return np.einsum("...k,...kl,...l->...", w, M, w)
 
 
-def ties_fit(dd, dv, vv, *, lam: float | None = 1.0, exclude=None, n_lambda_steps: int = 3) -> TiesFit:
+def ties_fit(dd, dv, vv, *, lam: float | None = 1.0, exclude=None, n_lambda_steps: int = 50) -> TiesFit:
     """TIES-consistent weights of targets from their TIES-consistency sums.
 
     Args:
       dd, dv, vv: (..., K, K) ``ties_dd``, ``ties_dv``, ``ties_vv`` (any leading axes, e.g. (P, T)).
-      lam: the merge's λ, or None to estimate it (alternating with w, ``n_lambda_steps`` times).
+      lam: the merge's λ, or None to estimate it (alternating with w, at most ``n_lambda_steps``
+        times, until λ moves by less than 1e-12).
       exclude: optional (..., K) bool: entries forced to 0 (left-out refits).
 
     Returns:
@@ -146,9 +148,13 @@ def ties_fit(dd, dv, vv, *, lam: float | None = 1.0, exclude=None, n_lambda_step
     for step in range(steps):
         Q = lam_arr[:, None, None] ** 2 * A - 2.0 * lam_arr[:, None, None] * Bs + C
         w, _ = simplex_qp(Q, ex)
-        if lam is None and step < steps - 1:
+        if lam is None:
             den = _quad(w, A)
-            lam_arr = np.where(den > 0, _quad(w, Bs) / np.where(den > 0, den, 1.0), 1.0)
+            new = np.where(den > 0, _quad(w, Bs) / np.where(den > 0, den, 1.0), 1.0)
+            moved = np.max(np.abs(new - lam_arr)) if new.size else 0.0
+            lam_arr = new
+            if moved <= 1e-12:
+                break
     Q = lam_arr[:, None, None] ** 2 * A - 2.0 * lam_arr[:, None, None] * Bs + C
     den = _quad(w, C)
     q = np.where(den > 0, np.clip(_quad(w, Q) / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
