@@ -70,7 +70,8 @@ class Problem(NamedTuple):
                              target_names=tuple(self.target_names[i] for i in idx))
 
 
-def _columns(vectors, names, mask):
+def columns(vectors, names, mask):
+    """(n, len(vectors)) float32: each ``{tensor: array}`` flattened over ``names`` (masked if given)."""
     def flat(v):
         return np.concatenate([(v[n].reshape(-1)[mask[n].reshape(-1)] if mask is not None else v[n].reshape(-1))
                                for n in names])
@@ -117,7 +118,7 @@ def problems_from_deltas(deltas: dict, dictionary: Sequence[str], specs: list, *
         if variant not in ("compressed", "full"):
             raise UnmergeError(f"unknown variant {variant!r}; use 'compressed' or 'full'")
         mask = unmerge_jax.topk_mask(atoms, top_k) if variant == "compressed" else None
-        D, V = _columns(atoms, names, mask), _columns(merged, names, mask)
+        D, V = columns(atoms, names, mask), columns(merged, names, mask)
         rows = [int(mask[n].sum()) if mask is not None else atoms[0][n].size for n in names]
         bounds = np.concatenate([[0], np.cumsum(rows)])
         segments = list(zip(bounds[:-1], bounds[1:]))
@@ -326,5 +327,5 @@ def replace_rules(rules: Rules, **changes) -> Rules:
     return rules._replace(**changes)
 
 
-__all__ = ["Problem", "TARGETS", "calibrate", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
+__all__ = ["Problem", "TARGETS", "calibrate", "columns", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
            "score", "split", "summarize", "synthetic_problems"]
