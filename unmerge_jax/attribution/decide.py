@@ -106,7 +106,7 @@ def _margin(ratio) -> np.ndarray:
 
 
 def _check(stats, sig: SignatureStats):
-    from unmerge_jax import GramStats
+    from unmerge_jax.stats import GramStats
 
     if not isinstance(stats, GramStats):
         raise UnmergeError(f"attribute needs GramStats (from unmerge_jax.gram_stats), got {type(stats).__name__}")
