@@ -25,6 +25,12 @@ percentile, the per-chunk tie cuts) are found on the host by ``unmerge_jax.order
 in as numbers (:class:`GTAStats`, ``thr``), so every apply kernel is elementwise and the chunked
 result equals the whole-tensor one exactly.
 
+Status, not exceptions: the apply kernels mark every entry whose inputs are not all finite, or
+whose merged value is not below ``limit`` in magnitude (the largest float32 that the output dtype
+can hold), as NaN (:func:`_flag_nonfinite`; elementwise, fused into the same loop). The caller
+detects a NaN in the chunk with one NumPy ``max`` and names the culprit on the host — TIES's
+trim and RAM's activity masks would otherwise absorb a NaN input silently.
+
 Computation is float32 (the inputs' precision); L1 norms for DARE's ``l1`` rescale are
 accumulated in float64. Semantics follow mergekit's ``generalized_task_arithmetic.py``,
 ``sparsify.py`` and ``ram.py`` (see ``docs/merge.md`` for each formula and where we differ).
@@ -73,6 +79,19 @@ def _task_vectors(base, tensors, deltas: bool):
     if not deltas:
         rows = [r - b for r in rows]
     return rows, b
+
+
+def _flag_nonfinite(merged, b, rows, limit):
+    """``merged`` with NaN wherever the base, a task vector or the merged value itself is not finite,
+    or ``|merged| ≥ limit`` (the output dtype would overflow; ``limit = +inf`` for float32, None
+    for no check). One elementwise select in the kernel's loop: a non-finite ``δ`` that the method
+    drops (TIES's trim, RAM's activity mask, DARE's mask) still marks its entry."""
+    if limit is None:
+        return merged
+    ok = jnp.abs(merged) < jnp.asarray(limit, jnp.float32)
+    for x in (b, *rows):
+        ok = ok & jnp.isfinite(x)
+    return jnp.where(ok, merged, jnp.float32(jnp.nan))
 
 
 def _kth_largest_bits(bits, k):
@@ -184,7 +203,7 @@ def _mix(b, rows, weights, lam, cfg: GTAConfig):
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, seed, nhash, packed=None, *,
+def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, seed, nhash, packed=None, limit=None, *,
                cfg: GTAConfig):
     """Generalized task arithmetic on one tensor or chunk (mergekit's ``GeneralizedTaskArithmeticMerge``).
 
@@ -204,15 +223,18 @@ def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, see
       seed, nhash: uint32 scalars keying ``random`` masks (:func:`model_keys`).
       packed: optional (K, ⌈n/8⌉) uint8 ``random`` keep-masks of this chunk, bit-packed, as
         :func:`gta_l1_sums` drew them (so the ``l1`` rule draws each mask once, not twice).
+      limit: optional float32 scalar: entries with a non-finite input or ``|θ| ≥ limit`` come
+        out NaN (:func:`_flag_nonfinite`); None: no check.
     Returns:
       float32 array of shape ``S``.
     """
     rows, b = _task_vectors(base, tensors, cfg.deltas)
+    deltas = rows
     if cfg.sparsify is not None:
         keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
         kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
         rows = _apply_rule(rows, kept, density, stats.scale, cfg.rescale)
-    return _mix(b, rows, weights, lam, cfg).reshape(base.shape)
+    return _flag_nonfinite(_mix(b, rows, weights, lam, cfg), b, deltas, limit).reshape(base.shape)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -269,7 +291,7 @@ def ram_counts(base, tensors, weights, eps, *, deltas: bool = True):
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
+def ram_kernel(base, tensors, weights, lambdas, eps, thr, limit=None, *, cfg: RAMConfig):
     """RAM on one tensor or chunk; ``u_k = w_k δ_k`` (weights default to 1).
 
     * ``cfg.rule = "percentile"``: active ``a_k = |u_k| ≥ thr_k``, where ``thr_k`` is a
@@ -284,6 +306,8 @@ def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
     Args:
       base, tensors: as the module docstring. weights, lambdas: (K,) float. eps: scalar ε.
       thr: (K,) float32 thresholds (``percentile`` rule; ignored otherwise).
+      limit: optional float32 scalar, as :func:`gta_kernel`'s (non-finite inputs or ``|θ| ≥
+        limit`` → NaN).
     Returns:
       float32 array of shape ``S``.
     """
@@ -305,5 +329,5 @@ def ram_kernel(base, tensors, weights, lambdas, eps, thr, *, cfg: RAMConfig):
         shared = total(ua) / jnp.maximum(c, 1).astype(jnp.float32)
         unique = total([x * lambdas[i].astype(jnp.float32) for i, x in enumerate(ua)])
     merged = jnp.where(c >= 2, shared, jnp.where(c == 1, unique, 0.0))
-    return (b + merged).reshape(base.shape)
+    return _flag_nonfinite(b + merged, b, rows, limit).reshape(base.shape)
 

@@ -215,6 +215,13 @@ class AdapterSource(TensorSource):
     def scale(self, name) -> float:
         return self.adapter.scale(self._own[name])
 
+    def factors(self, name) -> dict:
+        """``{stored key: float32 array}`` of the two LoRA factors (A, B) behind ``ΔW`` of ``name``
+        (to name the factor that holds a bad value)."""
+        self._check(name)
+        a_key, b_key = self.adapter._mods[self._own[name]][:2]
+        return {key: np.asarray(self.adapter._f.get_tensor(key), np.float32) for key in (a_key, b_key)}
+
     def where(self, name) -> str:
         return str(self.adapter.file)
 

@@ -20,11 +20,12 @@ Statistics passes (``STATISTICS``):
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError
+from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.kernels.random import name_hash
 
 STATISTICS = ("none", "tensor", "model")
@@ -37,8 +38,36 @@ class MergeKey(NamedTuple):
     name: np.uint32
 
 
+SEED_MAX = 2**32 - 1   # the counter-based generator is keyed by one uint32 word of the seed
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in ``[0, 2**32 − 1]``; a one-line error otherwise (a larger seed would
+    be taken modulo 2**32 by the generator while the recorded seed says otherwise)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise UnmergeError(f"seed must be an integer in [0, {SEED_MAX}], got {short(seed)}")
+    if not 0 <= int(seed) <= SEED_MAX:
+        raise UnmergeError(f"seed {short(seed)} is outside [0, {SEED_MAX}] (2**32 − 1), the range the random "
+                           f"generator is keyed by; choose a seed in that range")
+    return int(seed)
+
+
 def merge_key(seed: int, name: str) -> MergeKey:
-    return MergeKey(np.uint32(int(seed) & 0xFFFFFFFF), np.uint32(name_hash(name)))
+    return MergeKey(np.uint32(check_seed(seed)), np.uint32(name_hash(name)))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def short(value, limit: int = 80) -> str:
+    """A bounded ``repr`` of a user-given value for error messages (at most ``limit`` characters):
+    long strings and deep or wide containers (a YAML alias bomb) are cut without being expanded, so
+    an error stays one short line."""
+    r = _REPR.repr(value)
+    return r if len(r) <= limit else f"{r[:limit // 2 - 2]}...{r[-(limit // 2 - 2):]}"
 
 
 class Resolved(NamedTuple):
@@ -70,8 +99,9 @@ class MergeMethod(NamedTuple):
         :class:`UnmergeError` on bad values.
       statistics: ``statistics(res) -> "none" | "tensor" | "model"`` (see the module docstring).
       apply: ``apply(res, chunks, stats, key)`` — run the apply kernel chunk by chunk into
-        ``chunks`` (a :class:`~unmerge_jax.merge.chunks.TensorChunks`); ``stats`` is the result
-        of the statistics pass (None for ``"none"``).
+        ``chunks`` (a :class:`~unmerge_jax.merge.chunks.TensorChunks`) with ``chunks.limit``, so
+        that non-finite inputs and outputs come out NaN and ``chunks.store`` refuses them;
+        ``stats`` is the result of the statistics pass (None for ``"none"``).
       tensor_stats: ``tensor_stats(res, chunks, key) -> stats`` for ``"tensor"``.
       count: ``count(res, chunks) -> (C, K) int64`` additive whole-model counts for ``"model"``.
       finish: ``finish(res, totals) -> (K,) float64`` per-model numbers from the summed counts
@@ -100,19 +130,39 @@ class MergeMethod(NamedTuple):
         return tuple(sorted({*self.shared, *self.per_model}))
 
 
+def check_name(what: str, value, choices) -> None:
+    """:func:`~unmerge_jax.errors.check_choice` for a name a user typed: a non-string, or one too
+    long to be any of ``choices``, is refused with a bounded quote of it."""
+    if not isinstance(value, str) or len(value) > 80:
+        raise UnmergeError(f"unknown {what} {short(value)}; choose one of: {', '.join(sorted(map(str, choices)))}")
+    check_choice(what, value, choices)
+
+
 def as_bool(what: str, v) -> bool:
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
-    raise UnmergeError(f"parameter {what} must be true or false, got {v!r}")
+    raise UnmergeError(f"parameter {what} must be true or false, got {short(v)}")
 
 
-def as_float(what: str, v) -> float:
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float(what: str, v, *, minimum: float | None = None) -> float:
+    """A parameter as a finite float that fits float32 (the kernels compute in float32: a weight of
+    1e308 would become inf there), optionally ``≥ minimum``; a one-line error otherwise."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating, str)):
+        raise UnmergeError(f"parameter {what} must be a number, got {short(v)}")
     try:
         x = float(v)
-    except (TypeError, ValueError):
-        raise UnmergeError(f"parameter {what} must be a number, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UnmergeError(f"parameter {what} must be a number, got {short(v)}") from None
     if not math.isfinite(x):
-        raise UnmergeError(f"parameter {what} must be finite, got {v!r}")
+        raise UnmergeError(f"parameter {what} must be finite, got {short(v)}")
+    if abs(x) > F32_MAX:
+        raise UnmergeError(f"parameter {what} = {x:g} does not fit float32 (|x| ≤ {F32_MAX:.4g}), in which the merge "
+                           f"computes; use a smaller value")
+    if minimum is not None and x < minimum:
+        raise UnmergeError(f"parameter {what} must be ≥ {minimum:g}, got {x:g}")
     return x

@@ -15,12 +15,57 @@ from typing import Iterator
 
 import numpy as np
 
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.orderstats import abs_bits
 
 CHUNK = 1 << 20  # elements per kernel call (4 MiB float32 per input)
 
 _SCRATCH = threading.local()
+
+
+OUTPUT, BASE, DELTA = "output", "base", "delta"
+
+
+class NonFinite(UnmergeError):
+    """A merged tensor with a non-finite input or output entry (raised by :meth:`TensorChunks.store`).
+
+    Attributes:
+      culprit: ``"base"``; ``k`` (int), input k holds a NaN/Inf; ``("delta", k)``, input k is finite
+        but its task vector ``θ_k − θ_base`` overflows float32; ``"output"``, every input is finite
+        but the merged value is not, or not below ``limit``.
+      index: the first such entry, an index into the tensor's shape (a tuple).
+      value: the offending input value (NaN for ``"output"``: the kernel marked it).
+      limit: the output's bound (``inf`` for float32 outputs).
+      name: the tensor's name ("" until :func:`~unmerge_jax.merge.tensor.merge_resolved` sets it).
+    """
+
+    def __init__(self, culprit, index: tuple, value: float, limit: float, name: str = ""):
+        self.culprit, self.index, self.value, self.limit, self.name = culprit, tuple(index), float(value), limit, name
+        at = index[0] if len(index) == 1 else tuple(index)
+        tensor = f"tensor {name}" if name else "the tensor"
+        if culprit == OUTPUT:
+            what = ("is not finite" if not np.isfinite(limit) else f"is not finite or reaches ±{limit:.6g}, "
+                    f"beyond the output dtype")
+            msg = (f"the merged value of {tensor} at index {at} {what} (every input is finite there); lower the "
+                   f"weights or lambda, or write a wider dtype")
+        elif culprit == BASE:
+            msg = f"{tensor} of the base holds a non-finite value at index {at} ({value}); fix or drop that input"
+        elif isinstance(culprit, tuple):
+            msg = (f"the task vector of model {culprit[1]} for {tensor} overflows float32 at index {at} (θ − θ_base "
+                   f"= {value}); check that the model is a fine-tune of this base")
+        else:
+            msg = f"{tensor} of model {culprit} holds a non-finite value at index {at} ({value}); fix or drop that input"
+        super().__init__(msg)
+
+    def named(self, name: str) -> "NonFinite":
+        """The same error for tensor ``name``."""
+        return NonFinite(self.culprit, self.index, self.value, self.limit, name)
+
+
+def _first_bad(x: np.ndarray):
+    bad = np.flatnonzero(~np.isfinite(x))
+    return None if bad.size == 0 else int(bad[0])
 
 
 def scratch(key, nbytes: int) -> np.ndarray:
@@ -51,12 +96,16 @@ class TensorChunks:
       out: float32 buffer of shape ``S`` for the result; may be ``base`` itself (the statistics
         pass reads the base before the apply pass overwrites it chunk by chunk). Default: a new
         aligned copy of ``base``.
+      limit: the merged values must be finite and below this in magnitude (the output dtype's
+        range; ``inf`` for float32). The apply kernels get it as :attr:`limit` and mark bad
+        entries NaN; :meth:`store` refuses a chunk holding one.
 
     Attributes:
-      n, k, chunk, deltas, slices; ``out`` (shape ``S``).
+      n, k, chunk, deltas, slices, limit (float32); ``out`` (shape ``S``).
     """
 
-    def __init__(self, base: np.ndarray, tensors, *, deltas: bool, chunk: int, out: np.ndarray | None = None):
+    def __init__(self, base: np.ndarray, tensors, *, deltas: bool, chunk: int, out: np.ndarray | None = None,
+                 limit: float = np.inf):
         base = np.asarray(base, np.float32)
         if out is None:
             out = aligned_empty(base.nbytes).view(np.float32).reshape(base.shape)
@@ -69,6 +118,7 @@ class TensorChunks:
         self.n, self.k = self._base.size, len(self._rows)
         self.chunk = max(1, int(chunk))
         self.slices = [slice(s, min(s + self.chunk, self.n)) for s in range(0, self.n, self.chunk)]
+        self.limit = np.float32(limit)
         self._pad = None
 
     def __len__(self) -> int:
@@ -101,9 +151,48 @@ class TensorChunks:
         return self._pad[0], tuple(self._pad[1:])
 
     def store(self, c: int, merged) -> None:
-        """Write a kernel's result for chunk ``c`` (padding dropped) into ``out``."""
+        """Write a kernel's result for chunk ``c`` (padding dropped) into ``out``.
+
+        Raises:
+          NonFinite: the chunk holds a NaN — an entry the kernel marked (a non-finite input, or a
+            merged value that is not finite or not below :attr:`limit`). Found by one NumPy
+            ``max`` (which propagates NaN); only then are the inputs searched for the culprit.
+        """
         sl = self.slices[c]
-        self._out[sl] = np.asarray(merged)[:sl.stop - sl.start]
+        m = np.asarray(merged)[:sl.stop - sl.start]
+        if m.size and np.isnan(m.max()):
+            raise self.diagnose(c, m)
+        self._out[sl] = m
+
+    def diagnose(self, c: int, merged: np.ndarray) -> NonFinite:
+        """The :class:`NonFinite` error of chunk ``c`` (the slow path): the first non-finite entry of
+        the base, then of each input, then of each task vector formed from them, else the first
+        marked entry of ``merged``. Inputs are searched from chunk ``c`` to the end of the tensor:
+        the chunks before it passed the kernel's check, and a NaN further on may have reached this
+        chunk through the statistics pass (a NaN L1 sum or threshold)."""
+        start = self.slices[c].start
+        shape = self.out.shape
+
+        def at(i):
+            return tuple(int(j) for j in np.unravel_index(start + i, shape))
+
+        b = self._base[start:]
+        i = _first_bad(b)
+        if i is not None:
+            return NonFinite(BASE, at(i), b[i], self.limit)
+        for k, r in enumerate(self._rows):
+            i = _first_bad(r[start:])
+            if i is not None:
+                return NonFinite(k, at(i), r[start + i], self.limit)
+        if not self.deltas:
+            with np.errstate(over="ignore", invalid="ignore"):
+                for k, r in enumerate(self._rows):
+                    d = r[start:] - b
+                    i = _first_bad(d)
+                    if i is not None:
+                        return NonFinite((DELTA, k), at(i), d[i], self.limit)
+        i = int(np.flatnonzero(np.isnan(merged))[0])
+        return NonFinite(OUTPUT, at(i), np.nan, self.limit)
 
     def abs_bits(self, scale=None, want=None) -> Iterator[list]:
         """Iterator over the chunks of the K models' ``|δ|`` (or ``|scale_k δ|``) uint32 bit patterns,

@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError, check_choice
-from unmerge_jax.merge.base import MergeMethod, Resolved, as_float
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.merge.base import MergeMethod, Resolved, as_float, check_name, short
 from unmerge_jax.merge.methods import MERGE_METHODS
 
 
 def get_method(method: str) -> MergeMethod:
     """The registered :class:`MergeMethod` named ``method`` (one-line error listing them otherwise)."""
-    check_choice("merge method", method, MERGE_METHODS)
+    check_name("merge method", method, MERGE_METHODS)
     return MERGE_METHODS[method]
 
 
 def check_params(method: MergeMethod, params: dict, where: str = "") -> None:
     """Raise on a parameter the method does not take (mergekit's spelling)."""
-    unknown = sorted(set(params) - set(method.params))
+    unknown = sorted(set(params) - set(method.params), key=str)
     if unknown:
         at = f" ({where})" if where else ""
-        raise UnmergeError(f"unknown parameter {unknown[0]!r} for merge method {method.name!r}{at}; "
+        raise UnmergeError(f"unknown parameter {short(unknown[0])} for merge method {method.name!r}{at}; "
                            f"it accepts: {', '.join(method.params)}")
 
 

@@ -5,7 +5,9 @@ The code here is the same for every method: it runs the statistics pass the meth
 (``MergeMethod.statistics``: none, a per-tensor pass with O(K) state, or — in memory, where this
 tensor is the whole model — the whole-model counting pass), then the method's apply kernel over
 the same chunks. No float32 tensor-sized temporary is created besides the output, and the result
-does not depend on the chunk size.
+does not depend on the chunk size. A non-finite input or merged entry is a
+:class:`~unmerge_jax.merge.chunks.NonFinite` error naming the tensor and the first index (the
+apply kernels mark such entries; no extra pass over the inputs).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import numpy as np
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.merge.base import Resolved, merge_key
-from unmerge_jax.merge.chunks import CHUNK, TensorChunks
+from unmerge_jax.merge.chunks import CHUNK, NonFinite, TensorChunks
 from unmerge_jax.merge.params import get_method, resolve
 
 
 def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
-                   model_stats=None, chunk: int = CHUNK, out: np.ndarray | None = None) -> np.ndarray:
+                   model_stats=None, chunk: int = CHUNK, out: np.ndarray | None = None,
+                   limit: float = np.inf) -> np.ndarray:
     """Run a resolved method on one tensor, streamed in chunks of ``chunk`` elements.
 
     Args:
@@ -32,19 +35,29 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
         (the driver's counting pass); None: this tensor is the whole model.
       chunk: elements per kernel call.
       out: float32 buffer of shape ``S`` for the result; may be ``base`` itself.
+      limit: every merged value must be finite and below this in magnitude (the largest float32
+        the output dtype holds; ``inf`` for float32 outputs).
     Returns:
       the merged float32 NumPy array (``out`` when given).
+    Raises:
+      NonFinite: an input entry is NaN/Inf, or a merged one is not finite or not below ``limit``.
     """
     method = res.method
-    chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out)
+    chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out, limit=limit)
     key = merge_key(seed, name)
     kind = method.statistics(res)
     stats = None
-    if kind == "tensor":
-        stats = method.tensor_stats(res, chunks, key)
-    elif kind == "model":
-        stats = model_stats if model_stats is not None else method.finish(res, method.count(res, chunks))
-    method.apply(res, chunks, stats, key)
+    try:
+        # A NaN/Inf input may give the statistics pass NaN thresholds or scales; the apply kernel
+        # then marks the entries and store() refuses them, so the arithmetic warnings are noise.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            if kind == "tensor":
+                stats = method.tensor_stats(res, chunks, key)
+            elif kind == "model":
+                stats = model_stats if model_stats is not None else method.finish(res, method.count(res, chunks))
+            method.apply(res, chunks, stats, key)
+    except NonFinite as err:
+        raise err.named(name) from None
     return chunks.out
 
 

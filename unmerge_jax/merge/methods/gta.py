@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError, check_choice
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool, as_float
+from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool, as_float, check_name
 from unmerge_jax.orderstats import select_ranks, tie_cuts, topk_counts
 
 RESCALE_RULES = ("l1", "inverse_density")
@@ -80,7 +80,7 @@ def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.nd
         elif rule is True or rule in ("true", "True"):
             out["rescale"] = "l1"
         else:
-            check_choice("rescale rule", rule, (*RESCALE_RULES, True, False))
+            check_name("rescale rule", rule, (*RESCALE_RULES, True, False))
     if "lambda" in out:
         out["lambda"] = as_float("lambda", out["lambda"])
     if out["normalize"] and abs(weights.sum()) < K.WEIGHT_EPS:
@@ -134,7 +134,7 @@ def apply(res: Resolved, chunks, stats: GTATensorStats | None, key) -> None:
     packed = stats.packed
     for c in range(len(chunks)):
         chunks.store(c, K.gta_kernel(*chunks.inputs(c), w, dens, lam, stats.stats._replace(cut=stats.cut[c]),
-                                     chunks.start(c), key.seed, key.name, packed[c], cfg=cfg))
+                                     chunks.start(c), key.seed, key.name, packed[c], chunks.limit, cfg=cfg))
         packed[c] = None
 
 

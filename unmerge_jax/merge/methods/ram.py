@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError, check_choice
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.merge.base import MergeMethod, Resolved, as_float
+from unmerge_jax.merge.base import MergeMethod, Resolved, as_float, check_name
 from unmerge_jax.orderstats import percentile_from_order, percentile_ranks, select_ranks
 
 
@@ -71,7 +71,7 @@ RAM_FACES = (*FACES, *ALIASES)   # every accepted face name
 
 def canonical_face(face: str) -> str:
     """The :data:`FACES` name of ``face`` (an alias or a canonical name)."""
-    check_choice("RAM face", face, RAM_FACES)
+    check_name("RAM face", face, RAM_FACES)
     return ALIASES.get(face, face)
 
 
@@ -116,13 +116,13 @@ def tensor_local_lambdas(changed, overlap, eps, r, alpha) -> np.ndarray:
 
 
 def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.ndarray, at: str) -> dict:
-    """``face`` → its canonical name; ``epsilon``, ``alpha``, ``lambda``, ``q``, ``r`` numbers
-    (``r`` defaults by face); ``q`` in [0, 100]."""
+    """``face`` → its canonical name; ``epsilon``, ``alpha``, ``lambda``, ``q``, ``r`` finite
+    float32 numbers (``r`` defaults by face); ``epsilon`` and ``alpha`` ≥ 0, ``q`` in [0, 100]."""
     out = dict(shared)
     out["face"] = canonical_face(out["face"])
     for n in ("epsilon", "alpha", "lambda", "q"):
         if n in out:
-            out[n] = as_float(n, out[n])
+            out[n] = as_float(n, out[n], minimum=0.0 if n in ("epsilon", "alpha") else None)
     if out.get("r") is None:
         out["r"] = FACES[out["face"]].r
     out["r"] = as_float("r", out["r"])
@@ -181,7 +181,7 @@ def apply(res: Resolved, chunks, stats, key) -> None:
     w = np.asarray(res.weights, np.float32)
     eps = np.float32(res.shared["epsilon"])
     for c in range(len(chunks)):
-        chunks.store(c, K.ram_kernel(*chunks.inputs(c), w, stats.lambdas, eps, stats.thr, cfg=cfg))
+        chunks.store(c, K.ram_kernel(*chunks.inputs(c), w, stats.lambdas, eps, stats.thr, chunks.limit, cfg=cfg))
 
 
 def _method(name: str, shared: dict) -> MergeMethod:
