@@ -42,7 +42,12 @@ _HINTS = {
 
 def os_error(err: OSError, path, doing: str = "write") -> UnmergeError:
     """A one-line :class:`UnmergeError` for an OS error on ``path``, saying what to do."""
-    hint = _HINTS.get(err.errno, err.strerror or str(err))
+    if doing == "read" and err.errno in (errno.EACCES, errno.EPERM):
+        hint = "permission denied — make it readable (chmod +r) or run as a user who can read it"
+    elif doing == "read" and err.errno == errno.ENOENT:
+        hint = "it does not exist — check the path"
+    else:
+        hint = _HINTS.get(err.errno, err.strerror or str(err))
     return UnmergeError(f"cannot {doing} {path}: {hint}")
 
 
@@ -145,17 +150,41 @@ def _terminate_cleanly():
         signal.signal(signal.SIGTERM, old)
 
 
-def _prepare(path: Path, force: bool, inputs, what: str, is_dir: bool):
+def check_output(path, inputs=(), *, directory: bool = False, force: bool = True) -> None:
+    """Every check of an output that needs no write, so a command can run them before any work.
+
+    Refuses: an existing output without ``force``; a file where a directory is wanted and the
+    reverse; an overlap with ``inputs`` (:func:`check_disjoint`); a parent that is a file; a
+    location on a read-only file system or without write permission.
+
+    Args:
+      path: the output file (``directory=False``) or directory.
+      inputs: input paths the output must not overwrite, sit inside or (replacing a directory)
+        contain.
+      force: an existing output may be replaced.
+    """
+    path = Path(path)
+    what = "output " if directory else ""
     if path.exists() and not force:
         raise UnmergeError(f"{what}{path} already exists; pass --force to overwrite it")
-    if path.exists() and is_dir and not path.is_dir():
+    if path.exists() and directory and not path.is_dir():
         raise UnmergeError(f"output {path} is a file; give a directory path")
-    if path.is_dir() and not is_dir:
+    if path.is_dir() and not directory:
         raise UnmergeError(f"{path} is a directory; give a file path")
-    check_disjoint(path, inputs, replacing=is_dir and path.exists())
+    check_disjoint(path, inputs, replacing=directory and path.exists())
     above = next((a for a in path.parents if a.exists()), None)
     if above is not None and not above.is_dir():
         raise UnmergeError(f"cannot write {path}: {above} is a file, not a directory — choose another path")
+    if above is not None:
+        with contextlib.suppress(OSError):
+            if os.statvfs(above).f_flag & os.ST_RDONLY:
+                raise os_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), path)
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise os_error(OSError(errno.EACCES, os.strerror(errno.EACCES)), path)
+
+
+def _prepare(path: Path, force: bool, inputs, is_dir: bool):
+    check_output(path, inputs, directory=is_dir, force=force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -174,7 +203,7 @@ def atomic_file(path, *, force: bool = True, suffix: str = "", inputs=()):
       inputs: paths the output must not overwrite or sit inside (see :func:`check_disjoint`).
     """
     path = Path(path)
-    _prepare(path, force, inputs, "", is_dir=False)
+    _prepare(path, force, inputs, is_dir=False)
     with _output_lock(path), _terminate_cleanly():
         try:
             fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
@@ -200,7 +229,7 @@ def atomic_dir(path, *, force: bool = False, inputs=()):
     it contains one of ``inputs``.
     """
     path = Path(path)
-    _prepare(path, force, inputs, "output ", is_dir=True)
+    _prepare(path, force, inputs, is_dir=True)
     with _output_lock(path), _terminate_cleanly():
         try:
             tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.dtypes import BYTES_PER, FLOAT_TAGS, NP_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,6 +45,10 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 def _safe_open(path: Path):
     from safetensors import safe_open
 
+    try:  # an unreadable file: say so (safe_open would report it as missing)
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as err:
+        raise os_error(err, path, "read") from None
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as err:  # SafetensorError, OSError: truncated, corrupt, unreadable
@@ -103,6 +108,8 @@ class Checkpoint:
                 self.config = json.loads(cfg.read_text())
             except ValueError as err:
                 raise UnmergeError(f"cannot parse {cfg}: {err}; fix or delete it") from None
+            except OSError as err:
+                raise os_error(err, cfg, "read") from None
 
     @staticmethod
     def _layout(path: Path):
