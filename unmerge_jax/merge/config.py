@@ -7,6 +7,10 @@ outside the layer stack, as mergekit plans them); or a list of ``{filter, value}
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
 Per-model ``parameters`` override the top-level ones. ``slices``, ``modules``, tokenizer
 surgery and ``model+lora`` references are refused with a one-line error.
+
+The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
+:data:`MAX_YAML_NODES` nodes once its aliases are expanded (a few hundred bytes of nested aliases
+— "billion laughs" — otherwise stand for gigabytes); values quoted in errors are cut short.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from pathlib import Path
 import yaml
 
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.names import parse_tensor_name
-from unmerge_jax.merge.base import Resolved
+from unmerge_jax.merge.base import Resolved, short
 from unmerge_jax.merge.params import get_method, resolve
+
+MAX_CONFIG_BYTES = 1 << 20     # a merge config is a few hundred bytes; a gradient-heavy one a few KB
+MAX_YAML_NODES = 100_000       # nodes of the document with every alias expanded
 
 _KNOWN_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
                "slices", "modules", "tokenizer", "chat_template", "name"}
@@ -36,6 +44,7 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     source: dict = field(default_factory=dict)
+    path: Path | None = None     # the YAML file it was read from (an input the output must not touch)
 
     def to_dict(self) -> dict:
         """The config as mergekit YAML (paths absolute), written beside the merged model."""
@@ -54,18 +63,88 @@ class MergeConfig:
 def _model_path(ref, root: Path, what: str) -> Path:
     if isinstance(ref, dict):
         ref = ref.get("model", ref.get("path"))
-    if not isinstance(ref, (str, Path)) or not str(ref):
-        raise UnmergeError(f"{what}: expected a model directory path, got {ref!r}")
+    if not isinstance(ref, (str, Path)) or not str(ref) or len(str(ref)) > 4096 or "\0" in str(ref):
+        raise UnmergeError(f"{what}: expected a model directory path, got {short(ref)}")
     s = str(ref)
-    if "+" in s and not Path(s).exists():
-        raise UnmergeError(f"{what}: 'model+lora' references are not supported; list the LoRA adapter "
-                           f"directory itself as a model (adapters merge in ΔW space)")
-    p = Path(s).expanduser()
-    if not p.is_absolute() and not p.exists() and (root / p).exists():
-        p = root / p
-    if not p.exists():
-        raise UnmergeError(f"{what}: model directory {s} does not exist (no downloads: give a local directory)")
-    return p.resolve()
+    try:
+        if "+" in s and not Path(s).exists():
+            raise UnmergeError(f"{what}: 'model+lora' references are not supported; list the LoRA adapter "
+                               f"directory itself as a model (adapters merge in ΔW space)")
+        p = Path(s).expanduser()
+        if not p.is_absolute() and not p.exists() and (root / p).exists():
+            p = root / p
+        if not p.exists():
+            raise UnmergeError(f"{what}: model directory {short(s)} does not exist (no downloads: give a local "
+                               f"directory)")
+        return p.resolve()
+    except OSError as err:   # a name too long for the file system, a loop of links
+        raise os_error(err, short(s), "read") from None
+
+
+def _expanded_nodes(node) -> int:
+    """Nodes of a composed YAML document with every alias expanded (an alias is the node it names,
+    met again), counted in time linear in the distinct nodes; a recursive alias counts as
+    unbounded."""
+    memo, busy = {}, set()
+
+    def size(n) -> float:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if key in busy:
+            return float("inf")
+        busy.add(key)
+        total = 1.0
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        busy.discard(key)
+        memo[key] = total
+        return total
+
+    return size(node)
+
+
+def _parse_yaml(text: str, where: str):
+    """``yaml.safe_load`` with the limits of the module docstring, as one-line errors."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UnmergeError(f"{where} is {len(text):,} characters; a merge config is at most {MAX_CONFIG_BYTES:,} — "
+                           f"is this the right file?")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node)
+        if n > MAX_YAML_NODES:
+            raise UnmergeError(f"{where}: the YAML expands to {'unbounded' if n == float('inf') else f'{n:,.0f}'} "
+                               f"nodes through its aliases (limit {MAX_YAML_NODES:,}); write the values out instead "
+                               f"of nesting aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnmergeError(f"cannot parse {where} as YAML: {short(first)}") from None
+    except RecursionError:
+        raise UnmergeError(f"cannot parse {where} as YAML: it is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _read_config(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UnmergeError(f"merge config {path} is {size:,} bytes; a merge config is at most "
+                               f"{MAX_CONFIG_BYTES:,} — is this the right file?")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise os_error(err, path, "read") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UnmergeError(f"merge config {path} is not UTF-8 text (byte {err.start}); give a YAML file") from None
 
 
 def load_config(config) -> MergeConfig:
@@ -73,25 +152,24 @@ def load_config(config) -> MergeConfig:
     if isinstance(config, MergeConfig):
         return config
     root = Path.cwd()
-    where = "merge config"
+    where, path = "merge config", None
     if isinstance(config, (str, Path)) and not (isinstance(config, str) and "\n" in config):
         path = Path(config)
         if not path.exists():
-            raise UnmergeError(f"merge config {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UnmergeError(f"cannot parse {path} as YAML: {str(err).splitlines()[0]}") from None
-        root, where = path.resolve().parent, str(path)
+            raise UnmergeError(f"merge config {short(str(path))} does not exist")
+        if path.is_dir():
+            raise UnmergeError(f"merge config {path} is a directory; give the YAML file")
+        raw = _parse_yaml(_read_config(path), str(path))
+        root, where, path = path.resolve().parent, str(path), path.resolve()
     elif isinstance(config, str):
-        raw = yaml.safe_load(config)
+        raw = _parse_yaml(config, where)
     else:
         raw = config
     if not isinstance(raw, dict):
         raise UnmergeError(f"{where}: expected a mapping with merge_method and models")
-    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)
     if unknown:
-        raise UnmergeError(f"{where}: unknown key {unknown[0]!r}; supported: base_model, dtype, merge_method, "
+        raise UnmergeError(f"{where}: unknown key {short(unknown[0])}; supported: base_model, dtype, merge_method, "
                            f"models, out_dtype, parameters, tokenizer_source")
     for key in ("slices", "modules", "tokenizer"):
         if raw.get(key):
@@ -100,24 +178,34 @@ def load_config(config) -> MergeConfig:
     if raw.get("chat_template"):
         raise UnmergeError(f"{where}: 'chat_template' is not supported; the base model's tokenizer files are copied")
     if raw.get("tokenizer_source") not in (None, "base"):
-        raise UnmergeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported; "
+        raise UnmergeError(f"{where}: tokenizer_source {short(raw['tokenizer_source'])} is not supported; "
                            f"only 'base' (the base model's tokenizer is copied)")
     if "merge_method" not in raw:
         raise UnmergeError(f"{where}: missing merge_method")
-    method = str(raw["merge_method"])
+    method = raw["merge_method"]
     spec = get_method(method)
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or len(raw[key]) > 40):
+            raise UnmergeError(f"{where}: {key} must be a dtype name (float32, float16, bfloat16), got "
+                               f"{short(raw[key])}")
     base = _model_path(raw["base_model"], root, f"{where}: base_model") if raw.get("base_model") else None
     if base is None and spec.needs_base:
         raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
+    entries = raw.get("models")
+    if entries is not None and not isinstance(entries, list):
+        raise UnmergeError(f"{where}: models must be a list of entries like {{model: DIR, parameters: {{...}}}}, got "
+                           f"{short(entries)}")
     models = []
-    for i, entry in enumerate(raw.get("models") or []):
+    for i, entry in enumerate(entries or []):
         what = f"{where}: models[{i}]"
+        if not isinstance(entry, (dict, str)):
+            raise UnmergeError(f"{what}: expected {{model: DIR, parameters: {{...}}}} or a directory, got {short(entry)}")
         params = (entry.get("parameters") if isinstance(entry, dict) else None) or {}
         if not isinstance(params, dict):
             raise UnmergeError(f"{what}: parameters must be a mapping")
-        unknown_p = sorted(set(params) - set(spec.per_model))
+        unknown_p = sorted(set(params) - set(spec.per_model), key=str)
         if unknown_p:
-            raise UnmergeError(f"{what}: unknown per-model parameter {unknown_p[0]!r} for {method!r}; "
+            raise UnmergeError(f"{what}: unknown per-model parameter {short(unknown_p[0])} for {method!r}; "
                                f"per-model parameters: {', '.join(sorted(spec.per_model))}")
         models.append((_model_path(entry, root, what), dict(params)))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
@@ -127,7 +215,7 @@ def load_config(config) -> MergeConfig:
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise UnmergeError(f"{where}: parameters must be a mapping")
-    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw)
+    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
@@ -158,7 +246,7 @@ def evaluate(setting, name: str, t: float):
             return (1 - f) * float(setting[i0]) + f * float(setting[i1])
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond:
-                raise UnmergeError(f"parameter entry {cond!r} must be a number, a list of numbers, "
+                raise UnmergeError(f"parameter entry {short(cond)} must be a number, a list of numbers, "
                                    f"or {{filter: ..., value: ...}}")
             flt = cond.get("filter")
             if flt is None or flt == "*" or (name and str(flt) in name):
