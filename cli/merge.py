@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.merge import MERGE_METHODS
 from unmerge_jax.merge.methods.ram import ALIASES, FACES
 
@@ -27,8 +30,10 @@ RAM faces (merge_method: ram, parameters: {{face: ...}}; default {default_face})
 {faces}
 
 DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
-(dtype updated), tokenizer and generation files, and the resolved config. Existing outputs are
-kept unless --force.
+(dtype updated), tokenizer and generation files (not those linked from outside the model), and the
+resolved config. Existing outputs are kept unless --force; an output that is, lies inside or
+contains an input is refused, and so are NaN/Inf inputs and merged values the output dtype cannot
+hold.
 """
 
 
@@ -50,7 +55,7 @@ def register(sub) -> None:
                        description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
-    p.add_argument("--seed", type=int, default=0, help="seed for DARE's random masks (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for DARE's random masks, 0 to 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="output dtype (default: the config's out_dtype/dtype, else the base's)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -63,8 +68,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from unmerge_jax import merge
 
+    shard_bytes = args.shard_size * 1e9
+    if not (math.isfinite(shard_bytes) and shard_bytes > 0):
+        raise UnmergeError(f"--shard-size must be a positive number of GB, got {args.shard_size}")
     res = merge(args.config, args.out, seed=args.seed, force=args.force, dtype=args.dtype,
-                shard_bytes=int(args.shard_size * 1e9), overlap=args.overlap)
+                shard_bytes=max(1, int(shard_bytes)), overlap=args.overlap)
+    if res.skipped:
+        print(f"note: not copied (links to files outside the model directory): {', '.join(res.skipped)}",
+              file=sys.stderr)
     lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
     print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
           f"in {res.seconds:.1f} s{lam}")

@@ -4,9 +4,15 @@ Shapes and dtypes of every output tensor are known before the first one is compu
 the base model's), so the writer plans the shards up front, writes each shard's safetensors
 header first and then appends each tensor's bytes as it arrives — no shard is ever held in
 memory. Files follow the Hugging Face layout: ``model.safetensors`` for a single shard, else
-``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. Write it inside
-:func:`unmerge_jax.io.atomic.atomic_dir` (as :func:`unmerge_jax.merge.merge` does) so a failed
-merge leaves nothing behind.
+``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. Float tensors are cast
+to their planned dtype; other tensors (integer buffers such as position ids) are written as
+stored. Write it inside :func:`unmerge_jax.io.atomic.atomic_dir` (as :func:`unmerge_jax.merge.merge`
+does) so a failed merge leaves nothing behind.
+
+Side files (tokenizer, generation config) are copied from the source model directory, but never
+through a link that leads outside it — except, in a Hugging Face cache snapshot
+(``…/snapshots/<rev>/file → ../../blobs/<hash>``), into that repository's ``blobs/``, the rule the
+checkpoint reader applies to shards.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.dtypes import ST_DTYPES, TORCH_NAMES, dtype_tag  # noqa: F401  (dtype_tag re-exported)
+from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag  # noqa: F401  (dtype_tag re-exported)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default out_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -32,7 +39,8 @@ class ShardedWriter:
 
     Args:
       out_dir: an existing (temporary) directory.
-      plan: ``[(name, shape, tag), ...]`` in the order tensors will be written.
+      plan: ``[(name, shape, tag), ...]`` in the order tensors will be written (``tag`` any
+        safetensors dtype tag of ``unmerge_jax.io.dtypes.NP_DTYPES``).
       max_shard_bytes: a new shard starts when the current one would exceed this (a tensor
         larger than the cap gets a shard of its own).
     """
@@ -40,6 +48,9 @@ class ShardedWriter:
     def __init__(self, out_dir, plan, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata=None):
         self.out_dir = Path(out_dir)
         self.plan = [(n, tuple(int(s) for s in shape), tag) for n, shape, tag in plan]
+        unknown = next((tag for _, _, tag in self.plan if tag not in NP_DTYPES), None)
+        if unknown is not None:
+            raise UnmergeError(f"cannot write dtype {unknown!r}; supported: {', '.join(NP_DTYPES)}")
         self.metadata = {"format": "pt", **(metadata or {})}
         shards, cur, size = [], [], 0
         for entry in self.plan:
@@ -88,7 +99,7 @@ class ShardedWriter:
             raise UnmergeError(f"tensor {name} has shape {tuple(arr.shape)}, planned {shape}")
         if si != self._shard:
             self._open_shard(si)
-        arr = np.ascontiguousarray(arr.astype(ST_DTYPES[tag], copy=False))
+        arr = np.ascontiguousarray(arr.astype(NP_DTYPES[tag], copy=False))
         self._fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self._pos += 1
 
@@ -120,7 +131,7 @@ class ShardedWriter:
 
 def _nbytes(entry) -> int:
     _, shape, tag = entry
-    return int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[tag].itemsize
+    return int(np.prod(shape, dtype=np.int64)) * NP_DTYPES[tag].itemsize
 
 
 def write_config(src_dir, out_dir, tag: str) -> None:
@@ -136,12 +147,36 @@ def write_config(src_dir, out_dir, tag: str) -> None:
     (Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(src_dir, out_dir) -> list[str]:
-    """Copy tokenizer and generation files that exist in ``src_dir``; returns the names copied."""
-    copied = []
+class SideFiles(NamedTuple):
+    """What :func:`copy_side_files` did: file names copied, and paths skipped (links outside)."""
+
+    copied: list
+    skipped: list
+
+
+def _inside_model(src_dir: Path, p: Path) -> bool:
+    """True when ``p`` (a file of ``src_dir``, maybe a link) resolves inside ``src_dir`` or, for a
+    Hugging Face cache snapshot, inside that repository's ``blobs/``."""
+    root = src_dir.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    target = p.resolve()
+    return any(a in target.parents for a in allowed)
+
+
+def copy_side_files(src_dir, out_dir) -> SideFiles:
+    """Copy the tokenizer and generation files that exist in ``src_dir`` (links followed only where
+    they stay inside the model, see the module docstring)."""
+    copied, skipped = [], []
+    src_dir = Path(src_dir)
     for f in TOKENIZER_FILES:
-        p = Path(src_dir) / f
-        if p.is_file():
-            shutil.copy2(p, Path(out_dir) / f)
-            copied.append(f)
-    return copied
+        p = src_dir / f
+        if not p.is_file():
+            continue
+        if not _inside_model(src_dir, p):
+            skipped.append(str(p))
+            continue
+        shutil.copy2(p, Path(out_dir) / f)
+        copied.append(f)
+    return SideFiles(copied, skipped)

@@ -11,9 +11,15 @@ tensor × 4 bytes + a constant for every method (measured in ``tests/test_merge_
 ``bench/merge.py``). A method with a whole-model statistics pass (the ``overlap_*`` RAM faces)
 gets it first, over all tensors (it reads the inputs once more).
 
-Everything is checked before the output directory is created (unknown method/parameter, density,
-weights summing to zero, shapes, missing tensors, existing output); the output is written to a
-temporary directory and renamed at the end, so a failure leaves nothing behind.
+Everything that headers and configs can tell is checked before the output directory is created
+(unknown method/parameter, density, weights, seed, shapes, dtypes, missing or extra tensors,
+architecture, an output that exists or overlaps an input); the output is written to a temporary
+directory under an exclusive lock (``io.atomic.atomic_dir``, given every input path) and renamed
+at the end, so a failure leaves nothing behind and never touches an input. Values are checked as
+they stream: a NaN/Inf in any input tensor, or a merged value that is not finite or does not fit
+the output dtype (float16 overflows beyond ±65504), is an error naming the file, the tensor and the
+first index — the apply kernels mark such entries in the pass they make anyway, and only then are
+the inputs read again to name the culprit.
 """
 
 from __future__ import annotations
@@ -29,15 +35,17 @@ import yaml
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
-from unmerge_jax.io.atomic import atomic_dir
-from unmerge_jax.io.dtypes import TORCH_NAMES, dtype_tag
+from unmerge_jax.io.atomic import atomic_dir, check_disjoint
+from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
-from unmerge_jax.merge.chunks import CHUNK, TensorChunks
+from unmerge_jax.merge.base import check_seed, short
+from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.progress import progress
-from unmerge_jax.sources import WEIGHTS, CheckpointSource, check_same_architecture, open_source, task_vector
+from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
+                                 nonfinite_error, open_source, task_vector)
 
 CONFIG_NAME = "unmerge_merge_config.yaml"
 
@@ -52,6 +60,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
+    skipped: tuple = ()           # side files not copied: links to files outside the source model directory
 
 
 class _Buffers:
@@ -105,7 +114,13 @@ def _read(base, models, name: str, bufs: _Buffers, base_slot: int = 0):
     """``(base, tensors, deltas)`` of one tensor, float32. The base is read once, into buffer
     ``base_slot`` (``overlap`` alternates two, see :func:`merge`), input ``i`` into slot ``i + 1``.
     With only full-weight inputs the tensors are the fine-tuned weights (``deltas=False``: the
-    kernel forms δ itself, no extra copy); otherwise task vectors."""
+    kernel forms δ itself, no extra copy); otherwise task vectors. NaN/Inf pass through silently
+    here (the merge kernels mark them, and the driver names them)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _read_parts(base, models, name, bufs, base_slot)
+
+
+def _read_parts(base, models, name: str, bufs: _Buffers, base_slot: int):
     if base is None:   # full weights merged onto zeros
         ts = tuple(m.read(name, out=bufs.out(m, name, i + 1)) for i, m in enumerate(models))
         return np.zeros(models[0].shape(name), np.float32), ts, True
@@ -147,6 +162,80 @@ def _model_pass(base, models, names, res_by_name, first, bufs: _Buffers, chunk: 
     return method.finish(first, totals)
 
 
+def output_limit(tag: str) -> np.float32:
+    """The smallest float32 magnitude that the output dtype ``tag`` cannot hold: casting it rounds
+    to ±inf (float16: 65520, bfloat16: ≈3.3962e38; float32 and float64: inf). A merged value must
+    stay below it."""
+    dt = NP_DTYPES[tag]
+    if dt.itemsize >= 4:
+        return np.float32(np.inf)
+    lo, hi = 0, 0x7F800000   # bit patterns of non-negative float32: monotone in the value
+    with np.errstate(over="ignore"):
+        while hi - lo > 1:    # invariant: lo casts to a finite value, hi to inf
+            mid = (lo + hi) // 2
+            if np.isfinite(np.array(mid, np.uint32).view(np.float32).astype(dt).astype(np.float32)):
+                lo = mid
+            else:
+                hi = mid
+    return np.array(hi, np.uint32).view(np.float32)[()]
+
+
+def _positive_int(what: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UnmergeError(f"{what} must be a positive integer, got {short(value)}")
+    return int(value)
+
+
+def _check_values(name: str, arr: np.ndarray, limit, src) -> None:
+    """A tensor copied from ``src`` unmerged: finite and within the output dtype (two NumPy
+    reductions, which propagate NaN; the index is searched only on failure)."""
+    if arr.size == 0 or arr.dtype.kind != "f":
+        return
+    lo, hi = arr.min(), arr.max()
+    if -limit < lo and hi < limit:
+        return
+    if first_nonfinite(arr) is not None:
+        raise nonfinite_error(name, src.where(name), arr)
+    bad = np.flatnonzero(np.abs(arr.reshape(-1)) >= limit)[0]
+    idx = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
+    raise UnmergeError(f"tensor {name} of {src.where(name)} holds {arr.reshape(-1)[bad]:g} at index "
+                       f"{idx[0] if len(idx) == 1 else idx}, beyond the output dtype's range (±{limit:.6g} rounds "
+                       f"to inf); write a wider dtype (--dtype float32 or out_dtype)")
+
+
+def _explain(err: NonFinite, name: str, base, models, cfg, tag: str, rerun) -> UnmergeError:
+    """The slow path of a tensor that failed the kernels' check: re-read the culprit from its file
+    to name the file, the tensor and the first index (and, for a LoRA adapter, the factor)."""
+    if err.culprit == BASE:
+        arr = base.read(name)
+        return nonfinite_error(name, base.where(name), arr) if first_nonfinite(arr) is not None else err
+    if err.culprit == OUTPUT:
+        at = err.index[0] if len(err.index) == 1 else err.index
+        value = rerun()
+        if value is None or not np.isfinite(value):
+            return UnmergeError(f"the merged value of tensor {name} at index {at} is not finite in float32 (every "
+                                f"input is finite there): the weights, lambda or rescale overflow — use smaller "
+                                f"weights")
+        return UnmergeError(f"the merged value of tensor {name} at index {at} is {value:g}, beyond the range of "
+                            f"{TORCH_NAMES[tag]} (±{err.limit:.6g} rounds to inf); write float32 or bfloat16 "
+                            f"(--dtype, out_dtype) or use smaller weights")
+    k = err.culprit[1] if isinstance(err.culprit, tuple) else err.culprit
+    m = models[k]
+    src = getattr(m, "source", m)
+    if isinstance(src, AdapterSource):
+        for key, arr in src.factors(name).items():
+            if first_nonfinite(arr) is not None:
+                return nonfinite_error(key, src.where(name), arr)
+        return UnmergeError(f"the LoRA update B@A·scale of {src.where(name)} for tensor {name} overflows float32 "
+                            f"(scale {src.scale(name):g}); check lora_alpha and the factors")
+    arr = src.read(name)
+    if first_nonfinite(arr) is not None:
+        return nonfinite_error(name, src.where(name), arr)
+    at = err.index[0] if len(err.index) == 1 else err.index
+    return UnmergeError(f"the task vector of tensor {name} ({src.where(name)} − the base) overflows float32 at index "
+                        f"{at}: the two are not a fine-tune and its base — check base_model")
+
+
 def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None = None,
           shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out`` (a new directory).
@@ -154,8 +243,10 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     Args:
       config: path to a YAML file, a YAML string, a dict in mergekit's schema, or a
         :class:`MergeConfig`.
-      out: output directory; refused if it exists unless ``force``.
-      seed: keys DARE's random masks together with each tensor's name.
+      out: output directory; refused if it exists unless ``force``, and whenever it is, lies
+        inside or (with ``force``) contains an input (the config file, base, models, adapters).
+      seed: keys DARE's random masks together with each tensor's name; an integer in
+        ``[0, 2**32 − 1]``.
       dtype: output dtype (``float32``/``float16``/``bfloat16``); default the config's
         ``out_dtype``, then ``dtype``, then the base's stored dtype. Computation is float32.
       shard_bytes: maximum bytes per output shard.
@@ -163,16 +254,21 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         (faster, at the price of one more set of (1 + K) tensors in memory).
       chunk: elements per kernel call (results do not depend on it).
     Returns:
-      a :class:`MergeResult`.
+      a :class:`MergeResult` (``skipped``: side files not copied because they link outside the
+      source model directory).
+    Raises:
+      UnmergeError: bad input of any kind (one line; nothing is written).
     """
     t0 = time.perf_counter()
+    seed = check_seed(seed)
+    shard_bytes = _positive_int("shard_bytes (the output shard size)", shard_bytes)
+    chunk = _positive_int("chunk", chunk)
     cfg = load_config(config)
     out = Path(out)
+    inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models]]
     if out.exists() and not force:
         raise UnmergeError(f"output {out} already exists; pass --force to overwrite it")
-    for p in [cfg.base_model, *[p for p, _ in cfg.models]]:
-        if p is not None and out.resolve() == Path(p).resolve():
-            raise UnmergeError(f"output {out} is one of the inputs; choose a new directory")
+    check_disjoint(out, inputs, replacing=force and out.exists())
     base, models = _open_inputs(cfg)
     ref = base if base is not None else models[0]
     names = list(ref.names)
@@ -185,13 +281,14 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
             res_by_name[name] = resolve_for_tensor(cfg, name, layer_fraction(name, n_layers))
     stored = [ref.dtype(n) for n in names if n in res_by_name]
     tag = dtype_tag(dtype or cfg.out_dtype or cfg.dtype or (max(set(stored), key=stored.count) if stored else "F32"))
+    limit = output_limit(tag)
     lambdas = None
     first = next(iter(res_by_name.values()), None)
-    if first is not None and first.method.statistics(first) == "model":
-        lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk)
     plan = [(n, shapes[n], tag if n in res_by_name else ref.dtype(n)) for n in names]
     n_merged = 0
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+        if first is not None and first.method.statistics(first) == "model":
+            lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk)
         with ShardedWriter(tmp, plan, max_shard_bytes=shard_bytes,
                            metadata={"merged_by": "unmerge_jax", "merge_method": cfg.merge_method}) as writer:
             # The merged tensor overwrites the base buffer it was computed in, so that buffer is busy
@@ -207,15 +304,32 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                 if name not in res_by_name or _untouched(base, models, name):
                     # Unmerged: float tensors as float32 (cast on write), others as stored.
                     out = ref.read(name) if name in res_by_name else ref.read_raw(name)
+                    if name in res_by_name:
+                        _check_values(name, out, limit, ref)
                     return name, out, False, None
                 slot = free_slots.get()
                 b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
                 # Every method runs chunk by chunk (a statistics pass first where it needs one) and
                 # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
                 out = b if b.flags.writeable else b.copy()
-                merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas, model_stats=lambdas,
-                               chunk=chunk, out=out)
+                try:
+                    merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
+                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit)
+                except NonFinite as err:
+                    raise _explain(err, name, base, models, cfg, tag, lambda: _rerun(name, err.index)) from None
                 return name, out, True, slot
+
+            def _rerun(name, index):
+                """The slow path's merged value at ``index`` without the output-dtype bound, from a
+                fresh read (None if it is not finite in float32 either)."""
+                b, ts, deltas = _read(base, models, name, _Buffers(0))
+                b = b.copy()
+                try:
+                    merged = merge_resolved(res_by_name[name], b, ts, seed=seed, name=name, deltas=deltas,
+                                            model_stats=lambdas, chunk=chunk, out=b)
+                except NonFinite:
+                    return None
+                return float(merged[index])
 
             def written(slot):
                 if slot is not None:
@@ -226,11 +340,11 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
             total = writer.total_size
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
         write_config(src, tmp, tag)
-        copy_side_files(src, tmp)
+        side = copy_side_files(src, tmp)
         lam = None if lambdas is None else [float(x) for x in lambdas]
         resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam)
+    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped))
 
 
 def _stream(names, produce, writer, overlap: bool, written):
