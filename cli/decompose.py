@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unmerge_jax.cli.options import print_warnings, seed
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.staging import BLOCK_ROWS
 
@@ -32,7 +33,12 @@ Output per target: each entry's coefficient (with a bootstrap confidence interva
 fraction of replicates selecting it when --seeds > 0), the reconstruction error
 1 - max(0, cos(v, Da))^2, and the unexplained energy fraction ||v - Da||^2 / ||v||^2.
 --json FILE writes {"targets": [{"target", "coefficients": {name: value}, "recon_error",
-"unexplained", ...}], ...}. Bad input stops with a one-line error (exit 2) and writes nothing.
+"unexplained", ...}], "warnings": [...], ...}. Bad input stops with a one-line error (exit 2)
+and writes nothing; outputs may not be, or lie inside, an input. Where the answer is ambiguous
+a `warning:` line goes to stderr (and into "warnings"): two entries that are the same task
+vector (the weight is split between them), an all-zero entry, a target equal to the base
+(nothing to decompose: its cosine and errors are NaN / null, not a perfect fit).
+See docs/errors.md.
 """
 
 
@@ -58,7 +64,7 @@ def add_input_args(p) -> None:
     c.add_argument("--save-mask", type=Path, metavar="FILE.npz", help="write the selected indices (after success)")
     b = p.add_argument_group("statistics")
     b.add_argument("--seeds", type=int, default=0, help="bootstrap replicates S, all in the same pass (default 0)")
-    b.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    b.add_argument("--seed", type=seed, default=0, help="bootstrap random seed, 0..2**32-1 (default 0)")
     b.add_argument("--block-rows", type=int, default=None, help=f"rows per staged block (default {BLOCK_ROWS})")
     b.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
                    help="rows per bootstrap resampling unit: 1 = resample single parameters; default 4096 "
@@ -72,8 +78,6 @@ def stats_kwargs(args) -> dict:
         kw["block_rows"] = args.block_rows
     if args.bootstrap_block is not None:
         kw["bootstrap_block"] = args.bootstrap_block
-    if args.seeds < 0:
-        raise UnmergeError(f"--seeds must be >= 0, got {args.seeds}")
     return kw
 
 
@@ -117,5 +121,6 @@ def run(args) -> int:
     report = decompose_files(args.base, args.dictionary, args.target, args.method, params=_parse_params(args.param),
                              ci=args.ci, json_out=args.json, stats_out=args.stats_out, mask_out=args.save_mask,
                              **stats_kwargs(args))
+    print_warnings(report["warnings"])
     print(format_report(report))
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unmerge_jax.cli.options import seed
+
 HELP = """Run the UNMERGE pipeline end to end on a generated, seeded default and print the paper-style
 tables (mean +- sample std over targets, grid points and bootstrap seeds).
 
@@ -29,7 +31,8 @@ def register(sub) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("unmerge-demo"),
                    help="output directory (default: ./unmerge-demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of task vectors, targets, merges and bootstrap (default 0)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed of task vectors, targets, merges and bootstrap, 0..2**32-1 (default 0)")
     p.add_argument("--tables", default="1,2,3,4,5,6",
                    help="comma-separated table numbers to print (default 1-6; all are written to --out)")
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unmerge_jax.cli.options import seed
+
 HELP = """Run the UNMERGE experiment end to end and write runs.csv, tables.md (the paper's Tables 1-6,
 mean +- sample std), table*.csv, figures and report.md (every table beside the paper's) to --out DIR.
 
@@ -28,7 +30,8 @@ def register(sub) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="experiment size (default: tiny)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of models, targets, merges and bootstrap (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of models, targets, merges and bootstrap, 0..2**32-1 "
+                                                         "(default 0)")
     p.add_argument("--cache", type=Path, help="directory for trained models (default: OUT/cache)")
     p.set_defaults(func=run)
 

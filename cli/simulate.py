@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unmerge_jax.cli.options import seed
+
 HELP = """Simulate K agents' task vectors with exact sparsity, log-normal magnitudes (mu=-3, sigma=1.5),
 random signs and a controlled shared/unique support (default 20% of each agent's changed entries
 shared by all agents, 80% unique), then measure them (L0, Gini, kurtosis, top-k mass, Jaccard).
@@ -28,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--shared", type=float, default=0.2, help="shared fraction of each agent's support (default 0.2)")
     p.add_argument("--profile", default="flat", help="sparsity profile: flat or paper-like (default flat)")
     p.add_argument("--max-elements", type=int, default=1 << 16, help="cap per tensor with --arch (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="random seed, 0..2**32-1 (default 0)")
     p.add_argument("--out", type=Path, help="also write agent_<k>.safetensors into this directory")
     p.add_argument("--json", type=Path, help="write the measurements to this JSON file")
     p.set_defaults(func=run)
@@ -37,7 +39,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from unmerge_jax.analysis.report import write_json
     from unmerge_jax.analysis.simulator import simulate_and_measure
+    from unmerge_jax.io.atomic import check_output
 
+    if args.json:
+        check_output(args.json)  # before the work
     r = simulate_and_measure(length=args.length, arch=args.arch, n_agents=args.agents, sparsity=args.sparsity,
                              size_b=args.size, shared=args.shared, profile=args.profile,
                              max_elements=args.max_elements or None, seed=args.seed, out=args.out)

@@ -47,7 +47,11 @@ def run(args) -> int:
     from unmerge_jax.analysis.metrics import METRIC_KEYS as keys
     from unmerge_jax.analysis.metrics import sparsity_metrics
     from unmerge_jax.analysis.report import write_json
+    from unmerge_jax.io.atomic import check_output
 
+    inputs = [args.target, args.base]
+    if args.json:
+        check_output(args.json, inputs)  # before the work: never over, inside or around an input
     r = sparsity_metrics(args.target, base=args.base, eps=args.eps, atol=args.atol, mode=args.mode,
                          exact_limit=args.exact_limit, passes=1 if args.one_pass else 2)
     print(f"{'group':<14}" + "".join(f"{k:>12}" for k in keys))
@@ -59,6 +63,6 @@ def run(args) -> int:
     print(f"dtypes: {json.dumps(r['dtypes'])}; mode {r['mode']}"
           + (f"; hist half-widths {json.dumps(r['error_bounds'].get('overall', {}))}" if r["error_bounds"] else ""))
     if args.json:
-        write_json(args.json, r)
+        write_json(args.json, r, inputs=inputs)
         print(f"wrote {args.json}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from unmerge_jax.cli.decompose import add_input_args, stats_kwargs
+from unmerge_jax.cli.options import print_warnings
 
 HELP = """Compute the sufficient statistics of a decomposition problem -- G = D'D, C = D'V, ||v||^2
 and S bootstrap replicates, in float64 -- in one streaming pass over the checkpoints, and write
@@ -45,6 +46,7 @@ def run(args) -> int:
                               process_id=args.process_id, **stats_kwargs(args))
     s, prov = res.stats, res.provenance
     if written:
+        print_warnings(res.warnings)
         print(f"wrote {args.out}: {s.n_atoms} dictionary entries x {s.n_targets} targets over {prov['n_rows']:,} rows"
               + (f" from {prov['n_tensors']} tensors" if "n_tensors" in prov else "")
               + (f", {s.n_seeds} bootstrap seeds" if s.n_seeds else ""))

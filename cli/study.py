@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from unmerge_jax.cli.options import seed
+
 HELP = """Regenerate a study of the sparsity-scaling / RAM paper ("Does Sparsity Persist?") into --out DIR as Markdown, CSV and
 JSON tables plus PNG figures:
 
@@ -28,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("name", choices=("merge-quality", "scaling-law", "memory", "anatomy"))
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="random seed, 0..2**32-1 (default 0)")
     p.add_argument("--target", help="anatomy: a real model/adapter directory instead of the simulation")
     p.add_argument("--base", help="anatomy: base model of --target")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="extra study parameter")

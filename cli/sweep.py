@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unmerge_jax.cli.options import print_warnings, seed
+
 HELP = """Run a vectorised grid of decompositions: every target x method x parameter x bootstrap seed,
 one compiled call per method family.
 
@@ -32,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--grid", default="paper", help="'paper' or a JSON file {method: {param: [values]}} (default: paper)")
     p.add_argument("--methods", help="comma-separated subset of methods (default: all in the grid)")
     p.add_argument("--seeds", type=int, default=3, help="bootstrap replicates per run (default 3; 0 = full data once)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="bootstrap random seed, 0..2**32-1 (default 0)")
     p.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
                    help="rows per bootstrap resampling unit with --dictionary/--targets: 1 = single rows; default "
                         "4096 consecutive rows once that leaves >= 200 units (819,200 rows), else 1")
@@ -47,9 +49,10 @@ def run(args) -> int:
     from unmerge_jax.pipeline import sweep_files
 
     table, summary = sweep_files(stats=args.stats, dictionary=args.dictionary, targets=args.targets, grid=args.grid,
-                                 methods=args.methods.split(",") if args.methods else None, seeds=args.seeds,
+                                 methods=args.methods.split(",") if args.methods is not None else None, seeds=args.seeds,
                                  key=args.seed, bootstrap_block=args.bootstrap_block, truth=args.truth,
                                  by=args.by.split(","), runs_out=args.out, summary_out=args.json)
+    print_warnings(table.attrs.get("warnings"))
     print(f"{len(table)} runs ({table.target.nunique()} targets x {table.groupby(['method', 'params']).ngroups} "
           f"configurations x {max(1, args.seeds)} seed(s))\n")
     print(summary.markdown)

@@ -12,54 +12,203 @@ This module joins them into what the commands run: :func:`collect_stats` (checkp
 files → :class:`~unmerge_jax.passes.statistics.StreamResult`), :func:`decompose_files`
 (``unmerge decompose``), :func:`stats_file` (``unmerge stats``) and :func:`sweep_files`
 (``unmerge sweep``).
+
+Each command checks everything that needs no weights before reading any (docs/errors.md):
+options (:func:`check_options`: whole numbers in range, 32-bit seeds, finite solver parameters,
+non-empty lists) and outputs (:func:`check_outputs`: never over, inside or containing an input,
+never two outputs on one file, a writable location). Where the answer is ambiguous the result
+carries ``warnings`` (``report.stats_warnings``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from unmerge_jax.entries import is_array_file, parse_entries
+from unmerge_jax.entries import Entry, entry_path, is_array_file, parse_entries
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.arrays import load_columns
-from unmerge_jax.io.atomic import atomic_file
+from unmerge_jax.io.arrays import load_array, load_columns
+from unmerge_jax.io.atomic import atomic_file, check_output
 from unmerge_jax.passes.statistics import StreamResult, stream_stats
 from unmerge_jax.provenance import provenance
-from unmerge_jax.report import decomposition_report
+from unmerge_jax.report import decomposition_report, report_json, stats_warnings
 from unmerge_jax.solve import resolve_method, resolve_params
-from unmerge_jax.stats import bootstrap_unit_rows, gram_stats, load_stats, save_stats
+from unmerge_jax.stats import bootstrap_unit_rows, check_seed, gram_stats, load_stats, save_stats
 from unmerge_jax.sweep import summarize, sweep
+
+
+# ----------------------------------------------------------------------------------------------
+# checks that need no weights: options and outputs
+# ----------------------------------------------------------------------------------------------
+def _whole(flag: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise UnmergeError(f"{flag} must be a whole number >= {low}, got {value!r}")
+
+
+def _finite_number(what: str, value) -> None:
+    """Numbers must be finite; booleans and strings (solver options such as ``coef=lstsq``) pass."""
+    if isinstance(value, (bool, str, np.bool_)) or value is None:
+        return
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if not math.isfinite(float(value)):
+            raise UnmergeError(f"{what} is {value}; give a finite number")
+        return
+    raise UnmergeError(f"{what} is {value!r}; give a number")
+
+
+def check_options(*, seeds=0, key=0, top_k=None, block_rows=None, bootstrap_block=None, modules=None, ci=None,
+                  **_) -> None:
+    """One-line errors for options out of range, before any input is read.
+
+    ``seeds`` ≥ 0 and ``top_k``/``block_rows``/``bootstrap_block`` ≥ 1 whole numbers; an int
+    ``key`` is a 32-bit seed (:func:`~unmerge_jax.stats.check_seed`: refused, never folded);
+    ``modules`` not empty; ``ci`` finite in (0, 1).
+    """
+    _whole("--seeds", seeds, 0)
+    if isinstance(key, (int, np.integer)):
+        check_seed(key, "--seed")
+    for flag, value in (("--top-k", top_k), ("--block-rows", block_rows), ("--bootstrap-block", bootstrap_block)):
+        if value is not None:
+            _whole(flag, value, 1)
+    if modules is not None and not [t for t in (modules.split(",") if isinstance(modules, str) else modules)
+                                    if str(t).strip()]:
+        raise UnmergeError("--modules is empty; name modules such as q,k,v,o, or leave it out for every module")
+    if ci is not None and not (isinstance(ci, (int, float, np.floating)) and not isinstance(ci, bool) and 0 < ci < 1):
+        raise UnmergeError(f"--ci must be a confidence level in (0, 1), e.g. 0.95; got {ci}")
+
+
+def check_grid(grid) -> None:
+    """A sweep grid ``{method: {param: [values]}}``: objects, non-empty value lists, finite numbers."""
+    if isinstance(grid, str) and grid == "paper":
+        return
+    if not isinstance(grid, dict) or not grid:
+        raise UnmergeError(f"the grid must be 'paper' or a non-empty object {{method: {{param: [values]}}}}, got "
+                           f"{str(grid)[:80]}")
+    for method, params in grid.items():
+        if not isinstance(params, dict):
+            raise UnmergeError(f"grid entry {method!r} is {str(params)[:80]}; expected an object {{param: [values]}}")
+        for name, values in params.items():
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if not values:
+                raise UnmergeError(f"grid {method} {name} is an empty list; give at least one value")
+            for v in values:
+                _finite_number(f"grid {method} {name} value", v)
+
+
+def _input_paths(specs) -> list:
+    """Paths of entry specs (any form :func:`~unmerge_jax.entries.parse_entries` takes, a source with
+    ``.path``, or None) — what outputs must stay clear of."""
+    if specs is None:
+        return []
+    if isinstance(specs, dict):
+        specs = list(specs.values())
+    if isinstance(specs, (str, Path, Entry)):
+        specs = [specs]
+    out = []
+    for s in specs:
+        if isinstance(s, (str, Path, Entry, tuple, list)):
+            out.append(entry_path(s))
+        elif getattr(s, "path", None) is not None:
+            out.append(Path(s.path))
+    return out
+
+
+def check_outputs(inputs, outputs) -> None:
+    """Refuse, before any work, outputs that would overwrite, sit inside or contain an input,
+    outputs given twice, and outputs that cannot be written (``io.atomic.check_output``).
+
+    Args:
+      inputs: input specs and paths (``NAME=PATH`` entries count by their path; None ignored).
+      outputs: output file paths (None ignored).
+    """
+    paths = [p for spec in inputs for p in _input_paths(spec)]
+    seen: dict = {}
+    for out in outputs:
+        if out is None:
+            continue
+        key = Path(out).resolve()
+        if key in seen:
+            raise UnmergeError(f"two outputs are the same file {out}; give each output its own path")
+        seen[key] = out
+        check_output(out, paths)
+
+
+def _check_mask_output(base, mask_out) -> None:
+    if mask_out is not None and base is None:
+        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
+
+
+def _save_mask(result: StreamResult, mask_out, inputs) -> None:
+    if mask_out is None:
+        return
+    if result.selection is None:
+        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
+    result.selection.save(mask_out, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------------------------
 # statistics of the inputs
 # ----------------------------------------------------------------------------------------------
+def _array_inputs(specs, what: str):
+    """``[(entry, matrix (n, columns), column names)]`` of array-file entries (see :func:`array_columns`)."""
+    entries = parse_entries(specs, what)
+    out = []
+    for e in entries:
+        m, cols = load_columns(e.path)
+        if len(entries) == 1 and e.name == e.path.name:
+            names = list(cols)                             # one plain file: its own column names
+        elif m.shape[1] == 1:
+            names = [e.name if e.name != e.path.name else e.path.stem]
+        else:
+            stem = e.name if e.name != e.path.name else e.path.stem
+            names = [f"{stem}:{c}" for c in cols]
+        out.append((e, m, names))
+    return out
+
+
+def _side_by_side(files, what: str):
+    mats = [m for _, m, _ in files]
+    rows = {m.shape[0] for m in mats}
+    if len(rows) != 1:
+        raise UnmergeError(f"the {what} files have different numbers of rows {sorted(rows)}; every file must hold "
+                           f"vectors over the same parameters")
+    matrix = mats[0] if len(mats) == 1 else np.concatenate([np.asarray(m) for m in mats], axis=1)
+    return matrix, [n for _, _, cols in files for n in cols]
+
+
 def array_columns(specs, what: str):
     """The columns of array-file entries, side by side: ``(matrix (n, columns), column names, entries)``.
 
     Names: one plain file gives its own column names; a named entry ``NAME=FILE`` gives ``NAME``
     (one column) or ``NAME:column``; several files without names use their stems the same way.
     """
-    entries = parse_entries(specs, what)
-    mats, names = [], []
-    for e in entries:
-        m, cols = load_columns(e.path)
-        if len(entries) == 1 and e.name == e.path.name:
-            names += cols                                  # one plain file: its own column names
-        elif m.shape[1] == 1:
-            names.append(e.name if e.name != e.path.name else e.path.stem)
-        else:
-            stem = e.name if e.name != e.path.name else e.path.stem
-            names += [f"{stem}:{c}" for c in cols]
-        mats.append(m)
-    rows = {m.shape[0] for m in mats}
-    if len(rows) != 1:
-        raise UnmergeError(f"the {what} files have different numbers of rows {sorted(rows)}; every file must hold "
-                           f"vectors over the same parameters")
-    return (mats[0] if len(mats) == 1 else np.concatenate([np.asarray(m) for m in mats], axis=1)), names, entries
+    files = _array_inputs(specs, what)
+    matrix, names = _side_by_side(files, what)
+    return matrix, names, [e for e, _, _ in files]
+
+
+def _raise_nonfinite_columns(files) -> None:
+    """Slow path once the statistics came out non-finite: name the file, the column and the first row."""
+    for e, m, names in files:
+        for j in range(m.shape[1]):
+            bad = np.flatnonzero(~np.isfinite(np.asarray(m[:, j])))
+            if bad.size:
+                r = int(bad[0])
+                raise UnmergeError(f"{e.path} holds {bad.size} non-finite value(s) in column {names[j]} (first: "
+                                   f"{m[r, j]} at row {r}); fix or drop that input")
+
+
+def _array_stats(files, D, V, **kw):
+    """``gram_stats(D, V, **kw)``, with NaN/Inf named by file, column and row."""
+    try:
+        return gram_stats(D, V, **kw)
+    except UnmergeError:
+        _raise_nonfinite_columns(files)
+        raise
 
 
 def collect_stats(base, dictionary, targets, *, top_k=None, scope="group", modules=None, mask=None, seeds=0, key=0,
@@ -69,102 +218,99 @@ def collect_stats(base, dictionary, targets, *, top_k=None, scope="group", modul
     Checkpoint mode (``base`` given): :func:`~unmerge_jax.passes.statistics.stream_stats`. Array
     mode (``base`` None and every entry a ``.npy``/``.safetensors`` array file, loaded with
     ``load_columns``): ``gram_stats`` of the columns (``selection`` is None in the result). Both
-    record their provenance with :func:`~unmerge_jax.provenance.provenance`.
+    record their provenance with :func:`~unmerge_jax.provenance.provenance`, and the result's
+    ``warnings`` are :func:`~unmerge_jax.report.stats_warnings` of the statistics.
     """
     dictionary, targets = list(dictionary or []), list(targets or [])
     if not dictionary:
         raise UnmergeError("the dictionary is empty; give at least one --dictionary entry")
     if not targets:
         raise UnmergeError("no targets; give at least one --target entry")
+    check_options(seeds=seeds, key=key, top_k=top_k, modules=modules, **kw)
     arrays = [is_array_file(s) for s in dictionary + targets]
     if base is not None:
         if any(arrays):
             bad = next(s for s, a in zip(dictionary + targets, arrays) if a)
             raise UnmergeError(f"{bad} is an array file but --base was given; with --base every entry must be a model "
                                f"or adapter directory (drop --base to decompose arrays)")
-        return stream_stats(base, dictionary, targets, top_k=top_k, scope=scope, modules=modules, mask=mask,
-                            seeds=seeds, key=key, **kw)
-    if not all(arrays):
-        bad = next(s for s, a in zip(dictionary + targets, arrays) if not a)
+        res = stream_stats(base, dictionary, targets, top_k=top_k, scope=scope, modules=modules, mask=mask,
+                           seeds=seeds, key=key, **kw)
+    else:
+        res = _collect_arrays(dictionary, targets, top_k=top_k, modules=modules, mask=mask, seeds=seeds, key=key,
+                              **kw)
+    res.warnings = stats_warnings(res.stats, res.provenance["atom_names"], res.provenance["target_names"])
+    return res
+
+
+def _collect_arrays(dictionary, targets, *, top_k, modules, mask, seeds, key, **kw) -> StreamResult:
+    if not all(is_array_file(s) for s in dictionary + targets):
+        bad = next(s for s in dictionary + targets if not is_array_file(s))
         raise UnmergeError(f"{bad} is not a .npy/.safetensors array file; model and adapter directories need "
                            f"--base DIR (the model they were fine-tuned from)")
     if top_k is not None or modules is not None or mask is not None:
         raise UnmergeError("--top-k, --modules and --mask apply to checkpoints; array inputs are used as given")
     t0 = time.perf_counter()
-    D, d_names, d_entries = array_columns(dictionary, "dictionary")
-    V, t_names, t_entries = array_columns(targets, "targets")
+    d_files = _array_inputs(dictionary, "dictionary")
+    t_files = _array_inputs(targets, "targets")
+    D, d_names = _side_by_side(d_files, "dictionary")
+    V, t_names = _side_by_side(t_files, "targets")
     if D.shape[0] != V.shape[0]:
         raise UnmergeError(f"the dictionary arrays have {D.shape[0]} rows but the targets have {V.shape[0]}; both "
                            f"must be flattened over the same parameters")
     boot_block = bootstrap_unit_rows(int(D.shape[0]), kw.get("bootstrap_block"))
-    stats = gram_stats(D, V, seeds=seeds, key=key, bootstrap_block=boot_block)
-    prov = provenance(d_entries, t_entries, atom_names=d_names, target_names=t_names, n_rows=D.shape[0], seeds=seeds,
-                      key=key, bootstrap_block=boot_block, seconds=time.perf_counter() - t0,
-                      dtypes={D.dtype, V.dtype})
+    stats = _array_stats(d_files + t_files, D, V, seeds=seeds, key=key, bootstrap_block=boot_block)
+    prov = provenance([e for e, _, _ in d_files], [e for e, _, _ in t_files], atom_names=d_names,
+                      target_names=t_names, n_rows=D.shape[0], seeds=seeds, key=key, bootstrap_block=boot_block,
+                      seconds=time.perf_counter() - t0, dtypes={D.dtype, V.dtype})
     return StreamResult(stats, prov, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# outputs
-# ----------------------------------------------------------------------------------------------
-def check_outputs(inputs, outputs) -> None:
-    """Refuse outputs that would overwrite an input (``NAME=PATH`` entries count by their path), before any work."""
-    given = [p for p in inputs if p]
-    resolved = {Path(str(p).partition("=")[2] or str(p)).resolve() for p in given} | {
-        Path(str(p)).resolve() for p in given}
-    for out in outputs:
-        if out is not None and Path(out).resolve() in resolved:
-            raise UnmergeError(f"output {out} is one of the inputs; choose another file")
-
-
-def _check_mask_output(base, mask_out) -> None:
-    if mask_out is not None and base is None:
-        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
-
-
-def _save_mask(result: StreamResult, mask_out) -> None:
-    if mask_out is None:
-        return
-    if result.selection is None:
-        raise UnmergeError("--save-mask needs checkpoint inputs (--base); array inputs have no mask")
-    result.selection.save(mask_out)
 
 
 # ----------------------------------------------------------------------------------------------
 # the commands
 # ----------------------------------------------------------------------------------------------
+def _inputs(base, dictionary, targets, stats_kw) -> list:
+    return [base, dictionary, targets, stats_kw.get("mask")]
+
+
 def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: dict | None = None, ci: float = 0.95,
                     json_out=None, stats_out=None, mask_out=None, **stats_kw) -> dict:
     """``unmerge decompose``: statistics of the inputs, the report, then the outputs.
 
     Args:
       base, dictionary, targets: as :func:`collect_stats` (checkpoints with ``base``, else array files).
-      method, params: the solver and its parameters (checked before anything is read).
-      ci: bootstrap confidence level.
-      json_out: write the report (with ``provenance``) as JSON here.
+      method, params: the solver and its parameters (checked before anything is read; numbers
+        must be finite).
+      ci: bootstrap confidence level, in (0, 1).
+      json_out: write the report (with ``provenance``) as JSON here (NaN as ``null``).
       stats_out: also write the statistics (``save_stats``) here.
       mask_out: write the selection (checkpoints) here.
       **stats_kw: :func:`collect_stats` options (``top_k``, ``scope``, ``modules``, ``mask``,
         ``seeds``, ``key``, ``block_rows``, ``bootstrap_block``).
 
     Returns:
-      the report of :func:`~unmerge_jax.report.decomposition_report` with its ``provenance``.
-      Nothing is written unless every step succeeded; each output is written atomically.
+      the report of :func:`~unmerge_jax.report.decomposition_report` with its ``provenance``
+      (and ``warnings``). Nothing is written unless every step succeeded; each output is written
+      atomically, never over, inside or around an input.
     """
-    check_outputs([base, *dictionary, *targets, stats_kw.get("mask")], [json_out, mask_out, stats_out])
+    inputs = _inputs(base, dictionary, targets, stats_kw)
     params = dict(params or {})
+    for k, v in params.items():
+        _finite_number(f"--param {k}", v)
     resolve_params(resolve_method(method), 1 << 30, params)  # bad method/parameter: fail before reading
+    check_options(ci=ci, **stats_kw)
+    check_outputs(inputs, [json_out, mask_out, stats_out])
     _check_mask_output(base, mask_out)
     res = collect_stats(base, dictionary, targets, **stats_kw)
     prov = res.provenance
     report = decomposition_report(res.stats, prov["atom_names"], prov["target_names"], method, ci=ci, **params)
     report["provenance"] = prov
+    paths = [p for spec in inputs for p in _input_paths(spec)]
     if json_out is not None:
-        with atomic_file(json_out) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str))
+        with atomic_file(json_out, inputs=paths) as tmp:
+            tmp.write_text(report_json(report))
     if stats_out is not None:
-        save_stats(stats_out, res.stats, prov)
-    _save_mask(res, mask_out)
+        save_stats(stats_out, res.stats, prov, inputs=paths)
+    _save_mask(res, mask_out, paths)
     return report
 
 
@@ -179,9 +325,12 @@ def stats_file(base, dictionary, targets, out, *, mask_out=None, coordinator=Non
         processes (all three, or none); each reads its share of the tensors and process 0 writes.
 
     Returns:
-      ``(result, written)``: written is False in the processes other than 0.
+      ``(result, written)``: written is False in the processes other than 0; ``result.warnings``
+      says where a decomposition of these statistics would be ambiguous.
     """
-    check_outputs([base, *dictionary, *targets, stats_kw.get("mask")], [out, mask_out])
+    inputs = _inputs(base, dictionary, targets, stats_kw)
+    check_options(**stats_kw)
+    check_outputs(inputs, [out, mask_out])
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
         raise UnmergeError("--coordinator, --num-processes and --process-id go together")
@@ -192,12 +341,17 @@ def stats_file(base, dictionary, targets, out, *, mask_out=None, coordinator=Non
 
         if base is None:
             raise UnmergeError("several processes need checkpoint inputs (--base); arrays are read by one process")
+        _whole("--num-processes", num_processes, 1)
+        _whole("--process-id", process_id, 0)
+        if process_id >= num_processes:
+            raise UnmergeError(f"--process-id {process_id} must be below --num-processes {num_processes}")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         writer = process_id == 0
     res = collect_stats(base, dictionary, targets, **stats_kw)
     if writer:
-        save_stats(out, res.stats, res.provenance)
-        _save_mask(res, mask_out)
+        paths = [p for spec in inputs for p in _input_paths(spec)]
+        save_stats(out, res.stats, res.provenance, inputs=paths)
+        _save_mask(res, mask_out, paths)
     return res, writer
 
 
@@ -213,38 +367,63 @@ def sweep_files(*, stats=None, dictionary=None, targets=None, grid="paper", meth
       stats: a ``.npz`` from ``unmerge stats`` (names from its provenance); or
       dictionary, targets: array files (``load_columns``), whose statistics are computed here
         with ``seeds`` replicates (``key``, ``bootstrap_block``).
-      grid: ``"paper"``, a ``{method: {param: [values]}}`` dict, or a JSON file of one.
-      methods: subset of the grid's methods; seeds: bootstrap replicates per run; truth: a
-        ``.npy`` (targets × atoms) of true weights (adds precision/recall/perfect match).
-      by: summary columns; runs_out: write every run as CSV; summary_out: the summary as JSON.
+      grid: ``"paper"``, a ``{method: {param: [values]}}`` dict, or a JSON file of one (value
+        lists non-empty, numbers finite).
+      methods: subset of the grid's methods (non-empty); seeds: bootstrap replicates per run;
+        truth: a ``.npy`` (targets × atoms) of true weights (adds precision/recall/perfect match).
+      by: summary columns (non-empty); runs_out: write every run as CSV; summary_out: the
+        summary as JSON. Outputs are checked before any work and never overlap an input.
 
     Returns:
-      ``(table, summary)``: the runs (``unmerge_jax.sweep``) and their ``summarize`` table.
+      ``(table, summary)``: the runs (``unmerge_jax.sweep``) and their ``summarize`` table;
+      ``table.attrs["warnings"]`` holds :func:`~unmerge_jax.report.stats_warnings` of the statistics.
     """
-    if stats is not None:
-        if dictionary or targets:
-            raise UnmergeError("give either --stats or --dictionary/--targets, not both")
-        gs, prov = load_stats(stats)
-        atom_names, target_names = prov.get("atom_names"), prov.get("target_names")
-    elif dictionary is not None and targets is not None:
-        d, atom_names = load_columns(dictionary)
-        v, target_names = load_columns(targets)
-        gs = gram_stats(d, v, seeds=seeds, key=key, bootstrap_block=bootstrap_block)
-    else:
-        raise UnmergeError("give --stats FILE.npz, or both --dictionary and --targets")
+    check_options(seeds=seeds, key=key, bootstrap_block=bootstrap_block)
+    if methods is not None and (not list(methods) or not all(str(m).strip() for m in methods)):
+        raise UnmergeError(f"--methods {','.join(map(str, methods))!r} names no method (or an empty one); give e.g. "
+                           f"nnls,omp, or leave it out for every method of the grid")
+    if not list(by) or not all(str(b).strip() for b in by):
+        raise UnmergeError(f"--by {','.join(map(str, by))!r} names no column (or an empty one); give e.g. method")
+    inputs = [stats, dictionary, targets, truth, grid if isinstance(grid, (str, Path)) and str(grid) != "paper"
+              else None]
+    check_outputs(inputs, [runs_out, summary_out])
     if isinstance(grid, (str, Path)) and str(grid) != "paper":
         try:
             grid = json.loads(Path(grid).read_text())
         except (OSError, ValueError) as err:
             raise UnmergeError(f"cannot read grid file {grid}: {err}") from None
-    truth = np.load(truth) if truth is not None else None
+    check_grid(grid)
+    if stats is not None:
+        if dictionary or targets:
+            raise UnmergeError("give either --stats or --dictionary/--targets, not both")
+        if bootstrap_block is not None:
+            raise UnmergeError("--bootstrap-block applies to --dictionary/--targets; a statistics file holds its "
+                               "replicates already")
+        gs, prov = load_stats(stats)
+        atom_names, target_names = prov.get("atom_names"), prov.get("target_names")
+    elif dictionary is not None and targets is not None:
+        d, atom_names = load_columns(dictionary)
+        v, target_names = load_columns(targets)
+        files = [(Entry(Path(dictionary).name, Path(dictionary)), d, atom_names),
+                 (Entry(Path(targets).name, Path(targets)), v, target_names)]
+        gs = _array_stats(files, d, v, seeds=seeds, key=key, bootstrap_block=bootstrap_block)
+    else:
+        raise UnmergeError("give --stats FILE.npz, or both --dictionary and --targets")
+    if truth is not None:
+        truth_path, truth = truth, load_array(truth, "truth file")
+        if truth.dtype.kind not in "fiub":
+            raise UnmergeError(f"truth file {truth_path} holds {truth.dtype} values; give true weights as numbers")
+        if truth.dtype.kind in "f" and not np.all(np.isfinite(truth)):
+            raise UnmergeError(f"truth file {truth_path} holds NaN/Inf; give the true weights (0 = absent)")
     table = sweep(gs, grid=grid, seeds=seeds, truth=truth, methods=methods, atom_names=atom_names,
                   target_names=target_names)
+    table.attrs["warnings"] = stats_warnings(gs, atom_names, target_names)
     summary = summarize(table, by=list(by), metrics=list(TRUTH_METRICS if truth is not None else SWEEP_METRICS))
+    paths = [p for spec in inputs for p in _input_paths(spec)]
     if runs_out is not None:
-        with atomic_file(runs_out) as tmp:
+        with atomic_file(runs_out, inputs=paths) as tmp:
             table.to_csv(tmp, index=False)
     if summary_out is not None:
-        with atomic_file(summary_out) as tmp:
+        with atomic_file(summary_out, inputs=paths) as tmp:
             tmp.write_text(summary.frame.to_json(orient="records", indent=2))
     return table, summary

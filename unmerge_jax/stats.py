@@ -26,6 +26,17 @@ from unmerge_jax.staging import BLOCK_ROWS, ArrayBlocks, Staging, block_rows_for
 
 # Fewest resampling units for which the automatic bootstrap resamples blocks instead of rows.
 MIN_BOOT_UNITS = 200
+# Integer seeds are 32-bit: every command's generator takes them as they are, never modulo 2**32.
+SEED_LIMIT = 1 << 32
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` as an int in ``0 ≤ seed < 2**32``, or a one-line error (a larger seed is refused, not folded)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UnmergeError(f"{what} must be a whole number, got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise UnmergeError(f"{what} {seed} is outside 0..{SEED_LIMIT - 1}: seeds are 32-bit — give a smaller one")
+    return int(seed)
 
 
 def bootstrap_unit_rows(n_rows: int, block: int | None = None) -> int:
@@ -173,7 +184,7 @@ def _seed_key(key, seeds):
     if key is None:
         return jax.random.key(0)
     if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
+        return jax.random.key(check_seed(key, "bootstrap seed"))
     return key
 
 
@@ -296,17 +307,65 @@ def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
 _FIELDS = GramStats._fields
 
 
-def save_stats(path, stats: GramStats, provenance: dict | None = None) -> None:
-    """Write statistics (and a JSON-serialisable provenance dict) to ``.npz``, atomically."""
+def save_stats(path, stats: GramStats, provenance: dict | None = None, *, inputs=()) -> None:
+    """Write statistics (and a JSON-serialisable provenance dict) to ``.npz``, atomically.
+
+    ``inputs``: paths the file must not overwrite or sit inside (``io.atomic.check_disjoint``).
+    """
     arrays = {f: getattr(stats, f) for f in _FIELDS if getattr(stats, f) is not None}
-    write_npz(path, arrays, {"provenance": provenance or {}})
+    write_npz(path, arrays, {"provenance": provenance or {}}, inputs=inputs)
 
 
-def load_stats(path) -> tuple[GramStats, dict]:
-    """Read statistics written by :func:`save_stats`; returns ``(stats, provenance)``."""
-    arrays, meta = read_npz(path, "statistics file")
+def _expected_shapes(K: int, T: int, S: int) -> dict:
+    return {"gram": (K, K), "cross": (K, T), "target_sq": (T,), "n_rows": (), "boot_gram": (S, K, K),
+            "boot_cross": (S, K, T), "boot_target_sq": (S, T), "boot_n_rows": (S,)}
+
+
+def check_stats_file(path, arrays: dict, provenance) -> None:
+    """One-line error unless ``arrays`` are consistent :class:`GramStats` fields (K atoms, T targets,
+    S replicates: shapes, real dtypes, all four replicate fields or none) and ``provenance`` is a dict."""
+    fix = "write it again with `unmerge stats` or unmerge_jax.save_stats"
     missing = [f for f in ("gram", "cross", "target_sq", "n_rows") if f not in arrays]
     if missing:
         raise UnmergeError(f"{path} is not a GramStats file (missing {', '.join(missing)}); "
                            f"write one with `unmerge stats` or unmerge_jax.save_stats")
-    return GramStats(**{f: arrays.get(f) for f in _FIELDS}), meta.get("provenance", {})
+    for f, a in arrays.items():
+        if f in _FIELDS and a.dtype.kind not in "fiu":
+            raise UnmergeError(f"{path}: field {f} holds {a.dtype} values, not numbers; {fix}")
+    boot = [f for f in _FIELDS if f.startswith("boot_") and f in arrays]
+    if boot and len(boot) != 4:
+        raise UnmergeError(f"{path} holds only some bootstrap fields ({', '.join(boot)}); {fix}")
+    gram, cross = arrays["gram"], arrays["cross"]
+    if gram.ndim != 2 or cross.ndim != 2:
+        raise UnmergeError(f"{path}: gram has shape {gram.shape} and cross {cross.shape}; expected (K, K) and (K, T)"
+                           f" — {fix}")
+    K, T = (int(n) for n in cross.shape)
+    S = int(arrays["boot_gram"].shape[0]) if boot and arrays["boot_gram"].ndim else 0
+    want = _expected_shapes(K, T, S)
+    for f in _FIELDS:  # in field order: the first wrong one is named
+        if f in arrays and tuple(arrays[f].shape) != want[f]:
+            raise UnmergeError(f"{path}: field {f} has shape {tuple(arrays[f].shape)} but {K} atoms, {T} targets and "
+                               f"{S} seeds need {want[f]}; {fix}")
+    if K == 0 or T == 0:
+        raise UnmergeError(f"{path} holds statistics of {K} atoms and {T} targets; nothing to solve — {fix}")
+    if not float(arrays["n_rows"]) >= 1:
+        raise UnmergeError(f"{path}: n_rows is {arrays['n_rows']}; the statistics must cover at least one row — {fix}")
+    if not isinstance(provenance, dict):
+        raise UnmergeError(f"{path}: the provenance is a {type(provenance).__name__}, not an object; {fix}")
+    for key, n in (("atom_names", gram.shape[0]), ("target_names", cross.shape[1])):
+        names = provenance.get(key)
+        if names is not None and (not isinstance(names, list) or len(names) != n
+                                  or not all(isinstance(x, str) for x in names)):
+            raise UnmergeError(f"{path}: provenance {key} is {str(names)[:80]!r}, not a list of {n} names; {fix}")
+
+
+def load_stats(path) -> tuple[GramStats, dict]:
+    """Read statistics written by :func:`save_stats`; returns ``(stats, provenance)``.
+
+    The file is checked (:func:`check_stats_file`): a truncated, foreign or mis-shaped file is a
+    one-line error, never a traceback from a solver.
+    """
+    arrays, meta = read_npz(path, "statistics file")
+    provenance = meta.get("provenance", {})
+    check_stats_file(path, arrays, provenance)
+    return GramStats(**{f: arrays.get(f) for f in _FIELDS}), provenance

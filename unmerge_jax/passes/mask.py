@@ -32,7 +32,7 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
 from unmerge_jax.progress import progress
-from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource
+from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource, nonfinite_error
 
 SCOPES = ("group", "global")
 
@@ -90,12 +90,13 @@ class Selection:
                 raise UnmergeError(f"the mask has tensor {n} with shape {tuple(self.shapes[n])} but base {base.label} "
                                    f"has {tuple(base.shape(n))}; recompute the mask for this base")
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` atomically (spec, tensor names and shapes, the index arrays)."""
+    def save(self, path, *, inputs=()) -> None:
+        """Write to ``.npz`` atomically (spec, tensor names and shapes, the index arrays); never over
+        or inside one of ``inputs``."""
         arrays = {f"idx_{i}": np.asarray(self.index[n], np.int64) for i, n in enumerate(self.names)
                   if self.index.get(n) is not None}
         write_npz(path, arrays, {"spec": self.spec, "names": list(self.names),
-                                 "shapes": [list(self.shapes[n]) for n in self.names]})
+                                 "shapes": [list(self.shapes[n]) for n in self.names]}, inputs=inputs)
 
     @classmethod
     def load(cls, path) -> "Selection":
@@ -104,8 +105,22 @@ class Selection:
         for key in ("names", "shapes", "spec"):
             if key not in meta:
                 raise UnmergeError(f"{path} is not a mask file (no {key}_json); write one with --save-mask")
-        names = meta["names"]
-        shapes = {n: tuple(s) for n, s in zip(names, meta["shapes"])}
+        names, shape_list, spec = meta["names"], meta["shapes"], meta["spec"]
+        redo = "write it again with --save-mask"
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names
+                or len(set(names)) != len(names)):
+            raise UnmergeError(f"mask file {path}: names is not a non-empty list of distinct tensor names; {redo}")
+        if not isinstance(shape_list, list) or len(shape_list) != len(names) or not all(
+                isinstance(sh, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sh)
+                for sh in shape_list):
+            raise UnmergeError(f"mask file {path}: shapes is not one list of sizes per tensor; {redo}")
+        if not isinstance(spec, dict):
+            raise UnmergeError(f"mask file {path}: spec is not an object; {redo}")
+        for key, a in arrays.items():
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise UnmergeError(f"mask file {path}: {key} has shape {a.shape} and dtype {a.dtype}; indices are 1-D "
+                                   f"integers — {redo}")
+        shapes = {n: tuple(s) for n, s in zip(names, shape_list)}
         index = {n: (np.asarray(arrays[f"idx_{i}"], np.int64) if f"idx_{i}" in arrays else None)
                  for i, n in enumerate(names)}
         for n, idx in index.items():
@@ -174,7 +189,8 @@ def _max_abs(base, dictionary, name) -> np.ndarray:
         if relative:
             if base_arr is None:
                 base_arr = base.read(name)
-            arr -= base_arr
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named below, not warned
+                arr -= base_arr
         np.abs(arr, out=arr)
         if m is None:
             m = arr
@@ -189,14 +205,19 @@ def _max_abs(base, dictionary, name) -> np.ndarray:
 
 
 def _raise_nonfinite(base, dictionary, name):
+    """Name the input (base or dictionary entry), its file and the first index of a NaN/Inf in ``name``."""
     base_arr = base.read(name)
     if not np.all(np.isfinite(base_arr)):
-        raise UnmergeError(f"tensor {name} of base {base.label} holds NaN/Inf; fix or re-download the base")
+        raise nonfinite_error(name, f"base {base.where(name)}", base_arr, "holds NaN/Inf:")
     for tv in dictionary:
-        d = tv.delta(name)
-        if not np.all(np.isfinite(d)):
-            raise UnmergeError(f"tensor {name} of dictionary entry {tv.name} ({tv.where(name)}) holds NaN/Inf; fix or "
-                               f"drop that entry")
+        arr, relative = tv.parts(name)
+        if arr is not None and not np.all(np.isfinite(arr)):
+            raise nonfinite_error(name, f"dictionary entry {tv.name} ({tv.where(name)})", arr, "holds NaN/Inf:")
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = tv.delta(name)
+        if not np.all(np.isfinite(d)):  # finite weights whose difference overflows float32
+            raise nonfinite_error(name, f"the task vector of dictionary entry {tv.name} ({tv.where(name)} minus the "
+                                        f"base)", d, "overflows float32 to NaN/Inf:")
     raise UnmergeError(f"tensor {name}: the dictionary's task vectors are not finite")  # pragma: no cover
 
 

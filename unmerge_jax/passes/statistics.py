@@ -27,7 +27,7 @@ tensors the same way and exchanges only its candidates.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from unmerge_jax.kernels.stream_stats import row_block
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
-from unmerge_jax.sources import WEIGHTS, CheckpointSource, TensorSource, open_source
+from unmerge_jax.sources import WEIGHTS, CheckpointSource, TensorSource, nonfinite_error, open_source
 from unmerge_jax.staging import BLOCK_ROWS, Staging, block_rows_for
 from unmerge_jax.stats import GramStats, accumulate_block, add_stats, bootstrap_unit_rows
 
@@ -51,11 +51,16 @@ MAX_INFLIGHT = 2  # blocks dispatched but not finished while the next one is sta
 
 @dataclass
 class StreamResult:
-    """What :func:`stream_stats` produced."""
+    """What :func:`stream_stats` produced.
+
+    ``warnings``: one-line notes where the answer is ambiguous (``report.stats_warnings``: the
+    same task vector twice, an all-zero entry, a target equal to the base), filled by the pipeline.
+    """
 
     stats: GramStats
     provenance: dict
     selection: Selection
+    warnings: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,21 +330,42 @@ def _zero_stats(K, T, seeds):
 
 
 def _raise_nonfinite(base, tvs, K, selection, tensors, inp):
-    """Name the tensor and input holding NaN/Inf (re-reads the block's tensors on this slow path)."""
-    for name in tensors:
+    """Name the tensor, the input, its file and the first index (in the tensor) of a NaN/Inf.
+
+    The slow path, after a block reported non-finite values: re-reads the block's tensors. Only
+    the selected entries count (a NaN outside the top-k mask does not enter the statistics).
+    """
+    def first_bad(arr, name):
+        flat = arr.reshape(-1)
         idx = selection.index.get(name)
-        pick = (lambda a: a.reshape(-1)) if idx is None else (lambda a: a.reshape(-1)[idx])
+        bad = ~np.isfinite(flat if idx is None else flat[idx])
+        if not bad.any():
+            return None
+        hit = np.zeros(flat.size, bool)
+        if idx is None:
+            hit = bad
+        else:
+            hit[idx[bad]] = True
+        return np.where(hit, flat, 0.0).reshape(arr.shape)  # non-finite at the selected places only
+
+    for name in tensors:
         if inp == 0:
-            if not np.all(np.isfinite(pick(base.read(name)))):
-                raise UnmergeError(f"tensor {name} of base {base.where(name)} holds NaN/Inf; fix or re-download the "
-                                   f"base")
+            bad = first_bad(base.read(name), name)
+            if bad is not None:
+                raise nonfinite_error(name, f"base {base.where(name)}", bad, "holds NaN/Inf:")
             continue
         s = tvs[inp - 1]
+        role = "dictionary entry" if inp - 1 < K else "target"
         arr, _ = s.parts(name)
-        if arr is not None and not np.all(np.isfinite(pick(arr))):
-            role = "dictionary entry" if inp - 1 < K else "target"
-            where = s.where(name)
-            raise UnmergeError(f"tensor {name} of {role} {s.name} ({where}) holds NaN/Inf; fix or drop that input")
+        bad = None if arr is None else first_bad(arr, name)
+        if bad is not None:
+            raise nonfinite_error(name, f"{role} {s.name} ({s.where(name)})", bad, "holds NaN/Inf:")
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = s.read(name)
+        bad = first_bad(delta, name)
+        if bad is not None:  # finite weights whose difference from the base overflows float32
+            raise nonfinite_error(name, f"the task vector of {role} {s.name} ({s.where(name)} minus the base)", bad,
+                                  "overflows float32 to NaN/Inf:")
     s = tvs[inp - 1] if inp else None
     raise UnmergeError(f"non-finite values in the task vector of {s.name if s else 'the base'} near tensor "
                        f"{tensors[0]}; the fine-tuned and base values overflow when subtracted")
