@@ -44,7 +44,8 @@ from unmerge_jax.analysis.names import classify
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import sparsity as K
 from unmerge_jax.progress import progress
-from unmerge_jax.sources import DELTA, MemorySource, TaskVector, TensorSource, open_source, task_vector
+from unmerge_jax.sources import (DELTA, MemorySource, TaskVector, TensorSource, nonfinite_error, open_source,
+                                 task_vector)
 
 METRIC_KEYS = ("l0", "exact_zero", "near_zero", "gini", "kurtosis", "top1_mass", "top5_mass", "n_params")
 TOP_FRACTIONS = {"top1_mass": 0.01, "top5_mass": 0.05}
@@ -240,6 +241,7 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
     """
     if mode not in ("auto", "exact", "hist"):
         raise UnmergeError(f"unknown sparsity mode {mode!r}; choose auto, exact or hist")
+    _check_thresholds(eps, atol, exact_limit)
     if passes not in (1, 2):
         raise UnmergeError(f"passes must be 1 or 2, got {passes}")
     if not 0 < group_hist_bits <= hist_bits <= 20:
@@ -263,7 +265,8 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
 
     info = {}
     for name in progress(src.names, desc="sparsity", enabled=progress_bar):
-        x = src.read(name) if src.touches(name) else None  # None: a known all-zero delta, not read
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing difference is named below
+            x = src.read(name) if src.touches(name) else None  # None: a known all-zero delta, not read
         shape = tuple(src.shape(name))
         n = int(np.prod(shape))
         if x is None:
@@ -272,8 +275,7 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
         else:
             s = K.tensor_summary(x, eps, atol)
         if s["n_nonfinite"]:
-            raise UnmergeError(f"tensor {name!r} of {src.where(name)} holds {s['n_nonfinite']} NaN/Inf value(s); "
-                               f"fix or exclude it before measuring sparsity")
+            raise _nonfinite(src, name, x, s["n_nonfinite"])
         if n == 0:
             continue
         layer, module, cls = classify(name)
@@ -349,6 +351,36 @@ def sparsity_metrics(delta_or_checkpoint, *, base=None, eps: float = 0.01, atol:
     if per_tensor:
         result["tensors"] = tensors
     return result
+
+
+def _check_thresholds(eps, atol, exact_limit) -> None:
+    """``eps`` finite in [0, 1], ``atol`` finite ≥ 0, ``exact_limit`` a whole number ≥ 0 (one-line errors)."""
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(eps) and 0 <= eps <= 1):
+        raise UnmergeError(f"--eps must be a finite fraction of max|d| in [0, 1] (the paper uses 0.01), got {eps}")
+    if not (number(atol) and atol >= 0):
+        raise UnmergeError(f"--atol must be a finite threshold >= 0, got {atol}")
+    if isinstance(exact_limit, bool) or not isinstance(exact_limit, (int, np.integer)) or exact_limit < 0:
+        raise UnmergeError(f"--exact-limit must be a whole number >= 0, got {exact_limit!r}")
+
+
+def _nonfinite(src: TensorSource, name: str, x: np.ndarray, count: int) -> UnmergeError:
+    """The one-line error for NaN/Inf in tensor ``name``: which input (the base or the fine-tuned
+    side of a task vector), its file and the first index."""
+    if isinstance(src, TaskVector):
+        if src.relative:
+            base = src.base.read(name)
+            if not np.all(np.isfinite(base)):
+                return nonfinite_error(repr(name), f"base {src.base.where(name)}", base, "holds NaN/Inf:")
+        arr, _ = src.parts(name)
+        if arr is not None and not np.all(np.isfinite(arr)):
+            return nonfinite_error(repr(name), src.where(name), arr, "holds NaN/Inf:")
+        if src.relative:  # finite weights whose difference from the base overflows float32
+            return nonfinite_error(repr(name), f"the task vector {src.where(name)} minus the base", x,
+                                   f"overflows float32 to NaN/Inf in {count} value(s):")
+    return nonfinite_error(repr(name), src.where(name), x, f"holds {count} NaN/Inf value(s):")
 
 
 def depth_trend(mods) -> dict:

@@ -24,10 +24,10 @@ def _clean(v):
     return v
 
 
-def write_json(path, obj) -> Path:
-    """JSON with NaN/Inf written as null (strict JSON)."""
+def write_json(path, obj, *, inputs=()) -> Path:
+    """JSON with NaN/Inf written as null (strict JSON), atomically; never over or inside one of ``inputs``."""
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, inputs=inputs) as tmp:
         tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False))
     return path
 

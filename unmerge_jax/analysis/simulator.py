@@ -131,6 +131,31 @@ def simulate_model(shapes, key, n_agents: int, sparsity: float, *, profile: Spar
         yield name, np.asarray(x).reshape((n_agents,) + tuple(shape)), s
 
 
+def _check_simulation(length, n_agents, sparsity, size_b, shared, max_elements, seed) -> None:
+    """One-line errors for simulation parameters out of range (before anything is drawn)."""
+    from unmerge_jax.stats import check_seed
+
+    def whole(flag, v, low):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise UnmergeError(f"{flag} must be a whole number >= {low}, got {v!r}")
+
+    def finite(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+    if length is not None:
+        whole("--length", length, 1)
+    whole("--agents", n_agents, 1)
+    if max_elements is not None:
+        whole("--max-elements", max_elements, 1)
+    if sparsity is not None and not (finite(sparsity) and 0 <= sparsity <= 1):
+        raise UnmergeError(f"--sparsity must be a fraction in [0, 1], got {sparsity}")
+    if size_b is not None and not (finite(size_b) and size_b > 0):
+        raise UnmergeError(f"--size must be a model size in billions > 0, got {size_b}")
+    if not (finite(shared) and 0 <= shared <= 1):
+        raise UnmergeError(f"--shared must be a fraction in [0, 1], got {shared}")
+    check_seed(seed, "--seed")
+
+
 def simulate_and_measure(*, length: int | None = None, arch: str | None = None, n_agents: int = 3,
                          sparsity: float | None = None, size_b: float | None = None, shared: float = SHARED,
                          profile: str = "flat", max_elements: int | None = 1 << 16, seed: int = 0, out=None) -> dict:
@@ -145,6 +170,11 @@ def simulate_and_measure(*, length: int | None = None, arch: str | None = None, 
 
     if (length is None) == (arch is None):
         raise UnmergeError("give exactly one of --length or --arch")
+    _check_simulation(length, n_agents, sparsity, size_b, shared, max_elements, seed)
+    if out is not None:
+        from unmerge_jax.io.atomic import check_output
+
+        check_output(out, directory=True)  # before the work: not a file, writable
     if sparsity is None:
         sparsity = float(calibrated_sparsity(size_b if size_b is not None else 70.0))
     if profile not in PROFILES:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unmerge_jax.errors import check_choice
-from unmerge_jax.io.atomic import atomic_dir
+from unmerge_jax.io.atomic import atomic_dir, check_output
 
 
 def _scaling(out, **kw):
@@ -33,7 +33,13 @@ STUDIES = {"merge-quality": _merge, "scaling-law": _scaling, "memory": _memory, 
 
 
 def run_study(name: str, out, *, force: bool = False, **params):
-    """Run study ``name`` (one of :data:`STUDIES`) writing into directory ``out``; returns its results."""
+    """Run study ``name`` (one of :data:`STUDIES`) writing into directory ``out``; returns its results.
+
+    ``out`` is checked before the study runs: it may not exist (unless ``force``), be a file, or
+    be, sit inside or contain the study's inputs (``target``/``base`` of the anatomy study).
+    """
     check_choice("study", name, STUDIES)
-    with atomic_dir(Path(out), force=force) as tmp:
+    inputs = [params.get("target"), params.get("base")]
+    check_output(out, inputs, directory=True, force=force)
+    with atomic_dir(Path(out), force=force, inputs=inputs) as tmp:
         return STUDIES[name](tmp, **params)

@@ -23,6 +23,7 @@ from unmerge_jax.experiment import engine
 from unmerge_jax.experiment.presets import Preset, get_preset
 from unmerge_jax.experiment.targets import TargetSpec, make_targets, truth_matrix
 from unmerge_jax.analysis.report import write_json
+from unmerge_jax.io.atomic import check_output, os_error
 from unmerge_jax.progress import progress
 
 RUN_COLUMNS = ["variant", "target", "category", "merge_method", "tasks", "algorithm", "params", "seed",
@@ -129,8 +130,13 @@ def run_experiment(preset="synthetic", out="unmerge-experiment", *, seed: int = 
 
     p = get_preset(preset)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
+    for d in (out, cache):  # before the work: a directory path, writable (files in them are replaced)
+        check_output(d, directory=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err, out, "create the directory") from None
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
