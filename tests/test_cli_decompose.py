@@ -187,7 +187,8 @@ def _bad_cases():
         "corrupt target": (["Q:ft0"], ["B:garbled"], "Q:base", [], r"ta_garbled/model\.safetensors.*truncated or corrupt"),
         "missing index shard": (["Q:ft0"], ["Q:ta"], "B:no_shard", [], r"lists shard model-\d+-of-\d+\.safetensors .* is missing"),
         "NaN/Inf in a target": (["Q:ft0", "Q:ft1"], ["B:nan"], "Q:base", ["--modules", "o"],
-                                r"tensor model\.layers\.1\.self_attn\.o_proj\.weight of target ta_nan .*holds NaN/Inf"),
+                                r"tensor model\.layers\.1\.self_attn\.o_proj\.weight of target ta_nan \(.*ta_nan/model\."
+                                r"safetensors\) holds NaN/Inf: a non-finite value at index \(3, 4\) \(inf\)"),
         "empty dictionary": ([], ["Q:ta"], "Q:base", [], r"dictionary is empty"),
         "directory without --base": (["Q:ft0"], ["Q:ta"], None, [], r"need --base DIR"),
         "nonexistent entry": (["Q:nope"], ["Q:ta"], "Q:base", [], r"nope does not exist"),
