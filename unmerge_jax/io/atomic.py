@@ -191,6 +191,14 @@ def _prepare(path: Path, force: bool, inputs, is_dir: bool):
         raise os_error(err, path.parent, "create the directory") from None
 
 
+def _still_absent(path: Path, force: bool) -> None:
+    """Under the lock, just before the rename: without ``force``, an output that another run
+    created since the first check is kept, not replaced."""
+    if not force and (path.exists() or path.is_symlink()):
+        raise UnmergeError(f"output {path} already exists: another run created it while this one was writing; it is "
+                           f"kept — pass --force to replace it or choose another output")
+
+
 @contextlib.contextmanager
 def atomic_file(path, *, force: bool = True, suffix: str = "", inputs=()):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -213,6 +221,7 @@ def atomic_file(path, *, force: bool = True, suffix: str = "", inputs=()):
         try:
             try:
                 yield Path(tmp)
+                _still_absent(path, force)
                 os.replace(tmp, path)
             except OSError as err:
                 raise os_error(err, path) from None
@@ -238,6 +247,7 @@ def atomic_dir(path, *, force: bool = False, inputs=()):
         try:
             try:
                 yield tmp
+                _still_absent(path, force)
                 if path.exists():
                     old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
                     os.replace(path, old / "x")
