@@ -131,23 +131,44 @@ def _output_lock(path: Path):
 @contextlib.contextmanager
 def _terminate_cleanly():
     """Turn SIGTERM into ``SystemExit`` in the main thread while an output is written, so the
-    ``finally`` blocks that remove temporaries run (SIGINT already raises KeyboardInterrupt)."""
+    ``finally`` blocks that remove temporaries run (SIGINT already raises KeyboardInterrupt).
+
+    Python swallows an exception a signal handler raises while a garbage-collector callback or a
+    ``__del__`` runs (JAX registers a gc callback): it would print "Exception ignored" and go on
+    to publish the output. So the signal is recorded, a swallowed exit is not printed but the
+    signal sent again 10 ms later (its handler then runs in the command's own code), and
+    :func:`_still_absent` raises it before the rename should it be swallowed once more."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _exit(signum, frame):
+        _TERMINATED.append(signum)
         raise SystemExit(128 + signum)
+
+    previous_hook = sys.unraisablehook
+
+    def _unraisable(info):
+        if not (isinstance(info.exc_value, SystemExit) and _TERMINATED):
+            previous_hook(info)
+            return
+        try:
+            threading.Timer(0.01, os.kill, (os.getpid(), _TERMINATED[-1])).start()
+        except SystemExit:   # the signal came again while the timer started: _still_absent has it
+            pass
 
     try:
         old = signal.signal(signal.SIGTERM, _exit)
     except (ValueError, OSError):  # not settable here (embedded interpreter)
         yield
         return
+    _TERMINATED.clear()
+    sys.unraisablehook = _unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        sys.unraisablehook = previous_hook
 
 
 def check_output(path, inputs=(), *, directory: bool = False, force: bool = True) -> None:
@@ -191,9 +212,15 @@ def _prepare(path: Path, force: bool, inputs, is_dir: bool):
         raise os_error(err, path.parent, "create the directory") from None
 
 
+_TERMINATED: list = []   # SIGTERMs received while an output was being written
+
+
 def _still_absent(path: Path, force: bool) -> None:
-    """Under the lock, just before the rename: without ``force``, an output that another run
-    created since the first check is kept, not replaced."""
+    """Under the lock, just before the rename: a SIGTERM received meanwhile stops the run (even
+    if its exception was swallowed); without ``force``, an output that another run created since
+    the first check is kept, not replaced."""
+    if _TERMINATED:
+        raise SystemExit(128 + _TERMINATED[-1])
     if not force and (path.exists() or path.is_symlink()):
         raise UnmergeError(f"output {path} already exists: another run created it while this one was writing; it is "
                            f"kept — pass --force to replace it or choose another output")
