@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 
+from unmerge_jax.cli.options import seed
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.merge import MERGE_METHODS
 from unmerge_jax.merge.methods.ram import ALIASES, FACES
@@ -55,7 +56,8 @@ def register(sub) -> None:
                        description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
-    p.add_argument("--seed", type=int, default=0, help="seed for DARE's random masks, 0 to 2**32-1 (default 0)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed for DARE's random masks, 0 to 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="output dtype (default: the config's out_dtype/dtype, else the base's)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

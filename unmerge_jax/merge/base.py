@@ -27,6 +27,7 @@ import numpy as np
 
 from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.kernels.random import name_hash
+from unmerge_jax.stats import check_seed   # one seed rule for every command: 32-bit, refused rather than folded
 
 STATISTICS = ("none", "tensor", "model")
 
@@ -36,20 +37,6 @@ class MergeKey(NamedTuple):
 
     seed: np.uint32
     name: np.uint32
-
-
-SEED_MAX = 2**32 - 1   # the counter-based generator is keyed by one uint32 word of the seed
-
-
-def check_seed(seed) -> int:
-    """``seed`` as an int in ``[0, 2**32 − 1]``; a one-line error otherwise (a larger seed would
-    be taken modulo 2**32 by the generator while the recorded seed says otherwise)."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise UnmergeError(f"seed must be an integer in [0, {SEED_MAX}], got {short(seed)}")
-    if not 0 <= int(seed) <= SEED_MAX:
-        raise UnmergeError(f"seed {short(seed)} is outside [0, {SEED_MAX}] (2**32 − 1), the range the random "
-                           f"generator is keyed by; choose a seed in that range")
-    return int(seed)
 
 
 def merge_key(seed: int, name: str) -> MergeKey:

@@ -123,8 +123,9 @@ def _parse_yaml(text: str, where: str):
                                f"of nesting aliases")
         return loader.construct_document(node)
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UnmergeError(f"cannot parse {where} as YAML: {short(first)}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first if len(first) <= 150 else first[:147] + "..."
+        raise UnmergeError(f"cannot parse {where} as YAML: {first}") from None
     except RecursionError:
         raise UnmergeError(f"cannot parse {where} as YAML: it is nested too deeply") from None
     finally:

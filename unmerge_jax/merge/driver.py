@@ -35,17 +35,18 @@ import yaml
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
-from unmerge_jax.io.atomic import atomic_dir, check_disjoint
+from unmerge_jax.io.atomic import atomic_dir, check_output
 from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
-from unmerge_jax.merge.base import check_seed, short
+from unmerge_jax.merge.base import short
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
                                  nonfinite_error, open_source, task_vector)
+from unmerge_jax.stats import check_seed
 
 CONFIG_NAME = "unmerge_merge_config.yaml"
 
@@ -199,11 +200,11 @@ def _check_values(name: str, arr: np.ndarray, limit, src) -> None:
     bad = np.flatnonzero(np.abs(arr.reshape(-1)) >= limit)[0]
     idx = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
     raise UnmergeError(f"tensor {name} of {src.where(name)} holds {arr.reshape(-1)[bad]:g} at index "
-                       f"{idx[0] if len(idx) == 1 else idx}, beyond the output dtype's range (±{limit:.6g} rounds "
-                       f"to inf); write a wider dtype (--dtype float32 or out_dtype)")
+                       f"{idx[0] if len(idx) == 1 else idx}, beyond the output dtype's range (|x| ≥ {limit:.6g} "
+                       f"rounds to inf); write a wider dtype (--dtype float32 or out_dtype)")
 
 
-def _explain(err: NonFinite, name: str, base, models, cfg, tag: str, rerun) -> UnmergeError:
+def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> UnmergeError:
     """The slow path of a tensor that failed the kernels' check: re-read the culprit from its file
     to name the file, the tensor and the first index (and, for a LoRA adapter, the factor)."""
     if err.culprit == BASE:
@@ -216,9 +217,10 @@ def _explain(err: NonFinite, name: str, base, models, cfg, tag: str, rerun) -> U
             return UnmergeError(f"the merged value of tensor {name} at index {at} is not finite in float32 (every "
                                 f"input is finite there): the weights, lambda or rescale overflow — use smaller "
                                 f"weights")
+        wider = "float32" if tag == "BF16" else "float32 or bfloat16"
         return UnmergeError(f"the merged value of tensor {name} at index {at} is {value:g}, beyond the range of "
-                            f"{TORCH_NAMES[tag]} (±{err.limit:.6g} rounds to inf); write float32 or bfloat16 "
-                            f"(--dtype, out_dtype) or use smaller weights")
+                            f"{TORCH_NAMES[tag]} (|x| ≥ {err.limit:.6g} rounds to inf); write {wider} (--dtype, "
+                            f"out_dtype) or use smaller weights")
     k = err.culprit[1] if isinstance(err.culprit, tuple) else err.culprit
     m = models[k]
     src = getattr(m, "source", m)
@@ -266,9 +268,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     cfg = load_config(config)
     out = Path(out)
     inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models]]
-    if out.exists() and not force:
-        raise UnmergeError(f"output {out} already exists; pass --force to overwrite it")
-    check_disjoint(out, inputs, replacing=force and out.exists())
+    check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
     base, models = _open_inputs(cfg)
     ref = base if base is not None else models[0]
     names = list(ref.names)
@@ -316,7 +316,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                     merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
                                    model_stats=lambdas, chunk=chunk, out=out, limit=limit)
                 except NonFinite as err:
-                    raise _explain(err, name, base, models, cfg, tag, lambda: _rerun(name, err.index)) from None
+                    raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
                 return name, out, True, slot
 
             def _rerun(name, index):
