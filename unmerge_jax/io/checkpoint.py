@@ -254,6 +254,18 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {len(self.files)} file(s))"
 
 
+def inside_model(root, path) -> bool:
+    """True when ``path`` (a file of the model directory ``root``, maybe a link) resolves inside
+    ``root`` or, for a Hugging Face cache snapshot (``…/snapshots/<rev>/``), inside that
+    repository's ``blobs/``, where the cache keeps every file of a snapshot."""
+    root = Path(root).resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    target = Path(path).resolve()
+    return any(a in target.parents for a in allowed)
+
+
 def _check_shard_name(root: Path, index: Path, fname: str, weight_map: dict) -> None:
     """An index's shard must be a file name inside the model directory: no sub-path, no ``..``,
     not absolute. A shard that is a symlink may only lead inside the directory or, for a Hugging
@@ -264,11 +276,7 @@ def _check_shard_name(root: Path, index: Path, fname: str, weight_map: dict) -> 
         raise UnmergeError(f"{index} maps tensor {tensor} to {fname!r}, which is not a file of the model directory "
                            f"{root}; an index may only name shards beside it — fix or re-download the index")
     target = (root / p).resolve()
-    inside = root.resolve()
-    allowed = [inside]
-    if inside.parent.name == "snapshots":
-        allowed.append(inside.parent.parent / "blobs")
-    if not any(target == a or a in target.parents for a in allowed):
+    if not inside_model(root, root / p):
         raise UnmergeError(f"shard {root / p} of {index} is a link to {target}, outside the model directory; copy the "
                            f"shard into the directory instead of linking it")
 

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag  # noqa: F401  (dtype_tag re-exported)
+from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES
+from unmerge_jax.io.checkpoint import inside_model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default out_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -154,17 +155,6 @@ class SideFiles(NamedTuple):
     skipped: list
 
 
-def _inside_model(src_dir: Path, p: Path) -> bool:
-    """True when ``p`` (a file of ``src_dir``, maybe a link) resolves inside ``src_dir`` or, for a
-    Hugging Face cache snapshot, inside that repository's ``blobs/``."""
-    root = src_dir.resolve()
-    allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
-    target = p.resolve()
-    return any(a in target.parents for a in allowed)
-
-
 def copy_side_files(src_dir, out_dir) -> SideFiles:
     """Copy the tokenizer and generation files that exist in ``src_dir`` (links followed only where
     they stay inside the model, see the module docstring)."""
@@ -174,7 +164,7 @@ def copy_side_files(src_dir, out_dir) -> SideFiles:
         p = src_dir / f
         if not p.is_file():
             continue
-        if not _inside_model(src_dir, p):
+        if not inside_model(src_dir, p):
             skipped.append(str(p))
             continue
         shutil.copy2(p, Path(out_dir) / f)
