@@ -239,7 +239,7 @@ def atomic_file(path, *, force: bool = True, suffix: str = "", inputs=()):
     """
     path = Path(path)
     _prepare(path, force, inputs, is_dir=False)
-    with _output_lock(path), _terminate_cleanly():
+    with _terminate_cleanly(), _output_lock(path):
         try:
             fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
         except OSError as err:
@@ -266,7 +266,7 @@ def atomic_dir(path, *, force: bool = False, inputs=()):
     """
     path = Path(path)
     _prepare(path, force, inputs, is_dir=True)
-    with _output_lock(path), _terminate_cleanly():
+    with _terminate_cleanly(), _output_lock(path):
         try:
             tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
         except OSError as err:
