@@ -39,6 +39,15 @@ DELTA = "delta"
 KINDS = (WEIGHTS, DELTA)
 
 
+# NumPy dtype → safetensors tag, for in-memory tensors.
+_TAGS = {dt: tag for tag, dt in NP_DTYPES.items()}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
 def _float32(arr, name: str, where: str) -> np.ndarray:
     a = np.asarray(arr)
     if a.dtype.kind not in "fiub":
@@ -127,8 +136,7 @@ class CheckpointSource(TensorSource):
     """
 
     def __init__(self, path, kind: str = WEIGHTS):
-        if kind not in KINDS:
-            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        _check_kind(kind)
         self.checkpoint = open_checkpoint(path)
         self.kind = kind
         self.path = self.checkpoint.path
@@ -239,8 +247,7 @@ class MemorySource(TensorSource):
     """
 
     def __init__(self, tensors: Mapping, kind: str = DELTA, label: str = "in-memory tensors", *, copy: bool = True):
-        if kind not in KINDS:
-            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        _check_kind(kind)
         self.tensors = {str(k): v for k, v in tensors.items()}
         self.kind, self.label, self.copy = kind, label, copy
         self.names = list(self.tensors)
@@ -252,8 +259,7 @@ class MemorySource(TensorSource):
     def dtype(self, name) -> str:
         self._check(name)
         dt = np.asarray(self.tensors[name]).dtype
-        tags = {v: k for k, v in NP_DTYPES.items()}
-        return tags.get(dt, str(dt))
+        return _TAGS.get(dt, str(dt))
 
     def read(self, name, out: np.ndarray | None = None) -> np.ndarray:
         self._check(name)
@@ -281,8 +287,7 @@ class VirtualSource(TensorSource):
 
     def __init__(self, shapes: Mapping, generate: Callable, kind: str = DELTA, label: str = "generated tensors",
                  dtypes: Mapping | None = None):
-        if kind not in KINDS:
-            raise UnmergeError(f"kind must be one of {KINDS}, got {kind!r}")
+        _check_kind(kind)
         self.shapes = {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}
         self.generate, self.kind, self.label = generate, kind, label
         self.dtypes = dict(dtypes or {})
