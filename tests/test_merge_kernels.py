@@ -252,3 +252,17 @@ def test_bad_input_one_line(call, match):
     with pytest.raises(UnmergeError, match=match) as err:
         call(base, d)
     assert "\n" not in str(err.value)
+
+
+def test_row_chunks_hold_whole_rows():
+    """``rows=True`` cuts chunks at row ends (a multiple of the last axis, at least one row); a 1-D
+    tensor is one row; without it, chunks are flat slices of the requested length."""
+    from unmerge_jax.merge.chunks import TensorChunks
+
+    base = np.zeros((5, 7), np.float32)
+    ones = (np.ones((5, 7), np.float32),)
+    bounds = lambda c: [(s.start, s.stop) for s in c.slices]  # noqa: E731
+    assert bounds(TensorChunks(base, ones, deltas=True, chunk=20, rows=True)) == [(0, 14), (14, 28), (28, 35)]
+    assert bounds(TensorChunks(base, ones, deltas=True, chunk=3, rows=True)) == [(i, i + 7) for i in range(0, 35, 7)]
+    assert bounds(TensorChunks(base.reshape(-1), (ones[0].reshape(-1),), deltas=True, chunk=3, rows=True)) == [(0, 35)]
+    assert bounds(TensorChunks(base, ones, deltas=True, chunk=20)) == [(0, 20), (20, 35)]

@@ -95,6 +95,8 @@ class MergeMethod(NamedTuple):
         (``totals`` is 0 when no tensor was counted); these are the ``stats`` of ``apply``.
       masks: ``masks(res, base, tensors, key, deltas) -> (K, n) bool`` — the keep-masks the method
         applies to a whole tensor, vmapped over the models (None for methods without masks).
+      rows: ``rows(res) -> bool`` — the method needs chunks of whole rows (see
+        :class:`~unmerge_jax.merge.chunks.TensorChunks`); None: any chunking.
       options: the family's static structure of this method (GTA: ``sparsify``, ``consensus``).
     """
 
@@ -109,7 +111,12 @@ class MergeMethod(NamedTuple):
     count: Callable | None = None
     finish: Callable | None = None
     masks: Callable | None = None
+    rows: Callable | None = None
     options: Mapping[str, Any] = {}
+
+    def whole_rows(self, res: "Resolved") -> bool:
+        """Whether the chunks of a tensor merged with ``res`` must hold whole rows."""
+        return bool(self.rows is not None and self.rows(res))
 
     @property
     def params(self) -> tuple[str, ...]:

@@ -93,6 +93,9 @@ class TensorChunks:
       tensors: K float32 arrays of shape ``S``.
       deltas: ``tensors`` are task vectors (else fine-tuned weights; δ is formed per chunk).
       chunk: entries per chunk (≥ 1).
+      rows: cut chunks at whole rows (the last axis of ``S``; a 0-/1-D tensor is one row): the chunk
+        length is rounded down to a multiple of the row length, and is one row when a row is longer
+        than ``chunk``. For methods that work per row (ranks, norms or cosines within a row).
       out: float32 buffer of shape ``S`` for the result; may be ``base`` itself (the statistics
         pass reads the base before the apply pass overwrites it chunk by chunk). Default: a new
         aligned copy of ``base``.
@@ -101,11 +104,12 @@ class TensorChunks:
         entries NaN; :meth:`store` refuses a chunk holding one.
 
     Attributes:
-      n, k, chunk, deltas, slices, limit (float32); ``out`` (shape ``S``).
+      n, k, chunk, deltas, slices, limit (float32); ``out`` (shape ``S``); ``row_len`` (entries per
+      row of the last axis; ``n`` for a 0-/1-D tensor); ``rows`` (chunks hold whole rows).
     """
 
     def __init__(self, base: np.ndarray, tensors, *, deltas: bool, chunk: int, out: np.ndarray | None = None,
-                 limit: float = np.inf):
+                 limit: float = np.inf, rows: bool = False):
         base = np.asarray(base, np.float32)
         if out is None:
             out = aligned_empty(base.nbytes).view(np.float32).reshape(base.shape)
@@ -116,7 +120,11 @@ class TensorChunks:
         self._rows = [np.asarray(t, np.float32).reshape(-1) for t in tensors]
         self._out = out.reshape(-1)
         self.n, self.k = self._base.size, len(self._rows)
+        self.row_len = int(base.shape[-1]) if base.ndim >= 2 else max(1, self.n)
+        self.rows = bool(rows)
         self.chunk = max(1, int(chunk))
+        if self.rows:
+            self.chunk = max(1, self.chunk // self.row_len) * self.row_len
         self.slices = [slice(s, min(s + self.chunk, self.n)) for s in range(0, self.n, self.chunk)]
         self.limit = np.float32(limit)
         self._pad = None

@@ -158,7 +158,8 @@ def _model_pass(base, models, names, res_by_name, first, bufs: _Buffers, chunk: 
             continue
         res = res_by_name[name]
         b, ts, deltas = _read(base, models, name, bufs)
-        totals = totals + method.count(res, TensorChunks(b, ts, deltas=deltas, chunk=chunk, out=b))
+        totals = totals + method.count(res, TensorChunks(b, ts, deltas=deltas, chunk=chunk, out=b,
+                                                          rows=method.whole_rows(res)))
         del b, ts
     return method.finish(first, totals)
 

@@ -43,7 +43,8 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
       NonFinite: an input entry is NaN/Inf, or a merged one is not finite or not below ``limit``.
     """
     method = res.method
-    chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out, limit=limit)
+    chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out, limit=limit,
+                          rows=method.whole_rows(res))
     key = merge_key(seed, name)
     kind = method.statistics(res)
     stats = None
