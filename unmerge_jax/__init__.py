@@ -24,6 +24,7 @@ from unmerge_jax.io.lora import open_adapter  # noqa: E402
 from unmerge_jax.io.names import parse_tensor_name  # noqa: E402
 from unmerge_jax.passes.statistics import StreamResult, stream_stats  # noqa: E402
 from unmerge_jax.report import decomposition_report  # noqa: E402
+from unmerge_jax.attribution import Attribution, attribute  # noqa: E402
 from unmerge_jax.sources import (AdapterSource, CheckpointSource, MemorySource, TaskVector, TensorSource,  # noqa: E402
                                  VirtualSource, open_source, task_vector)
 

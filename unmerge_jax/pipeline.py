@@ -9,9 +9,10 @@ Each step is its own module and calls only the steps below it:
 * outputs, written atomically (``io``) only after every step succeeded.
 
 This module joins them into what the commands run: :func:`collect_stats` (checkpoints or array
-files → :class:`~unmerge_jax.passes.statistics.StreamResult`), :func:`decompose_files`
-(``unmerge decompose``), :func:`stats_file` (``unmerge stats``) and :func:`sweep_files`
-(``unmerge sweep``).
+files → :class:`~unmerge_jax.passes.statistics.StreamResult`), :func:`attribute_files` (the
+presence decisions, merge method and verdict of every target, ``unmerge_jax.attribution``, from
+the same pass), :func:`decompose_files` (``unmerge decompose``), :func:`stats_file` (``unmerge
+stats``) and :func:`sweep_files` (``unmerge sweep``).
 
 Each command checks everything that needs no weights before reading any (docs/errors.md):
 options (:func:`check_options`: whole numbers in range, 32-bit seeds, finite solver parameters,
@@ -22,12 +23,18 @@ carries ``warnings`` (``report.stats_warnings``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from unmerge_jax.attribution import (CALIBRATED_SEEDS, DEFAULT_RULES, DENSITY_GRID, METHOD_ALIASES, Attribution,
+                                     attribute, signature_stats, trim_thresholds)
 
 from unmerge_jax.entries import Entry, entry_path, is_array_file, parse_entries
 from unmerge_jax.errors import UnmergeError
@@ -35,7 +42,7 @@ from unmerge_jax.io.arrays import load_array, load_columns
 from unmerge_jax.io.atomic import atomic_file, check_output
 from unmerge_jax.passes.statistics import StreamResult, stream_stats
 from unmerge_jax.provenance import provenance
-from unmerge_jax.report import decomposition_report, report_json, stats_warnings
+from unmerge_jax.report import add_attribution, decomposition_report, no_attribution, report_json, stats_warnings
 from unmerge_jax.solve import resolve_method, resolve_params
 from unmerge_jax.stats import bootstrap_unit_rows, check_seed, gram_stats, load_stats, save_stats
 from unmerge_jax.sweep import summarize, sweep
@@ -220,6 +227,10 @@ def collect_stats(base, dictionary, targets, *, top_k=None, scope="group", modul
     ``load_columns``): ``gram_stats`` of the columns (``selection`` is None in the result). Both
     record their provenance with :func:`~unmerge_jax.provenance.provenance`, and the result's
     ``warnings`` are :func:`~unmerge_jax.report.stats_warnings` of the statistics.
+
+    ``signatures=True`` (with ``densities``) also accumulates the merge-method signature sums
+    (``result.signatures``): in the checkpoint pass from the same device blocks; for arrays, the
+    columns are one tensor (thresholds over all their rows).
     """
     dictionary, targets = list(dictionary or []), list(targets or [])
     if not dictionary:
@@ -249,6 +260,7 @@ def _collect_arrays(dictionary, targets, *, top_k, modules, mask, seeds, key, **
                            f"--base DIR (the model they were fine-tuned from)")
     if top_k is not None or modules is not None or mask is not None:
         raise UnmergeError("--top-k, --modules and --mask apply to checkpoints; array inputs are used as given")
+    signatures, densities = kw.pop("signatures", False), kw.pop("densities", DENSITY_GRID)
     t0 = time.perf_counter()
     d_files = _array_inputs(dictionary, "dictionary")
     t_files = _array_inputs(targets, "targets")
@@ -259,10 +271,15 @@ def _collect_arrays(dictionary, targets, *, top_k, modules, mask, seeds, key, **
                            f"must be flattened over the same parameters")
     boot_block = bootstrap_unit_rows(int(D.shape[0]), kw.get("bootstrap_block"))
     stats = _array_stats(d_files + t_files, D, V, seeds=seeds, key=key, bootstrap_block=boot_block)
+    sig = None
+    if signatures:  # the arrays are one "tensor": thresholds over all rows of each column
+        D32 = np.asarray(D, np.float32)
+        sig = signature_stats(D32, np.asarray(V, np.float32), [(0, D32.shape[0])],
+                              trim_thresholds(D32.T, densities)[None], densities)
     prov = provenance([e for e, _, _ in d_files], [e for e, _, _ in t_files], atom_names=d_names,
                       target_names=t_names, n_rows=D.shape[0], seeds=seeds, key=key, bootstrap_block=boot_block,
                       seconds=time.perf_counter() - t0, dtypes={D.dtype, V.dtype})
-    return StreamResult(stats, prov, None)
+    return StreamResult(stats, prov, None, signatures=sig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,9 +289,109 @@ def _inputs(base, dictionary, targets, stats_kw) -> list:
     return [base, dictionary, targets, stats_kw.get("mask")]
 
 
+MERGE_METHOD_CHOICES = ("task_arithmetic", "linear", "ties", "dare")
+
+
+def check_attribution_options(method=None, density=None, densities=DENSITY_GRID) -> None:
+    """One-line errors for a given merge method / density, before any input is read.
+
+    ``method`` one of :data:`MERGE_METHOD_CHOICES` (or another name ``attribute`` knows); a
+    ``density`` needs ``ties`` or ``dare``, lies in (0, 1], and for TIES is on the signature grid.
+    """
+    if method is not None and str(method).lower() not in METHOD_ALIASES:
+        raise UnmergeError(f"--merge-method {method!r} is not one of {', '.join(MERGE_METHOD_CHOICES)}")
+    if density is None:
+        return
+    _finite_number("--density", density)
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)) \
+            or not 0 < float(density) <= 1:
+        raise UnmergeError(f"--density must be a fraction in (0, 1], got {density!r}")
+    forced = None if method is None else METHOD_ALIASES[str(method).lower()]
+    if forced not in ("ties", "dare"):
+        raise UnmergeError("--density needs --merge-method ties or dare (task arithmetic and linear have no density)")
+    grid = np.asarray(densities, np.float64)
+    if forced == "ties" and not np.any(np.isclose(grid, float(density), atol=1e-9)):
+        raise UnmergeError(f"TIES density {density} is not on the signature grid {grid.tolist()}; give one of those")
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """Hide the passes' progress bars for the duration (``enabled=False``); True keeps the
+    default rule of :mod:`unmerge_jax.progress`."""
+    if enabled:
+        yield
+        return
+    old = os.environ.get("UNMERGE_PROGRESS")
+    os.environ["UNMERGE_PROGRESS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("UNMERGE_PROGRESS", None)
+        else:
+            os.environ["UNMERGE_PROGRESS"] = old
+
+
+class AttributionResult(NamedTuple):
+    """What :func:`attribute_files` returns.
+
+    Attributes:
+      attribution: the :class:`~unmerge_jax.attribution.Attribution` (decisions per target and entry).
+      result: the pass's :class:`~unmerge_jax.passes.statistics.StreamResult` (``stats``,
+        ``signatures``, ``provenance``, ``selection``, ``warnings``).
+    """
+
+    attribution: Attribution
+    result: StreamResult
+
+
+def attribute_files(base, dictionary, targets, *, seeds: int = CALIBRATED_SEEDS, key: int = 0, top_k=None,
+                    scope: str = "group", modules=None, method: str | None = None, density: float | None = None,
+                    rules=None, progress: bool = True, **stats_kw) -> AttributionResult:
+    """Which dictionary entries each target holds, how it was merged, and what is left unexplained.
+
+    One pass over the weights gives the Gram statistics with ``seeds`` bootstrap replicates and the
+    merge-method signature sums (:func:`collect_stats` with ``signatures=True``); the decisions are
+    :func:`unmerge_jax.attribution.attribute` of them (no second read).
+
+    Args:
+      base, dictionary, targets: as :func:`decompose_files` (model or adapter directories with
+        ``base``, ``NAME=PATH`` strings, ``(name, path)`` pairs, ``{name: path}``; array files
+        without ``base``).
+      seeds: bootstrap replicates; at least :data:`~unmerge_jax.attribution.CALIBRATED_SEEDS`
+        (200), the count the rules were calibrated with (fewer: a one-line error).
+      key: bootstrap seed; the decisions are a deterministic function of it.
+      top_k, scope, modules: the compression (``--top-k``, ``--scope``, ``--modules``).
+      method: the merge method if known (``task_arithmetic``, ``linear``, ``ties``, ``dare``),
+        instead of identifying it; density: its density (TIES: on the signature grid).
+      rules: :class:`~unmerge_jax.attribution.Rules` (default ``DEFAULT_RULES``).
+      progress: False hides the progress bars.
+      **stats_kw: further :func:`collect_stats` options (``mask``, ``block_rows``,
+        ``bootstrap_block``, ``densities``, ...).
+
+    Returns:
+      :class:`AttributionResult` ``(attribution, result)``.
+    """
+    _whole("--seeds", seeds, 0)
+    if seeds < CALIBRATED_SEEDS:
+        raise UnmergeError(f"presence decisions need --seeds {CALIBRATED_SEEDS} or more (the rules were calibrated "
+                           f"with {CALIBRATED_SEEDS} bootstrap replicates); got --seeds {seeds}")
+    densities = stats_kw.pop("densities", DENSITY_GRID)
+    check_attribution_options(method, density, densities)
+    check_options(seeds=seeds, key=key, top_k=top_k, modules=modules, **stats_kw)
+    with _progress_bars(progress):
+        res = collect_stats(base, dictionary, targets, top_k=top_k, scope=scope, modules=modules, seeds=seeds, key=key,
+                            signatures=True, densities=densities, **stats_kw)
+    prov = res.provenance
+    at = attribute(res.stats, res.signatures, rules=DEFAULT_RULES if rules is None else rules, method=method,
+                   density=density, atom_names=prov["atom_names"], target_names=prov["target_names"])
+    return AttributionResult(at, res)
+
+
 def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: dict | None = None, ci: float = 0.95,
-                    json_out=None, stats_out=None, mask_out=None, **stats_kw) -> dict:
-    """``unmerge decompose``: statistics of the inputs, the report, then the outputs.
+                    json_out=None, stats_out=None, mask_out=None, merge_method: str | None = None,
+                    density: float | None = None, rules=None, **stats_kw) -> dict:
+    """``unmerge decompose``: statistics of the inputs, the report with its decisions, then the outputs.
 
     Args:
       base, dictionary, targets: as :func:`collect_stats` (checkpoints with ``base``, else array files).
@@ -284,8 +401,16 @@ def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: 
       json_out: write the report (with ``provenance``) as JSON here (NaN as ``null``).
       stats_out: also write the statistics (``save_stats``) here.
       mask_out: write the selection (checkpoints) here.
+      merge_method, density: the merge method (and density) if known, instead of identifying it
+        (see :func:`attribute_files`); rules: the decision thresholds (default ``DEFAULT_RULES``).
       **stats_kw: :func:`collect_stats` options (``top_k``, ``scope``, ``modules``, ``mask``,
-        ``seeds``, ``key``, ``block_rows``, ``bootstrap_block``).
+        ``seeds``, ``key``, ``block_rows``, ``bootstrap_block``, ``densities``).
+
+    With ``seeds`` ≥ :data:`~unmerge_jax.attribution.CALIBRATED_SEEDS` (200) the same pass also
+    accumulates the signature sums and every target gets the attribution decisions
+    (:func:`~unmerge_jax.report.add_attribution`: ``verdict``, ``present``, ``method``, per-entry
+    ``decisions``/``shares``/``weights``); with fewer, the report holds the fit only and a warning
+    says why (``verdict``/``method`` None).
 
     Returns:
       the report of :func:`~unmerge_jax.report.decomposition_report` with its ``provenance``
@@ -298,11 +423,22 @@ def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: 
         _finite_number(f"--param {k}", v)
     resolve_params(resolve_method(method), 1 << 30, params)  # bad method/parameter: fail before reading
     check_options(ci=ci, **stats_kw)
+    check_attribution_options(merge_method, density, stats_kw.get("densities", DENSITY_GRID))
     check_outputs(inputs, [json_out, mask_out, stats_out])
     _check_mask_output(base, mask_out)
-    res = collect_stats(base, dictionary, targets, **stats_kw)
+    seeds = stats_kw.get("seeds", 0)
+    decide = seeds >= CALIBRATED_SEEDS
+    res = collect_stats(base, dictionary, targets, signatures=decide, **stats_kw)
     prov = res.provenance
     report = decomposition_report(res.stats, prov["atom_names"], prov["target_names"], method, ci=ci, **params)
+    if decide:
+        at = attribute(res.stats, res.signatures, rules=DEFAULT_RULES if rules is None else rules, method=merge_method,
+                       density=density, atom_names=prov["atom_names"], target_names=prov["target_names"])
+        add_attribution(report, at)
+    else:
+        no_attribution(report, f"no presence decisions with --seeds {seeds}: the rules were calibrated with "
+                               f"{CALIBRATED_SEEDS} bootstrap replicates, so this report gives the fit only — use "
+                               f"--seeds {CALIBRATED_SEEDS} (the default)")
     report["provenance"] = prov
     paths = [p for spec in inputs for p in _input_paths(spec)]
     if json_out is not None:

@@ -6,6 +6,12 @@ each replicate too: the ``ci`` interval of a coefficient is the central quantile
 replicate values, ``selected`` the fraction of replicates with ``|a_k| > support_tol``.
 :func:`format_report` renders the report as the plain-text tables ``unmerge decompose`` prints.
 
+:func:`add_attribution` adds the decisions of :func:`unmerge_jax.attribution.attribute` to each
+target of a report: the verdict (known / mixed / unknown), the ``present`` entries, the identified
+``method`` (name, confidence, density), the share no dictionary entry explains (``unknown_share``),
+and per entry its decision, energy share and method-aware weight (TIES: the TIES-consistent
+weights, which sum to 1; otherwise the NNLS refit on the present entries).
+
 Where the answer is ambiguous, :func:`stats_warnings` says so from the statistics alone (the
 report's ``warnings``; the CLI prints them as ``warning:`` lines on stderr):
 
@@ -151,6 +157,48 @@ def _strict(x):
     return x
 
 
+METHOD_LABELS = {"task_arithmetic": "task arithmetic / linear", "ties": "TIES", "dare": "DARE"}
+
+
+def add_attribution(report: dict, attribution) -> dict:
+    """Add the decisions of an :class:`~unmerge_jax.attribution.Attribution` to ``report`` (in place).
+
+    Per target (matched by name): ``verdict``, ``present`` (names), ``method`` ``{name, confidence,
+    density}``, ``unknown_share`` (U: the share the present entries do not explain under the
+    identified method), ``weight_sum``, and per entry ``decisions`` (present / absent / uncertain),
+    ``shares`` (the decision statistic: left-out energy share) and ``weights`` (method-aware:
+    TIES-consistent for a TIES target, else the NNLS refit on the present entries). A target equal
+    to the base gets ``verdict`` None and no method (nothing to attribute). Top level:
+    ``attribution`` ``{"rules": the thresholds used}``. Every existing key is kept.
+    """
+    records = {r["target"]: r for r in attribution.records()}
+    for row in report["targets"]:
+        rec = records[row["target"]]
+        entries = {e["name"]: e for e in rec["entries"]}
+        if row.get("note") == ZERO_TARGET:
+            row.update(verdict=None, present=[], method=None, unknown_share=None, weight_sum=None,
+                       decisions={a: None for a in entries}, shares={a: None for a in entries},
+                       weights={a: None for a in entries})
+            continue
+        row.update(verdict=rec["verdict"], present=rec["present"], method=rec["method"],
+                   unknown_share=rec["unexplained"], weight_sum=rec["weight_sum"],
+                   decisions={a: e["decision"] for a, e in entries.items()},
+                   shares={a: e["share"] for a, e in entries.items()},
+                   weights={a: e["weight"] for a, e in entries.items()})
+    report["attribution"] = {"rules": dict(attribution.rules._asdict())}
+    return report
+
+
+def no_attribution(report: dict, reason: str) -> dict:
+    """Mark every target of ``report`` undecided (``verdict``/``method`` None, ``present`` []) and add
+    ``reason`` to its warnings: the fit is reported, no decision is made."""
+    for row in report["targets"]:
+        row.update(verdict=None, present=[], method=None)
+    report["warnings"].append(reason)
+    report["attribution"] = None
+    return report
+
+
 def report_json(report: dict) -> str:
     """The report as strict JSON (NaN/Inf written as ``null``; other values JSON lacks as strings)."""
     return json.dumps(_strict(report), indent=2, default=str)
@@ -162,15 +210,21 @@ def format_report(report: dict) -> str:
              f"entries" + (f", {report['n_seeds']} bootstrap seeds" if report["n_seeds"] else "")]
     for row in report["targets"]:
         lines.append("")
+        decided = row.get("verdict") is not None
+        if decided:
+            lines.append(verdict_line(row))
         if row.get("note"):
             lines.append(f"target {row['target']}: {row['note']} (no fit to report)")
         else:
-            lines.append(f"target {row['target']}: recon error {row['recon_error']:.3e}, unexplained energy "
+            lines.append(f"{'  fit' if decided else 'target ' + row['target'] + ':'} recon error "
+                         f"{row['recon_error']:.3e}, unexplained energy "
                          f"{row['unexplained']:.3e} ({100 * row['unexplained']:.4g}%), cos {row['cosine']:.6f}"
                          + ("" if row["converged"] else "  [NOT CONVERGED]"))
         width = max(len("entry"), *(len(a) for a in row["coefficients"]))
         pct = f"{100 * report['ci_level']:g}% CI" if report.get("ci_level") else None
         head = f"  {'entry':<{width}}  {'coefficient':>12}" + (f"  {pct:>25}  {'selected':>8}" if pct else "")
+        if decided:
+            head += f"  {'share':>9}  {'weight':>9}  decision"
         lines.append(head)
         lines.append("  " + "-" * (len(head) - 2))
         for a, v in row["coefficients"].items():
@@ -178,5 +232,19 @@ def format_report(report: dict) -> str:
             if pct:
                 lo, hi = row["ci"][a]
                 s += f"  {f'[{lo:.6f}, {hi:.6f}]':>25}  {row['selected'][a]:>8.0%}"
+            if decided:
+                s += f"  {100 * row['shares'][a]:>8.3g}%  {row['weights'][a]:>9.4f}  {row['decisions'][a]}"
             lines.append(s)
     return "\n".join(lines)
+
+
+def verdict_line(row: dict) -> str:
+    """``target NAME: VERDICT — METHOD (confidence c[, density ρ]); unexplained U%; present: …``."""
+    m = row["method"]
+    if row["verdict"] == "unknown":  # nothing present: no merge of these entries to identify
+        return f"target {row['target']}: UNKNOWN — no dictionary entry is present; 100% unexplained by the dictionary"
+    method = METHOD_LABELS.get(m["name"], m["name"])
+    extra = f", density {m['density']:.2f}" if m.get("density") is not None else ""
+    present = ", ".join(row["present"]) or "none"
+    return (f"target {row['target']}: {row['verdict'].upper()} — {method} (confidence {m['confidence']:.2f}{extra}); "
+            f"{100 * row['unknown_share']:.3g}% unexplained by the dictionary; present: {present}")

@@ -11,7 +11,8 @@ and how much of it nothing in the dictionary explains — decisions, not only co
   calibration of the thresholds on some seeds and the hold-out report on others.
 """
 
-from unmerge_jax.attribution.decide import ABSENT, DECISIONS, PRESENT, UNCERTAIN, Attribution, attribute  # noqa: F401
+from unmerge_jax.attribution.decide import (ABSENT, CALIBRATED_SEEDS, DECISIONS, METHOD_ALIASES, PRESENT,  # noqa: F401
+                                            UNCERTAIN, Attribution, attribute)
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules  # noqa: F401
 from unmerge_jax.attribution.shares import Shares, drop_shares, fit_subset, nnls_active_set, null_ratio  # noqa: F401
 from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, add_signatures, empty_signatures,  # noqa: F401

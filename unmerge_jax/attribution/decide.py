@@ -19,6 +19,9 @@ from unmerge_jax.attribution.ties import ties_drop_shares, ties_fit
 from unmerge_jax.errors import UnmergeError
 
 ABSENT, PRESENT, UNCERTAIN = 0, 1, 2
+# Bootstrap replicates the rules were calibrated with (``calibrate``): the quantiles the presence
+# decisions compare are only as good as that count; the commands refuse to decide with fewer.
+CALIBRATED_SEEDS = 200
 DECISIONS = ("absent", "present", "uncertain")
 # Names a caller may give for the merge method, and the model the rules use for each.
 METHOD_ALIASES = {"task_arithmetic": "task_arithmetic", "linear": "task_arithmetic", "ta": "task_arithmetic",

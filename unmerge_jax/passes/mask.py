@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from unmerge_jax.attribution.signatures import trim_thresholds
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
@@ -46,12 +47,19 @@ class Selection:
       shapes: ``{name: shape}``.
       index: ``{name: sorted int64 flat indices kept, or None for the whole tensor}``.
       spec: how it was made (mode, scope, top_k, per_group, n_groups, modules, ...).
+      thresholds: ``{name: (P, K) float32}`` TIES trimming thresholds of the dictionary's whole
+        tensors at ``threshold_densities`` (``attribution.trim_thresholds``), filled by the mask
+        pass when asked (``densities=``); not saved with the mask (the statistics pass computes
+        the ones it lacks from its own reading).
+      threshold_densities: the (P,) densities of ``thresholds``, or None.
     """
 
     names: list
     shapes: dict
     index: dict
     spec: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+    threshold_densities: tuple | None = None
 
     def rows(self, name) -> int:
         idx = self.index.get(name)
@@ -178,10 +186,16 @@ def _tensor_top(m: np.ndarray, k: int):
     return flat[pos].astype(np.float32), pos.astype(np.int64)
 
 
-def _max_abs(base, dictionary, name) -> np.ndarray:
-    """``M = max_i |d_i|`` of one tensor, built in place one task vector at a time."""
+def _max_abs(base, dictionary, name, densities=None):
+    """``M = max_i |d_i|`` of one tensor, built in place one task vector at a time.
+
+    With ``densities`` (P,), also each entry's TIES trimming thresholds of the whole tensor (the
+    k-th largest ``|d_i|``, ``attribution.trim_thresholds``) from the same ``|d_i|``: returns
+    ``(M, (P, K) thresholds)``.
+    """
     m, base_arr = None, None
-    for tv in dictionary:
+    thr = None if densities is None else np.zeros((len(densities), len(dictionary)), np.float32)
+    for j, tv in enumerate(dictionary):
         arr, relative = tv.parts(name)
         if arr is None:
             continue
@@ -192,6 +206,8 @@ def _max_abs(base, dictionary, name) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named below, not warned
                 arr -= base_arr
         np.abs(arr, out=arr)
+        if thr is not None:
+            thr[:, j] = trim_thresholds([arr], densities)[:, 0]
         if m is None:
             m = arr
         else:
@@ -201,7 +217,7 @@ def _max_abs(base, dictionary, name) -> np.ndarray:
         m = np.zeros(base.shape(name), np.float32)
     if not np.all(np.isfinite(m)):
         _raise_nonfinite(base, dictionary, name)
-    return m
+    return m if thr is None else (m, thr)
 
 
 def _raise_nonfinite(base, dictionary, name):
@@ -230,7 +246,8 @@ def _per_group(top_k: int, n_groups: int) -> int:
 
 
 def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = "group", modules=None,
-                    names=None, process_index: int = 0, process_count: int = 1, gather=None) -> Selection:
+                    names=None, process_index: int = 0, process_count: int = 1, gather=None,
+                    densities=None) -> Selection:
     """The streaming mask pass: top-k of ``M = max_i |d_i|`` (or everything when ``top_k`` is None).
 
     Args:
@@ -243,6 +260,8 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
       process_index, process_count, gather: multi-process pass — this process reads tensors
         ``share(names)[process_index]`` and ``gather(values, ranks, idx)`` returns every process's
         candidates concatenated (see :mod:`unmerge_jax.passes.statistics`).
+      densities: with ``top_k``, also the dictionary's TIES trimming thresholds at these densities
+        for the tensors this process reads (``Selection.thresholds``), at no extra read.
     """
     if top_k is None:
         sel = full_selection(base, modules)
@@ -262,8 +281,11 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
     k_each = _per_group(top_k, len(groups)) if scope == "group" else int(top_k)
     mine = share(names, [int(np.prod(base.shape(n), dtype=np.int64)) for n in names], process_count)[process_index]
     vals, ranks, idxs = [], [], []
+    thresholds = {}
     for name in progress(mine, desc="top-k mask pass", total=len(mine)):
-        m = _max_abs(base, dictionary, name)
+        m = _max_abs(base, dictionary, name, densities)
+        if densities is not None:
+            m, thresholds[name] = m
         v, i = _tensor_top(m, k_each)
         del m
         vals.append(v)
@@ -291,7 +313,8 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
             "n_groups": len(groups), "n_tensors": len(names)}
     if scope == "group":
         spec["per_group"] = k_each
-    return Selection(names, {n: tuple(base.shape(n)) for n in names}, index, spec)
+    return Selection(names, {n: tuple(base.shape(n)) for n in names}, index, spec, thresholds,
+                     None if densities is None else tuple(float(p) for p in densities))
 
 
 def _merge_global(vals, ranks, idxs, k):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels.stats import ROW_AXIS, row_mesh
 from unmerge_jax.kernels.stream_stats import row_block
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
+from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
 from unmerge_jax.sources import WEIGHTS, CheckpointSource, TensorSource, nonfinite_error, open_source
@@ -55,12 +57,15 @@ class StreamResult:
 
     ``warnings``: one-line notes where the answer is ambiguous (``report.stats_warnings``: the
     same task vector twice, an all-zero entry, a target equal to the base), filled by the pipeline.
+    ``signatures``: the :class:`~unmerge_jax.attribution.SignatureStats` of the same rows and targets
+    when the pass was asked for them (``signatures=True``), else None.
     """
 
     stats: GramStats
     provenance: dict
     selection: Selection
     warnings: list = field(default_factory=list)
+    signatures: Any = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +114,10 @@ class _Packer:
     laid out (1 + K + T, B): the base's values, then each source's.
     """
 
-    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad, boot_block=1):
+    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad, boot_block=1,
+                 sig=None):
         self.n_dict, self.block = n_dict, block
+        self.sig = sig  # SignatureAccumulator or None: its sums come from the same device block
         self.n_in = 1 + len(relative)
         self.relative = jnp.asarray(np.asarray(relative, bool))
         self.devices, self.seeds, self.key, self.cdt = devices, seeds, key, compute_dtype
@@ -161,6 +168,8 @@ class _Packer:
             return
         staged = jax.device_put(self.buf, self.sharding)
         D, V, bad = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
+        if self.sig is not None:
+            self.sig.add(D, V, self.offset, n)
         if n < self.block:
             D, V = D[:n], V[:n]
         part = accumulate_block(D, V, row_offset=self.offset, seeds=self.seeds, key=self.key, devices=self.devices,
@@ -196,7 +205,8 @@ def _load_mask(mask, base) -> Selection:
 def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: str = "group", modules=None,
                  mask=None, seeds: int = 0, key: int = 0, devices=None, block_rows: int = BLOCK_ROWS,
                  compute_dtype: str = "float64", distributed: bool | None = None,
-                 bootstrap_block: int | None = None) -> StreamResult:
+                 bootstrap_block: int | None = None, signatures: bool = False,
+                 densities=DENSITY_GRID) -> StreamResult:
     """Float64 :class:`GramStats` of checkpoint task vectors in one streaming pass.
 
     Args:
@@ -220,9 +230,14 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
         one process runs). Every process returns the summed statistics.
       bootstrap_block: rows per bootstrap resampling unit (default automatic from the selected
         rows, as :func:`unmerge_jax.gram_stats` does; see :func:`unmerge_jax.bootstrap_unit_rows`).
+      signatures: also accumulate the merge-method signature sums
+        (:class:`~unmerge_jax.attribution.SignatureStats`, ``passes.signatures``) from the same
+        device blocks; the TIES thresholds at ``densities`` come from the mask pass or from this
+        pass's reading of each tensor.
+      densities: TIES densities of the signature sums.
 
     Returns:
-      :class:`StreamResult` (``stats``, ``provenance``, ``selection``).
+      :class:`StreamResult` (``stats``, ``provenance``, ``selection``, ``signatures``).
     """
     t0 = time.perf_counter()
     if seeds < 0:
@@ -241,25 +256,28 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
     gather = _gather_concat if pcount > 1 else None
     if mask is None:
         selection = build_selection(base, tvs[:K], top_k, scope=scope, modules=modules, names=check,
-                                    process_index=pidx, process_count=pcount, gather=gather)
+                                    process_index=pidx, process_count=pcount, gather=gather,
+                                    densities=densities if signatures else None)
     n_rows = selection.n_rows
     if n_rows == 0:
         raise UnmergeError("the selection keeps no parameter entries; raise --top-k or widen --modules")
     boot_block = bootstrap_unit_rows(n_rows, bootstrap_block)
+    sig = SignatureAccumulator(selection, K, len(tvs) - K, densities, devices) if signatures else None
     stats, n_blocks = _accumulate(base, tvs, K, selection, seeds=seeds, key=key, devices=devices,
                                   block_rows=block_rows, compute_dtype=compute_dtype, pidx=pidx, pcount=pcount,
-                                  boot_block=boot_block)
+                                  boot_block=boot_block, sig=sig)
     mask_file = None if mask is None or isinstance(mask, Selection) else str(mask)
     prov = provenance(d_entries, t_entries, atom_names=[e.name for e in d_entries],
                       target_names=[e.name for e in t_entries], n_rows=n_rows, seeds=seeds, key=key,
                       bootstrap_block=boot_block, seconds=time.perf_counter() - t0, base=base, task_vectors=tvs,
                       selection=selection, block_rows=block_rows, n_processes=pcount, mask_file=mask_file,
                       n_blocks=n_blocks)
-    return StreamResult(stats, prov, selection)
+    return StreamResult(stats, prov, selection,
+                        signatures=sig.result(sum_over_processes=pcount > 1) if sig is not None else None)
 
 
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
-                boot_block=1):
+                boot_block=1, sig=None):
     names = selection.names
     mine = share(names, [selection.rows(n) for n in names], pcount)[pidx]
     if devices is None:
@@ -274,7 +292,7 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
         _raise_nonfinite(base, tvs, K, selection, [names[i] for i in tensor_ids], inp)
 
     packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad,
-                     boot_block)
+                     boot_block, sig)
     # One reusable buffer per input, sized for its largest tensor: tensors are read into it (in
     # their stored dtype where the source is a checkpoint; staging casts to float32) instead of
     # into fresh arrays, so the pass allocates (and page-faults) its (1 + K + T) tensors' worth
@@ -288,6 +306,8 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
             continue
         base_flat = read_base(name) if read_base is not None else None
         flats = [read(name) for read in readers]
+        if sig is not None and sig.needs(name):  # whole tensors in hand: their trimming thresholds
+            sig.from_reading(name, flats[:K], base_flat, relative[:K])
         packer.push(ids[name], base_flat, flats, selection.index.get(name), rows)
         del base_flat, flats
     packer.flush()

@@ -1,0 +1,112 @@
+"""Row-block kernel of the merge-method signature sums (exact zeros, TIES consistency).
+
+The sums and their meaning are defined in ``unmerge_jax.attribution.signatures`` (NumPy reference
+``signature_block``). This kernel computes them for one staged block of the checkpoint statistics
+pass, on the device block the Gram kernel reads, rows sharded over a 1-D mesh with ``shard_map``
+and a ``psum`` of the per-device partial sums. Per row ``r`` (float64 from the float32 rows)::
+
+    active_r      = any_k d_kr ≠ 0
+    zero_rt       = active_r ∧ v_rt = 0
+    e_rtk(ρ)      = [|d_kr| ≥ θ_k(ρ)] ∧ ([sign d_kr = sign v_rt] ∨ v_rt = 0)
+    x_rt(ρ)       = [e_rt ∘ d_r,  e_rt v_rt]                     (2K,)
+    M_t(ρ)       += x_rt x_rtᵀ                                    (2K, 2K)
+
+so ``ties_dd = M[:K, :K]``, ``ties_dv = M[:K, K:]``, ``ties_vv = M[K:, K:]``. The thresholds
+``θ_k(ρ)`` are per tensor; a block spans tensors, so it carries a small table of the thresholds
+of the tensors it holds and their first rows, and each row looks its tensor up (``searchsorted``).
+
+Padding rows (past the block's valid rows) are zero in ``D`` and ``V``; such a row is inactive and
+its ``x`` is zero, so it adds nothing — the kernel needs no row count.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from unmerge_jax.kernels.stats import ROW_AXIS
+
+# Rows per scan step: the (rows, T, 2K) float64 masked copies stay a few MiB.
+SIG_CHUNK_ROWS = 512
+
+
+def _chunk_sums(d, v, rows, starts, table):
+    """Signature sums of one chunk: d (c, K), v (c, T), rows (c,) block-row indices."""
+    hi = jax.lax.Precision.HIGHEST
+    dn = d.astype(jnp.float64)
+    vn = v.astype(jnp.float64)
+    seg = jnp.searchsorted(starts, rows, side="right") - 1              # (c,) tensor of each row
+    thr = table[jnp.clip(seg, 0, table.shape[0] - 1)]                   # (c, P, K)
+    active = jnp.any(dn != 0, axis=1)
+    zero = ((vn == 0) & active[:, None]).astype(jnp.float64)            # (c, T)
+    n_active = jnp.sum(active, dtype=jnp.float64)
+    zero_count = jnp.sum(zero, axis=0)
+    zero_energy = jnp.matmul(jnp.square(dn).T, zero, precision=hi)      # (K, T)
+    agree = (jnp.sign(dn)[:, None, :] == jnp.sign(vn)[:, :, None]) | (vn == 0)[:, :, None]  # (c, T, K)
+    absd = jnp.abs(dn)
+    ties = []
+    for p in range(table.shape[1]):
+        e = agree & (absd >= thr[:, p, :])[:, None, :]
+        x = jnp.concatenate([jnp.where(e, dn[:, None, :], 0.0), jnp.where(e, vn[:, :, None], 0.0)], axis=-1)
+        ties.append(jnp.einsum("rti,rtj->tij", x, x, precision=hi))     # (T, 2K, 2K)
+    return n_active, zero_count, zero_energy, jnp.stack(ties)
+
+
+def _local_sums(d, v, starts, table):
+    """Sums over this device's rows, scanned in chunks (no cross-device reduction)."""
+    r = d.shape[0]
+    first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r
+    chunk = min(SIG_CHUNK_ROWS, r)
+    main = r - r % chunk
+    dm = d[:main].reshape(-1, chunk, d.shape[1])
+    vm = v[:main].reshape(-1, chunk, v.shape[1])
+    local = jnp.arange(chunk, dtype=jnp.int64)
+
+    def body(acc, i):
+        part = _chunk_sums(dm[i], vm[i], first + i * chunk + local, starts, table)
+        return tuple(a + b for a, b in zip(acc, part)), None
+
+    shapes = jax.eval_shape(lambda: _chunk_sums(dm[0], vm[0], local, starts, table))
+    zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    total = jax.lax.scan(body, zeros, jnp.arange(main // chunk))[0]
+    if main < r:
+        rest = _chunk_sums(d[main:], v[main:], first + main + jnp.arange(r - main, dtype=jnp.int64), starts, table)
+        total = tuple(a + b for a, b in zip(total, rest))
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mesh: Mesh):
+    def local(d, v, starts, table):
+        return tuple(jax.lax.psum(x, ROW_AXIS) for x in _local_sums(d, v, starts, table))
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(ROW_AXIS), P(ROW_AXIS), P(), P()),
+                            out_specs=(P(), P(), P(), P()), check_vma=False)
+
+    def add_to(total, d, v, starts, table):
+        return tuple(a + b for a, b in zip(total, sharded(d, v, starts, table)))
+
+    # The running sums are updated in place (donated): no extra buffer per block.
+    return jax.jit(sharded), jax.jit(add_to, donate_argnums=(0,))
+
+
+def signature_block_sums(d, v, starts, table, *, mesh: Mesh, total=None):
+    """Float64 signature sums of one block of rows, rows sharded over ``mesh``.
+
+    Args:
+      d: (B, K) dictionary rows, B a multiple of the mesh size (rows past the valid ones zero).
+      v: (B, T) target rows.
+      starts: (S,) int64 first block row of each tensor in the block, increasing; entries past
+        the block's tensors are padding (any value ≥ B).
+      table: (S, P, K) float64 trimming thresholds ``θ_k(ρ_p)`` of each of those tensors.
+      mesh: 1-D device mesh with axis ``"rows"``.
+      total: optional running sums (a previous call's result), added to and donated.
+
+    Returns:
+      ``(n_active (), zero_count (T,), zero_energy (K, T), ties (P, T, 2K, 2K))`` float64.
+    """
+    plain, add_to = _compiled(mesh)
+    return plain(d, v, starts, table) if total is None else add_to(tuple(total), d, v, starts, table)

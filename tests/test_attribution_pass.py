@@ -1,0 +1,181 @@
+"""Attribution inside the checkpoint statistics pass, on real tiny merges made by the merge engine.
+
+* The signature sums fused into the pass (``passes.signatures``, ``kernels/signatures.py``) equal
+  the NumPy reference ``signature_stats`` of the dense columns (``dense_columns``) with thresholds
+  from the whole tensors' task vectors, to float64 rounding: full and compressed passes, rows
+  sharded over 8 devices, tensors split across blocks.
+* ``attribute_files`` on a dictionary of 4 dense fine-tunes of a tiny Qwen2 and targets merged by
+  ``unmerge_jax.merge`` (TIES and DARE of 2 of the 4, task arithmetic of 2, a linear merge with a
+  fine-tune outside the dictionary, the outside fine-tune alone): present sets, merge method,
+  density and verdict; the TIES weights equal the merge's weights; decisions deterministic per seed.
+"""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.models
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from unmerge_jax import UnmergeError  # noqa: E402
+from unmerge_jax.attribution import DENSITY_GRID, signature_stats, trim_thresholds  # noqa: E402
+from unmerge_jax.entries import open_entries  # noqa: E402
+from unmerge_jax.passes.statistics import dense_columns, stream_stats  # noqa: E402
+from unmerge_jax.pipeline import attribute_files  # noqa: E402
+from unmerge_jax.sources import WEIGHTS, open_source  # noqa: E402
+
+DICT = ["d0", "d1", "d2", "d3"]
+# target: (merge method, [(model, weight)], parameters, expected verdict, present, method, density)
+MERGES = {
+    "ties_d0_d1": ("ties", [("d0", 0.6), ("d1", 0.4)], {"density": 0.5}, "known", {"d0", "d1"}, "ties", 0.5),
+    "dare_d1_d2": ("dare_linear", [("d1", 0.5), ("d2", 0.5)], {"density": 0.5}, "known", {"d1", "d2"}, "dare", None),
+    "ta_d0_d3": ("task_arithmetic", [("d0", 0.5), ("d3", 0.5)], {}, "known", {"d0", "d3"}, "task_arithmetic", None),
+    "linear_d2_x": ("linear", [("d2", 0.5), ("x", 0.5)], {}, "mixed", {"d2"}, None, None),
+    "x": (None, None, None, "unknown", set(), None, None),
+}
+
+
+def _dense_fine_tune(seed):
+    """The tiny Qwen2 base with every entry moved by 0.01·N(0, 1) (a dense fine-tune)."""
+    from tests._tiny_models import qwen
+
+    m = qwen(0)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="module")
+def merges(tmp_path_factory):
+    from tests._tiny_models import _quiet, qwen
+    from unmerge_jax import merge
+
+    _quiet()
+    root = tmp_path_factory.mktemp("attr_models")
+    qwen(0).save_pretrained(root / "base", max_shard_size="60KB")
+    for i, name in enumerate(DICT + ["x"]):
+        _dense_fine_tune(500 + i).save_pretrained(root / name)
+    for target, (method, models, params, *_) in MERGES.items():
+        if method is None:
+            continue
+        cfg = {"merge_method": method, "base_model": str(root / "base"), "dtype": "float32",
+               "models": [{"model": str(root / m), "parameters": {"weight": w, **params}} for m, w in models]}
+        merge(cfg, root / target, seed=7)
+    return root
+
+
+def _entries(root):
+    return [f"{n}={root / n}" for n in DICT], [f"{t}={root / t}" for t in MERGES]
+
+
+def _dense_reference(root, res, dictionary, targets):
+    """``signature_stats`` of the dense columns, thresholds from the whole tensors' task vectors."""
+    sel = res.selection
+    D, V = dense_columns(root / "base", dictionary, targets, selection=sel)
+    base = open_source(root / "base", kind=WEIGHTS)
+    _, _, tvs = open_entries(base, dictionary, targets, sel.names)
+    used = [n for n in sel.names if sel.rows(n)]
+    thr = np.stack([trim_thresholds([tvs[k].delta(n) for k in range(len(dictionary))]) for n in used])
+    off = sel.offsets()
+    return signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr)
+
+
+@pytest.mark.parametrize("top_k,block_rows", [(None, 3000), (2400, 700)], ids=["full", "compressed"])
+def test_fused_signatures_equal_the_dense_reference(merges, top_k, block_rows):
+    dictionary, targets = _entries(merges)
+    res = stream_stats(merges / "base", dictionary, targets, top_k=top_k, signatures=True, block_rows=block_rows)
+    sig, ref = res.signatures, _dense_reference(merges, res, dictionary, targets)
+    n = res.selection.n_rows
+    assert n > 3 * block_rows  # several blocks, tensors split across them
+    assert int(sig.n_rows) == n and float(sig.n_active) == float(ref.n_active)
+    np.testing.assert_array_equal(sig.densities, DENSITY_GRID)
+    np.testing.assert_array_equal(sig.zero_count, ref.zero_count)
+    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv"):
+        a, b = np.asarray(getattr(sig, f)), np.asarray(getattr(ref, f))
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.max(np.abs(b)), err_msg=f)
+    # the signature sums change nothing in the Gram statistics
+    plain = stream_stats(merges / "base", dictionary, targets, top_k=top_k, block_rows=block_rows)
+    assert plain.signatures is None
+    np.testing.assert_array_equal(np.asarray(plain.stats.gram), np.asarray(res.stats.gram))
+    np.testing.assert_array_equal(np.asarray(plain.stats.cross), np.asarray(res.stats.cross))
+
+
+def test_mask_pass_thresholds_are_the_whole_tensors(merges):
+    """The compressed pass's thresholds come from the mask pass: the k-th largest |d| of the whole tensor."""
+    from unmerge_jax.passes.mask import build_selection
+
+    dictionary, targets = _entries(merges)
+    base = open_source(merges / "base", kind=WEIGHTS)
+    _, _, tvs = open_entries(base, dictionary, targets, None)
+    sel = build_selection(base, tvs[:4], 2400, densities=(0.3, 0.5))
+    assert sel.threshold_densities == (0.3, 0.5) and set(sel.thresholds) == set(sel.names)
+    for name in sel.names[:6]:
+        for k in range(4):
+            d = np.abs(tvs[k].delta(name)).reshape(-1)
+            for p, rho in enumerate((0.3, 0.5)):
+                assert sel.thresholds[name][p, k] == np.sort(d)[::-1][max(1, int(rho * d.size)) - 1]
+
+
+@pytest.fixture(scope="module")
+def attributions(merges):
+    dictionary, targets = _entries(merges)
+    return {mode: attribute_files(merges / "base", dictionary, targets, top_k=top_k, key=11, progress=False)
+            for mode, top_k in (("full", None), ("compressed", 4000))}
+
+
+@pytest.mark.parametrize("mode", ["full", "compressed"])
+def test_present_sets_methods_and_verdicts(attributions, mode):
+    at = attributions[mode].attribution
+    assert at.atom_names == tuple(DICT) and at.target_names == tuple(MERGES)
+    for t, (target, (_, _, _, verdict, present, method, density)) in enumerate(MERGES.items()):
+        assert set(at.present(t)) == present, (target, at.present(t))
+        assert at.category[t] == verdict, (target, at.category[t], at.unexplained[t])
+        if method is not None:
+            assert at.method[t] == method, (target, at.method[t])
+        if density is not None:
+            assert at.density[t] == pytest.approx(density)
+
+
+def test_ties_weights_are_the_merges_weights(attributions):
+    """For the TIES target the reported weights are the TIES-consistent ones: the merge's normalised weights."""
+    for mode in ("full", "compressed"):
+        at = attributions[mode].attribution
+        t = list(MERGES).index("ties_d0_d1")
+        np.testing.assert_allclose(at.weights[t], [0.6, 0.4, 0.0, 0.0], atol=1e-6)
+        assert at.unexplained[t] <= 1e-9 and at.evidence["ties_unexplained"][t] <= 1e-9
+        # plain NNLS on the untrimmed entries misreads the disjoint mean
+        assert np.max(np.abs(at.coef[t] - [0.6, 0.4, 0.0, 0.0])) > 1e-3
+
+
+def test_decisions_are_deterministic_per_seed(merges, attributions):
+    dictionary, targets = _entries(merges)
+    again = attribute_files(merges / "base", dictionary, targets, top_k=4000, key=11, progress=False).attribution
+    first = attributions["compressed"].attribution
+    assert again.records() == first.records()
+    np.testing.assert_array_equal(again.share_lo, first.share_lo)
+    other = attribute_files(merges / "base", dictionary, targets, top_k=4000, key=12, progress=False).attribution
+    assert not np.array_equal(other.coef_lo, first.coef_lo)  # another seed draws other replicates
+
+
+def test_too_few_replicates_and_bad_options_are_refused_before_reading(merges):
+    dictionary, targets = _entries(merges)
+    with pytest.raises(UnmergeError, match=r"--seeds 200 or more .* got --seeds 50"):
+        attribute_files(merges / "base", dictionary, targets, seeds=50)
+    with pytest.raises(UnmergeError, match="not on the signature grid"):
+        attribute_files(merges / "base", dictionary, targets, method="ties", density=0.55)
+    with pytest.raises(UnmergeError, match="needs --merge-method ties or dare"):
+        attribute_files(merges / "base", dictionary, targets, method="linear", density=0.5)
+    with pytest.raises(UnmergeError, match="is not one of"):
+        attribute_files(merges / "base", dictionary, targets, method="slerp")
+
+
+def test_given_merge_method_skips_identification(merges):
+    dictionary, targets = _entries(merges)
+    res = attribute_files(merges / "base", dictionary, targets[:1], method="ties", density=0.5, progress=False)
+    at = res.attribution
+    assert at.method[0] == "ties" and at.density[0] == pytest.approx(0.5) and at.method_confidence[0] == 1.0
+    np.testing.assert_allclose(at.weights[0], [0.6, 0.4, 0.0, 0.0], atol=1e-6)
+    assert set(at.present(0)) == {"d0", "d1"} and at.category[0] == "known"

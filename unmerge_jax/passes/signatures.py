@@ -1,0 +1,131 @@
+"""Merge-method signature sums accumulated inside the checkpoint statistics pass.
+
+:class:`SignatureAccumulator` is the one object the statistics pass (``passes.statistics``) calls
+beside the Gram kernel: per staged block, :meth:`~SignatureAccumulator.add` runs the jit kernel
+``kernels.signatures.signature_block_sums`` on the same device block (``D`` B × K, ``V`` B × T),
+so the :class:`~unmerge_jax.attribution.signatures.SignatureStats` cost no second read of the
+weights. The result equals ``attribution.signature_stats`` of the dense columns (``dense_columns``)
+to float64 rounding.
+
+The TIES sums need each tensor's trimming thresholds ``θ_k(ρ)`` — the k-th largest ``|d_k|`` of the
+*whole* tensor (``attribution.trim_thresholds``). They come from the top-k mask pass, which reads
+every dictionary tensor in full (``build_selection(..., densities=...)`` stores them in the
+selection), or, for tensors it did not see (the full pass, a reused mask file, another process's
+share), from the statistics pass's own reading of the tensor before its rows are staged
+(:meth:`~SignatureAccumulator.from_reading`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unmerge_jax.attribution.signatures import DENSITY_GRID, SignatureStats, _check_densities, trim_thresholds
+from unmerge_jax.errors import UnmergeError
+from unmerge_jax.kernels.signatures import signature_block_sums
+from unmerge_jax.kernels.stats import row_mesh
+
+MIN_TABLE = 8  # tensors per block's threshold table, padded to a power of two ≥ this (few programs)
+
+
+def delta_thresholds(flats, base_flat, relative, densities) -> np.ndarray:
+    """(P, K) trimming thresholds of one tensor from the pass's reading of it.
+
+    Args:
+      flats: K flat arrays of the dictionary sources (stored dtype; None = untouched, all zero).
+      base_flat: the base's flat tensor (needed where ``relative``).
+      relative: K bools: the source holds full weights (task vector = value − base, in float32,
+        as the row kernel forms it).
+      densities: (P,).
+    """
+    dens = _check_densities(densities)
+    out = np.zeros((dens.size, len(flats)), np.float32)
+    for j, (a, rel) in enumerate(zip(flats, relative)):
+        if a is None:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are named by the pass
+            d = a.astype(np.float32) - base_flat.astype(np.float32) if rel else a.astype(np.float32)
+        out[:, j] = trim_thresholds([d], dens)[:, 0]
+    return out
+
+
+class SignatureAccumulator:
+    """Running :class:`SignatureStats` of the blocks of one statistics pass.
+
+    Args:
+      selection: the pass's :class:`~unmerge_jax.passes.mask.Selection` (fixes the row layout).
+      n_dict, n_targets: K and T.
+      densities: the TIES densities of the sums.
+      devices: the devices the pass shards rows over (default: this process's devices).
+      thresholds: ``{tensor: (P, K)}`` known already (default: the selection's own, when the mask
+        pass computed them at these densities); the others are given with :meth:`from_reading`
+        before their rows are staged.
+    """
+
+    def __init__(self, selection, n_dict: int, n_targets: int, densities: Sequence[float] = DENSITY_GRID,
+                 devices=None, thresholds: dict | None = None):
+        self.densities = _check_densities(densities)
+        self.n_dict, self.n_targets = int(n_dict), int(n_targets)
+        self.mesh = row_mesh(jax.local_devices() if devices is None else devices)
+        offsets = selection.offsets()
+        self.names = [n for n in selection.names if selection.rows(n)]
+        self.starts = np.asarray([offsets[n] for n in self.names], np.int64)
+        if thresholds is None and selection.threshold_densities is not None and \
+                np.array_equal(np.asarray(selection.threshold_densities, np.float64), self.densities):
+            thresholds = selection.thresholds  # from the mask pass, at these densities
+        self.thresholds = {n: np.asarray(t, np.float32) for n, t in (thresholds or {}).items()}
+        self.total = None
+        self.n_rows = 0
+
+    def needs(self, name) -> bool:
+        """Whether tensor ``name``'s thresholds must still be computed from the pass's reading."""
+        return name not in self.thresholds
+
+    def from_reading(self, name, flats, base_flat, relative) -> None:
+        """Thresholds of ``name`` from its K dictionary arrays as read (see :func:`delta_thresholds`)."""
+        self.thresholds[name] = delta_thresholds(flats, base_flat, relative, self.densities)
+
+    def add(self, D, V, row_offset: int, n_valid: int) -> None:
+        """Add the sums of the block of global rows ``row_offset … row_offset + n_valid``.
+
+        ``D`` (B, K) and ``V`` (B, T) are the row kernel's device arrays (rows past ``n_valid``
+        zero), B a multiple of the device count.
+        """
+        if n_valid <= 0:
+            return
+        first = int(np.searchsorted(self.starts, row_offset, side="right")) - 1
+        stop = int(np.searchsorted(self.starts, row_offset + n_valid, side="left"))
+        names = self.names[max(first, 0):stop]
+        missing = [n for n in names if n not in self.thresholds]
+        if missing:  # a bug of the caller, not of the input
+            raise UnmergeError(f"signature statistics: no trimming thresholds for tensor {missing[0]}")
+        rows = int(D.shape[0])
+        size = max(MIN_TABLE, 1 << (len(names) - 1).bit_length())
+        starts = np.full(size, rows, np.int64)
+        starts[:len(names)] = np.maximum(self.starts[max(first, 0):stop] - row_offset, 0)
+        table = np.zeros((size, self.densities.size, self.n_dict), np.float64)
+        table[:len(names)] = np.stack([self.thresholds[n] for n in names])
+        self.total = signature_block_sums(D, V, jnp.asarray(starts), jnp.asarray(table), mesh=self.mesh,
+                                          total=self.total)
+        self.n_rows += int(n_valid)
+
+    def result(self, sum_over_processes: bool = False) -> SignatureStats:
+        """The accumulated :class:`SignatureStats` (summed over ``jax.distributed`` processes if asked)."""
+        k, t, p = self.n_dict, self.n_targets, self.densities.size
+        if self.total is None:
+            parts = [np.float64(0), np.zeros(t), np.zeros((k, t)), np.zeros((p, t, 2 * k, 2 * k))]
+        else:
+            parts = [np.asarray(x, np.float64) for x in self.total]
+        n_rows = np.float64(self.n_rows)
+        if sum_over_processes:
+            from jax.experimental import multihost_utils as mu
+
+            gathered = mu.process_allgather({"n_rows": n_rows, **{str(i): x for i, x in enumerate(parts)}})
+            n_rows = np.sum(np.asarray(gathered["n_rows"]), axis=0)
+            parts = [np.sum(np.asarray(gathered[str(i)]), axis=0) for i in range(len(parts))]
+        n_active, zero_count, zero_energy, ties = parts
+        return SignatureStats(self.densities, n_rows, np.float64(n_active), zero_count, zero_energy,
+                              ties[:, :, :k, :k], ties[:, :, :k, k:], ties[:, :, k:, k:])
