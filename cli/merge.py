@@ -78,6 +78,8 @@ def run(args) -> int:
     if res.skipped:
         print(f"note: not copied (links to files outside the model directory): {', '.join(res.skipped)}",
               file=sys.stderr)
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
     lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
     print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
           f"in {res.seconds:.1f} s{lam}")

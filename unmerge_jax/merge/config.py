@@ -1,12 +1,13 @@
 """mergekit's YAML schema, the part we run: ``models`` / ``base_model`` / ``merge_method`` /
-``parameters`` / ``dtype`` / ``out_dtype`` / ``tokenizer_source: base``.
+``parameters`` / ``dtype`` / ``out_dtype``, and the tokenizer settings ``tokenizer_source`` /
+``tokenizer`` / ``chat_template`` (parsed and checked by ``merge.tokenizer``).
 
 Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a list of numbers
 interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
 outside the layer stack, as mergekit plans them); or a list of ``{filter, value}`` entries
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
-Per-model ``parameters`` override the top-level ones. ``slices``, ``modules``, tokenizer
-surgery and ``model+lora`` references are refused with a one-line error.
+Per-model ``parameters`` override the top-level ones. ``slices``, ``modules`` and ``model+lora``
+references are refused with a one-line error.
 
 The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
 :data:`MAX_YAML_NODES` nodes once its aliases are expanded (a few hundred bytes of nested aliases
@@ -25,6 +26,7 @@ from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.merge.base import Resolved, short
 from unmerge_jax.merge.params import get_method, resolve
+from unmerge_jax.merge.tokenizer import TokenizerSpec, parse_spec, spec_to_dict
 
 MAX_CONFIG_BYTES = 1 << 20     # a merge config is a few hundred bytes; a gradient-heavy one a few KB
 MAX_YAML_NODES = 100_000       # nodes of the document with every alias expanded
@@ -45,6 +47,7 @@ class MergeConfig:
     out_dtype: str | None = None
     source: dict = field(default_factory=dict)
     path: Path | None = None     # the YAML file it was read from (an input the output must not touch)
+    tokenizer: TokenizerSpec | None = None   # tokenizer_source / tokenizer / chat_template, if given
 
     def to_dict(self) -> dict:
         """The config as mergekit YAML (paths absolute), written beside the merged model."""
@@ -57,6 +60,8 @@ class MergeConfig:
         for k in ("dtype", "out_dtype"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
+        if self.tokenizer is not None:
+            d.update(spec_to_dict(self.tokenizer))
         return d
 
 
@@ -171,16 +176,12 @@ def load_config(config) -> MergeConfig:
     unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)
     if unknown:
         raise UnmergeError(f"{where}: unknown key {short(unknown[0])}; supported: base_model, dtype, merge_method, "
-                           f"models, out_dtype, parameters, tokenizer_source")
-    for key in ("slices", "modules", "tokenizer"):
+                           f"models, out_dtype, parameters, tokenizer_source, tokenizer, chat_template")
+    for key in ("slices", "modules"):
         if raw.get(key):
             raise UnmergeError(f"{where}: '{key}' is not supported by this engine (whole-model merges only); "
                                f"use 'models:'")
-    if raw.get("chat_template"):
-        raise UnmergeError(f"{where}: 'chat_template' is not supported; the base model's tokenizer files are copied")
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise UnmergeError(f"{where}: tokenizer_source {short(raw['tokenizer_source'])} is not supported; "
-                           f"only 'base' (the base model's tokenizer is copied)")
+    tokenizer = parse_spec(raw, lambda ref, what: _model_path(ref, root, what), where)
     if "merge_method" not in raw:
         raise UnmergeError(f"{where}: missing merge_method")
     method = raw["merge_method"]
@@ -216,7 +217,8 @@ def load_config(config) -> MergeConfig:
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise UnmergeError(f"{where}: parameters must be a mapping")
-    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path)
+    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path,
+                      tokenizer)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg

@@ -43,6 +43,7 @@ from unmerge_jax.merge.base import short
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.tensor import merge_resolved
+from unmerge_jax.merge import tokenizer as tokenization
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
                                  nonfinite_error, open_source, task_vector)
@@ -62,6 +63,7 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
+    notes: tuple = ()             # one-line notes for the user (tokenizer handling where mergekit may surprise)
 
 
 class _Buffers:
@@ -90,14 +92,21 @@ class _Buffers:
         return buf
 
 
-def _open_inputs(cfg: MergeConfig):
+def _open_inputs(cfg: MergeConfig, vocab=None):
     """``(base, models)``: the base :class:`CheckpointSource` (None without ``base_model``) and one
     source per input — a :class:`TaskVector` over the base, or (no base: ``linear`` of full
-    weights) the model itself — checked from headers."""
+    weights) the model itself — checked from headers. With ``vocab`` (an
+    :class:`~unmerge_jax.merge.tokenizer.AlignedVocabulary`) every full-weight source has its
+    vocabulary tensors aligned to the output tokenizer."""
+    def aligned(src):
+        if vocab is None or src.kind != WEIGHTS:
+            return src
+        return vocab.wrap(src, vocab.index_of(src.path))
+
     if cfg.base_model is not None:
-        base = CheckpointSource(cfg.base_model)
-        return base, [task_vector(base, path) for path, _ in cfg.models]
-    models = [open_source(path, kind=WEIGHTS) for path, _ in cfg.models]
+        base = aligned(CheckpointSource(cfg.base_model))
+        return base, [task_vector(base, aligned(open_source(path, base=base))) for path, _ in cfg.models]
+    models = [aligned(open_source(path, kind=WEIGHTS)) for path, _ in cfg.models]
     for (path, _), m in zip(cfg.models, models):
         if m.kind != WEIGHTS:
             raise UnmergeError(f"{path} is a LoRA adapter; merging it needs base_model")
@@ -268,9 +277,10 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     chunk = _positive_int("chunk", chunk)
     cfg = load_config(config)
     out = Path(out)
-    inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models]]
+    inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models], *tokenization.extra_inputs(cfg.tokenizer)]
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
-    base, models = _open_inputs(cfg)
+    toks = tokenization.prepare(cfg.tokenizer, cfg.base_model, [p for p, _ in cfg.models])
+    base, models = _open_inputs(cfg, toks if isinstance(toks, tokenization.AlignedVocabulary) else None)
     ref = base if base is not None else models[0]
     names = list(ref.names)
     shapes = {n: tuple(ref.shape(n)) for n in names}
@@ -342,10 +352,13 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
         write_config(src, tmp, tag)
         side = copy_side_files(src, tmp)
+        if toks is not None:   # a built tokenizer (or the base's with a chat template) replaces the copied files
+            toks.write(tmp)
         lam = None if lambdas is None else [float(x) for x in lambdas]
         resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped))
+    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
+                       tuple(toks.notes) if toks is not None else ())
 
 
 def _stream(names, produce, writer, overlap: bool, written):
