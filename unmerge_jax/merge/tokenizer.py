@@ -45,8 +45,10 @@ package (its files are LGPL-3.0 and not shipped here); without it a name is refu
 given inline works. The tokenizers are read and written with ``transformers`` (imported only here,
 only when a config asks for tokenizer handling).
 
-Where mergekit 0.1.5's own order is a Python set's (the union's new ids, the plurality vote of
-``chat_template: auto``), the config's input order is used: base first, then ``models:`` in order.
+Where mergekit 0.1.5's order varies from run to run, a fixed one is used: the inputs in config order
+(base first, then ``models:``) where mergekit iterates a Python set of models (the union's new ids,
+the plurality vote of ``chat_template: auto``), and each input's tokens by id where mergekit
+iterates the tokenizer's hash map (the ids of the union's new regular — not added — tokens).
 """
 
 from __future__ import annotations
@@ -352,7 +354,7 @@ def _union(base_tok, toks: list, sizes: list):
     for tok, size in zip(toks, sizes):
         decoder = tok.added_tokens_decoder
         added_names = {info.content for info in decoder.values()}
-        for t, i in tok.get_vocab().items():
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):   # by id: deterministic
             if i < size and t not in added_names:
                 regular.setdefault(t, None)
         for i, info in decoder.items():
