@@ -23,6 +23,7 @@ time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's Y
       parameters: {{weight: 0.5, density: 0.5}}
   parameters: {{normalize: true}} # method-wide; values may be gradients or [{{filter: mlp, value: ...}}, ...]
   dtype: bfloat16
+  tokenizer_source: union       # optional: base | union | DIR; or a tokenizer: block; chat_template: chatml
 
 Methods (parameters, defaults):
 {methods}
@@ -32,7 +33,8 @@ RAM faces (merge_method: ram, parameters: {{face: ...}}; default {default_face})
 
 DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
 (dtype updated), tokenizer and generation files (not those linked from outside the model), and the
-resolved config. Existing outputs are kept unless --force; an output that is, lies inside or
+resolved config. With tokenizer settings the embedding and lm_head rows of every input are aligned
+to the output tokenizer (as mergekit does), which is saved in place of the base's. Existing outputs are kept unless --force; an output that is, lies inside or
 contains an input is refused, and so are NaN/Inf inputs and merged values the output dtype cannot
 hold.
 """

@@ -430,12 +430,16 @@ class AlignedVocabulary:
         """``source`` (input ``index``'s full weights) with its vocabulary tensors aligned."""
         inp = self.inputs[index]
         inp.source = source
+        wanted = max((r for parts in self.defaults.values() for k, r in parts if k == index), default=-1)
         for name in source.names:
             if self.is_vocab_tensor(name, source.shape(name)):
                 rows = source.shape(name)[0]
                 if rows < inp.size:
                     raise UnmergeError(f"tensor {name} of {source.where(name)} has {rows} rows but the model's "
                                        f"vocab_size is {inp.size}: config.json and the weights disagree")
+                if wanted >= rows:
+                    raise UnmergeError(f"token id {wanted} is out of range for tensor {name} of "
+                                       f"{source.where(name)} ({rows} rows): check the model_token token_id")
         return AlignedSource(source, self, index)
 
     def index_of(self, path) -> int:
