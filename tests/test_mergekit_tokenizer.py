@@ -401,3 +401,56 @@ def test_cli_refuses_an_unknown_tokenizer_source(zoo, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "'unoin' is neither" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+class _Vocab:
+    """A stand-in output tokenizer (only ``get_vocab`` is used to align rows)."""
+
+    def __init__(self, n):
+        self.vocab = {f"t{i}": i for i in range(n)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_aligning_streams_rows_in_blocks(tmp_path, monkeypatch):
+    """Aligning a 4 MiB embedding into the driver's buffer allocates about one row block (not a
+    second tensor): permuted own rows, default rows averaged from two inputs, a zero row, padding
+    rows — against NumPy fancy indexing."""
+    import tracemalloc
+
+    from safetensors.numpy import save_file
+
+    from unmerge_jax.sources import CheckpointSource
+
+    rng = np.random.default_rng(0)
+    n, width, n_rows = 4000, 256, 4096
+    mats = [rng.standard_normal((n, width)).astype(np.float32) for _ in range(2)]
+    srcs = []
+    for k, m in enumerate(mats):
+        save_file({"model.embed_tokens.weight": m}, str(tmp_path / f"m{k}.safetensors"))
+        srcs.append(CheckpointSource(tmp_path / f"m{k}.safetensors"))
+    own0 = rng.permutation(n)
+    own0[[7, 8, 9]] = -1                               # input 0 lacks three tokens
+    inputs = [tk.VocabInput(tmp_path / "m0", {}, n, own0), tk.VocabInput(tmp_path / "m1", {}, n, np.arange(n))]
+    defaults = {7: [(1, 7)], 8: [(0, 3), (1, 8)], 9: []}
+    vocab = tk.AlignedVocabulary(_Vocab(n), inputs, defaults, set(), n_rows, None, [])
+    wrapped = vocab.wrap(srcs[0], 0)
+    vocab.wrap(srcs[1], 1)
+    assert wrapped.shape("model.embed_tokens.weight") == (n_rows, width)
+    monkeypatch.setattr(tk, "ROW_BLOCK_BYTES", 64 << 10)
+    buf = np.empty(n_rows * width, np.float32)
+    vocab.default_rows("model.embed_tokens.weight", (width,))    # shared by the inputs: read once, first
+    tracemalloc.start()
+    got = wrapped.read("model.embed_tokens.weight", out=buf)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.shares_memory(got, buf)
+    assert peak < 512 << 10, peak                        # the tensor is 4 MiB
+    want = np.zeros((n_rows, width), np.float64)
+    keep = own0 >= 0
+    want[np.flatnonzero(keep)] = mats[0][own0[keep]]
+    want[7] = mats[1][7]
+    want[8] = (mats[0][3].astype(np.float64) + mats[1][8]) / 2
+    want[n:] = want[:n].mean(axis=0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -503,7 +503,7 @@ class AlignedVocabulary:
         res[:n] = 0
         dst = np.flatnonzero(own >= 0)
         if len(dst):
-            res[dst] = gather_rows(src, name, own[dst])
+            gather_rows(src, name, own[dst], out=res, dst=dst)
         if len(fill):
             ids, rows = self.default_rows(name, width)
             res[fill] = rows[np.searchsorted(ids, fill)]
@@ -519,24 +519,27 @@ class AlignedVocabulary:
         set_vocab_size(out_dir, self.n_rows)
 
 
-def gather_rows(src: TensorSource, name: str, rows: np.ndarray) -> np.ndarray:
+def gather_rows(src: TensorSource, name: str, rows: np.ndarray, out: np.ndarray | None = None,
+                dst: np.ndarray | None = None) -> np.ndarray:
     """Rows ``rows`` (any order, repeats allowed) of tensor ``name`` of ``src`` as float32, read in
-    blocks of at most :data:`ROW_BLOCK_BYTES` that hold a wanted row."""
+    blocks of at most :data:`ROW_BLOCK_BYTES` that hold a wanted row: a new ``(len(rows), ...)``
+    array, or written to ``out[dst]`` (``out[dst[i]] = row rows[i]``) without a temporary."""
     shape = src.shape(name)
     width = tuple(shape[1:])
     per_row = max(1, 4 * int(np.prod(width, dtype=np.int64)))
     block = max(1, ROW_BLOCK_BYTES // per_row)
     rows = np.asarray(rows, np.int64)
-    out = np.empty((len(rows), *width), np.float32)
+    if out is None:
+        out, dst = np.empty((len(rows), *width), np.float32), np.arange(len(rows))
     order = np.argsort(rows, kind="stable")
-    srt = rows[order]
+    srt, dst = rows[order], np.asarray(dst, np.int64)[order]
     i = 0
     while i < len(srt):
         start = int(srt[i])
         stop = min(shape[0], start + block)
         j = int(np.searchsorted(srt, stop))
         chunk = src.read_rows(name, start, stop)
-        out[order[i:j]] = chunk[srt[i:j] - start]
+        out[dst[i:j]] = chunk[srt[i:j] - start]
         i = j
     return out
 
