@@ -454,3 +454,27 @@ def test_aligning_streams_rows_in_blocks(tmp_path, monkeypatch):
     want[8] = (mats[0][3].astype(np.float64) + mats[1][8]) / 2
     want[n:] = want[:n].mean(axis=0)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_lora_adapter_input_has_the_base_vocabulary(zoo, tmp_path):
+    """A PEFT adapter among the inputs of a union merge gives what its merged-and-unloaded model
+    (with the base's tokenizer) gives: its vocabulary and embedding rows are the base's."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(11)
+    pm = peft.get_peft_model(LlamaForCausalLM.from_pretrained(zoo["base"]),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "lora")
+    pm.merge_and_unload().save_pretrained(tmp_path / "unloaded")
+    _tok(zoo["base"]).save_pretrained(tmp_path / "unloaded")
+    zoo = {**zoo, "lora": str(tmp_path / "lora"), "unloaded": str(tmp_path / "unloaded")}
+    for name in ("lora", "unloaded"):
+        merge(_config(zoo, [name, "chatml"], method="task_arithmetic", weight=0.8, tokenizer_source="union"),
+              tmp_path / f"out_{name}")
+    a, b = _read(tmp_path / "out_lora"), _read(tmp_path / "out_unloaded")
+    assert set(a) == set(b) and a["model.embed_tokens.weight"].shape == (66, 32)
+    for n in a:
+        np.testing.assert_allclose(a[n], b[n], rtol=0, atol=1e-6, err_msg=n)
+    assert _tok(tmp_path / "out_lora").get_vocab() == _tok(tmp_path / "out_unloaded").get_vocab()

@@ -163,12 +163,15 @@ def _token_source(value, model_path: Callable, what: str) -> TokenSource | None:
 def _source(value, model_path: Callable, what: str):
     if value in SOURCES:
         return value
-    if isinstance(value, str) and value and "/" not in value and not Path(value).exists():
-        raise UnmergeError(f"{what} {_short(value)} is neither 'base', 'union' nor a model directory; use one of "
-                           f"those (a local directory: nothing is downloaded)")
     if not isinstance(value, (str, Path)):
         raise UnmergeError(f"{what} must be 'base', 'union' or a model directory, got {_short(value)}")
-    return model_path(value, what)
+    try:
+        return model_path(value, what)
+    except UnmergeError:
+        if "/" in str(value):   # meant as a path: the config's own message says what is wrong with it
+            raise
+        raise UnmergeError(f"{what} {_short(value)} is neither 'base', 'union' nor a model directory; use one of "
+                           f"those (a local directory: nothing is downloaded)") from None
 
 
 def parse_spec(raw: dict, model_path: Callable, where: str) -> TokenizerSpec | None:
@@ -447,7 +450,7 @@ class AlignedVocabulary:
         for i, inp in enumerate(self.inputs):
             if inp.path == p:
                 return i
-        raise KeyError(path)
+        raise UnmergeError(f"{path} is not an input of the merge's tokenizer alignment; give model directories")
 
     # rows ---------------------------------------------------------------------------------
     def default_rows(self, name: str, width: tuple) -> tuple[np.ndarray, np.ndarray]:
