@@ -478,3 +478,21 @@ def test_lora_adapter_input_has_the_base_vocabulary(zoo, tmp_path):
     for n in a:
         np.testing.assert_allclose(a[n], b[n], rtol=0, atol=1e-6, err_msg=n)
     assert _tok(tmp_path / "out_lora").get_vocab() == _tok(tmp_path / "out_unloaded").get_vocab()
+
+
+def test_new_token_with_source_base(zoo, tmp_path):
+    """A ``tokens:`` entry new to the base vocabulary under ``source: base`` (mergekit 0.1.5 stops
+    with a KeyError here): the token is appended with its source's row, every other row is the
+    plain ``source: base`` merge."""
+    rule = {"source": {"kind": "model_token", "model": zoo["chatml"], "token": "<|im_end|>"}}
+    merge(_config(zoo, ["base", "chatml"], tokenizer={"source": "base", "tokens": {"<brand_new>": rule}}),
+          tmp_path / "new")
+    merge(_config(zoo, ["base", "chatml"], tokenizer_source="base"), tmp_path / "plain")
+    new, plain = _read(tmp_path / "new"), _read(tmp_path / "plain")
+    chatml = load_file(os.path.join(zoo["chatml"], "model.safetensors"))
+    end = _tok(zoo["chatml"]).get_vocab()["<|im_end|>"]
+    assert _tok(tmp_path / "new").get_vocab()["<brand_new>"] == 64
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert new[n].shape == (65, 32)
+        np.testing.assert_array_equal(new[n][:64], plain[n])
+        np.testing.assert_array_equal(new[n][64], chatml[n][end])   # every input takes the source's row
