@@ -190,6 +190,15 @@ def test_source_union(zoo, tmp_path):
         np.testing.assert_array_equal(got["model.embed_tokens.weight"][vocab[t]], chatml[ids[t]])
 
 
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_base_with_unused_ids_is_stripped(zoo, tmp_path, source):
+    """The base's tokenizer has four added tokens beyond its 64 rows: they leave the vocabulary."""
+    cfg = _config(zoo, ["padded", "chatml"], base="padded", tokenizer_source=source)
+    _, tok = _parity(zoo, tmp_path, cfg)
+    assert not any(f"<UNUSED_{i}>" in tok.get_vocab() for i in range(4))
+    assert len(tok.get_vocab()) == (64 if source == "base" else 66)
+
+
 def test_source_model(zoo, tmp_path):
     _, tok = _parity(zoo, tmp_path, _config(zoo, ["base", "padded", "chatml"], tokenizer_source=zoo["chatml"]))
     assert len(tok.get_vocab()) == 66
