@@ -21,7 +21,7 @@ basename). The weights are streamed once, tensor by tensor, into float64 Gram st
 (peak memory ~ (1+K+T) x the largest tensor), then solved in K dimensions.
 
   unmerge decompose --base ./Qwen2.5-7B --dictionary math=./lora-math code=./lora-code \\
-      --target ./merged-model --modules q,k,v,o --top-k 1000000 --seeds 20 --json out.json
+      --target ./merged-model --modules q,k,v,o --top-k 1000000 --json out.json
 
 Compression (paper 3.4): --top-k N keeps the N entries with the largest M = max_i |d_i|, spread
 uniformly over (layer, module) groups (--scope group) or over the whole model (--scope global);

@@ -47,12 +47,15 @@ def _chunk_sums(d, v, rows, starts, table):
     zero_energy = jnp.matmul(jnp.square(dn).T, zero, precision=hi)      # (K, T)
     agree = (jnp.sign(dn)[:, None, :] == jnp.sign(vn)[:, :, None]) | (vn == 0)[:, :, None]  # (c, T, K)
     absd = jnp.abs(dn)
-    ties = []
-    for p in range(table.shape[1]):
-        e = agree & (absd >= thr[:, p, :])[:, None, :]
+
+    def at_density(thr_p):                                              # (c, K) thresholds of one density
+        e = agree & (absd >= thr_p)[:, None, :]
         x = jnp.concatenate([jnp.where(e, dn[:, None, :], 0.0), jnp.where(e, vn[:, :, None], 0.0)], axis=-1)
-        ties.append(jnp.einsum("rti,rtj->tij", x, x, precision=hi))     # (T, 2K, 2K)
-    return n_active, zero_count, zero_energy, jnp.stack(ties)
+        return jnp.einsum("rti,rtj->tij", x, x, precision=hi)          # (T, 2K, 2K)
+
+    # A loop over the densities (one body in the program, one density's copies alive at a time).
+    ties = jax.lax.map(at_density, jnp.swapaxes(thr, 0, 1))             # (P, T, 2K, 2K)
+    return n_active, zero_count, zero_energy, ties
 
 
 def _local_sums(d, v, starts, table):

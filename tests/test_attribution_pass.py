@@ -25,50 +25,12 @@ from unmerge_jax.passes.statistics import dense_columns, stream_stats  # noqa: E
 from unmerge_jax.pipeline import attribute_files  # noqa: E402
 from unmerge_jax.sources import WEIGHTS, open_source  # noqa: E402
 
-DICT = ["d0", "d1", "d2", "d3"]
-# target: (merge method, [(model, weight)], parameters, expected verdict, present, method, density)
-MERGES = {
-    "ties_d0_d1": ("ties", [("d0", 0.6), ("d1", 0.4)], {"density": 0.5}, "known", {"d0", "d1"}, "ties", 0.5),
-    "dare_d1_d2": ("dare_linear", [("d1", 0.5), ("d2", 0.5)], {"density": 0.5}, "known", {"d1", "d2"}, "dare", None),
-    "ta_d0_d3": ("task_arithmetic", [("d0", 0.5), ("d3", 0.5)], {}, "known", {"d0", "d3"}, "task_arithmetic", None),
-    "linear_d2_x": ("linear", [("d2", 0.5), ("x", 0.5)], {}, "mixed", {"d2"}, None, None),
-    "x": (None, None, None, "unknown", set(), None, None),
-}
-
-
-def _dense_fine_tune(seed):
-    """The tiny Qwen2 base with every entry moved by 0.01·N(0, 1) (a dense fine-tune)."""
-    from tests._tiny_models import qwen
-
-    m = qwen(0)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return m
+from tests._tiny_merges import DICT, MERGES, entries as _entries, tiny_merges  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def merges(tmp_path_factory):
-    from tests._tiny_models import _quiet, qwen
-    from unmerge_jax import merge
-
-    _quiet()
-    root = tmp_path_factory.mktemp("attr_models")
-    qwen(0).save_pretrained(root / "base", max_shard_size="60KB")
-    for i, name in enumerate(DICT + ["x"]):
-        _dense_fine_tune(500 + i).save_pretrained(root / name)
-    for target, (method, models, params, *_) in MERGES.items():
-        if method is None:
-            continue
-        cfg = {"merge_method": method, "base_model": str(root / "base"), "dtype": "float32",
-               "models": [{"model": str(root / m), "parameters": {"weight": w, **params}} for m, w in models]}
-        merge(cfg, root / target, seed=7)
-    return root
-
-
-def _entries(root):
-    return [f"{n}={root / n}" for n in DICT], [f"{t}={root / t}" for t in MERGES]
+    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
 
 
 def _dense_reference(root, res, dictionary, targets):
@@ -174,7 +136,7 @@ def test_too_few_replicates_and_bad_options_are_refused_before_reading(merges):
 
 def test_given_merge_method_skips_identification(merges):
     dictionary, targets = _entries(merges)
-    res = attribute_files(merges / "base", dictionary, targets[:1], method="ties", density=0.5, progress=False)
+    res = attribute_files(merges / "base", dictionary, targets, method="ties", density=0.5, progress=False)
     at = res.attribution
     assert at.method[0] == "ties" and at.density[0] == pytest.approx(0.5) and at.method_confidence[0] == 1.0
     np.testing.assert_allclose(at.weights[0], [0.6, 0.4, 0.0, 0.0], atol=1e-6)

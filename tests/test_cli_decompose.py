@@ -220,3 +220,107 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny, broken, tmp_path, capsy
     sargv = ["stats"] + argv[1:argv.index("--json")] + ["--out", str(out / "s.npz")]
     assert main(sargv) == 2
     assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution: verdict, present entries, merge method (real merges made by the merge engine)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def merges(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tests._tiny_merges import tiny_merges
+
+    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
+
+
+def _merge_argv(root, *flags):
+    from tests._tiny_merges import entries
+
+    dictionary, targets = entries(root)
+    return ["decompose", "--base", str(root / "base"), "--dictionary", *dictionary, "--target", *targets,
+            "--top-k", "4000", *flags]
+
+
+OLD_KEYS = {"target", "coefficients", "recon_error", "unexplained", "cosine", "converged", "n_iter", "ci", "selected",
+            "recon_error_boot"}
+
+
+def test_decompose_reports_verdicts_present_entries_and_methods(merges, tmp_path, capsys):
+    from tests._tiny_merges import MERGES
+
+    out = tmp_path / "r.json"
+    assert main(_merge_argv(merges, "--json", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n_seeds"] == 200 and rep["method"] == "nnls" and rep["attribution"]["rules"]["floor_ta"] > 0
+    for row, (target, (_, _, _, verdict, present, method, density)) in zip(rep["targets"], MERGES.items()):
+        assert row["target"] == target and OLD_KEYS <= set(row)
+        assert row["verdict"] == verdict and set(row["present"]) == present, row
+        assert set(row["method"]) == {"name", "confidence", "density"} and 0 <= row["method"]["confidence"] <= 1
+        if method is not None:
+            assert row["method"]["name"] == method
+        if density is not None:
+            assert row["method"]["density"] == pytest.approx(density)
+        assert {row["decisions"][a] for a in present} <= {"present"}
+        assert set(row["decisions"]) == set(row["shares"]) == set(row["weights"]) == set(row["coefficients"])
+        assert 0 <= row["unknown_share"] <= 1
+    ties = rep["targets"][0]
+    assert ties["weights"] == pytest.approx({"d0": 0.6, "d1": 0.4, "d2": 0.0, "d3": 0.0}, abs=1e-6)
+    assert ties["method"]["density"] == 0.5 and ties["weight_sum"] == pytest.approx(1.0)
+    text = capsys.readouterr().out
+    assert "target ties_d0_d1: KNOWN — TIES (confidence " in text and "density 0.50" in text
+    assert "present: d0, d1" in text and "target x: UNKNOWN — no dictionary entry is present" in text
+    assert "target linear_d2_x: MIXED — " in text and "decision" in text and " absent" in text
+
+
+def test_decompose_with_the_merge_method_given(merges, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(_merge_argv(merges, "--merge-method", "ties", "--density", "0.5", "--json", str(out))) == 0
+    ties = json.loads(out.read_text())["targets"][0]
+    assert ties["method"] == {"name": "ties", "confidence": 1.0, "density": 0.5}
+    assert ties["verdict"] == "known" and ties["present"] == ["d0", "d1"]
+    assert ties["weights"] == pytest.approx({"d0": 0.6, "d1": 0.4, "d2": 0.0, "d3": 0.0}, abs=1e-6)
+
+
+def test_decompose_with_fewer_replicates_reports_the_fit_only(merges, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(_merge_argv(merges, "--seeds", "20", "--json", str(out))) == 0
+    rep = json.loads(out.read_text())
+    err = capsys.readouterr().err
+    assert "warning: no presence decisions with --seeds 20: the rules were calibrated with 200" in err
+    assert rep["attribution"] is None and any("no presence decisions" in w for w in rep["warnings"])
+    for row in rep["targets"]:
+        assert row["verdict"] is None and row["method"] is None and row["present"] == [] and OLD_KEYS <= set(row)
+    assert rep["targets"][2]["coefficients"]["d0"] == pytest.approx(0.5, rel=1e-4)  # the fit is still there
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--merge-method", "ties", "--density", "0.55"], r"TIES density 0\.55 is not on the signature grid"),
+    (["--density", "0.5"], r"--density needs --merge-method ties or dare"),
+    (["--merge-method", "dare", "--density", "1.5"], r"--density must be a fraction in \(0, 1\]"),
+    (["--merge-method", "slerp"], r"argument --merge-method: invalid choice"),
+])
+def test_bad_attribution_options_one_line_exit_2(tiny, tmp_path, capsys, flags, match):
+    import re
+
+    q = tiny["qwen"]
+    out = tmp_path / "r.json"
+    argv = ["decompose", "--base", str(q / "base"), "--dictionary", str(q / "ft0"), "--target", str(q / "ta"), *flags,
+            "--json", str(out)]
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as ex:  # argparse's own errors (an invalid choice) exit from the parser
+        code = ex.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_help_explains_the_verdicts(capsys):
+    with pytest.raises(SystemExit):
+        main(["decompose", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for needle in ("known ", "mixed ", "unknown ", "present", "uncertain", "--merge-method", "--density",
+                   "TIES-consistent", "calibrated with 200 bootstrap replicates", "(default 200)"):
+        assert needle in out, needle
