@@ -10,9 +10,12 @@ to float64 rounding.
 The TIES sums need each tensor's trimming thresholds ``θ_k(ρ)`` — the k-th largest ``|d_k|`` of the
 *whole* tensor (``attribution.trim_thresholds``). They come from the top-k mask pass, which reads
 every dictionary tensor in full (``build_selection(..., densities=...)`` stores them in the
-selection), or, for tensors it did not see (the full pass, a reused mask file, another process's
-share), from the statistics pass's own reading of the tensor before its rows are staged
+selection), or, for tensors it did not see (the full pass, a reused mask file), from the
+statistics pass's own reading of the tensor before its rows are staged
 (:meth:`~SignatureAccumulator.from_reading`).
+
+The sums are accumulated in one process (``stream_stats`` refuses ``signatures=True`` under
+``jax.distributed``); rows are sharded over that process's devices.
 """
 
 from __future__ import annotations
@@ -112,20 +115,13 @@ class SignatureAccumulator:
                                           total=self.total)
         self.n_rows += int(n_valid)
 
-    def result(self, sum_over_processes: bool = False) -> SignatureStats:
-        """The accumulated :class:`SignatureStats` (summed over ``jax.distributed`` processes if asked)."""
+    def result(self) -> SignatureStats:
+        """The accumulated :class:`SignatureStats` (host float64 NumPy)."""
         k, t, p = self.n_dict, self.n_targets, self.densities.size
         if self.total is None:
             parts = [np.float64(0), np.zeros(t), np.zeros((k, t)), np.zeros((p, t, 2 * k, 2 * k))]
         else:
             parts = [np.asarray(x, np.float64) for x in self.total]
-        n_rows = np.float64(self.n_rows)
-        if sum_over_processes:
-            from jax.experimental import multihost_utils as mu
-
-            gathered = mu.process_allgather({"n_rows": n_rows, **{str(i): x for i, x in enumerate(parts)}})
-            n_rows = np.sum(np.asarray(gathered["n_rows"]), axis=0)
-            parts = [np.sum(np.asarray(gathered[str(i)]), axis=0) for i in range(len(parts))]
         n_active, zero_count, zero_energy, ties = parts
-        return SignatureStats(self.densities, n_rows, np.float64(n_active), zero_count, zero_energy,
+        return SignatureStats(self.densities, np.float64(self.n_rows), np.float64(n_active), zero_count, zero_energy,
                               ties[:, :, :k, :k], ties[:, :, :k, k:], ties[:, :, k:, k:])

@@ -245,6 +245,9 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
     if block_rows < 1:
         raise UnmergeError(f"block_rows must be >= 1, got {block_rows}")
     pidx, pcount = _process_info(distributed)
+    if signatures and pcount > 1:
+        raise UnmergeError("the signature sums (attribution) are accumulated in one process; run the decomposition "
+                           "without jax.distributed (several processes serve `unmerge stats`)")
     base = open_source(base, kind=WEIGHTS)
     if mask is not None:
         selection = _load_mask(mask, base)
@@ -273,7 +276,7 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
                       selection=selection, block_rows=block_rows, n_processes=pcount, mask_file=mask_file,
                       n_blocks=n_blocks)
     return StreamResult(stats, prov, selection,
-                        signatures=sig.result(sum_over_processes=pcount > 1) if sig is not None else None)
+                        signatures=sig.result() if sig is not None else None)
 
 
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
