@@ -17,6 +17,13 @@ of the tensors it holds and their first rows, and each row looks its tensor up (
 
 Padding rows (past the block's valid rows) are zero in ``D`` and ``V``; such a row is inactive and
 its ``x`` is zero, so it adds nothing — the kernel needs no row count.
+
+**Row units of the TIES sums.** The zero sums cost O(K·T) per row, the TIES sums O(P·T·K²): on a
+full 7B model that is hours. With ``ties_stride`` s > 1 the TIES sums take only the rows of every
+s-th unit of ``TIES_UNIT_ROWS`` consecutive global rows (unit ``row // TIES_UNIT_ROWS ≡ 0 mod s``),
+and a chunk without such rows skips them (``lax.cond``): a pure function of the global row index,
+so the sums do not depend on blocks, chunks or devices. The TIES equations hold row by row, so
+the weights they give are unchanged, and the shares they give are ratios over the same rows.
 """
 
 from __future__ import annotations
@@ -25,15 +32,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from unmerge_jax.kernels.stats import ROW_AXIS
 
 # Rows per scan step: the (rows, T, 2K) float64 masked copies stay a few MiB.
 SIG_CHUNK_ROWS = 512
+# Consecutive global rows per unit of the TIES-sum row sampling (a multiple of SIG_CHUNK_ROWS).
+TIES_UNIT_ROWS = 4096
 
 
-def _chunk_sums(d, v, rows, starts, table):
+def _chunk_sums(d, v, rows, starts, table, row_offset, ties_stride):
     """Signature sums of one chunk: d (c, K), v (c, T), rows (c,) block-row indices."""
     hi = jax.lax.Precision.HIGHEST
     dn = d.astype(jnp.float64)
@@ -47,18 +57,23 @@ def _chunk_sums(d, v, rows, starts, table):
     zero_energy = jnp.matmul(jnp.square(dn).T, zero, precision=hi)      # (K, T)
     agree = (jnp.sign(dn)[:, None, :] == jnp.sign(vn)[:, :, None]) | (vn == 0)[:, :, None]  # (c, T, K)
     absd = jnp.abs(dn)
+    use = ((row_offset + rows) // TIES_UNIT_ROWS) % ties_stride == 0      # (c,) rows of the TIES sums
+    agree = agree & use[:, None, None]
 
     def at_density(thr_p):                                              # (c, K) thresholds of one density
         e = agree & (absd >= thr_p)[:, None, :]
         x = jnp.concatenate([jnp.where(e, dn[:, None, :], 0.0), jnp.where(e, vn[:, :, None], 0.0)], axis=-1)
         return jnp.einsum("rti,rtj->tij", x, x, precision=hi)          # (T, 2K, 2K)
 
-    # A loop over the densities (one body in the program, one density's copies alive at a time).
-    ties = jax.lax.map(at_density, jnp.swapaxes(thr, 0, 1))             # (P, T, 2K, 2K)
+    # A loop over the densities (one body in the program, one density's copies alive at a time),
+    # skipped for a chunk without sampled rows.
+    shape = (table.shape[1], v.shape[1], 2 * d.shape[1], 2 * d.shape[1])
+    ties = jax.lax.cond(jnp.any(use), lambda: jax.lax.map(at_density, jnp.swapaxes(thr, 0, 1)),
+                        lambda: jnp.zeros(shape, jnp.float64))            # (P, T, 2K, 2K)
     return n_active, zero_count, zero_energy, ties
 
 
-def _local_sums(d, v, starts, table):
+def _local_sums(d, v, starts, table, row_offset, ties_stride):
     """Sums over this device's rows, scanned in chunks (no cross-device reduction)."""
     r = d.shape[0]
     first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r
@@ -69,34 +84,35 @@ def _local_sums(d, v, starts, table):
     local = jnp.arange(chunk, dtype=jnp.int64)
 
     def body(acc, i):
-        part = _chunk_sums(dm[i], vm[i], first + i * chunk + local, starts, table)
+        part = _chunk_sums(dm[i], vm[i], first + i * chunk + local, starts, table, row_offset, ties_stride)
         return tuple(a + b for a, b in zip(acc, part)), None
 
-    shapes = jax.eval_shape(lambda: _chunk_sums(dm[0], vm[0], local, starts, table))
+    shapes = jax.eval_shape(lambda: _chunk_sums(dm[0], vm[0], local, starts, table, row_offset, ties_stride))
     zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
     total = jax.lax.scan(body, zeros, jnp.arange(main // chunk))[0]
     if main < r:
-        rest = _chunk_sums(d[main:], v[main:], first + main + jnp.arange(r - main, dtype=jnp.int64), starts, table)
+        rest = _chunk_sums(d[main:], v[main:], first + main + jnp.arange(r - main, dtype=jnp.int64), starts, table,
+                           row_offset, ties_stride)
         total = tuple(a + b for a, b in zip(total, rest))
     return total
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(mesh: Mesh):
-    def local(d, v, starts, table):
-        return tuple(jax.lax.psum(x, ROW_AXIS) for x in _local_sums(d, v, starts, table))
+    def local(d, v, starts, table, row_offset, ties_stride):
+        return tuple(jax.lax.psum(x, ROW_AXIS) for x in _local_sums(d, v, starts, table, row_offset, ties_stride))
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(ROW_AXIS), P(ROW_AXIS), P(), P()),
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(ROW_AXIS), P(ROW_AXIS), P(), P(), P(), P()),
                             out_specs=(P(), P(), P(), P()), check_vma=False)
 
-    def add_to(total, d, v, starts, table):
-        return tuple(a + b for a, b in zip(total, sharded(d, v, starts, table)))
+    def add_to(total, *args):
+        return tuple(a + b for a, b in zip(total, sharded(*args)))
 
     # The running sums are updated in place (donated): no extra buffer per block.
     return jax.jit(sharded), jax.jit(add_to, donate_argnums=(0,))
 
 
-def signature_block_sums(d, v, starts, table, *, mesh: Mesh, total=None):
+def signature_block_sums(d, v, starts, table, *, mesh: Mesh, row_offset: int = 0, ties_stride: int = 1, total=None):
     """Float64 signature sums of one block of rows, rows sharded over ``mesh``.
 
     Args:
@@ -106,10 +122,13 @@ def signature_block_sums(d, v, starts, table, *, mesh: Mesh, total=None):
         the block's tensors are padding (any value ≥ B).
       table: (S, P, K) float64 trimming thresholds ``θ_k(ρ_p)`` of each of those tensors.
       mesh: 1-D device mesh with axis ``"rows"``.
+      row_offset: global index of the block's first row (fixes the TIES row units).
+      ties_stride: the TIES sums take the rows of every ``ties_stride``-th unit (module docstring).
       total: optional running sums (a previous call's result), added to and donated.
 
     Returns:
       ``(n_active (), zero_count (T,), zero_energy (K, T), ties (P, T, 2K, 2K))`` float64.
     """
     plain, add_to = _compiled(mesh)
-    return plain(d, v, starts, table) if total is None else add_to(tuple(total), d, v, starts, table)
+    args = (d, v, starts, table, np.int64(row_offset), np.int64(ties_stride))
+    return plain(*args) if total is None else add_to(tuple(total), *args)

@@ -65,6 +65,39 @@ def test_fused_signatures_equal_the_dense_reference(merges, top_k, block_rows):
     np.testing.assert_array_equal(np.asarray(plain.stats.cross), np.asarray(res.stats.cross))
 
 
+def test_ties_sums_of_a_large_pass_take_every_sth_unit_of_rows(merges, monkeypatch):
+    """Above TIES_MAX_ROWS the TIES sums take the rows of every s-th 4,096-row unit, the zero sums every row."""
+    from unmerge_jax.kernels.signatures import TIES_UNIT_ROWS
+    from unmerge_jax.passes import signatures as S
+
+    monkeypatch.setattr(S, "TIES_MAX_ROWS", 20000)
+    dictionary, targets = _entries(merges)
+    res = stream_stats(merges / "base", dictionary, targets, signatures=True, block_rows=5000)
+    sel, sig = res.selection, res.signatures
+    n = sel.n_rows
+    stride = -(-n // 20000)
+    assert stride == S.ties_stride(n) >= 4
+    full = _dense_reference(merges, res, dictionary, targets)
+    np.testing.assert_array_equal(sig.zero_count, full.zero_count)
+    np.testing.assert_allclose(sig.zero_energy, full.zero_energy, rtol=1e-12)
+    # reference: the TIES sums of the sampled rows alone
+    D, V = dense_columns(merges / "base", dictionary, targets, selection=sel)
+    keep = (np.arange(n) // TIES_UNIT_ROWS) % stride == 0
+    base = open_source(merges / "base", kind=WEIGHTS)
+    _, _, tvs = open_entries(base, dictionary, targets, sel.names)
+    off, segs, thr, start = sel.offsets(), [], [], 0
+    for name in (m for m in sel.names if sel.rows(m)):
+        rows = int(np.count_nonzero(keep[off[name]:off[name] + sel.rows(name)]))
+        segs.append((start, start + rows))
+        thr.append(trim_thresholds([tvs[k].delta(name) for k in range(len(dictionary))]))
+        start += rows
+    sub = signature_stats(D[keep], V[keep], segs, np.stack(thr))
+    for f in ("ties_dd", "ties_dv", "ties_vv"):
+        a, b = np.asarray(getattr(sig, f)), np.asarray(getattr(sub, f))
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.max(np.abs(b)), err_msg=f)
+    assert not np.allclose(sig.ties_vv, full.ties_vv)  # it is a subset
+
+
 def test_mask_pass_thresholds_are_the_whole_tensors(merges):
     """The compressed pass's thresholds come from the mask pass: the k-th largest |d| of the whole tensor."""
     from unmerge_jax.passes.mask import build_selection

@@ -14,6 +14,10 @@ selection), or, for tensors it did not see (the full pass, a reused mask file), 
 statistics pass's own reading of the tensor before its rows are staged
 (:meth:`~SignatureAccumulator.from_reading`).
 
+On passes of more than :data:`TIES_MAX_ROWS` rows (a full model) the TIES sums take every s-th
+unit of ``TIES_UNIT_ROWS`` rows (``ties_stride``; the zero sums take every row): they cost
+O(P·T·K²) per row, the Gram statistics O(K·(K + T)).
+
 The sums are accumulated in one process (``stream_stats`` refuses ``signatures=True`` under
 ``jax.distributed``); rows are sharded over that process's devices.
 """
@@ -28,10 +32,20 @@ import numpy as np
 
 from unmerge_jax.attribution.signatures import DENSITY_GRID, SignatureStats, _check_densities, trim_thresholds
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.kernels.signatures import signature_block_sums
+from unmerge_jax.kernels.signatures import TIES_UNIT_ROWS, signature_block_sums
 from unmerge_jax.kernels.stats import row_mesh
 
 MIN_TABLE = 8  # tensors per block's threshold table, padded to a power of two ≥ this (few programs)
+# Rows the TIES sums take at most (about): above it they take every s-th unit of rows
+# (kernels.signatures, TIES_UNIT_ROWS); the paper's compressed problems (1M rows) take them all.
+TIES_MAX_ROWS = 1 << 20
+
+
+def ties_stride(n_rows: int, max_rows: int | None = None) -> int:
+    """Every how many ``TIES_UNIT_ROWS``-row units the TIES sums take for a pass of ``n_rows`` rows:
+    1 up to ``max_rows`` (default :data:`TIES_MAX_ROWS`), then ``⌈n_rows / max_rows⌉``."""
+    cap = TIES_MAX_ROWS if max_rows is None else int(max_rows)
+    return max(1, -(-int(n_rows) // max(cap, TIES_UNIT_ROWS)))
 
 
 def delta_thresholds(flats, base_flat, relative, densities) -> np.ndarray:
@@ -82,6 +96,7 @@ class SignatureAccumulator:
         self.thresholds = {n: np.asarray(t, np.float32) for n, t in (thresholds or {}).items()}
         self.total = None
         self.n_rows = 0
+        self.ties_stride = ties_stride(selection.n_rows)
 
     def needs(self, name) -> bool:
         """Whether tensor ``name``'s thresholds must still be computed from the pass's reading."""
@@ -112,7 +127,7 @@ class SignatureAccumulator:
         table = np.zeros((size, self.densities.size, self.n_dict), np.float64)
         table[:len(names)] = np.stack([self.thresholds[n] for n in names])
         self.total = signature_block_sums(D, V, jnp.asarray(starts), jnp.asarray(table), mesh=self.mesh,
-                                          total=self.total)
+                                          row_offset=row_offset, ties_stride=self.ties_stride, total=self.total)
         self.n_rows += int(n_valid)
 
     def result(self) -> SignatureStats:
