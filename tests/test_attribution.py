@@ -69,6 +69,21 @@ def test_trim_thresholds_keep_mergekits_top_k():
         trim_thresholds([atoms[0], atoms[1][:10]])
 
 
+def test_trim_thresholds_of_large_tensors_are_exact():
+    """Above 65,536 entries the thresholds come from a radix select: still the exact k-th largest,
+    with zeros, repeated values and the extreme densities."""
+    rng = np.random.default_rng(4)
+    atoms = (rng.standard_normal((2, 300_001)) * np.array([[1e-3], [2.0]])).astype(np.float32)
+    atoms[0, :40_000] = 0.0
+    atoms[1, 10:5000] = atoms[1, 5]                                  # a value repeated 4,991 times
+    dens = (0.01, 0.1, 0.5, 0.86, 0.9, 0.999999, 1.0)
+    thr = trim_thresholds(atoms, dens)
+    for j in range(2):
+        desc = np.sort(np.abs(atoms[j]))[::-1]
+        ks = [max(1, int(rho * desc.size)) if rho < 1 else desc.size for rho in dens]
+        np.testing.assert_array_equal(thr[:, j], desc[np.asarray(ks) - 1])
+
+
 def test_signature_block_matches_row_formulas():
     rng = np.random.default_rng(1)
     d = rng.standard_normal((300, 3)).astype(np.float32)

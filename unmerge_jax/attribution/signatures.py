@@ -123,11 +123,38 @@ def trim_thresholds(atoms, densities: Sequence[float] = DENSITY_GRID) -> np.ndar
         raise UnmergeError(f"trim_thresholds: the task vectors of one tensor must have the same size, got "
                            f"{sorted({r.size for r in rows})}")
     out = np.zeros((dens.size, len(rows)), np.float32)
+    ks = [max(1, int(float(p) * n)) if p < 1 else n for p in dens]
     for j, r in enumerate(rows):
-        ks = [max(1, int(float(p) * n)) if p < 1 else n for p in dens]
-        # The k-th largest is the (n − k)-th smallest: one partition for all densities.
-        part = np.partition(r, sorted({n - k for k in ks}))
-        out[:, j] = [part[n - k] for k in ks]
+        out[:, j] = _kth_largest(r, ks)
+    return out
+
+
+def _kth_largest(absd: np.ndarray, ks) -> np.ndarray:
+    """The k-th largest of non-negative float32 ``absd`` for each k, exactly, by a radix select.
+
+    Non-negative float32 values order like their uint32 bit patterns, so one histogram of the top
+    16 bits finds the bucket holding each k-th largest; only that bucket's entries are then
+    partitioned. Several times faster than ``np.partition`` on a whole tensor (what a full pass pays
+    per dictionary entry and tensor).
+    """
+    bits = absd.view(np.uint32)
+    if bits.size <= 1 << 16:  # small tensors: a partition is cheaper than the histogram
+        n = bits.size
+        part = np.partition(absd, sorted({n - k for k in ks}))
+        return np.asarray([part[n - k] for k in ks], np.float32)
+    top = (bits >> 16).astype(np.uint16)
+    hist = np.bincount(top, minlength=1 << 16)
+    above = np.concatenate([np.cumsum(hist[::-1])[::-1][1:], [0]])   # entries in higher buckets
+    buckets = [int(np.flatnonzero(above < k)[0]) for k in ks]         # the bucket of each k-th largest
+    wanted = np.zeros(1 << 16, bool)
+    wanted[buckets] = True
+    keep = wanted[top]                                                  # one pass gathers all of them
+    cand, cand_top = absd[keep], top[keep]
+    out = np.empty(len(ks), np.float32)
+    for i, (k, b) in enumerate(zip(ks, buckets)):
+        sub = cand[cand_top == b]
+        rank = k - int(above[b])                                        # its rank inside the bucket
+        out[i] = np.partition(sub, sub.size - rank)[sub.size - rank]
     return out
 
 
