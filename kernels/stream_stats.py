@@ -1,18 +1,28 @@
-"""Row-block kernel of the streaming statistics pass: staged checkpoint values → ``(D, V)`` rows.
+"""Fused block kernel of the streaming statistics pass: staged checkpoint values → running statistics.
 
 The checkpoint statistics pass (``unmerge_jax.passes.statistics``) packs the selected entries of
 consecutive tensors into fixed-size blocks of B global rows, one staging row per input: row 0
-holds the base's values, rows 1..K the dictionary's, rows K+1..K+T the targets'. A source given as full fine-tuned
-weights is *relative* (its task vector is ``value − base``), a LoRA ``ΔW`` is not. Applying the
-mask is a gather of the kept flat indices while staging, so a compressed pass moves only the kept
-entries, never whole tensors.
+holds the base's values, rows 1..K the dictionary's, rows K+1..K+T the targets'. A source given as
+full fine-tuned weights is *relative* (its task vector is ``value − base``), a LoRA ``ΔW`` is not.
+Applying the mask is a gather of the kept flat indices while staging, so a compressed pass moves
+only the kept entries, never whole tensors.
 
-:func:`row_block` (jit, one program per (inputs, B, K, sharding)) forms the task-vector entries in
-float32, zeroes the rows past the block's end, counts non-finite values per input (reported by
-the driver as a one-line error naming tensor and file; never raised inside jit) and lays the
-block out as ``D`` (B × K) and ``V`` (B × T). Rows are sharded over the devices when the staged
-block is, so the statistics kernel (``kernels.stats.block_stats`` via
-``unmerge_jax.stats.accumulate_block``) consumes the block where it lies.
+:func:`staged_block_stats` is one jit program per (mesh, inputs, B, K, S, bootstrap layout, dtype)
+that does all of a block's work where the block lies, in cache-sized chunks of ``CHUNK_ROWS``
+rows along the staged layout (no transposed copy of the block): per chunk it forms the
+task-vector entries in float32 (``src − base`` for relative sources) and adds the chunk's exact
+float64 products
+
+    G += D_cᵀ D_c,   C += D_cᵀ V_c,   ‖v‖² += Σ_r v_r²      (D_c: c × K, V_c: c × T)
+
+— float32 × float32 is exact in float64, so only the float64 sums round — and, with S bootstrap
+replicates, the weighted sums ``Σ_r w_sr (…)`` with Poisson(1) weights keyed by the global row's
+resampling unit (``kernels.random.poisson1_weights``: bit-identical to the dense path). Non-finite
+values are flagged per input from the block's own ``Σ d²`` and ``Σ v²`` (a NaN/Inf entry makes its
+column's sum non-finite; reported by the driver as a one-line error naming tensor and file, never
+raised inside jit). The running totals are donated and updated in place: one dispatch per block,
+no per-block result buffers.
+Rows are sharded over a 1-D device mesh with ``shard_map``; a ``psum`` adds the devices' sums.
 """
 
 from __future__ import annotations
@@ -21,28 +31,137 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from unmerge_jax.kernels.random import poisson1_weights
+from unmerge_jax.kernels.stats import CHUNK_ROWS, ROW_AXIS
 
 
-@functools.partial(jax.jit, static_argnames=("n_dict",))
-def row_block(staged, relative, n_valid, *, n_dict: int):
-    """Task-vector rows of one staged block.
+def _task_values(blk, relative):
+    """Task-vector entries (K + T, c) float32 of a staged chunk ``blk`` (1 + K + T, c)."""
+    base, src = blk[0], blk[1:]
+    return jnp.where(relative[:, None], src - base[None, :], src)
+
+
+def _point_stats(vals, *, n_dict: int, compute_dtype):
+    """``(DᵀD, DᵀV, ‖v‖²)`` float64 of one chunk of task-vector entries (K + T, c), and ``v²``."""
+    hi = jax.lax.Precision.HIGHEST
+    v = vals.astype(compute_dtype)
+    prod = jnp.matmul(v[:n_dict], v.T, precision=hi).astype(jnp.float64)  # (K, K + T): one product
+    ysq = jnp.square(v[n_dict:])
+    return (prod[:, :n_dict], prod[:, n_dict:], jnp.sum(ysq, axis=1).astype(jnp.float64)), ysq
+
+
+def _row_weighted_stats(vals, ysq, w, *, n_dict: int, compute_dtype):
+    """Replicates of one chunk with per-row weights ``w`` (S, c): ``Σ_r w_sr (…)`` in one product."""
+    hi = jax.lax.Precision.HIGHEST
+    v = vals.astype(compute_dtype)
+    wc = w.astype(compute_dtype)
+    s, c = w.shape
+    dw = (wc[:, None, :] * v[None, :n_dict]).reshape(s * n_dict, c)  # [w_1 d, …, w_S d]
+    bprod = jnp.matmul(dw, v.T, precision=hi).astype(jnp.float64).reshape(s, n_dict, -1)
+    btsq = jnp.matmul(wc, ysq.T, precision=hi).astype(jnp.float64)  # (S, T)
+    return bprod[:, :, :n_dict], bprod[:, :, n_dict:], btsq, jnp.sum(w, axis=1).astype(jnp.float64)
+
+
+def _local_block(staged, relative, n_valid, row_offset, key, *, n_dict: int, n_seeds: int, compute_dtype,
+                 boot_block: int, unit_chunks: bool):
+    """Statistics of this device's rows of a staged block (1 + K + T, r) whose rows past ``n_valid``
+    are zero (the driver zeroes a short block's tail: zero rows add nothing, so no chunk is masked)."""
+    r = staged.shape[1]
+    first = jax.lax.axis_index(ROW_AXIS).astype(jnp.int64) * r  # this device's first row in the block
+    chunk = min(CHUNK_ROWS, r)
+    n_full = r // chunk
+    main = n_full * chunk
+    kw = dict(n_dict=n_dict, compute_dtype=compute_dtype)
+
+    def chunk_stats(start, size, with_seeds):
+        vals = _task_values(jax.lax.dynamic_slice_in_dim(staged, start, size, axis=1), relative)
+        point, ysq = _point_stats(vals, **kw)
+        if not with_seeds:
+            return point
+        rows = first + start + jnp.arange(size, dtype=jnp.int64)
+        w = poisson1_weights(key, (row_offset + rows) // boot_block, n_seeds) * (rows < n_valid)  # (S, c)
+        return (*point, *_row_weighted_stats(vals, ysq, w, **kw))
+
+    starts = chunk * jnp.arange(n_full, dtype=jnp.int64)
+    if unit_chunks:
+        # Every chunk lies inside one resampling unit: emit each chunk's point statistics and
+        # weight them per replicate after the loop (one weight per chunk, not S more products).
+        per = jax.lax.scan(lambda carry, start: (carry, chunk_stats(start, chunk, False)), None, starts)[1]
+        g = first + starts
+        w = poisson1_weights(key, (row_offset + g) // boot_block, n_seeds).astype(jnp.float64)  # (S, n_chunks)
+        n_in = jnp.clip(n_valid - g, 0, chunk).astype(jnp.float64)
+        return (*(jnp.sum(p, axis=0) for p in per), *(jnp.tensordot(w, p, axes=1) for p in per), w @ n_in)
+
+    per_row = bool(n_seeds)
+    shapes = jax.eval_shape(lambda: chunk_stats(jnp.int64(0), chunk, per_row))
+    zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
+    total = jax.lax.scan(lambda acc, start: (tuple(a + b for a, b in zip(acc, chunk_stats(start, chunk, per_row))),
+                                             None), zeros, starts)[0]
+    if main < r:  # a remainder shorter than one chunk (never with unit_chunks)
+        total = tuple(x + y for x, y in zip(total, chunk_stats(jnp.int64(main), r - main, per_row)))
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mesh: Mesh, n_dict: int, n_seeds: int, compute_dtype: str, boot_block: int, unit_chunks: bool):
+    cdt = jnp.dtype(compute_dtype)
+
+    def local(staged, relative, n_valid, row_offset, key):
+        total = _local_block(staged, relative, n_valid, row_offset, key, n_dict=n_dict, n_seeds=n_seeds,
+                             compute_dtype=cdt, boot_block=boot_block, unit_chunks=unit_chunks)
+        return tuple(jax.lax.psum(t, ROW_AXIS) for t in total)
+
+    n_out = 7 if n_seeds else 3
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(None, ROW_AXIS), P(), P(), P(), P()),
+                            out_specs=tuple(P() for _ in range(n_out)), check_vma=False)
+
+    def step(staged, relative, n_valid, row_offset, key, total):
+        part = sharded(staged, relative, n_valid, row_offset, key)
+        # A NaN/Inf entry makes its column's Σ d² (or Σ v²) non-finite, and a NaN/Inf base entry
+        # every relative column's: per input, whether this block holds one (base first).
+        col_sq = jnp.concatenate([jnp.diagonal(part[0]), part[2]])
+        bad_src = ~jnp.isfinite(col_sq)
+        bad_base = jnp.all(bad_src | ~relative) & jnp.any(relative & bad_src)
+        bad = jnp.concatenate([bad_base[None], bad_src & ~(bad_base & relative)]).astype(jnp.int32)
+        return tuple(a + b for a, b in zip(total, part)), bad
+
+    return jax.jit(step, donate_argnums=(5,))
+
+
+def zero_totals(n_dict: int, n_targets: int, n_seeds: int) -> tuple:
+    """The running totals :func:`staged_block_stats` starts from: ``(G, C, ‖v‖²)`` zeros, and with
+    replicates ``(G_s, C_s, ‖v‖²_s, n_s)``, float64 on the default device."""
+    k, t, s = n_dict, n_targets, n_seeds
+    shapes = [(k, k), (k, t), (t,)] + ([(s, k, k), (s, k, t), (s, t), (s,)] if s else [])
+    return tuple(jnp.zeros(sh, jnp.float64) for sh in shapes)
+
+
+def staged_block_stats(staged, relative, n_valid, row_offset, key, total, *, mesh: Mesh, n_dict: int, n_seeds: int,
+                       compute_dtype: str = "float64", boot_block: int = 1, unit_chunks: bool = False):
+    """Add one staged block's statistics to the running totals (one dispatch; ``total`` is donated).
 
     Args:
-      staged: (1 + K + T, B) float32: base values, then each source's values at the block's rows.
+      staged: (1 + K + T, B) float32 (NumPy, 64-byte aligned to be read in place, or a JAX array
+        sharded ``P(None, "rows")``): base values, then each source's values at the block's rows.
       relative: (K + T,) bool, True where the source holds full weights (subtract the base).
-      n_valid: () int, rows of the block that are real (the rest is padding).
-      n_dict: K (static).
+      n_valid: rows of the block that are real; the rest must be zero.
+      row_offset: global index of the block's first row (fixes the bootstrap weights).
+      key: ``jax.random`` key of the replicates (any key when ``n_seeds == 0``).
+      total: the running totals (:func:`zero_totals` for the first block); donated — use the
+        returned ones.
+      mesh: 1-D device mesh with axis ``"rows"``; B must be a multiple of its size.
+      n_dict: K. n_seeds: S. compute_dtype: product dtype (see ``kernels.stats.block_stats``).
+      boot_block: rows per resampling unit. unit_chunks: every chunk inside one unit
+        (``kernels.stats.chunks_inside_units``): the cheap replicate path.
 
     Returns:
-      ``(D, V, bad)``: D (B, K) and V (B, T) float32 with padding rows zero, and ``bad`` (1 + K + T,)
-      int32 counts of non-finite values among the real rows (base first; the base counts only
-      when some source needs it).
+      ``(total, bad)``: the updated totals (as :func:`zero_totals`), and (1 + K + T,) int32 flags
+      of the inputs holding a non-finite value in this block (base first: flagged when every
+      relative source is non-finite, the sources' flags then cleared).
     """
-    base, src = staged[0], staged[1:]
-    valid = jnp.arange(staged.shape[1]) < n_valid
-    vals = jnp.where(relative[:, None], src - base[None, :], src)
-    vals = jnp.where(valid[None, :], vals, jnp.float32(0))
-    bad_src = jnp.sum(~jnp.isfinite(vals), axis=1, dtype=jnp.int32)
-    bad_base = jnp.where(jnp.any(relative), jnp.sum(valid & ~jnp.isfinite(base), dtype=jnp.int32), 0)
-    bad = jnp.concatenate([bad_base[None], bad_src])
-    return vals[:n_dict].T, vals[n_dict:].T, bad
+    fn = _compiled(mesh, int(n_dict), int(n_seeds), jnp.dtype(compute_dtype).name, int(boot_block) if n_seeds else 1,
+                   bool(unit_chunks))
+    return fn(staged, relative, np.int64(n_valid), np.int64(row_offset), key, tuple(total))

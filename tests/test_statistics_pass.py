@@ -146,24 +146,36 @@ def test_saved_mask_compresses_targets_identically(tiny, tmp_path):
 
 
 def test_every_tensor_read_once_per_input(tiny, monkeypatch):
+    """Each checkpoint tensor's bytes are read exactly once, in row blocks (flat ranges that tile the
+    tensor without overlap, never the whole tensor at once when it spans blocks); each LoRA ΔW is
+    formed once."""
     from unmerge_jax.io.checkpoint import Checkpoint
     from unmerge_jax.io.lora import Adapter
     from unmerge_jax.passes.statistics import stream_stats
 
-    reads = []
-    orig_read, orig_delta = Checkpoint.read_raw, Adapter.delta  # Checkpoint.read goes through read_raw
+    ranges, whole, deltas = {}, [], []
+    orig_flat, orig_raw, orig_delta = Checkpoint.read_raw_flat, Checkpoint.read_raw, Adapter.delta
 
-    def logged(orig):
-        return lambda self, n, *a, **kw: (reads.append((Path(self.path).name, n)), orig(self, n, *a, **kw))[1]
+    def flat(self, n, start, stop, *a, **kw):
+        ranges.setdefault((Path(self.path).name, n), []).append((int(start), int(stop)))
+        return orig_flat(self, n, start, stop, *a, **kw)
 
-    monkeypatch.setattr(Checkpoint, "read_raw", logged(orig_read))
-    monkeypatch.setattr(Adapter, "delta", logged(orig_delta))
+    monkeypatch.setattr(Checkpoint, "read_raw_flat", flat)
+    monkeypatch.setattr(Checkpoint, "read_raw", lambda self, n, *a, **kw: (whole.append(n), orig_raw(self, n, *a, **kw))[1])
+    monkeypatch.setattr(Adapter, "delta", lambda self, n, *a, **kw: (deltas.append(n), orig_delta(self, n, *a, **kw))[1])
     q = tiny["qwen"]
-    res = stream_stats(q / "base", [q / "ft0", q / "lora0"], [q / "ta"])
+    res = stream_stats(q / "base", [q / "ft0", q / "lora0"], [q / "ta"], block_rows=3000)
     names = res.selection.names
-    assert sorted(reads) == sorted([(s, n) for n in names for s in ("base", "ft0", "ta")]
-                                   + [("lora0", n) for n in names if parse_tensor_name(n).short in "qkvo"
-                                      and parse_tensor_name(n).param == "weight"])
+    assert not whole
+    assert sorted(ranges) == sorted((s, n) for n in names for s in ("base", "ft0", "ta"))
+    for (s, n), parts in ranges.items():
+        parts.sort()
+        size = int(np.prod(res.selection.shapes[n]))
+        assert parts[0][0] == 0 and parts[-1][1] == size, (s, n)
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])), (s, n)  # disjoint, no gap
+        assert max(b - a for a, b in parts) <= 3000
+    assert sorted(deltas) == sorted(n for n in names if parse_tensor_name(n).short in "qkvo"
+                                    and parse_tensor_name(n).param == "weight")
 
 
 def test_progress_bar_over_tensors(tiny, monkeypatch, capsys):

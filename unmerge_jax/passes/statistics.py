@@ -37,15 +37,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unmerge_jax.entries import open_entries
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.kernels.stats import ROW_AXIS, row_mesh
-from unmerge_jax.kernels.stream_stats import row_block
+from unmerge_jax.hostmem import aligned_empty
+from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
+from unmerge_jax.kernels.stream_stats import staged_block_stats, zero_totals
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
 from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
-from unmerge_jax.sources import WEIGHTS, CheckpointSource, TensorSource, nonfinite_error, open_source
+from unmerge_jax.sources import WEIGHTS, AdapterSource, CheckpointSource, TensorSource, nonfinite_error, open_source
 from unmerge_jax.staging import BLOCK_ROWS, Staging, block_rows_for
-from unmerge_jax.stats import GramStats, accumulate_block, add_stats, bootstrap_unit_rows
+from unmerge_jax.stats import GramStats, _seed_key, bootstrap_unit_rows
 
 CHECK_EVERY = 16  # blocks between non-finite checks (each check waits for the device)
 MAX_INFLIGHT = 2  # blocks dispatched but not finished while the next one is staged
@@ -109,28 +110,42 @@ def _sum_over_processes(stats: GramStats) -> GramStats:
 class _Packer:
     """Packs selected rows of consecutive tensors into blocks and accumulates their statistics.
 
-    Each block is gathered into a staging buffer of :class:`~unmerge_jax.staging.Staging` (depth
+    Each block is a staging buffer of :class:`~unmerge_jax.staging.Staging` (depth
     ``MAX_INFLIGHT + 1``: staging block i+1 overlaps the kernels of blocks i and i−1, never more),
-    laid out (1 + K + T, B): the base's values, then each source's.
+    laid out (1 + K + T, B): the base's values, then each source's. The inputs' readers
+    (:class:`_RowReader`) write each tensor's rows straight into it — no tensor-sized buffer — and
+    one fused kernel (``kernels.stream_stats.staged_block_stats``) adds the block to the running
+    totals.
+
+    ``hooks``: callables ``hook(name, values, relative)`` called for every piece of a tensor staged
+    into a block, with ``values`` the (1 + K + T, n) float32 staged rows of that piece (base first;
+    read-only, valid during the call) — the per-block callback point for passes that accumulate
+    more per tensor than the statistics.
     """
 
-    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad, boot_block=1,
-                 sig=None):
+    def __init__(self, n_dict, n_targets, relative, block, devices, seeds, key, compute_dtype, offset, on_bad,
+                 boot_block=1, hooks=()):
         self.n_dict, self.block = n_dict, block
         self.sig = sig  # SignatureAccumulator or None: its sums come from the same device block
         self.n_in = 1 + len(relative)
-        self.relative = jnp.asarray(np.asarray(relative, bool))
-        self.devices, self.seeds, self.key, self.cdt = devices, seeds, key, compute_dtype
+        self.relative_host = np.asarray(relative, bool)
+        self.relative = jnp.asarray(self.relative_host)
+        self.devices, self.seeds, self.cdt = devices, seeds, compute_dtype
+        self.key = _seed_key(key, seeds)
         self.boot_block = boot_block
-        self.sharding = NamedSharding(row_mesh(devices), P(None, ROW_AXIS))
+        self.mesh = row_mesh(devices)
+        self.sharding = NamedSharding(self.mesh, P(None, ROW_AXIS))
+        self.single = len(devices) == 1 and devices[0] == jax.devices()[0] and jax.config.jax_default_device is None
         self.offset = offset
         self.fill = 0
         self.staging = Staging(depth=MAX_INFLIGHT + 1)
         self.buf = None
         self.segments: list[int] = []
         self.pending: list = []
-        self.total = None
+        self.total = zero_totals(n_dict, n_targets, seeds)
+        self.n_rows = 0
         self.on_bad = on_bad
+        self.hooks = tuple(hooks)
         self.n_blocks = 0
 
     def _start_block(self):
@@ -138,23 +153,24 @@ class _Packer:
         self.buf = self.staging.buffer("block", self.n_blocks, self.n_in * self.block, np.float32).reshape(
             self.n_in, self.block)
 
-    def push(self, tensor_id: int, base_flat, src_flats, index, rows: int):
+    def push(self, tensor_id: int, name: str, readers, index, rows: int):
+        """Stage the ``rows`` selected entries of tensor ``name`` (``index``: kept flat indices, or
+        None for all), read by ``readers`` (one per input, base first; None = all zero)."""
         pos = 0
         while pos < rows:
             if self.fill == 0:
                 self._start_block()
             take = min(self.block - self.fill, rows - pos)
-            part = slice(pos, pos + take) if index is None else index[pos:pos + take]
             dst = slice(self.fill, self.fill + take)
-            if base_flat is not None:
-                self.buf[0, dst] = base_flat[part]
-            else:
-                self.buf[0, dst] = 0.0
-            for j, a in enumerate(src_flats):
-                if a is None:
-                    self.buf[1 + j, dst] = 0.0
+            for j, reader in enumerate(readers):
+                if reader is None:
+                    self.buf[j, dst] = 0.0
                 else:
-                    self.buf[1 + j, dst] = a[part]
+                    reader.fill(name, index, pos, take, self.buf[j, dst])
+            for hook in self.hooks:
+                piece = self.buf[:, dst]
+                piece.flags.writeable = False
+                hook(name, piece, self.relative_host)
             if not self.segments or self.segments[-1] != tensor_id:
                 self.segments.append(tensor_id)
             self.fill += take
@@ -166,18 +182,18 @@ class _Packer:
         n = self.fill
         if n == 0:
             return
-        staged = jax.device_put(self.buf, self.sharding)
-        D, V, bad = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
-        if self.sig is not None:
-            self.sig.add(D, V, self.offset, n)
         if n < self.block:
-            D, V = D[:n], V[:n]
-        part = accumulate_block(D, V, row_offset=self.offset, seeds=self.seeds, key=self.key, devices=self.devices,
-                                compute_dtype=self.cdt, pad_to=self.block, bootstrap_block=self.boot_block)
-        self.total = part if self.total is None else add_stats(self.total, part)
+            self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
+        staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
+        unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
+        self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
+                                             mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds,
+                                             compute_dtype=self.cdt, boot_block=self.boot_block,
+                                             unit_chunks=unit_chunks)
         self.pending.append((bad, tuple(self.segments)))
-        self.staging.dispatched(part.gram)  # ready once the device no longer reads this block's buffer
+        self.staging.dispatched(bad)  # ready once the device no longer reads this block's buffer
         self.offset += n
+        self.n_rows += n
         self.fill = 0
         self.buf = None
         self.segments = []
@@ -194,6 +210,16 @@ class _Packer:
             blk, inp = hit[0]
             self.on_bad(self.pending[blk][1], int(inp))
         self.pending.clear()
+
+    def result(self) -> GramStats | None:
+        """The accumulated statistics (None when no block was staged)."""
+        if not self.n_blocks:
+            return None
+        t = self.total
+        n = np.int64(self.n_rows)
+        if self.seeds:
+            return GramStats(t[0], t[1], t[2], n, t[3], t[4], t[5], t[6])
+        return GramStats(t[0], t[1], t[2], n)
 
 
 def _load_mask(mask, base) -> Selection:
@@ -277,11 +303,12 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
 
 
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
-                boot_block=1, sig=None):
+                boot_block=1, hooks=()):
     names = selection.names
     mine = share(names, [selection.rows(n) for n in names], pcount)[pidx]
     if devices is None:
         devices = jax.local_devices()
+    devices = list(devices)
     local_rows = sum(selection.rows(n) for n in mine)
     block = block_rows_for(local_rows, block_rows, len(devices))
     relative = [tv.relative for tv in tvs]
@@ -291,28 +318,20 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     def on_bad(tensor_ids, inp):
         _raise_nonfinite(base, tvs, K, selection, [names[i] for i in tensor_ids], inp)
 
-    packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad,
-                     boot_block, sig)
-    # One reusable buffer per input, sized for its largest tensor: tensors are read into it (in
-    # their stored dtype where the source is a checkpoint; staging casts to float32) instead of
-    # into fresh arrays, so the pass allocates (and page-faults) its (1 + K + T) tensors' worth
-    # once, not once per tensor.
-    todo = [n for n in mine if selection.rows(n)]
-    read_base = _Reader(base, todo) if any(relative) else None
-    readers = [_Reader(tv.source, todo, tv.touches) for tv in tvs]
+    packer = _Packer(K, len(tvs) - K, relative, block, devices, seeds, key, compute_dtype,
+                     offsets[mine[0]] if mine else 0, on_bad, boot_block, hooks)
+    # Readers write each tensor's selected entries straight into the staging block, a row block at
+    # a time: nothing tensor-sized is held, so memory depends on the block and K + T only.
+    readers = [_RowReader(base, window=block) if any(relative) else None]
+    readers += [_RowReader(tv.source, tv.touches, window=block) for tv in tvs]
     for name in progress(mine, desc="statistics pass", total=len(mine)):
         rows = selection.rows(name)
         if rows == 0:
             continue
-        base_flat = read_base(name) if read_base is not None else None
-        flats = [read(name) for read in readers]
-        if sig is not None and sig.needs(name):  # whole tensors in hand: their trimming thresholds
-            sig.from_reading(name, flats[:K], base_flat, relative[:K])
-        packer.push(ids[name], base_flat, flats, selection.index.get(name), rows)
-        del base_flat, flats
+        packer.push(ids[name], name, readers, selection.index.get(name), rows)
     packer.flush()
     packer.check()
-    total = packer.total
+    total = packer.result()
     if pcount > 1:
         if total is None:  # this process got no rows: contribute zeros of the right shapes
             total = _zero_stats(K, len(tvs) - K, seeds)
@@ -320,25 +339,88 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     return total, packer.n_blocks
 
 
-class _Reader:
-    """Reads one input's tensors, flat, into one reusable byte buffer sized for the largest of ``names``.
+class _RowReader:
+    """Writes one input's values at selected flat positions of a tensor into a float32 destination.
 
-    A :class:`~unmerge_jax.sources.CheckpointSource` is read in its stored dtype
-    (``read_raw``: one ``pread``, no conversion; the staging copy casts to float32); any other
-    source as float32 (``read``, e.g. a LoRA ``ΔW``). ``touches(name)`` False → None (all zero).
+    A :class:`~unmerge_jax.sources.CheckpointSource` storing float32 is read by one ``pread`` of
+    just the range's bytes straight into the destination (a row of the staging block: no
+    intermediate copy); other stored dtypes through a scratch buffer of at most ``window``
+    entries, converted on the copy. Generated or in-memory tensors through ``read_rows`` of the
+    rows covering the range. A LoRA ``ΔW`` is formed once per tensor (``B @ A`` whole, held
+    while its rows are staged): BLAS may round a product of a row subset ``B[rows] @ A``
+    differently in the last bit, and the statistics must equal those of the whole product. A
+    compressed selection reads windows of at most ``window`` entries spanning its kept indices
+    and gathers them. ``touches(name)`` False → zeros, nothing read.
     """
 
-    def __init__(self, src: TensorSource, names, touches=None):
-        stored = isinstance(src, CheckpointSource)
-        self.read = src.read_raw if stored else src.read
+    def __init__(self, src: TensorSource, touches=None, *, window: int):
+        self.src = src
+        self.stored = isinstance(src, CheckpointSource)
+        self.whole = isinstance(src, AdapterSource)
         self.touches = touches if touches is not None else (lambda name: True)
-        nbytes = src.stored_nbytes if stored else src.nbytes
-        self.buf = np.empty(max((nbytes(n) for n in names if self.touches(n)), default=0), np.uint8)
+        self.window = max(1, int(window))
+        self._scratch = None
+        self._held = (None, None)  # (name, flat ΔW) of the adapter tensor being staged
 
-    def __call__(self, name):
+    def scratch(self, n: int, dtype) -> np.ndarray:
+        nbytes = n * np.dtype(dtype).itemsize
+        if self._scratch is None or self._scratch.size < nbytes:
+            self._scratch = aligned_empty(max(nbytes, self.window * 4))
+        return self._scratch[:nbytes].view(dtype)
+
+    def fill(self, name, index, pos: int, take: int, dst: np.ndarray) -> None:
+        """``dst[:] =`` the values at flat positions ``index[pos:pos + take]`` (``pos:pos + take``
+        when ``index`` is None) of tensor ``name``."""
         if not self.touches(name):
-            return None
-        return self.read(name, out=self.buf).reshape(-1)
+            dst[:] = 0.0
+            return
+        if index is None:
+            self._range(name, pos, pos + take, dst)
+            return
+        idx = index[pos:pos + take]
+        i = 0
+        while i < take:  # windows of at most `window` entries from the next kept index on
+            lo = int(idx[i])
+            cut = i + int(np.searchsorted(idx[i:], lo + self.window, side="left"))
+            hi = int(idx[cut - 1]) + 1
+            part = self.scratch(hi - lo, np.float32)
+            self._range(name, lo, hi, part)
+            np.take(part, idx[i:cut] - lo, out=dst[i:cut])
+            i = cut
+
+    def _range(self, name, lo: int, hi: int, dst: np.ndarray) -> None:
+        """``dst[:] =`` flat entries ``lo:hi`` of ``name`` as float32."""
+        src = self.src
+        if self.stored:
+            if src.dtype(name) == "F32":
+                src.read_raw_flat(name, lo, hi, out=dst)
+                return
+            raw = self.scratch_raw(name, hi - lo)
+            dst[:] = src.read_raw_flat(name, lo, hi, out=raw)
+            return
+        if self.whole:
+            if self._held[0] != name:
+                self._held = (None, None)
+                self._held = (name, src.read(name).reshape(-1))
+            dst[:] = self._held[1][lo:hi]
+            return
+        shape = src.shape(name)
+        if len(shape) <= 1:
+            part = src.read_rows(name, lo, hi) if shape else src.read(name)
+            dst[:] = part.reshape(-1)[: hi - lo] if shape else part.reshape(-1)[lo:hi]
+            return
+        width = int(np.prod(shape[1:], dtype=np.int64))
+        r0, r1 = lo // width, -(-hi // width)
+        rows = src.read_rows(name, r0, r1).reshape(-1)
+        dst[:] = rows[lo - r0 * width: hi - r0 * width]
+
+    def scratch_raw(self, name, n: int) -> np.ndarray:
+        """A byte buffer for ``n`` stored entries of ``name`` (kept apart from the float32 window)."""
+        nbytes = n * 8
+        buf = getattr(self, "_raw", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._raw = aligned_empty(max(nbytes, self.window * 8))
+        return buf[:nbytes]
 
 
 def _zero_stats(K, T, seeds):
@@ -368,27 +450,37 @@ def _raise_nonfinite(base, tvs, K, selection, tensors, inp):
             hit[idx[bad]] = True
         return np.where(hit, flat, 0.0).reshape(arr.shape)  # non-finite at the selected places only
 
-    for name in tensors:
-        if inp == 0:
-            bad = first_bad(base.read(name), name)
-            if bad is not None:
-                raise nonfinite_error(name, f"base {base.where(name)}", bad, "holds NaN/Inf:")
-            continue
-        s = tvs[inp - 1]
-        role = "dictionary entry" if inp - 1 < K else "target"
-        arr, _ = s.parts(name)
-        bad = None if arr is None else first_bad(arr, name)
-        if bad is not None:
-            raise nonfinite_error(name, f"{role} {s.name} ({s.where(name)})", bad, "holds NaN/Inf:")
-        with np.errstate(over="ignore", invalid="ignore"):
-            delta = s.read(name)
-        bad = first_bad(delta, name)
-        if bad is not None:  # finite weights whose difference from the base overflows float32
-            raise nonfinite_error(name, f"the task vector of {role} {s.name} ({s.where(name)} minus the base)", bad,
-                                  "overflows float32 to NaN/Inf:")
+    # The kernel flags an input from its column sums; look there first, then at every other input
+    # (a base flag can also mean that every relative source holds a NaN of its own).
+    for i in [inp] + [j for j in range(1 + len(tvs)) if j != inp]:
+        for name in tensors:
+            _raise_if_nonfinite(base, tvs, K, i, name, first_bad)
     s = tvs[inp - 1] if inp else None
     raise UnmergeError(f"non-finite values in the task vector of {s.name if s else 'the base'} near tensor "
                        f"{tensors[0]}; the fine-tuned and base values overflow when subtracted")
+
+
+def _raise_if_nonfinite(base, tvs, K, inp, name, first_bad):
+    """Raise the one-line error if input ``inp`` (0 = the base) holds a selected NaN/Inf in ``name``."""
+    if inp == 0:
+        if not any(tv.relative for tv in tvs):
+            return
+        bad = first_bad(base.read(name), name)
+        if bad is not None:
+            raise nonfinite_error(name, f"base {base.where(name)}", bad, "holds NaN/Inf:")
+        return
+    s = tvs[inp - 1]
+    role = "dictionary entry" if inp - 1 < K else "target"
+    arr, _ = s.parts(name)
+    bad = None if arr is None else first_bad(arr, name)
+    if bad is not None:
+        raise nonfinite_error(name, f"{role} {s.name} ({s.where(name)})", bad, "holds NaN/Inf:")
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = s.read(name)
+    bad = first_bad(delta, name)
+    if bad is not None:  # finite weights whose difference from the base overflows float32
+        raise nonfinite_error(name, f"the task vector of {role} {s.name} ({s.where(name)} minus the base)", bad,
+                              "overflows float32 to NaN/Inf:")
 
 
 def dense_columns(base, dictionary, targets, selection: Selection | None = None, modules=None):
