@@ -39,7 +39,8 @@ from unmerge_jax.entries import open_entries
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
-from unmerge_jax.kernels.stream_stats import staged_block_stats, zero_totals
+from unmerge_jax.kernels.stream_stats import (staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
+                                              zero_totals, zero_totals_x2)
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
 from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
@@ -48,6 +49,8 @@ from unmerge_jax.sources import WEIGHTS, AdapterSource, CheckpointSource, Tensor
 from unmerge_jax.staging import BLOCK_ROWS, Staging, block_rows_for
 from unmerge_jax.stats import GramStats, _seed_key, bootstrap_unit_rows
 
+COMPUTE_DTYPES = ("auto", "float64", "float32", "float32x2")
+FLOAT32_ONLY = "float32x2"  # exact float32 products, double-float32 sums: no float64 arithmetic on the device
 CHECK_EVERY = 16  # blocks between non-finite checks (each check waits for the device)
 MAX_INFLIGHT = 2  # blocks dispatched but not finished while the next one is staged
 
@@ -142,7 +145,9 @@ class _Packer:
         self.buf = None
         self.segments: list[int] = []
         self.pending: list = []
-        self.total = zero_totals(n_dict, n_targets, seeds)
+        self.n_targets = n_targets
+        self.x2 = compute_dtype == FLOAT32_ONLY
+        self.total = (zero_totals_x2 if self.x2 else zero_totals)(n_dict, n_targets, seeds)
         self.n_rows = 0
         self.on_bad = on_bad
         self.hooks = tuple(hooks)
@@ -186,10 +191,13 @@ class _Packer:
             self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
         staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
         unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
-        self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
-                                             mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds,
-                                             compute_dtype=self.cdt, boot_block=self.boot_block,
-                                             unit_chunks=unit_chunks)
+        kw = dict(mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds, boot_block=self.boot_block,
+                  unit_chunks=unit_chunks)
+        if self.x2:
+            self.total, bad = staged_block_stats_x2(staged, self.relative, n, self.offset, self.key, self.total, **kw)
+        else:
+            self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
+                                                 compute_dtype=self.cdt, **kw)
         self.pending.append((bad, tuple(self.segments)))
         self.staging.dispatched(bad)  # ready once the device no longer reads this block's buffer
         self.offset += n
@@ -216,6 +224,8 @@ class _Packer:
         if not self.n_blocks:
             return None
         t = self.total
+        if self.x2:
+            t = tuple(jnp.asarray(a) for a in totals_x2_to_float64(t, self.n_dict, self.n_targets, self.seeds))
         n = np.int64(self.n_rows)
         if self.seeds:
             return GramStats(t[0], t[1], t[2], n, t[3], t[4], t[5], t[6])
@@ -230,9 +240,8 @@ def _load_mask(mask, base) -> Selection:
 
 def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: str = "group", modules=None,
                  mask=None, seeds: int = 0, key: int = 0, devices=None, block_rows: int = BLOCK_ROWS,
-                 compute_dtype: str = "float64", distributed: bool | None = None,
-                 bootstrap_block: int | None = None, signatures: bool = False,
-                 densities=DENSITY_GRID) -> StreamResult:
+                 compute_dtype: str = "auto", distributed: bool | None = None,
+                 bootstrap_block: int | None = None) -> StreamResult:
     """Float64 :class:`GramStats` of checkpoint task vectors in one streaming pass.
 
     Args:
@@ -251,7 +260,12 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
       key: bootstrap seed (int).
       devices: devices to shard rows over (default: this process's devices).
       block_rows: rows per staged block.
-      compute_dtype: block product dtype (see :func:`unmerge_jax.gram_stats`).
+      compute_dtype: arithmetic of the block statistics: ``"float64"`` (float32 products exact in
+        float64, float64 sums), ``"float32x2"`` (float32 arithmetic only: products made exact by
+        splitting each float32 into two 12-bit halves, double-float32 sums; within ~1e-14 of
+        float64 for backends without fast float64), ``"float32"`` (float32 products and chunk sums,
+        ~1e-7), or ``"auto"`` (default: ``"float32x2"`` on TPU, which has no float64 unit,
+        ``"float64"`` elsewhere). Totals are float64 in every case.
       distributed: share tensors over the ``jax.distributed`` processes (default: when more than
         one process runs). Every process returns the summed statistics.
       bootstrap_block: rows per bootstrap resampling unit (default automatic from the selected
@@ -270,6 +284,7 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
         raise UnmergeError(f"seeds must be >= 0, got {seeds}")
     if block_rows < 1:
         raise UnmergeError(f"block_rows must be >= 1, got {block_rows}")
+    compute_dtype = resolve_compute_dtype(compute_dtype, devices)
     pidx, pcount = _process_info(distributed)
     base = open_source(base, kind=WEIGHTS)
     if mask is not None:
@@ -300,6 +315,16 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
                       n_blocks=n_blocks)
     return StreamResult(stats, prov, selection,
                         signatures=sig.result(sum_over_processes=pcount > 1) if sig is not None else None)
+
+
+def resolve_compute_dtype(compute_dtype: str, devices=None) -> str:
+    """The statistics arithmetic for ``compute_dtype`` (``"auto"``: from the devices' platform)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UnmergeError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if compute_dtype != "auto":
+        return compute_dtype
+    platform = (list(devices)[0] if devices else jax.local_devices()[0]).platform
+    return FLOAT32_ONLY if platform == "tpu" else "float64"
 
 
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
