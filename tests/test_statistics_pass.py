@@ -401,3 +401,28 @@ def test_compute_dtype_auto_and_unknown(tiny):
     q = tiny["qwen"]
     with pytest.raises(UnmergeError, match="compute_dtype must be one of"):
         stream_stats(q / "base", [q / "ft0"], [q / "ta"], compute_dtype="float16")
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000, 10**6])
+def test_mask_row_blocks_equal_whole_tensor_top_k(block):
+    """The mask pass's per-block candidates merged across row blocks equal the whole tensor's top k,
+    with many ties at the threshold split across blocks (ties: lowest flat index)."""
+    from unmerge_jax.passes import mask as mk
+    from unmerge_jax.sources import MemorySource, TaskVector
+    from unmerge_jax.staging import RowReader
+
+    rng = np.random.default_rng(3)
+    shape = (40, 25)
+    base = MemorySource({"w": rng.standard_normal(shape).astype(np.float32)}, kind="weights")
+    fts = [MemorySource({"w": base.tensors["w"] + np.round(rng.standard_normal(shape), 0).astype(np.float32) / 8},
+                        kind="weights") for _ in range(2)]
+    lora = MemorySource({"w": np.round(rng.standard_normal(shape), 1).astype(np.float32)})
+    tvs = [TaskVector(base, s, f"d{i}") for i, s in enumerate(fts + [lora])]
+    readers = [RowReader(base, window=block)] + [RowReader(tv.source, tv.touches, window=block) for tv in tvs]
+    m = np.max(np.stack([np.abs(tv.read("w")) for tv in tvs]), axis=0).reshape(-1)
+    for k in (1, 37, 333, 999, 5000):
+        v, i = mk._tensor_candidates(base, tvs, "w", k, readers, block=block)
+        # the NumPy reference: order by (value desc, index asc), first k
+        want = np.lexsort((np.arange(m.size), -m))[:k]
+        np.testing.assert_array_equal(np.sort(i), np.sort(want))
+        np.testing.assert_array_equal(v[np.argsort(i)], m[np.sort(want)])

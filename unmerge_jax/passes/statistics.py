@@ -37,7 +37,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unmerge_jax.entries import open_entries
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
 from unmerge_jax.kernels.stream_stats import (staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
                                               zero_totals, zero_totals_x2)
@@ -45,8 +44,8 @@ from unmerge_jax.passes.mask import Selection, build_selection, candidate_names,
 from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
-from unmerge_jax.sources import WEIGHTS, AdapterSource, CheckpointSource, TensorSource, nonfinite_error, open_source
-from unmerge_jax.staging import BLOCK_ROWS, Staging, block_rows_for
+from unmerge_jax.sources import WEIGHTS, nonfinite_error, open_source
+from unmerge_jax.staging import BLOCK_ROWS, RowReader, Staging, block_rows_for
 from unmerge_jax.stats import GramStats, _seed_key, bootstrap_unit_rows
 
 COMPUTE_DTYPES = ("auto", "float64", "float32", "float32x2")
@@ -116,8 +115,8 @@ class _Packer:
     Each block is a staging buffer of :class:`~unmerge_jax.staging.Staging` (depth
     ``MAX_INFLIGHT + 1``: staging block i+1 overlaps the kernels of blocks i and i−1, never more),
     laid out (1 + K + T, B): the base's values, then each source's. The inputs' readers
-    (:class:`_RowReader`) write each tensor's rows straight into it — no tensor-sized buffer — and
-    one fused kernel (``kernels.stream_stats.staged_block_stats``) adds the block to the running
+    (:class:`~unmerge_jax.staging.RowReader`) write each tensor's rows straight into it — no
+    tensor-sized buffer — and one fused kernel (``kernels.stream_stats.staged_block_stats``) adds the block to the running
     totals.
 
     ``hooks``: callables ``hook(name, values, relative)`` called for every piece of a tensor staged
@@ -347,8 +346,8 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
                      offsets[mine[0]] if mine else 0, on_bad, boot_block, hooks)
     # Readers write each tensor's selected entries straight into the staging block, a row block at
     # a time: nothing tensor-sized is held, so memory depends on the block and K + T only.
-    readers = [_RowReader(base, window=block) if any(relative) else None]
-    readers += [_RowReader(tv.source, tv.touches, window=block) for tv in tvs]
+    readers = [RowReader(base, window=block) if any(relative) else None]
+    readers += [RowReader(tv.source, tv.touches, window=block) for tv in tvs]
     for name in progress(mine, desc="statistics pass", total=len(mine)):
         rows = selection.rows(name)
         if rows == 0:
@@ -362,90 +361,6 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
             total = _zero_stats(K, len(tvs) - K, seeds)
         total = _sum_over_processes(total)
     return total, packer.n_blocks
-
-
-class _RowReader:
-    """Writes one input's values at selected flat positions of a tensor into a float32 destination.
-
-    A :class:`~unmerge_jax.sources.CheckpointSource` storing float32 is read by one ``pread`` of
-    just the range's bytes straight into the destination (a row of the staging block: no
-    intermediate copy); other stored dtypes through a scratch buffer of at most ``window``
-    entries, converted on the copy. Generated or in-memory tensors through ``read_rows`` of the
-    rows covering the range. A LoRA ``ΔW`` is formed once per tensor (``B @ A`` whole, held
-    while its rows are staged): BLAS may round a product of a row subset ``B[rows] @ A``
-    differently in the last bit, and the statistics must equal those of the whole product. A
-    compressed selection reads windows of at most ``window`` entries spanning its kept indices
-    and gathers them. ``touches(name)`` False → zeros, nothing read.
-    """
-
-    def __init__(self, src: TensorSource, touches=None, *, window: int):
-        self.src = src
-        self.stored = isinstance(src, CheckpointSource)
-        self.whole = isinstance(src, AdapterSource)
-        self.touches = touches if touches is not None else (lambda name: True)
-        self.window = max(1, int(window))
-        self._scratch = None
-        self._held = (None, None)  # (name, flat ΔW) of the adapter tensor being staged
-
-    def scratch(self, n: int, dtype) -> np.ndarray:
-        nbytes = n * np.dtype(dtype).itemsize
-        if self._scratch is None or self._scratch.size < nbytes:
-            self._scratch = aligned_empty(max(nbytes, self.window * 4))
-        return self._scratch[:nbytes].view(dtype)
-
-    def fill(self, name, index, pos: int, take: int, dst: np.ndarray) -> None:
-        """``dst[:] =`` the values at flat positions ``index[pos:pos + take]`` (``pos:pos + take``
-        when ``index`` is None) of tensor ``name``."""
-        if not self.touches(name):
-            dst[:] = 0.0
-            return
-        if index is None:
-            self._range(name, pos, pos + take, dst)
-            return
-        idx = index[pos:pos + take]
-        i = 0
-        while i < take:  # windows of at most `window` entries from the next kept index on
-            lo = int(idx[i])
-            cut = i + int(np.searchsorted(idx[i:], lo + self.window, side="left"))
-            hi = int(idx[cut - 1]) + 1
-            part = self.scratch(hi - lo, np.float32)
-            self._range(name, lo, hi, part)
-            np.take(part, idx[i:cut] - lo, out=dst[i:cut])
-            i = cut
-
-    def _range(self, name, lo: int, hi: int, dst: np.ndarray) -> None:
-        """``dst[:] =`` flat entries ``lo:hi`` of ``name`` as float32."""
-        src = self.src
-        if self.stored:
-            if src.dtype(name) == "F32":
-                src.read_raw_flat(name, lo, hi, out=dst)
-                return
-            raw = self.scratch_raw(name, hi - lo)
-            dst[:] = src.read_raw_flat(name, lo, hi, out=raw)
-            return
-        if self.whole:
-            if self._held[0] != name:
-                self._held = (None, None)
-                self._held = (name, src.read(name).reshape(-1))
-            dst[:] = self._held[1][lo:hi]
-            return
-        shape = src.shape(name)
-        if len(shape) <= 1:
-            part = src.read_rows(name, lo, hi) if shape else src.read(name)
-            dst[:] = part.reshape(-1)[: hi - lo] if shape else part.reshape(-1)[lo:hi]
-            return
-        width = int(np.prod(shape[1:], dtype=np.int64))
-        r0, r1 = lo // width, -(-hi // width)
-        rows = src.read_rows(name, r0, r1).reshape(-1)
-        dst[:] = rows[lo - r0 * width: hi - r0 * width]
-
-    def scratch_raw(self, name, n: int) -> np.ndarray:
-        """A byte buffer for ``n`` stored entries of ``name`` (kept apart from the float32 window)."""
-        nbytes = n * 8
-        buf = getattr(self, "_raw", None)
-        if buf is None or buf.size < nbytes:
-            buf = self._raw = aligned_empty(max(nbytes, self.window * 8))
-        return buf[:nbytes]
 
 
 def _zero_stats(K, T, seeds):
