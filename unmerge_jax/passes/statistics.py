@@ -1,6 +1,6 @@
 """The checkpoint statistics pass: dictionary + target task vectors → :class:`GramStats`.
 
-``stream_stats(base, dictionary, targets)`` reads every selected tensor once, one tensor at a
+``stream_stats(base, dictionary, targets)`` reads every selected entry once, a row block at a
 time, and accumulates ``G = DᵀD``, ``C = DᵀV``, ``‖v‖²`` (and S bootstrap replicates) in float64.
 Row order (it fixes the bootstrap weights): tensors in the :class:`~unmerge_jax.passes.mask.Selection`'s
 order (the base's sorted names), inside a tensor the kept flat indices in increasing order (C order).
@@ -8,15 +8,15 @@ The result equals ``gram_stats(D, V)`` of the dense concatenated vectors to floa
 (``dense_columns`` builds that reference for small models).
 
 Inputs are read through the tensor sources (``unmerge_jax.sources``): the base and the K + T
-task vectors of the entries (``unmerge_jax.entries``). Per tensor: read the base once (when a
-source holds full weights) and each source's tensor (full weights in their stored dtype, or a
-LoRA ``ΔW``) into one reusable buffer per input, gather the kept entries into a staging block of
-B rows (rows of consecutive tensors are packed together; ``unmerge_jax.staging`` holds the
-buffers and bounds the blocks in flight), and run the jit kernel ``kernels.stream_stats.row_block``
-(task-vector entries, padding, non-finite counts) and the statistics kernel on the block, rows
-sharded over the devices. Alive at once: the base and K + T source tensors, plus the staging
-blocks (B × (1 + K + T) × 4 bytes each) — peak ≈ (1 + K + T) × largest tensor × 4 B + a constant,
-independent of the model size.
+task vectors of the entries (``unmerge_jax.entries``), in row blocks. The selected entries of
+consecutive tensors are packed into staging blocks of B rows (``unmerge_jax.staging``: the
+buffers and the bound on blocks in flight), each input's values read straight into its row of the
+block (:class:`~unmerge_jax.staging.RowReader`: one ``pread`` of just the range's bytes for a
+float32 checkpoint; a LoRA ``ΔW`` formed once per tensor), and one fused jit kernel
+(``kernels.stream_stats.staged_block_stats``) adds the block's float64 statistics to running
+totals, rows sharded over the devices. Alive at once: three staging blocks
+(B × (1 + K + T) × 4 bytes each) and block-sized scratch — memory depends on the block size and
+K + T, not on the largest tensor (plus one ``ΔW`` per adapter input).
 
 Multi-process (``jax.distributed``): each process reads a contiguous share of the tensors (about
 equal bytes), accumulates its rows with their global offsets on its local devices, and the partial
