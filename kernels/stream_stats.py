@@ -38,6 +38,32 @@ from unmerge_jax.kernels.random import poisson1_weights
 from unmerge_jax.kernels.stats import CHUNK_ROWS, ROW_AXIS
 
 
+@functools.partial(jax.jit, static_argnames=("n_dict",))
+def row_block(staged, relative, n_valid, *, n_dict: int):
+    """Task-vector rows of one staged block in row layout, for kernels that need ``(D, V)`` themselves
+    (the signature sums of ``passes.signatures``); the statistics use :func:`staged_block_stats`.
+
+    Args:
+      staged: (1 + K + T, B) float32: base values, then each source's values at the block's rows.
+      relative: (K + T,) bool, True where the source holds full weights (subtract the base).
+      n_valid: () int, rows of the block that are real (the rest is zeroed).
+      n_dict: K (static).
+
+    Returns:
+      ``(D, V, bad)``: D (B, K) and V (B, T) float32 with padding rows zero, and ``bad`` (1 + K + T,)
+      int32 counts of non-finite values among the real rows (base first; the base counts only
+      when some source needs it).
+    """
+    base, src = staged[0], staged[1:]
+    valid = jnp.arange(staged.shape[1]) < n_valid
+    vals = jnp.where(relative[:, None], src - base[None, :], src)
+    vals = jnp.where(valid[None, :], vals, jnp.float32(0))
+    bad_src = jnp.sum(~jnp.isfinite(vals), axis=1, dtype=jnp.int32)
+    bad_base = jnp.where(jnp.any(relative), jnp.sum(valid & ~jnp.isfinite(base), dtype=jnp.int32), 0)
+    bad = jnp.concatenate([bad_base[None], bad_src])
+    return vals[:n_dict].T, vals[n_dict:].T, bad
+
+
 def _task_values(blk, relative):
     """Task-vector entries (K + T, c) float32 of a staged chunk ``blk`` (1 + K + T, c)."""
     base, src = blk[0], blk[1:]

@@ -327,8 +327,16 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
     vals, ranks, idxs = [], [], []
     readers = [RowReader(open_source(base, kind=WEIGHTS), window=MASK_BLOCK)]
     readers += [RowReader(tv.source, tv.touches, window=MASK_BLOCK) for tv in dictionary]
+    thresholds = {}
     for name in progress(mine, desc="top-k mask pass", total=len(mine)):
-        v, i = _tensor_candidates(base, dictionary, name, k_each, readers)
+        if densities is not None:
+            # TIES thresholds are order statistics of the whole tensor's |d_i|: this per-tensor
+            # path holds the tensor (the row-block path below does not).
+            m, thresholds[name] = _max_abs(base, dictionary, name, densities)
+            v, i = _tensor_top(m, k_each)
+            del m
+        else:
+            v, i = _tensor_candidates(base, dictionary, name, k_each, readers)
         vals.append(v)
         idxs.append(i)
         ranks.append(np.full(v.size, rank_of[name], np.int32))

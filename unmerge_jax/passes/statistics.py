@@ -38,13 +38,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unmerge_jax.entries import open_entries
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
-from unmerge_jax.kernels.stream_stats import (staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
+from unmerge_jax.kernels.stream_stats import (row_block, staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
                                               zero_totals, zero_totals_x2)
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
 from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
-from unmerge_jax.sources import WEIGHTS, nonfinite_error, open_source
+from unmerge_jax.sources import WEIGHTS, CheckpointSource, nonfinite_error, open_source
 from unmerge_jax.staging import BLOCK_ROWS, RowReader, Staging, block_rows_for
 from unmerge_jax.stats import GramStats, _seed_key, bootstrap_unit_rows
 
@@ -126,7 +126,7 @@ class _Packer:
     """
 
     def __init__(self, n_dict, n_targets, relative, block, devices, seeds, key, compute_dtype, offset, on_bad,
-                 boot_block=1, hooks=()):
+                 boot_block=1, hooks=(), sig=None):
         self.n_dict, self.block = n_dict, block
         self.sig = sig  # SignatureAccumulator or None: its sums come from the same device block
         self.n_in = 1 + len(relative)
@@ -190,6 +190,9 @@ class _Packer:
             self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
         staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
         unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
+        if self.sig is not None:  # the signature kernel reads the block's (D, V) rows on the device
+            D, V, _ = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
+            self.sig.add(D, V, self.offset, n)
         kw = dict(mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds, boot_block=self.boot_block,
                   unit_chunks=unit_chunks)
         if self.x2:
@@ -240,7 +243,8 @@ def _load_mask(mask, base) -> Selection:
 def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: str = "group", modules=None,
                  mask=None, seeds: int = 0, key: int = 0, devices=None, block_rows: int = BLOCK_ROWS,
                  compute_dtype: str = "auto", distributed: bool | None = None,
-                 bootstrap_block: int | None = None) -> StreamResult:
+                 bootstrap_block: int | None = None, signatures: bool = False,
+                 densities=DENSITY_GRID) -> StreamResult:
     """Float64 :class:`GramStats` of checkpoint task vectors in one streaming pass.
 
     Args:
@@ -327,7 +331,7 @@ def resolve_compute_dtype(compute_dtype: str, devices=None) -> str:
 
 
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
-                boot_block=1, hooks=()):
+                boot_block=1, hooks=(), sig=None):
     names = selection.names
     mine = share(names, [selection.rows(n) for n in names], pcount)[pidx]
     if devices is None:
@@ -343,7 +347,7 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
         _raise_nonfinite(base, tvs, K, selection, [names[i] for i in tensor_ids], inp)
 
     packer = _Packer(K, len(tvs) - K, relative, block, devices, seeds, key, compute_dtype,
-                     offsets[mine[0]] if mine else 0, on_bad, boot_block, hooks)
+                     offsets[mine[0]] if mine else 0, on_bad, boot_block, hooks, sig)
     # Readers write each tensor's selected entries straight into the staging block, a row block at
     # a time: nothing tensor-sized is held, so memory depends on the block and K + T only.
     readers = [RowReader(base, window=block) if any(relative) else None]
@@ -352,6 +356,8 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
         rows = selection.rows(name)
         if rows == 0:
             continue
+        if sig is not None and sig.needs(name):  # per-tensor hook: thresholds need the whole tensors
+            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name))
         packer.push(ids[name], name, readers, selection.index.get(name), rows)
     packer.flush()
     packer.check()
@@ -361,6 +367,18 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
             total = _zero_stats(K, len(tvs) - K, seeds)
         total = _sum_over_processes(total)
     return total, packer.n_blocks
+
+
+def _whole_dictionary(base, dictionary, name):
+    """``(flats, base_flat, relative)`` of one tensor read whole, as ``SignatureAccumulator.from_reading``
+    takes them: the K dictionary sources' flat arrays in their stored dtype (None = untouched),
+    the base's (when some source is relative)."""
+    def raw(src):
+        return (src.read_raw(name) if isinstance(src, CheckpointSource) else src.read(name)).reshape(-1)
+
+    relative = [tv.relative for tv in dictionary]
+    flats = [raw(tv.source) if tv.touches(name) else None for tv in dictionary]
+    return flats, raw(base) if any(relative) else None, relative
 
 
 def _zero_stats(K, T, seeds):
