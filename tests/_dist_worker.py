@@ -31,7 +31,23 @@ def delta(self, name, *args, **kw):
     return _delta(self, name, *args, **kw)
 
 
-Checkpoint.read_raw, Adapter.delta = read_raw, delta
+_flat = Checkpoint.read_raw_flat
+
+
+_last_stop = {}
+
+
+def read_raw_flat(self, name, start, stop, *args, **kw):
+    # A pass reads a tensor in increasing, disjoint row ranges: a range that does not continue
+    # past the previous one of the same tensor starts a new read of it.
+    key = (id(self), name)
+    if int(start) < _last_stop.get(key, int(start) + 1):
+        reads.append([Path(self.path).name, name])
+    _last_stop[key] = int(stop)
+    return _flat(self, name, start, stop, *args, **kw)
+
+
+Checkpoint.read_raw, Checkpoint.read_raw_flat, Adapter.delta = read_raw, read_raw_flat, delta
 
 if __name__ == "__main__":
     out, sep, *args = sys.argv[1:]

@@ -3,6 +3,8 @@
 Importing the package turns on ``jax_enable_x64``: Gram statistics are accumulated and solved in
 float64 (κ(G) = κ(D)², so float32 Gram solves are useless beyond κ(D) ≈ 1e3). Kernels that work
 on weights keep explicit float32/bf16 dtypes, so this does not make merges run in float64.
+It also turns on JAX's persistent compilation cache in ``~/.cache/unmerge_jax/xla``
+(``unmerge_jax.compile_cache``; ``UNMERGE_COMPILE_CACHE=0`` opts out).
 """
 
 import jax as _jax
@@ -10,6 +12,9 @@ import jax as _jax
 _jax.config.update("jax_enable_x64", True)
 
 from unmerge_jax.errors import UnmergeError  # noqa: E402
+from unmerge_jax.compile_cache import enable_by_default as _enable_cache  # noqa: E402
+
+_enable_cache()  # the persistent compilation cache, per user; UNMERGE_COMPILE_CACHE=0 opts out
 
 # --- core engine: statistics, solvers, sweeps ---
 from unmerge_jax.stats import (GramStats, accumulate_block, add_stats, bootstrap_unit_rows, gram_stats, iter_gram_stats,  # noqa: E402

@@ -170,6 +170,11 @@ class CheckpointSource(TensorSource):
         rows = self.checkpoint.read_raw_rows(name, start, stop)
         return rows if rows.dtype == np.float32 else rows.astype(np.float32)
 
+    def read_raw_flat(self, name, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Flat entries ``start:stop`` of ``name`` in its stored dtype (one ``pread`` of just their
+        bytes; a view into the buffer ``out`` if given)."""
+        return self.checkpoint.read_raw_flat(name, start, stop, out=out)
+
     def where(self, name) -> str:
         return str(self.checkpoint.file_of(name))
 
@@ -219,6 +224,11 @@ class AdapterSource(TensorSource):
         self._check(name)
         buf = None if out is None else out.reshape(-1).view(np.uint8).view(np.float32)
         return self.adapter.delta(self._own[name], out=buf)
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows of ``ΔW`` as ``B[start:stop] @ A · scale``: the other rows are never formed."""
+        self._check(name)
+        return self.adapter.delta_rows(self._own[name], start, stop)
 
     def scale(self, name) -> float:
         return self.adapter.scale(self._own[name])
@@ -272,6 +282,12 @@ class MemorySource(TensorSource):
             return view
         return np.array(arr, np.float32)  # a copy: the caller may modify it
 
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        self._check(name)
+        arr = np.asarray(self.tensors[name])
+        part = arr[start:stop] if arr.ndim else arr
+        return np.array(_float32(part, name, self.label), np.float32)  # converts only these rows
+
 
 class VirtualSource(TensorSource):
     """Tensors generated on the fly (seeded), never stored: ``generate(name) -> array``.
@@ -283,15 +299,21 @@ class VirtualSource(TensorSource):
       kind: ``"delta"`` (default) or ``"weights"``.
       label: a description for messages.
       dtypes: optional ``{name: tag}`` reported by :meth:`dtype` (default ``F32``).
+      generate_rows: optional ``generate_rows(name, start, stop) -> array`` of rows ``start:stop``
+        (equal to ``generate(name)[start:stop]``), so :meth:`read_rows` never forms a whole
+        tensor. Without it, :meth:`read_rows` generates the tensor once and serves consecutive row
+        reads of it from that copy (one tensor held per source).
     """
 
     def __init__(self, shapes: Mapping, generate: Callable, kind: str = DELTA, label: str = "generated tensors",
-                 dtypes: Mapping | None = None):
+                 dtypes: Mapping | None = None, generate_rows: Callable | None = None):
         _check_kind(kind)
         self.shapes = {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}
         self.generate, self.kind, self.label = generate, kind, label
         self.dtypes = dict(dtypes or {})
         self.names = list(self.shapes)
+        self.generate_rows = generate_rows
+        self._held = (None, None)  # (name, tensor) of the last tensor generated for row reads
 
     def shape(self, name) -> tuple:
         self._check(name)
@@ -308,6 +330,23 @@ class VirtualSource(TensorSource):
             arr = np.zeros(self.shapes[name], np.float32)
         arr = _float32(arr, name, self.label).reshape(self.shapes[name])
         return _into(arr, out) if out is not None else arr
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        self._check(name)
+        shape = self.shapes[name]
+        if not shape:
+            return self.read(name)
+        start, stop = max(0, int(start)), min(shape[0], int(stop))
+        if self.generate_rows is not None:
+            part = self.generate_rows(name, start, stop)
+            rows = (stop - start,) + shape[1:]
+            if part is None:
+                return np.zeros(rows, np.float32)
+            return np.array(_float32(part, name, self.label), np.float32).reshape(rows)
+        if self._held[0] != name:
+            self._held = (None, None)  # drop the previous tensor before generating the next
+            self._held = (name, self.read(name))
+        return np.array(self._held[1][start:stop])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +427,22 @@ class TaskVector(TensorSource):
                 arr = arr.copy()
             arr -= self.base.read(name)
         return arr
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``δ``: the source's rows minus the base's (only these rows are read)."""
+        if name not in self.base:
+            raise UnmergeError(f"base {self.base.label} has no tensor {name}")
+        if not self.touches(name):
+            shape = self.base.shape(name)
+            if not shape:
+                return np.zeros((), np.float32)
+            return np.zeros((max(0, min(shape[0], stop) - max(0, start)),) + tuple(shape[1:]), np.float32)
+        rows = self.source.read_rows(name, start, stop)
+        if self.relative:
+            if not rows.flags.writeable:
+                rows = rows.copy()
+            rows -= self.base.read_rows(name, start, stop)
+        return rows
 
     def delta(self, name) -> np.ndarray:
         """``δ`` of ``name`` as a new float32 array (same as :meth:`read`)."""

@@ -12,8 +12,9 @@ buffers and the bound on blocks in flight, with one rule:
   host stages the next one (async dispatch would otherwise queue staged blocks without limit).
 
 Users: ``stats.gram_stats`` stages blocks of dense arrays (:class:`ArrayBlocks`: in place when
-possible, else copied); the checkpoint pass (``passes.statistics``) gathers the kept entries of
-consecutive tensors into one buffer per block.
+possible, else copied); the checkpoint passes (``passes.statistics``, ``passes.mask``) read the
+selected entries of a tensor source a row block at a time with :class:`RowReader`, straight into
+the block (one buffer per block, nothing tensor-sized).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from unmerge_jax.hostmem import ALIGN, aligned_empty
 from unmerge_jax.kernels.stats import FLAT_PAD
+from unmerge_jax.sources import AdapterSource, CheckpointSource, TensorSource
 
 BLOCK_ROWS = 1 << 16  # rows per block of every statistics pass (bounds the staging buffers)
 
@@ -135,3 +137,87 @@ class ArrayBlocks:
         if lo < 0 or hi > flat.size:
             return None
         return flat[lo:hi], shift
+
+
+class RowReader:
+    """Writes one input's values at selected flat positions of a tensor into a float32 destination.
+
+    A :class:`~unmerge_jax.sources.CheckpointSource` storing float32 is read by one ``pread`` of
+    just the range's bytes straight into the destination (a row of the staging block: no
+    intermediate copy); other stored dtypes through a scratch buffer of at most ``window``
+    entries, converted on the copy. Generated or in-memory tensors through ``read_rows`` of the
+    rows covering the range. A LoRA ``ΔW`` is formed once per tensor (``B @ A`` whole, held
+    while its rows are staged): BLAS may round a product of a row subset ``B[rows] @ A``
+    differently in the last bit, and the statistics must equal those of the whole product. A
+    compressed selection reads windows of at most ``window`` entries spanning its kept indices
+    and gathers them. ``touches(name)`` False → zeros, nothing read.
+    """
+
+    def __init__(self, src: TensorSource, touches=None, *, window: int):
+        self.src = src
+        self.stored = isinstance(src, CheckpointSource)
+        self.whole = isinstance(src, AdapterSource)
+        self.touches = touches if touches is not None else (lambda name: True)
+        self.window = max(1, int(window))
+        self._scratch = None
+        self._held = (None, None)  # (name, flat ΔW) of the adapter tensor being staged
+
+    def scratch(self, n: int, dtype) -> np.ndarray:
+        nbytes = n * np.dtype(dtype).itemsize
+        if self._scratch is None or self._scratch.size < nbytes:
+            self._scratch = aligned_empty(max(nbytes, self.window * 4))
+        return self._scratch[:nbytes].view(dtype)
+
+    def fill(self, name, index, pos: int, take: int, dst: np.ndarray) -> None:
+        """``dst[:] =`` the values at flat positions ``index[pos:pos + take]`` (``pos:pos + take``
+        when ``index`` is None) of tensor ``name``."""
+        if not self.touches(name):
+            dst[:] = 0.0
+            return
+        if index is None:
+            self._range(name, pos, pos + take, dst)
+            return
+        idx = index[pos:pos + take]
+        i = 0
+        while i < take:  # windows of at most `window` entries from the next kept index on
+            lo = int(idx[i])
+            cut = i + int(np.searchsorted(idx[i:], lo + self.window, side="left"))
+            hi = int(idx[cut - 1]) + 1
+            part = self.scratch(hi - lo, np.float32)
+            self._range(name, lo, hi, part)
+            np.take(part, idx[i:cut] - lo, out=dst[i:cut])
+            i = cut
+
+    def _range(self, name, lo: int, hi: int, dst: np.ndarray) -> None:
+        """``dst[:] =`` flat entries ``lo:hi`` of ``name`` as float32."""
+        src = self.src
+        if self.stored:
+            if src.dtype(name) == "F32":
+                src.read_raw_flat(name, lo, hi, out=dst)
+                return
+            raw = self.scratch_raw(name, hi - lo)
+            dst[:] = src.read_raw_flat(name, lo, hi, out=raw)
+            return
+        if self.whole:
+            if self._held[0] != name:
+                self._held = (None, None)
+                self._held = (name, src.read(name).reshape(-1))
+            dst[:] = self._held[1][lo:hi]
+            return
+        shape = src.shape(name)
+        if len(shape) <= 1:
+            part = src.read_rows(name, lo, hi) if shape else src.read(name)
+            dst[:] = part.reshape(-1)[: hi - lo] if shape else part.reshape(-1)[lo:hi]
+            return
+        width = int(np.prod(shape[1:], dtype=np.int64))
+        r0, r1 = lo // width, -(-hi // width)
+        rows = src.read_rows(name, r0, r1).reshape(-1)
+        dst[:] = rows[lo - r0 * width: hi - r0 * width]
+
+    def scratch_raw(self, name, n: int) -> np.ndarray:
+        """A byte buffer for ``n`` stored entries of ``name`` (kept apart from the float32 window)."""
+        nbytes = n * 8
+        buf = getattr(self, "_raw", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._raw = aligned_empty(max(nbytes, self.window * 8))
+        return buf[:nbytes]

@@ -205,6 +205,20 @@ class Checkpoint:
         out = np.empty((max(0, stop - start),) + tuple(shape[1:]), dt)
         return self._pread(name, out, start * int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize)
 
+    def read_raw_flat(self, name, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Flat entries ``start:stop`` (C order) of ``name`` as stored, by one ``pread`` of just their bytes.
+
+        Args:
+          out: optional destination: a 1-D buffer of at least ``(stop − start) × itemsize`` bytes (any
+            dtype; e.g. a row of a statistics staging block); the result is a view into it.
+        """
+        tag, shape, dt = self._stored(name)
+        size = int(np.prod(shape, dtype=np.int64))
+        start, stop = max(0, int(start)), min(size, int(stop))
+        n = max(0, stop - start)
+        out = np.empty(n, dt) if out is None else out.reshape(-1).view(np.uint8)[:n * dt.itemsize].view(dt)
+        return self._pread(name, out, start * dt.itemsize)
+
     def _stored(self, name):
         """``(tag, shape, NumPy dtype)`` of a readable tensor."""
         tag, shape = self._entry(name)

@@ -209,6 +209,20 @@ class Adapter:
         d *= scale
         return d
 
+    def delta_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``ΔW`` of base weight ``name`` as float32, without forming the rest:
+        ``B[start:stop] @ A · scale`` (``(B @ A[:, start:stop])ᵀ · scale`` for a transposed layer)."""
+        a_key, b_key, scale, transpose, shape = self._mods[self._key(name)]
+        start, stop = max(0, int(start)), min(int(shape[0]), int(stop))
+        try:
+            A = np.asarray(self._f.get_tensor(a_key), np.float32)
+            B = np.asarray(self._f.get_tensor(b_key), np.float32)
+        except Exception as err:
+            raise UnmergeError(f"cannot read {a_key} from {self.file}: {err}; re-save the adapter") from None
+        d = np.ascontiguousarray((B @ A[:, start:stop]).T) if transpose else B[start:stop] @ A
+        d *= scale
+        return d
+
     def resolve(self, base_names) -> dict[str, str]:
         """``{adapter weight name: base tensor name}``, allowing a ``model.`` prefix difference."""
         have = set(base_names)

@@ -33,7 +33,8 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
 from unmerge_jax.progress import progress
-from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource, nonfinite_error
+from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource, nonfinite_error, open_source
+from unmerge_jax.staging import RowReader
 
 SCOPES = ("group", "global")
 
@@ -220,6 +221,49 @@ def _max_abs(base, dictionary, name, densities=None):
     return m if thr is None else (m, thr)
 
 
+MASK_BLOCK = 1 << 20  # entries of a tensor per row block of the mask pass (4 MiB per input)
+
+
+def _tensor_candidates(base, dictionary, name, k: int, readers, block: int = MASK_BLOCK):
+    """(values, flat idx) of the k largest entries of ``M = max_i |d_i|`` in tensor ``name``, read a
+    block of ``block`` entries at a time: each block's top k merged into the running top k (ties:
+    lowest index, as :func:`_tensor_top` of the whole tensor). Memory: the block per input and the
+    candidates, not the tensor. ``readers``: a :class:`~unmerge_jax.staging.RowReader` for the base
+    and one per dictionary entry."""
+    size = int(np.prod(base.shape(name), dtype=np.int64))
+    base_reader, dict_readers = readers[0], readers[1:]
+    best_v, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    m = np.empty(min(block, max(size, 1)), np.float32)
+    arr = np.empty_like(m)
+    base_blk = np.empty_like(m)
+    for lo in range(0, size, block):
+        n = min(block, size - lo)
+        mb, ab, bb = m[:n], arr[:n], base_blk[:n]
+        mb[:] = 0.0
+        have_base = False
+        for tv, reader in zip(dictionary, dict_readers):
+            if not tv.touches(name):
+                continue
+            reader.fill(name, None, lo, n, ab)
+            if tv.relative:
+                if not have_base:
+                    base_reader.fill(name, None, lo, n, bb)
+                    have_base = True
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named below, not warned
+                    ab -= bb
+            np.abs(ab, out=ab)
+            np.maximum(mb, ab, out=mb)
+        if not np.all(np.isfinite(mb)):  # NaN-propagating maximum: any non-finite |d_i| shows here
+            _raise_nonfinite(base, dictionary, name)
+        v, i = _tensor_top(mb, k)
+        if lo:
+            v, i = np.concatenate([best_v, v]), np.concatenate([best_i, i + lo])
+            keep = select_top(v, np.zeros(v.size, np.int32), i, k)
+            v, i = v[keep], i[keep]
+        best_v, best_i = v, i
+    return best_v, best_i
+
+
 def _raise_nonfinite(base, dictionary, name):
     """Name the input (base or dictionary entry), its file and the first index of a NaN/Inf in ``name``."""
     base_arr = base.read(name)
@@ -281,13 +325,18 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
     k_each = _per_group(top_k, len(groups)) if scope == "group" else int(top_k)
     mine = share(names, [int(np.prod(base.shape(n), dtype=np.int64)) for n in names], process_count)[process_index]
     vals, ranks, idxs = [], [], []
+    readers = [RowReader(open_source(base, kind=WEIGHTS), window=MASK_BLOCK)]
+    readers += [RowReader(tv.source, tv.touches, window=MASK_BLOCK) for tv in dictionary]
     thresholds = {}
     for name in progress(mine, desc="top-k mask pass", total=len(mine)):
-        m = _max_abs(base, dictionary, name, densities)
         if densities is not None:
-            m, thresholds[name] = m
-        v, i = _tensor_top(m, k_each)
-        del m
+            # TIES thresholds are order statistics of the whole tensor's |d_i|: this per-tensor
+            # path holds the tensor (the row-block path below does not).
+            m, thresholds[name] = _max_abs(base, dictionary, name, densities)
+            v, i = _tensor_top(m, k_each)
+            del m
+        else:
+            v, i = _tensor_candidates(base, dictionary, name, k_each, readers)
         vals.append(v)
         idxs.append(i)
         ranks.append(np.full(v.size, rank_of[name], np.int32))

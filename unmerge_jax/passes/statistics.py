@@ -1,6 +1,6 @@
 """The checkpoint statistics pass: dictionary + target task vectors → :class:`GramStats`.
 
-``stream_stats(base, dictionary, targets)`` reads every selected tensor once, one tensor at a
+``stream_stats(base, dictionary, targets)`` reads every selected entry once, a row block at a
 time, and accumulates ``G = DᵀD``, ``C = DᵀV``, ``‖v‖²`` (and S bootstrap replicates) in float64.
 Row order (it fixes the bootstrap weights): tensors in the :class:`~unmerge_jax.passes.mask.Selection`'s
 order (the base's sorted names), inside a tensor the kept flat indices in increasing order (C order).
@@ -8,15 +8,15 @@ The result equals ``gram_stats(D, V)`` of the dense concatenated vectors to floa
 (``dense_columns`` builds that reference for small models).
 
 Inputs are read through the tensor sources (``unmerge_jax.sources``): the base and the K + T
-task vectors of the entries (``unmerge_jax.entries``). Per tensor: read the base once (when a
-source holds full weights) and each source's tensor (full weights in their stored dtype, or a
-LoRA ``ΔW``) into one reusable buffer per input, gather the kept entries into a staging block of
-B rows (rows of consecutive tensors are packed together; ``unmerge_jax.staging`` holds the
-buffers and bounds the blocks in flight), and run the jit kernel ``kernels.stream_stats.row_block``
-(task-vector entries, padding, non-finite counts) and the statistics kernel on the block, rows
-sharded over the devices. Alive at once: the base and K + T source tensors, plus the staging
-blocks (B × (1 + K + T) × 4 bytes each) — peak ≈ (1 + K + T) × largest tensor × 4 B + a constant,
-independent of the model size.
+task vectors of the entries (``unmerge_jax.entries``), in row blocks. The selected entries of
+consecutive tensors are packed into staging blocks of B rows (``unmerge_jax.staging``: the
+buffers and the bound on blocks in flight), each input's values read straight into its row of the
+block (:class:`~unmerge_jax.staging.RowReader`: one ``pread`` of just the range's bytes for a
+float32 checkpoint; a LoRA ``ΔW`` formed once per tensor), and one fused jit kernel
+(``kernels.stream_stats.staged_block_stats``) adds the block's float64 statistics to running
+totals, rows sharded over the devices. Alive at once: three staging blocks
+(B × (1 + K + T) × 4 bytes each) and block-sized scratch — memory depends on the block size and
+K + T, not on the largest tensor (plus one ``ΔW`` per adapter input).
 
 Multi-process (``jax.distributed``): each process reads a contiguous share of the tensors (about
 equal bytes), accumulates its rows with their global offsets on its local devices, and the partial
@@ -37,16 +37,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unmerge_jax.entries import open_entries
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.kernels.stats import ROW_AXIS, row_mesh
-from unmerge_jax.kernels.stream_stats import row_block
+from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
+from unmerge_jax.kernels.stream_stats import (row_block, staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
+                                              zero_totals, zero_totals_x2)
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
 from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
-from unmerge_jax.sources import WEIGHTS, CheckpointSource, TensorSource, nonfinite_error, open_source
-from unmerge_jax.staging import BLOCK_ROWS, Staging, block_rows_for
-from unmerge_jax.stats import GramStats, accumulate_block, add_stats, bootstrap_unit_rows
+from unmerge_jax.sources import WEIGHTS, CheckpointSource, nonfinite_error, open_source
+from unmerge_jax.staging import BLOCK_ROWS, RowReader, Staging, block_rows_for
+from unmerge_jax.stats import GramStats, _seed_key, bootstrap_unit_rows
 
+COMPUTE_DTYPES = ("auto", "float64", "float32", "float32x2")
+FLOAT32_ONLY = "float32x2"  # exact float32 products, double-float32 sums: no float64 arithmetic on the device
 CHECK_EVERY = 16  # blocks between non-finite checks (each check waits for the device)
 MAX_INFLIGHT = 2  # blocks dispatched but not finished while the next one is staged
 
@@ -109,28 +112,44 @@ def _sum_over_processes(stats: GramStats) -> GramStats:
 class _Packer:
     """Packs selected rows of consecutive tensors into blocks and accumulates their statistics.
 
-    Each block is gathered into a staging buffer of :class:`~unmerge_jax.staging.Staging` (depth
+    Each block is a staging buffer of :class:`~unmerge_jax.staging.Staging` (depth
     ``MAX_INFLIGHT + 1``: staging block i+1 overlaps the kernels of blocks i and i−1, never more),
-    laid out (1 + K + T, B): the base's values, then each source's.
+    laid out (1 + K + T, B): the base's values, then each source's. The inputs' readers
+    (:class:`~unmerge_jax.staging.RowReader`) write each tensor's rows straight into it — no
+    tensor-sized buffer — and one fused kernel (``kernels.stream_stats.staged_block_stats``) adds the block to the running
+    totals.
+
+    ``hooks``: callables ``hook(name, values, relative)`` called for every piece of a tensor staged
+    into a block, with ``values`` the (1 + K + T, n) float32 staged rows of that piece (base first;
+    read-only, valid during the call) — the per-block callback point for passes that accumulate
+    more per tensor than the statistics.
     """
 
-    def __init__(self, n_dict, relative, block, devices, seeds, key, compute_dtype, offset, on_bad, boot_block=1,
-                 sig=None):
+    def __init__(self, n_dict, n_targets, relative, block, devices, seeds, key, compute_dtype, offset, on_bad,
+                 boot_block=1, hooks=(), sig=None):
         self.n_dict, self.block = n_dict, block
         self.sig = sig  # SignatureAccumulator or None: its sums come from the same device block
         self.n_in = 1 + len(relative)
-        self.relative = jnp.asarray(np.asarray(relative, bool))
-        self.devices, self.seeds, self.key, self.cdt = devices, seeds, key, compute_dtype
+        self.relative_host = np.asarray(relative, bool)
+        self.relative = jnp.asarray(self.relative_host)
+        self.devices, self.seeds, self.cdt = devices, seeds, compute_dtype
+        self.key = _seed_key(key, seeds)
         self.boot_block = boot_block
-        self.sharding = NamedSharding(row_mesh(devices), P(None, ROW_AXIS))
+        self.mesh = row_mesh(devices)
+        self.sharding = NamedSharding(self.mesh, P(None, ROW_AXIS))
+        self.single = len(devices) == 1 and devices[0] == jax.devices()[0] and jax.config.jax_default_device is None
         self.offset = offset
         self.fill = 0
         self.staging = Staging(depth=MAX_INFLIGHT + 1)
         self.buf = None
         self.segments: list[int] = []
         self.pending: list = []
-        self.total = None
+        self.n_targets = n_targets
+        self.x2 = compute_dtype == FLOAT32_ONLY
+        self.total = (zero_totals_x2 if self.x2 else zero_totals)(n_dict, n_targets, seeds)
+        self.n_rows = 0
         self.on_bad = on_bad
+        self.hooks = tuple(hooks)
         self.n_blocks = 0
 
     def _start_block(self):
@@ -138,23 +157,24 @@ class _Packer:
         self.buf = self.staging.buffer("block", self.n_blocks, self.n_in * self.block, np.float32).reshape(
             self.n_in, self.block)
 
-    def push(self, tensor_id: int, base_flat, src_flats, index, rows: int):
+    def push(self, tensor_id: int, name: str, readers, index, rows: int):
+        """Stage the ``rows`` selected entries of tensor ``name`` (``index``: kept flat indices, or
+        None for all), read by ``readers`` (one per input, base first; None = all zero)."""
         pos = 0
         while pos < rows:
             if self.fill == 0:
                 self._start_block()
             take = min(self.block - self.fill, rows - pos)
-            part = slice(pos, pos + take) if index is None else index[pos:pos + take]
             dst = slice(self.fill, self.fill + take)
-            if base_flat is not None:
-                self.buf[0, dst] = base_flat[part]
-            else:
-                self.buf[0, dst] = 0.0
-            for j, a in enumerate(src_flats):
-                if a is None:
-                    self.buf[1 + j, dst] = 0.0
+            for j, reader in enumerate(readers):
+                if reader is None:
+                    self.buf[j, dst] = 0.0
                 else:
-                    self.buf[1 + j, dst] = a[part]
+                    reader.fill(name, index, pos, take, self.buf[j, dst])
+            for hook in self.hooks:
+                piece = self.buf[:, dst]
+                piece.flags.writeable = False
+                hook(name, piece, self.relative_host)
             if not self.segments or self.segments[-1] != tensor_id:
                 self.segments.append(tensor_id)
             self.fill += take
@@ -166,18 +186,24 @@ class _Packer:
         n = self.fill
         if n == 0:
             return
-        staged = jax.device_put(self.buf, self.sharding)
-        D, V, bad = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
-        if self.sig is not None:
-            self.sig.add(D, V, self.offset, n)
         if n < self.block:
-            D, V = D[:n], V[:n]
-        part = accumulate_block(D, V, row_offset=self.offset, seeds=self.seeds, key=self.key, devices=self.devices,
-                                compute_dtype=self.cdt, pad_to=self.block, bootstrap_block=self.boot_block)
-        self.total = part if self.total is None else add_stats(self.total, part)
+            self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
+        staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
+        unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
+        if self.sig is not None:  # the signature kernel reads the block's (D, V) rows on the device
+            D, V, _ = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
+            self.sig.add(D, V, self.offset, n)
+        kw = dict(mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds, boot_block=self.boot_block,
+                  unit_chunks=unit_chunks)
+        if self.x2:
+            self.total, bad = staged_block_stats_x2(staged, self.relative, n, self.offset, self.key, self.total, **kw)
+        else:
+            self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
+                                                 compute_dtype=self.cdt, **kw)
         self.pending.append((bad, tuple(self.segments)))
-        self.staging.dispatched(part.gram)  # ready once the device no longer reads this block's buffer
+        self.staging.dispatched(bad)  # ready once the device no longer reads this block's buffer
         self.offset += n
+        self.n_rows += n
         self.fill = 0
         self.buf = None
         self.segments = []
@@ -195,6 +221,18 @@ class _Packer:
             self.on_bad(self.pending[blk][1], int(inp))
         self.pending.clear()
 
+    def result(self) -> GramStats | None:
+        """The accumulated statistics (None when no block was staged)."""
+        if not self.n_blocks:
+            return None
+        t = self.total
+        if self.x2:
+            t = tuple(jnp.asarray(a) for a in totals_x2_to_float64(t, self.n_dict, self.n_targets, self.seeds))
+        n = np.int64(self.n_rows)
+        if self.seeds:
+            return GramStats(t[0], t[1], t[2], n, t[3], t[4], t[5], t[6])
+        return GramStats(t[0], t[1], t[2], n)
+
 
 def _load_mask(mask, base) -> Selection:
     sel = mask if isinstance(mask, Selection) else Selection.load(mask)
@@ -204,7 +242,7 @@ def _load_mask(mask, base) -> Selection:
 
 def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: str = "group", modules=None,
                  mask=None, seeds: int = 0, key: int = 0, devices=None, block_rows: int = BLOCK_ROWS,
-                 compute_dtype: str = "float64", distributed: bool | None = None,
+                 compute_dtype: str = "auto", distributed: bool | None = None,
                  bootstrap_block: int | None = None, signatures: bool = False,
                  densities=DENSITY_GRID) -> StreamResult:
     """Float64 :class:`GramStats` of checkpoint task vectors in one streaming pass.
@@ -225,7 +263,12 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
       key: bootstrap seed (int).
       devices: devices to shard rows over (default: this process's devices).
       block_rows: rows per staged block.
-      compute_dtype: block product dtype (see :func:`unmerge_jax.gram_stats`).
+      compute_dtype: arithmetic of the block statistics: ``"float64"`` (float32 products exact in
+        float64, float64 sums), ``"float32x2"`` (float32 arithmetic only: products made exact by
+        splitting each float32 into two 12-bit halves, double-float32 sums; within ~1e-14 of
+        float64 for backends without fast float64), ``"float32"`` (float32 products and chunk sums,
+        ~1e-7), or ``"auto"`` (default: ``"float32x2"`` on TPU, which has no float64 unit,
+        ``"float64"`` elsewhere). Totals are float64 in every case.
       distributed: share tensors over the ``jax.distributed`` processes (default: when more than
         one process runs). Every process returns the summed statistics.
       bootstrap_block: rows per bootstrap resampling unit (default automatic from the selected
@@ -244,6 +287,7 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
         raise UnmergeError(f"seeds must be >= 0, got {seeds}")
     if block_rows < 1:
         raise UnmergeError(f"block_rows must be >= 1, got {block_rows}")
+    compute_dtype = resolve_compute_dtype(compute_dtype, devices)
     pidx, pcount = _process_info(distributed)
     if signatures and pcount > 1:
         raise UnmergeError("the signature sums (attribution) are accumulated in one process; run the decomposition "
@@ -279,12 +323,23 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
                         signatures=sig.result() if sig is not None else None)
 
 
+def resolve_compute_dtype(compute_dtype: str, devices=None) -> str:
+    """The statistics arithmetic for ``compute_dtype`` (``"auto"``: from the devices' platform)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UnmergeError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if compute_dtype != "auto":
+        return compute_dtype
+    platform = (list(devices)[0] if devices else jax.local_devices()[0]).platform
+    return FLOAT32_ONLY if platform == "tpu" else "float64"
+
+
 def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, compute_dtype, pidx, pcount,
-                boot_block=1, sig=None):
+                boot_block=1, hooks=(), sig=None):
     names = selection.names
     mine = share(names, [selection.rows(n) for n in names], pcount)[pidx]
     if devices is None:
         devices = jax.local_devices()
+    devices = list(devices)
     local_rows = sum(selection.rows(n) for n in mine)
     block = block_rows_for(local_rows, block_rows, len(devices))
     relative = [tv.relative for tv in tvs]
@@ -294,28 +349,22 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     def on_bad(tensor_ids, inp):
         _raise_nonfinite(base, tvs, K, selection, [names[i] for i in tensor_ids], inp)
 
-    packer = _Packer(K, relative, block, devices, seeds, key, compute_dtype, offsets[mine[0]] if mine else 0, on_bad,
-                     boot_block, sig)
-    # One reusable buffer per input, sized for its largest tensor: tensors are read into it (in
-    # their stored dtype where the source is a checkpoint; staging casts to float32) instead of
-    # into fresh arrays, so the pass allocates (and page-faults) its (1 + K + T) tensors' worth
-    # once, not once per tensor.
-    todo = [n for n in mine if selection.rows(n)]
-    read_base = _Reader(base, todo) if any(relative) else None
-    readers = [_Reader(tv.source, todo, tv.touches) for tv in tvs]
+    packer = _Packer(K, len(tvs) - K, relative, block, devices, seeds, key, compute_dtype,
+                     offsets[mine[0]] if mine else 0, on_bad, boot_block, hooks, sig)
+    # Readers write each tensor's selected entries straight into the staging block, a row block at
+    # a time: nothing tensor-sized is held, so memory depends on the block and K + T only.
+    readers = [RowReader(base, window=block) if any(relative) else None]
+    readers += [RowReader(tv.source, tv.touches, window=block) for tv in tvs]
     for name in progress(mine, desc="statistics pass", total=len(mine)):
         rows = selection.rows(name)
         if rows == 0:
             continue
-        base_flat = read_base(name) if read_base is not None else None
-        flats = [read(name) for read in readers]
-        if sig is not None and sig.needs(name):  # whole tensors in hand: their trimming thresholds
-            sig.from_reading(name, flats[:K], base_flat, relative[:K])
-        packer.push(ids[name], base_flat, flats, selection.index.get(name), rows)
-        del base_flat, flats
+        if sig is not None and sig.needs(name):  # per-tensor hook: thresholds need the whole tensors
+            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name))
+        packer.push(ids[name], name, readers, selection.index.get(name), rows)
     packer.flush()
     packer.check()
-    total = packer.total
+    total = packer.result()
     if pcount > 1:
         if total is None:  # this process got no rows: contribute zeros of the right shapes
             total = _zero_stats(K, len(tvs) - K, seeds)
@@ -323,25 +372,16 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     return total, packer.n_blocks
 
 
-class _Reader:
-    """Reads one input's tensors, flat, into one reusable byte buffer sized for the largest of ``names``.
+def _whole_dictionary(base, dictionary, name):
+    """``(flats, base_flat, relative)`` of one tensor read whole, as ``SignatureAccumulator.from_reading``
+    takes them: the K dictionary sources' flat arrays in their stored dtype (None = untouched),
+    the base's (when some source is relative)."""
+    def raw(src):
+        return (src.read_raw(name) if isinstance(src, CheckpointSource) else src.read(name)).reshape(-1)
 
-    A :class:`~unmerge_jax.sources.CheckpointSource` is read in its stored dtype
-    (``read_raw``: one ``pread``, no conversion; the staging copy casts to float32); any other
-    source as float32 (``read``, e.g. a LoRA ``ΔW``). ``touches(name)`` False → None (all zero).
-    """
-
-    def __init__(self, src: TensorSource, names, touches=None):
-        stored = isinstance(src, CheckpointSource)
-        self.read = src.read_raw if stored else src.read
-        self.touches = touches if touches is not None else (lambda name: True)
-        nbytes = src.stored_nbytes if stored else src.nbytes
-        self.buf = np.empty(max((nbytes(n) for n in names if self.touches(n)), default=0), np.uint8)
-
-    def __call__(self, name):
-        if not self.touches(name):
-            return None
-        return self.read(name, out=self.buf).reshape(-1)
+    relative = [tv.relative for tv in dictionary]
+    flats = [raw(tv.source) if tv.touches(name) else None for tv in dictionary]
+    return flats, raw(base) if any(relative) else None, relative
 
 
 def _zero_stats(K, T, seeds):
@@ -371,27 +411,37 @@ def _raise_nonfinite(base, tvs, K, selection, tensors, inp):
             hit[idx[bad]] = True
         return np.where(hit, flat, 0.0).reshape(arr.shape)  # non-finite at the selected places only
 
-    for name in tensors:
-        if inp == 0:
-            bad = first_bad(base.read(name), name)
-            if bad is not None:
-                raise nonfinite_error(name, f"base {base.where(name)}", bad, "holds NaN/Inf:")
-            continue
-        s = tvs[inp - 1]
-        role = "dictionary entry" if inp - 1 < K else "target"
-        arr, _ = s.parts(name)
-        bad = None if arr is None else first_bad(arr, name)
-        if bad is not None:
-            raise nonfinite_error(name, f"{role} {s.name} ({s.where(name)})", bad, "holds NaN/Inf:")
-        with np.errstate(over="ignore", invalid="ignore"):
-            delta = s.read(name)
-        bad = first_bad(delta, name)
-        if bad is not None:  # finite weights whose difference from the base overflows float32
-            raise nonfinite_error(name, f"the task vector of {role} {s.name} ({s.where(name)} minus the base)", bad,
-                                  "overflows float32 to NaN/Inf:")
+    # The kernel flags an input from its column sums; look there first, then at every other input
+    # (a base flag can also mean that every relative source holds a NaN of its own).
+    for i in [inp] + [j for j in range(1 + len(tvs)) if j != inp]:
+        for name in tensors:
+            _raise_if_nonfinite(base, tvs, K, i, name, first_bad)
     s = tvs[inp - 1] if inp else None
     raise UnmergeError(f"non-finite values in the task vector of {s.name if s else 'the base'} near tensor "
                        f"{tensors[0]}; the fine-tuned and base values overflow when subtracted")
+
+
+def _raise_if_nonfinite(base, tvs, K, inp, name, first_bad):
+    """Raise the one-line error if input ``inp`` (0 = the base) holds a selected NaN/Inf in ``name``."""
+    if inp == 0:
+        if not any(tv.relative for tv in tvs):
+            return
+        bad = first_bad(base.read(name), name)
+        if bad is not None:
+            raise nonfinite_error(name, f"base {base.where(name)}", bad, "holds NaN/Inf:")
+        return
+    s = tvs[inp - 1]
+    role = "dictionary entry" if inp - 1 < K else "target"
+    arr, _ = s.parts(name)
+    bad = None if arr is None else first_bad(arr, name)
+    if bad is not None:
+        raise nonfinite_error(name, f"{role} {s.name} ({s.where(name)})", bad, "holds NaN/Inf:")
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = s.read(name)
+    bad = first_bad(delta, name)
+    if bad is not None:  # finite weights whose difference from the base overflows float32
+        raise nonfinite_error(name, f"the task vector of {role} {s.name} ({s.where(name)} minus the base)", bad,
+                              "overflows float32 to NaN/Inf:")
 
 
 def dense_columns(base, dictionary, targets, selection: Selection | None = None, modules=None):
