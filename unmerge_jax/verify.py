@@ -32,8 +32,9 @@ replicates and method signatures, then the decisions of :mod:`unmerge_jax.attrib
   ======================== ======================================= =====================================
 
   Not checkable (stated, not failed): negative weights (the decomposition is non-negative),
-  weights that vary per tensor (gradients, ``filter`` lists), TIES without ``normalize`` or with
-  λ ≠ 1, and every method the attribution does not model.
+  weights that vary per tensor (gradients, ``filter`` lists), TIES without ``normalize``, with
+  λ ≠ 1 or with per-model densities that differ (then its unexplained share is not checked either:
+  the TIES-consistency sums use one density), and every method the attribution does not model.
 * ``density`` — TIES: the identified density ρ̂ (on the signature grid) within half a grid step of
   the claimed one; DARE's density is estimated only roughly (from the zero fraction) and is
   reported, not checked.
@@ -301,6 +302,8 @@ def claimed_weights(recipe: Recipe):
     normalize = bool(res.shared.get("normalize", False))
     total = float(np.sum(w)) + recipe.in_base_weight
     if method == "ties":
+        if np.ptp(np.asarray(res.density, np.float64)[keep]) > 0:
+            return None, "per-model TIES densities differ; the TIES-consistency sums use one density for all"
         if not normalize:
             return None, "TIES without normalize is not what the TIES-consistent weights model"
         if abs(lam - 1.0) > 1e-12:
@@ -421,6 +424,10 @@ def check_claims(recipe: Recipe, attribution, *, target: int | str = 0,
     if fam is None:
         claims.append(Claim("unexplained", "none", u, None,
                             f"the rules model task arithmetic, TIES and DARE only, not {recipe.merge_method}"))
+    elif recipe.merge_method == "ties" and np.ptp(dens) > 0:
+        claims.append(Claim("unexplained", "none", u, None,
+                            "per-model TIES densities differ: one TIES density cannot explain the whole model, "
+                            "so the remainder is not evidence of other content"))
     else:
         ok = cat == "known"
         reason = (f"verdict {cat}: {u:.3g} of the model's update is not explained by the listed models "
