@@ -85,6 +85,5 @@ def run(args) -> int:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()
     else:
-        model = args.model_dir or args.recipe
-        print("\n".join(format_report(report, str(args.recipe), str(model))))
+        print("\n".join(format_report(report, str(args.model_dir or args.recipe))))
     return 0 if report.consistent else 1

@@ -157,6 +157,7 @@ class VerifyReport(NamedTuple):
       consistent: every checkable claim holds.
       target: the model's name in the attribution. method: the recipe's merge method.
       attribution: the per-target record of the attribution (``Attribution.records()[t]``).
+      recipe: the file the recipe was read from (a YAML or a model card).
     """
 
     claims: tuple
@@ -164,6 +165,7 @@ class VerifyReport(NamedTuple):
     target: str
     method: str
     attribution: dict
+    recipe: str = ""
 
     @property
     def failed(self) -> list[Claim]:
@@ -173,6 +175,7 @@ class VerifyReport(NamedTuple):
         """JSON-ready: ``consistent``, ``target``, ``method``, ``claims`` [{name, claimed, found, ok,
         verdict, reason, interval}], ``failed`` (names) and ``attribution``."""
         return {"consistent": bool(self.consistent), "target": self.target, "method": self.method,
+                "recipe": self.recipe,
                 "claims": [{"name": c.name, "claimed": _json(c.claimed), "found": _json(c.found), "ok": c.ok,
                             "verdict": c.verdict, "reason": c.reason,
                             "interval": None if c.interval is None else [_json(x) for x in c.interval]}
@@ -448,7 +451,8 @@ def check_claims(recipe: Recipe, attribution, *, target: int | str = 0,
                             f"identified {found_method} with confidence {conf:.2f}; claimed family "
                             f"{_family_text(fam)}{note}"))
     consistent = not any(c.ok is False for c in claims)
-    return VerifyReport(tuple(claims), consistent, at.target_names[t], recipe.merge_method, at.records()[t])
+    return VerifyReport(tuple(claims), consistent, at.target_names[t], recipe.merge_method, at.records()[t],
+                        str(recipe.source or ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,14 +500,13 @@ def verify_files(recipe=None, model_dir=None, *, base=None, seeds: int = 200, ke
         from unmerge_jax.io.atomic import atomic_file
 
         with atomic_file(json_out, inputs=inputs) as tmp:
-            tmp.write_text(json.dumps({**report.to_dict(), "recipe": str(r.source), "model": str(model_dir)},
-                                      indent=2))
+            tmp.write_text(json.dumps({**report.to_dict(), "model": str(model_dir)}, indent=2))
     return report
 
 
-def format_report(report: VerifyReport, recipe_name: str = "", model_name: str = "") -> list[str]:
+def format_report(report: VerifyReport, model_name: str = "") -> list[str]:
     """The lines ``unmerge verify`` prints: one per claim, then the overall verdict."""
-    lines = [f"verify {model_name or report.target} against {recipe_name or 'its recipe'} "
+    lines = [f"verify {model_name or report.target} against {report.recipe or 'its recipe'} "
              f"(merge_method {report.method})"]
     width = max(len(c.name) for c in report.claims)
     for c in report.claims:
