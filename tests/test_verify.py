@@ -340,3 +340,14 @@ def test_cli_verdicts_json_and_exit_status(made, tmp_path, capsys):
     js = tmp_path / "v.json"
     assert main(["verify", str(bad), str(made["ties"]), "--seeds", str(PASS_SEEDS), "--json", str(js)]) == 1
     assert json.loads(js.read_text())["failed"] == doc["failed"]
+
+
+@pytest.mark.parametrize("flags,words", [(["--json", "{model}/v.json"], ["inside"]),
+                                         (["--weight-tol", "-1"], ["--weight-tol", ">= 0"])])
+def test_cli_bad_options_are_refused_before_any_reading(made, flags, words, capsys):
+    flags = [f.format(model=made["ties"]) for f in flags]
+    before = sorted(p.name for p in made["ties"].iterdir())
+    assert main(["verify", str(made["ties"]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert sorted(p.name for p in made["ties"].iterdir()) == before
