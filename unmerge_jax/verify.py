@@ -476,6 +476,7 @@ def verify_files(recipe=None, model_dir=None, *, base=None, seeds: int = 200, ke
       :class:`VerifyReport` (``consistent`` → exit 0, else 1).
     """
     from unmerge_jax import pipeline
+    from unmerge_jax.pipeline import attribute_files
 
     if model_dir is None:
         if recipe is None or not Path(recipe).is_dir():
@@ -488,10 +489,6 @@ def verify_files(recipe=None, model_dir=None, *, base=None, seeds: int = 200, ke
     inputs = [r.source, r.base_model, model_dir, *[m.path for m in r.models]]
     pipeline.check_options(seeds=seeds, key=key, top_k=top_k, modules=modules, **stats_kw)
     pipeline.check_outputs([inputs], [json_out])
-    attribute_files = getattr(pipeline, "attribute_files", None)
-    if attribute_files is None:
-        raise UnmergeError("this build of unmerge_jax has no attribution pass (unmerge_jax.pipeline.attribute_files); "
-                           "verify needs it")
     dictionary = [(m.name, m.path) for m in r.models]
     out = attribute_files(r.base_model, dictionary, [("model", model_dir)], seeds=seeds, key=key, top_k=top_k,
                           scope=scope, modules=modules, progress=progress, **stats_kw)
