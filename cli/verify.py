@@ -80,7 +80,7 @@ def run(args) -> int:
     report = verify_files(args.recipe, args.model_dir, base=args.base, seeds=args.seeds, key=args.seed,
                           top_k=args.top_k, scope=args.scope, modules=args.modules, tolerance=tol,
                           json_out=json_file)
-    print_warnings(getattr(report, "warnings", ()))
+    print_warnings(report.warnings)
     if args.json == "-":
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()

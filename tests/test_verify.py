@@ -345,3 +345,17 @@ def test_cli_bad_options_are_refused_before_any_reading(made, flags, words, caps
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     assert sorted(p.name for p in made["ties"].iterdir()) == before
+
+
+@pytest.mark.slow
+def test_the_pass_warnings_reach_the_user(made, tmp_path, capsys):
+    """A model listed twice: the weight is split between two identical task vectors — said once."""
+    q = made["q"]
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(q / "base"),
+           "models": [{"model": str(q / "ft0"), "parameters": {"weight": 0.25}},
+                      {"model": str(q / "ft0"), "parameters": {"weight": 0.25}},
+                      {"model": str(q / "ft1"), "parameters": {"weight": 0.3}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["verify", str(tmp_path / "r.yaml"), str(made["ta"])]) in (0, 1)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "ft0" in err, err

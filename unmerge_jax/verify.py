@@ -158,6 +158,8 @@ class VerifyReport(NamedTuple):
       target: the model's name in the attribution. method: the recipe's merge method.
       attribution: the per-target record of the attribution (``Attribution.records()[t]``).
       recipe: the file the recipe was read from (a YAML or a model card).
+      warnings: the statistics' warnings (e.g. two listed models with the same task vector: the
+        weight is split between them), one line each.
     """
 
     claims: tuple
@@ -166,6 +168,7 @@ class VerifyReport(NamedTuple):
     method: str
     attribution: dict
     recipe: str = ""
+    warnings: tuple = ()
 
     @property
     def failed(self) -> list[Claim]:
@@ -180,7 +183,8 @@ class VerifyReport(NamedTuple):
                             "verdict": c.verdict, "reason": c.reason,
                             "interval": None if c.interval is None else [_json(x) for x in c.interval]}
                            for c in self.claims],
-                "failed": [c.name for c in self.failed], "attribution": self.attribution}
+                "failed": [c.name for c in self.failed], "warnings": list(self.warnings),
+                "attribution": self.attribution}
 
 
 def _json(x):
@@ -493,6 +497,7 @@ def verify_files(recipe=None, model_dir=None, *, base=None, seeds: int = 200, ke
     out = attribute_files(r.base_model, dictionary, [("model", model_dir)], seeds=seeds, key=key, top_k=top_k,
                           scope=scope, modules=modules, progress=progress, **stats_kw)
     report = check_claims(r, out.attribution, target=0, tolerance=tolerance)
+    report = report._replace(warnings=tuple(getattr(out.result, "warnings", None) or ()))
     if json_out is not None:
         from unmerge_jax.io.atomic import atomic_file
 
