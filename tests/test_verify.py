@@ -12,7 +12,6 @@ decisions by ``attribute``); ``verify_files`` and the CLI run the library's attr
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

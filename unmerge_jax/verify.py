@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from unmerge_jax.attribution.decide import DECISIONS, PRESENT
+from unmerge_jax.attribution.decide import DECISIONS
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.merge.card import CARD_NAME, parse_card
 from unmerge_jax.merge.config import MergeConfig, load_config, resolve_for_tensor
@@ -369,8 +369,9 @@ def check_claims(recipe: Recipe, attribution, *, target: int | str = 0,
         if ok:
             reason = f"decided {dec} (share {share:.4g}, floor {float(at.floor[t, k]):.3g})"
         elif dec == "uncertain":
-            reason = (f"uncertain: its share's interval [{float(at.share_lo[t, k]):.3g}, {float(at.share_hi[t, k]):.3g}] "
-                      f"reaches below the floor {float(at.floor[t, k]):.3g}, so its presence is not confirmed")
+            lo_k, hi_k = float(at.share_lo[t, k]), float(at.share_hi[t, k])
+            reason = (f"uncertain: its share's interval [{lo_k:.3g}, {hi_k:.3g}] reaches below the floor "
+                      f"{float(at.floor[t, k]):.3g}, so its presence is not confirmed")
         elif want == "present":
             reason = f"decided absent: share {share:.3g} below the floor {float(at.floor[t, k]):.3g}"
         else:
