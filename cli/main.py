@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "simulate",
     "study",
     "experiment",
+    "verify",
 )
 
 

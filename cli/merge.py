@@ -32,8 +32,9 @@ RAM faces (merge_method: ram, parameters: {{face: ...}}; default {default_face})
 {faces}
 
 DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
-(dtype updated), tokenizer and generation files (not those linked from outside the model), and the
-resolved config. With tokenizer settings the embedding and lm_head rows of every input are aligned
+(dtype updated), tokenizer and generation files (not those linked from outside the model), the
+resolved config, and a README.md model card in mergekit's layout (read back by `unmerge verify`).
+With tokenizer settings the embedding and lm_head rows of every input are aligned
 to the output tokenizer (as mergekit does), which is saved in place of the base's. Existing outputs are kept unless --force; an output that is, lies inside or
 contains an input is refused, and so are NaN/Inf inputs and merged values the output dtype cannot
 hold.

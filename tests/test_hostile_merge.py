@@ -457,7 +457,7 @@ def test_side_files_linked_from_outside_the_model_are_not_copied(zoo, tmp_path):
     assert r.returncode == 0, r.stderr
     notes = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(notes) == 1 and notes[0].startswith("note: ") and str(base / "tokenizer.json") in notes[0], r.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer_config.json",
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json", "model.safetensors", "tokenizer_config.json",
                                                     "unmerge_merge_config.yaml"]
 
 

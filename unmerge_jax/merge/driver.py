@@ -40,6 +40,7 @@ from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.base import short
+from unmerge_jax.merge.card import CARD_NAME, model_card
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.tensor import merge_resolved
@@ -357,6 +358,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         lam = None if lambdas is None else [float(x) for x in lambdas]
         resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
+        (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
                        tuple(toks.notes) if toks is not None else ())
 
