@@ -45,11 +45,21 @@ class MergeConfig:
     out_dtype: str | None = None
     source: dict = field(default_factory=dict)
     path: Path | None = None     # the YAML file it was read from (an input the output must not touch)
+    # Parameters the config layer sets to match mergekit (e.g. ``weighted: false`` for ``ram``):
+    # applied under the user's, not written back into the config.
+    implied: dict = field(default_factory=dict)
+    # One line each, printed at run time: where mergekit's semantics may surprise a user.
+    notes: list = field(default_factory=list)
+    # ``linear`` with a base_model that has a weight: the base is averaged in as a full-weight input
+    # (it is then the last of ``models``), as mergekit does; "listed" (with its own parameters) or
+    # "appended" (the top-level weight applies); None otherwise.
+    base_input: str | None = None
 
     def to_dict(self) -> dict:
         """The config as mergekit YAML (paths absolute), written beside the merged model."""
+        models = self.models[:-1] if self.base_input == "appended" else self.models
         d = {"merge_method": self.merge_method,
-             "models": [{"model": str(p), **({"parameters": prm} if prm else {})} for p, prm in self.models]}
+             "models": [{"model": str(p), **({"parameters": prm} if prm else {})} for p, prm in models]}
         if self.base_model is not None:
             d["base_model"] = str(self.base_model)
         if self.parameters:
@@ -216,10 +226,54 @@ def load_config(config) -> MergeConfig:
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise UnmergeError(f"{where}: parameters must be a mapping")
-    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path)
+    implied, notes = _mergekit_semantics(method, models, base, params)
+    base_input = None
+    if method == "linear" and base is not None:
+        base_input, models, note = _linear_base(models, base, params)
+        notes += [note] if note else []
+    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path,
+                      implied, notes, base_input)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
+
+
+def _mergekit_semantics(method: str, models, base, params: dict) -> tuple[dict, list]:
+    """Parameters implied so that a mergekit YAML gives mergekit's model, and the notes to print.
+
+    ``ram`` / ``ramplus_tl`` (mergekit's faces): mergekit's methods take no per-model weight and
+    ignore one given; so does this config, unless it sets ``weighted: true``.
+    """
+    from unmerge_jax.merge.methods.ram import MERGEKIT_FACES, canonical_face
+
+    implied, notes = {}, []
+    if method in MERGEKIT_FACES and "weighted" not in params:
+        face = params.get("face", get_method(method).shared["face"])
+        if isinstance(face, str) and canonical_face(face) == MERGEKIT_FACES[method]:
+            implied["weighted"] = False
+            if "weight" in params or any("weight" in prm for _, prm in models):
+                notes.append(f"{method} ignores per-model weight, as in mergekit (set parameters: {{weighted: true}} "
+                             f"to apply it)")
+    return implied, notes
+
+
+def _linear_base(models, base: Path, params: dict):
+    """mergekit's ``linear`` with a ``base_model``: the base is one more input, averaged in with the
+    weight it is listed with or the top-level ``weight``. Returns ``(base_input, models, note)``
+    (``base_input``: see :class:`MergeConfig`):
+    the base is moved to the end of ``models`` (listed or appended with no per-model parameters,
+    so the top-level weight applies); without any weight for it (mergekit refuses that config)
+    the listed models are merged alone, with a note."""
+    listed = [(p, prm) for p, prm in models if p == base]
+    others = [(p, prm) for p, prm in models if p != base]
+    if listed:
+        if not others:
+            raise UnmergeError("merge config: linear lists only the base model; list the models to merge")
+        return "listed", others + listed[:1], None
+    if "weight" in params:
+        return "appended", others + [(base, {})], None
+    return None, models, ("linear: the base_model has no weight, so it is not averaged in (mergekit refuses this "
+                           "config; give the base a weight to average it in, as mergekit does)")
 
 
 def layer_fraction(name: str, n_layers: int | None) -> float:
@@ -267,6 +321,6 @@ def _evaluated(params: dict, name: str, t: float) -> dict:
 
 def resolve_for_tensor(cfg: MergeConfig, name: str, t: float) -> Resolved:
     """The method's parameters for one tensor (filters and gradients evaluated), checked."""
-    shared = _evaluated(cfg.parameters, name, t)
+    shared = {**cfg.implied, **_evaluated(cfg.parameters, name, t)}
     per_model = [_evaluated(p, name, t) for _, p in cfg.models]
     return resolve(cfg.merge_method, len(cfg.models), shared, per_model, where=name or "merge config")

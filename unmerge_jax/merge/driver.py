@@ -25,6 +25,7 @@ the inputs read again to name the culprit.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,11 +38,13 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.io.atomic import atomic_dir, check_output
 from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
+from unmerge_jax.io.lora import is_adapter_dir
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.base import short
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
+from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
@@ -62,6 +65,13 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
+    notes: tuple = ()             # the one-line notes printed at run time (where mergekit's semantics may surprise)
+
+
+def _note(notes: list, text: str) -> None:
+    """Print one run-time note to stderr and keep it for the :class:`MergeResult`."""
+    notes.append(text)
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 class _Buffers:
@@ -96,7 +106,10 @@ def _open_inputs(cfg: MergeConfig):
     weights) the model itself — checked from headers."""
     if cfg.base_model is not None:
         base = CheckpointSource(cfg.base_model)
-        return base, [task_vector(base, path) for path, _ in cfg.models]
+        if cfg.base_input is None or any(is_adapter_dir(path) for path, _ in cfg.models):
+            # (linear with an adapter and a weighted base: the base is an input whose task vector is 0)
+            return base, [task_vector(base, path) for path, _ in cfg.models]
+        # linear with the base averaged in: every input, the base too, is merged as full weights.
     models = [open_source(path, kind=WEIGHTS) for path, _ in cfg.models]
     for (path, _), m in zip(cfg.models, models):
         if m.kind != WEIGHTS:
@@ -240,7 +253,8 @@ def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> Unmerg
 
 
 def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None = None,
-          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK) -> MergeResult:
+          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK,
+          compute_dtype: str | None = None) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out`` (a new directory).
 
     Args:
@@ -256,9 +270,12 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
       overlap: read the next tensor and write the previous one in threads while the kernel runs
         (faster, at the price of one more set of (1 + K) tensors in memory).
       chunk: elements per kernel call (results do not depend on it).
+      compute_dtype: ``float32`` (default: inputs of any dtype merged in float32, rounded once on
+        output) or ``bfloat16`` (mergekit's arithmetic with ``dtype: bfloat16``, bit for bit, for
+        linear, task_arithmetic and ties; :mod:`unmerge_jax.merge.mergekit_bf16`).
     Returns:
       a :class:`MergeResult` (``skipped``: side files not copied because they link outside the
-      source model directory).
+      source model directory; ``notes``: the notes printed to stderr).
     Raises:
       UnmergeError: bad input of any kind (one line; nothing is written).
     """
@@ -267,6 +284,13 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     shard_bytes = _positive_int("shard_bytes (the output shard size)", shard_bytes)
     chunk = _positive_int("chunk", chunk)
     cfg = load_config(config)
+    compute = check_compute_dtype(compute_dtype, cfg.merge_method)
+    notes: list = []
+    for text in cfg.notes:
+        _note(notes, text)
+    if cfg.dtype in ("bfloat16", "float16") and compute == "float32":
+        _note(notes, f"dtype: {cfg.dtype}: merging in float32 and rounding once on output (mergekit computes in "
+                     f"{cfg.dtype}; --compute-dtype bfloat16 reproduces its bfloat16 merge bit for bit)")
     out = Path(out)
     inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models]]
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
@@ -310,6 +334,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                     return name, out, False, None
                 slot = free_slots.get()
                 b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
+                if compute == "bfloat16":
+                    return name, _merge_bf16(name, res_by_name[name], b, ts, deltas, base, models, limit), True, slot
                 # Every method runs chunk by chunk (a statistics pass first where it needs one) and
                 # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
                 out = b if b.flags.writeable else b.copy()
@@ -345,7 +371,22 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         lam = None if lambdas is None else [float(x) for x in lambdas]
         resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped))
+    return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
+                       tuple(notes))
+
+
+def _merge_bf16(name, res, b, ts, deltas, base, models, limit) -> np.ndarray:
+    """One tensor in mergekit's bfloat16 arithmetic, its inputs and output checked on the host."""
+    for src, arr in ((base, b), *zip(models, ts)):
+        if src is not None and first_nonfinite(arr) is not None:
+            raise nonfinite_error(name, getattr(src, "source", src).where(name), arr)
+    merged = merge_tensor_bf16(res, b, ts, deltas=deltas, full=base is None)
+    bad = ~(np.abs(merged) < limit)
+    if bad.any():
+        at = np.unravel_index(int(np.flatnonzero(bad)[0]), merged.shape)
+        raise UnmergeError(f"the merged value of tensor {name} at index {tuple(int(i) for i in at)} is "
+                           f"{merged[at]:g}, beyond the output dtype (|x| ≥ {limit:.6g}); use smaller weights")
+    return merged
 
 
 def _stream(names, produce, writer, overlap: bool, written):
