@@ -46,10 +46,16 @@ def zoo(tmp_path_factory):
         m = fine_tune(lambda: _llama(0), 300 + i)
         m.save_pretrained(root / f"ft{i}")
         m.to(torch.bfloat16).save_pretrained(root / f"ft{i}_bf16")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(400)
+    pm = get_peft_model(_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              init_lora_weights=False))
+    pm.save_pretrained(root / "lora")
     return root
 
 
-def _mergekit(cfg, out):
+def _mergekit(cfg, out, **options):
     pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -57,7 +63,7 @@ def _mergekit(cfg, out):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_merge(MergeConfiguration.model_validate(cfg), str(out),
-              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, write_model_card=False))
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, write_model_card=False, **options))
     return _read(out)
 
 
@@ -238,3 +244,57 @@ def test_cli_compute_dtype_and_notes(zoo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
+
+
+# --- model+lora references, for models and for the base ------------------------------------------
+
+LORA_CASES = {
+    "model+lora": lambda z: {"merge_method": "task_arithmetic", "base_model": str(z / "base"),
+                             "models": [{"model": f"{z / 'ft0'}+{z / 'lora'}", "parameters": {"weight": 0.6}},
+                                        {"model": str(z / "ft1"), "parameters": {"weight": 0.5}}]},
+    "base+lora": lambda z: {"merge_method": "ties", "base_model": f"{z / 'base'}+{z / 'lora'}",
+                            "models": [{"model": str(z / "ft0"), "parameters": {"weight": 0.6, "density": 0.5}},
+                                       {"model": str(z / "ft1"), "parameters": {"weight": 0.5, "density": 0.5}}]},
+    "linear, dict form": lambda z: {"merge_method": "linear",
+                                    "models": [{"model": {"model": str(z / "base"), "lora": {"path": str(z / "lora")}},
+                                                "parameters": {"weight": 0.6}},
+                                               {"model": str(z / "ft1"), "parameters": {"weight": 0.5}}]},
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_model_plus_lora_matches_mergekit(zoo, tmp_path, case):
+    cfg = {"dtype": "float32", **LORA_CASES[case](zoo)}
+    want = _mergekit(cfg, tmp_path / "mk", lora_merge_cache=str(tmp_path / "lora_cache"))
+    before = sorted(p.name for p in zoo.iterdir())
+    merge(cfg, tmp_path / "us")
+    assert sorted(p.name for p in zoo.iterdir()) == before      # nothing materialised beside the inputs
+    got = _read(tmp_path / "us")
+    _close(got, want)
+    np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-5)
+
+
+def test_model_plus_lora_is_the_model_with_the_adapter_applied(zoo, tmp_path):
+    """Without mergekit: base+lora as the only model of linear is PEFT's merge_and_unload."""
+    from peft import PeftModel
+
+    merge({"merge_method": "linear", "models": [{"model": f"{zoo / 'base'}+{zoo / 'lora'}"}]}, tmp_path / "us")
+    got = _read(tmp_path / "us")
+    ref = PeftModel.from_pretrained(_llama(0), str(zoo / "lora")).merge_and_unload().state_dict()
+    for n, v in ref.items():
+        np.testing.assert_allclose(got[n], v.numpy(), rtol=0, atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("ref,match", [
+    ("{base}+{root}/no_such_lora", "does not exist"),
+    ("{base}+{ft1}", "is not a PEFT LoRA adapter"),
+    ("{base}+{lora}+{lora}", "cannot parse model reference"),
+    ("{base}+", "cannot parse model reference"),
+])
+def test_bad_lora_reference_one_line(zoo, tmp_path, ref, match):
+    ref = ref.format(base=zoo / "base", root=zoo, ft1=zoo / "ft1", lora=zoo / "lora")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"), "models": [{"model": ref}]}
+    with pytest.raises(UnmergeError, match=match) as err:
+        merge(cfg, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -5,8 +5,9 @@ Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a
 interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
 outside the layer stack, as mergekit plans them); or a list of ``{filter, value}`` entries
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
-Per-model ``parameters`` override the top-level ones. ``slices``, ``modules``, tokenizer
-surgery and ``model+lora`` references are refused with a one-line error.
+Per-model ``parameters`` override the top-level ones. References may be ``MODEL+LORA`` (a PEFT
+adapter applied on the fly, ``merge.refs``), for models and for the base. ``slices``, ``modules``
+and tokenizer surgery are refused with a one-line error.
 
 The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
 :data:`MAX_YAML_NODES` nodes once its aliases are expanded (a few hundred bytes of nested aliases
@@ -25,6 +26,7 @@ from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.merge.base import Resolved, short
 from unmerge_jax.merge.params import get_method, resolve
+from unmerge_jax.merge.refs import ModelRef, parse_ref
 
 MAX_CONFIG_BYTES = 1 << 20     # a merge config is a few hundred bytes; a gradient-heavy one a few KB
 MAX_YAML_NODES = 100_000       # nodes of the document with every alias expanded
@@ -54,14 +56,39 @@ class MergeConfig:
     # (it is then the last of ``models``), as mergekit does; "listed" (with its own parameters) or
     # "appended" (the top-level weight applies); None otherwise.
     base_input: str | None = None
+    # ``model+lora`` references: the LoRA adapter applied to ``models[i]`` (None: none), and to the base.
+    loras: list = field(default_factory=list)
+    base_lora: Path | None = None
+
+    def __post_init__(self):
+        if len(self.loras) != len(self.models):
+            self.loras = [None] * len(self.models)
+
+    @property
+    def refs(self) -> list:
+        """``models`` as :class:`~unmerge_jax.merge.refs.ModelRef` (model, lora)."""
+        return [ModelRef(p, lora) for (p, _), lora in zip(self.models, self.loras)]
+
+    @property
+    def base_ref(self):
+        return None if self.base_model is None else ModelRef(self.base_model, self.base_lora)
+
+    @property
+    def input_paths(self) -> list:
+        """Every path the merge reads (the output must not touch them)."""
+        out = [self.path, self.base_model, self.base_lora]
+        for (p, _), lora in zip(self.models, self.loras):
+            out += [p, lora]
+        return [x for x in out if x is not None]
 
     def to_dict(self) -> dict:
         """The config as mergekit YAML (paths absolute), written beside the merged model."""
         models = self.models[:-1] if self.base_input == "appended" else self.models
         d = {"merge_method": self.merge_method,
-             "models": [{"model": str(p), **({"parameters": prm} if prm else {})} for p, prm in models]}
+             "models": [{"model": str(ref), **({"parameters": prm} if prm else {})}
+                        for ref, (_, prm) in zip(self.refs, models)]}
         if self.base_model is not None:
-            d["base_model"] = str(self.base_model)
+            d["base_model"] = str(self.base_ref)
         if self.parameters:
             d["parameters"] = self.parameters
         for k in ("dtype", "out_dtype"):
@@ -77,9 +104,6 @@ def _model_path(ref, root: Path, what: str) -> Path:
         raise UnmergeError(f"{what}: expected a model directory path, got {short(ref)}")
     s = str(ref)
     try:
-        if "+" in s and not Path(s).exists():
-            raise UnmergeError(f"{what}: 'model+lora' references are not supported; list the LoRA adapter "
-                               f"directory itself as a model (adapters merge in ΔW space)")
         p = Path(s).expanduser()
         if not p.is_absolute() and not p.exists() and (root / p).exists():
             p = root / p
@@ -199,7 +223,11 @@ def load_config(config) -> MergeConfig:
         if raw.get(key) is not None and (not isinstance(raw[key], str) or len(raw[key]) > 40):
             raise UnmergeError(f"{where}: {key} must be a dtype name (float32, float16, bfloat16), got "
                                f"{short(raw[key])}")
-    base = _model_path(raw["base_model"], root, f"{where}: base_model") if raw.get("base_model") else None
+    def resolve_path(value, what):
+        return _model_path(value, root, what)
+
+    base_ref = parse_ref(raw["base_model"], resolve_path, f"{where}: base_model") if raw.get("base_model") else None
+    base = base_ref.model if base_ref is not None else None
     if base is None and spec.needs_base:
         raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
     entries = raw.get("models")
@@ -218,9 +246,9 @@ def load_config(config) -> MergeConfig:
         if unknown_p:
             raise UnmergeError(f"{what}: unknown per-model parameter {short(unknown_p[0])} for {method!r}; "
                                f"per-model parameters: {', '.join(sorted(spec.per_model))}")
-        models.append((_model_path(entry, root, what), dict(params)))
+        models.append((parse_ref(entry, resolve_path, what), dict(params)))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
-    models = [(p, prm) for p, prm in models if base is None or p != base or not spec.needs_base]
+    models = [(r, prm) for r, prm in models if base is None or r != base_ref or not spec.needs_base]
     if not models:
         raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
     params = raw.get("parameters") or {}
@@ -229,10 +257,11 @@ def load_config(config) -> MergeConfig:
     implied, notes = _mergekit_semantics(method, models, base, params)
     base_input = None
     if method == "linear" and base is not None:
-        base_input, models, note = _linear_base(models, base, params)
+        base_input, models, note = _linear_base(models, base_ref, params)
         notes += [note] if note else []
-    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path,
-                      implied, notes, base_input)
+    cfg = MergeConfig(method, [(r.model, prm) for r, prm in models], base, dict(params), raw.get("dtype"),
+                      raw.get("out_dtype"), raw, path, implied, notes, base_input, [r.lora for r, _ in models],
+                      base_ref.lora if base_ref is not None else None)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
@@ -257,7 +286,7 @@ def _mergekit_semantics(method: str, models, base, params: dict) -> tuple[dict, 
     return implied, notes
 
 
-def _linear_base(models, base: Path, params: dict):
+def _linear_base(models, base, params: dict):
     """mergekit's ``linear`` with a ``base_model``: the base is one more input, averaged in with the
     weight it is listed with or the top-level ``weight``. Returns ``(base_input, models, note)``
     (``base_input``: see :class:`MergeConfig`):

@@ -45,6 +45,7 @@ from unmerge_jax.merge.base import short
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
+from unmerge_jax.merge.refs import LoraApplied, weights_source
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
@@ -101,22 +102,36 @@ class _Buffers:
 
 
 def _open_inputs(cfg: MergeConfig):
-    """``(base, models)``: the base :class:`CheckpointSource` (None without ``base_model``) and one
-    source per input — a :class:`TaskVector` over the base, or (no base: ``linear`` of full
-    weights) the model itself — checked from headers."""
+    """``(base, models)``: the base source (None without ``base_model``; ``base+lora``: the adapter
+    applied on the fly) and one source per input — a :class:`TaskVector` over the base, or (no
+    base, or ``linear`` averaging the base in) the full weights themselves — checked from headers.
+    A ``model+lora`` input is the model's weights with the adapter applied (:mod:`unmerge_jax.merge.refs`)."""
+    refs = cfg.refs
     if cfg.base_model is not None:
-        base = CheckpointSource(cfg.base_model)
-        if cfg.base_input is None or any(is_adapter_dir(path) for path, _ in cfg.models):
+        base = weights_source(cfg.base_ref)
+        if cfg.base_input is None or any(r.lora is None and is_adapter_dir(r.model) for r in refs):
             # (linear with an adapter and a weighted base: the base is an input whose task vector is 0)
-            return base, [task_vector(base, path) for path, _ in cfg.models]
+            return base, [task_vector(base, _input(r, cfg)) for r in refs]
         # linear with the base averaged in: every input, the base too, is merged as full weights.
-    models = [open_source(path, kind=WEIGHTS) for path, _ in cfg.models]
-    for (path, _), m in zip(cfg.models, models):
+        models = [weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS) for r in refs]
+    else:
+        models = [weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS) for r in refs]
+    for r, m in zip(refs, models):
         if m.kind != WEIGHTS:
-            raise UnmergeError(f"{path} is a LoRA adapter; merging it needs base_model")
+            raise UnmergeError(f"{r.model} is a LoRA adapter; merging it needs base_model")
     for m in models[1:]:
         check_same_architecture(models[0], m)
     return None, models
+
+
+def _input(ref, cfg: MergeConfig):
+    """What a task vector over the base is formed from: a directory, or (``model+lora``; an adapter
+    directory over a ``base+lora``, whose update is relative to the plain base) full weights."""
+    if ref.lora is not None:
+        return weights_source(ref)
+    if cfg.base_lora is not None and is_adapter_dir(ref.model):
+        return LoraApplied(cfg.base_model, ref.model)
+    return ref.model
 
 
 def _untouched(base, models, name: str) -> bool:
@@ -292,7 +307,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         _note(notes, f"dtype: {cfg.dtype}: merging in float32 and rounding once on output (mergekit computes in "
                      f"{cfg.dtype}; --compute-dtype bfloat16 reproduces its bfloat16 merge bit for bit)")
     out = Path(out)
-    inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models]]
+    inputs = cfg.input_paths
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
     base, models = _open_inputs(cfg)
     ref = base if base is not None else models[0]
