@@ -298,3 +298,124 @@ def test_bad_lora_reference_one_line(zoo, tmp_path, ref, match):
         merge(cfg, tmp_path / "out")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+# --- slices / layer_range / sources and passthrough -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """4-layer Llama base and two fine-tunes; a 3-layer GPT-2 (another layer naming: h.{i})."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("deep")
+    _llama(0, layers=4).save_pretrained(root / "base")
+    for i in range(2):
+        fine_tune(lambda: _llama(0, layers=4), 500 + i).save_pretrained(root / f"ft{i}")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=96, n_positions=16, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(root / "gpt2")
+    return root
+
+
+def _scale(name, value):
+    return [{"filter": name, "value": value}, {"value": 1.0}]
+
+
+SLICE_CASES = {
+    # mergekit tests/test_basic_merges.py: test_gpt2_copy, test_passthrough_scale, test_gpt2_stack
+    "passthrough copy": lambda d: {"merge_method": "passthrough", "models": [{"model": str(d / "ft0")}]},
+    "passthrough scale filter": lambda d: {"merge_method": "passthrough", "models": [
+        {"model": str(d / "ft0"), "parameters": {"scale": _scale("o_proj", 0)}}]},
+    "gpt2 stack": lambda d: {"merge_method": "passthrough",
+                             "slices": [{"sources": [{"model": str(d / "gpt2"), "layer_range": [0, 3]}]}] * 2},
+    # overlapping ranges of two models (a "frankenmerge"), a slice-level scale with a filter
+    "overlapping stack, slice scale": lambda d: {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(d / "ft0"), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(d / "ft1"), "layer_range": [1, 4]}], "parameters": {"scale": _scale("down_proj", 0.5)}}]},
+    # per-slice TIES with the base among the sources, gradients over a slice, parameters at every level
+    "ties per slice": lambda d: {"merge_method": "ties", "base_model": str(d / "base"), "parameters": {"density": 0.5},
+                                 "slices": [
+        {"sources": [{"model": str(d / "base"), "layer_range": [0, 2]},
+                     {"model": str(d / "ft0"), "layer_range": [0, 2], "parameters": {"weight": 0.7}},
+                     {"model": str(d / "ft1"), "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.9]}}]},
+        {"sources": [{"model": str(d / "base"), "layer_range": [2, 4]},
+                     {"model": str(d / "ft0"), "layer_range": [1, 3], "parameters": {"weight": 0.4}},
+                     {"model": str(d / "ft1"), "layer_range": [2, 4], "parameters": {"weight": 0.5, "density": 0.3}}],
+         "parameters": {"normalize": False}}]},
+    "linear gradient": lambda d: {"merge_method": "linear", "slices": [{"sources": [
+        {"model": str(d / "ft0"), "layer_range": [0, 4], "parameters": {"weight": [0.1, 0.9]}},
+        {"model": str(d / "ft1"), "layer_range": [0, 4], "parameters": {"weight": 0.5}}]}]},
+}
+
+
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_slices_and_passthrough_match_mergekit(deep, tmp_path, case):
+    import json
+
+    cfg = {"dtype": "float32", **SLICE_CASES[case](deep)}
+    want = _mergekit(cfg, tmp_path / "mk")
+    merge(cfg, tmp_path / "us")
+    got = _read(tmp_path / "us")
+    _close(got, want)
+    layers = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "us")]
+    key = "n_layer" if "gpt2" in case else "num_hidden_layers"
+    assert layers[0][key] == layers[1][key]
+    np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-5)
+
+
+def test_passthrough_scale_zeroes_the_filtered_tensors(deep, tmp_path):
+    """mergekit's own check of test_passthrough_scale, without mergekit."""
+    merge(SLICE_CASES["passthrough scale filter"](deep), tmp_path / "us")
+    got, src = _read(tmp_path / "us"), _read(deep / "ft0")
+    assert any("o_proj" in n for n in got)
+    for n, v in got.items():
+        np.testing.assert_array_equal(v, 0 * src[n] if "o_proj" in n else src[n], err_msg=n)
+
+
+def test_stacked_layers_are_renamed_copies(deep, tmp_path):
+    merge(SLICE_CASES["overlapping stack, slice scale"](deep), tmp_path / "us")
+    got, a, b = _read(tmp_path / "us"), _read(deep / "ft0"), _read(deep / "ft1")
+    for o, (src, i) in enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]):
+        for part in ("self_attn.q_proj", "mlp.down_proj"):
+            want = src[f"model.layers.{i}.{part}.weight"] * (0.5 if o >= 3 and "down" in part else 1.0)
+            np.testing.assert_array_equal(got[f"model.layers.{o}.{part}.weight"], want)
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got["lm_head.weight"], b["lm_head.weight"])
+
+
+@pytest.mark.parametrize("slices,match", [
+    ([{"sources": [{"model": "{ft0}", "layer_range": [3, 1]}]}], "empty or negative"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, 9]}]}], "goes beyond the 4 layers"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, "2"]}]}], "two integers"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, 2]}, {"model": "{ft1}", "layer_range": [0, 3]}]}],
+     "same number of layers"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, 2]}, {"model": "{ft1}", "layer_range": [0, 2]}]}],
+     "exactly one source"),
+    ([{"sources": [{"model": "{ft0}+{root}/nope", "layer_range": [0, 2]}]}], "does not exist"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, 2], "parameters": {"densty": 0.5}}]}],
+     "unknown per-model parameter"),
+    ([{"sources": [{"model": "{ft0}", "layer_range": [0, 2]}], "residual": 1}], "unknown key"),
+    ([], "non-empty list"),
+])
+def test_bad_slices_one_line_nothing_written(deep, tmp_path, slices, match):
+    import json
+
+    text = json.dumps(slices).replace("{ft0}", str(deep / "ft0")).replace("{ft1}", str(deep / "ft1"))
+    cfg = {"merge_method": "passthrough", "slices": json.loads(text.replace("{root}", str(deep)))}
+    with pytest.raises(UnmergeError, match=match) as err:
+        merge(cfg, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_slices_base_must_be_a_source_and_models_or_slices(deep, tmp_path):
+    src = [{"model": str(deep / "ft0"), "layer_range": [0, 2]}, {"model": str(deep / "ft1"), "layer_range": [0, 2]}]
+    with pytest.raises(UnmergeError, match="takes its base from the slice's sources"):
+        merge({"merge_method": "ties", "base_model": str(deep / "base"), "slices": [{"sources": src}]}, tmp_path / "o")
+    with pytest.raises(UnmergeError, match="either 'models:' or 'slices:'"):
+        merge({"merge_method": "linear", "models": [{"model": str(deep / "ft0")}], "slices": [{"sources": src}]},
+              tmp_path / "o")
+    with pytest.raises(UnmergeError, match="passthrough takes exactly one model"):
+        merge({"merge_method": "passthrough", "models": [{"model": str(deep / "ft0")}, {"model": str(deep / "ft1")}]},
+              tmp_path / "o")
+    assert not (tmp_path / "o").exists()

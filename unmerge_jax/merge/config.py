@@ -59,6 +59,9 @@ class MergeConfig:
     # ``model+lora`` references: the LoRA adapter applied to ``models[i]`` (None: none), and to the base.
     loras: list = field(default_factory=list)
     base_lora: Path | None = None
+    # ``slices:`` (layer stacking, ``merge.slices``): a list of :class:`~unmerge_jax.merge.slices.SliceSpec`;
+    # ``models`` is then empty.
+    slices: list | None = None
 
     def __post_init__(self):
         if len(self.loras) != len(self.models):
@@ -79,6 +82,11 @@ class MergeConfig:
         out = [self.path, self.base_model, self.base_lora]
         for (p, _), lora in zip(self.models, self.loras):
             out += [p, lora]
+        for sl in self.slices or ():
+            for src in sl.sources:
+                out += [src.ref.model, src.ref.lora]
+            if sl.base is not None:
+                out += [sl.base.model, sl.base.lora]
         return [x for x in out if x is not None]
 
     def to_dict(self) -> dict:
@@ -94,6 +102,9 @@ class MergeConfig:
         for k in ("dtype", "out_dtype"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
+        if self.slices is not None:
+            del d["models"]
+            d["slices"] = [sl.to_dict() for sl in self.slices]
         return d
 
 
@@ -205,8 +216,8 @@ def load_config(config) -> MergeConfig:
     unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)
     if unknown:
         raise UnmergeError(f"{where}: unknown key {short(unknown[0])}; supported: base_model, dtype, merge_method, "
-                           f"models, out_dtype, parameters, tokenizer_source")
-    for key in ("slices", "modules", "tokenizer"):
+                           f"models, out_dtype, parameters, slices, tokenizer_source")
+    for key in ("modules", "tokenizer"):
         if raw.get(key):
             raise UnmergeError(f"{where}: '{key}' is not supported by this engine (whole-model merges only); "
                                f"use 'models:'")
@@ -230,6 +241,10 @@ def load_config(config) -> MergeConfig:
     base = base_ref.model if base_ref is not None else None
     if base is None and spec.needs_base:
         raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
+    if raw.get("slices") is not None:
+        if raw.get("models"):
+            raise UnmergeError(f"{where}: give either 'models:' or 'slices:', not both (as mergekit)")
+        return _slices_config(raw, method, spec, base_ref, resolve_path, where, path)
     entries = raw.get("models")
     if entries is not None and not isinstance(entries, list):
         raise UnmergeError(f"{where}: models must be a list of entries like {{model: DIR, parameters: {{...}}}}, got "
@@ -251,6 +266,9 @@ def load_config(config) -> MergeConfig:
     models = [(r, prm) for r, prm in models if base is None or r != base_ref or not spec.needs_base]
     if not models:
         raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
+    if method == "passthrough" and len(models) != 1:
+        raise UnmergeError(f"{where}: passthrough takes exactly one model, got {len(models)} (as mergekit); stack "
+                           f"layers with 'slices:'")
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise UnmergeError(f"{where}: parameters must be a mapping")
@@ -265,6 +283,34 @@ def load_config(config) -> MergeConfig:
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
+
+
+def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: str, path) -> MergeConfig:
+    """A ``slices:`` config: each slice's sources (``model``, ``layer_range``, ``parameters``), its
+    own ``base_model`` and ``parameters``, checked as far as the YAML allows (layer counts are
+    checked against the models in ``merge.slices``)."""
+    from unmerge_jax.merge.slices import parse_slices
+
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise UnmergeError(f"{where}: parameters must be a mapping")
+    slices = parse_slices(raw["slices"], spec, base_ref, resolve_path, where)
+    implied, notes = _mergekit_semantics(method, [(None, s.params) for sl in slices for s in sl.sources], base_ref,
+                                         params)
+    cfg = MergeConfig(method, [], base_ref.model if base_ref is not None else None, dict(params), raw.get("dtype"),
+                      raw.get("out_dtype"), raw, path, implied, notes, None, [],
+                      base_ref.lora if base_ref is not None else None, slices)
+    for i, sl in enumerate(slices):   # resolve once eagerly (t = 0, no tensor name)
+        resolve_slice(cfg, sl, "", 0.0, f"{where}: slices[{i}]")
+    return cfg
+
+
+def resolve_slice(cfg: MergeConfig, sl, name: str, t: float, where: str = "") -> Resolved:
+    """The method's parameters for one tensor of a slice: per source its ``parameters``, then the
+    slice's, then the top-level ones (mergekit's precedence), filters and gradients evaluated."""
+    shared = {**cfg.implied, **_evaluated(cfg.parameters, name, t), **_evaluated(sl.params, name, t)}
+    per_model = [_evaluated(s.params, name, t) for s in sl.merged_sources]
+    return resolve(cfg.merge_method, len(per_model), shared, per_model, where=name or where or "merge config")
 
 
 def _mergekit_semantics(method: str, models, base, params: dict) -> tuple[dict, list]:
@@ -349,7 +395,8 @@ def _evaluated(params: dict, name: str, t: float) -> dict:
 
 
 def resolve_for_tensor(cfg: MergeConfig, name: str, t: float) -> Resolved:
-    """The method's parameters for one tensor (filters and gradients evaluated), checked."""
+    """The method's parameters for one tensor (filters and gradients evaluated), checked (a
+    ``models:`` config; a slice's: :func:`resolve_slice`)."""
     shared = {**cfg.implied, **_evaluated(cfg.parameters, name, t)}
     per_model = [_evaluated(p, name, t) for _, p in cfg.models]
     return resolve(cfg.merge_method, len(cfg.models), shared, per_model, where=name or "merge config")

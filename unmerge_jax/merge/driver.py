@@ -306,6 +306,11 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     if cfg.dtype in ("bfloat16", "float16") and compute == "float32":
         _note(notes, f"dtype: {cfg.dtype}: merging in float32 and rounding once on output (mergekit computes in "
                      f"{cfg.dtype}; --compute-dtype bfloat16 reproduces its bfloat16 merge bit for bit)")
+    if cfg.slices is not None:
+        from unmerge_jax.merge.slices import merge_slices
+
+        return merge_slices(cfg, out, seed=seed, force=force, dtype=dtype, shard_bytes=shard_bytes, compute=compute,
+                            chunk=chunk, notes=notes, t0=t0)
     out = Path(out)
     inputs = cfg.input_paths
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
