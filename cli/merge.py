@@ -24,6 +24,11 @@ time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's Y
   parameters: {{normalize: true}} # method-wide; values may be gradients or [{{filter: mlp, value: ...}}, ...]
   dtype: bfloat16
 
+A model may also be MODEL+LORA (the adapter applied on the fly), for models and base_model. Layer
+stacking: slices: [{{sources: [{{model: ./a, layer_range: [0, 16]}}]}}, ...] with merge_method:
+passthrough (or any method per slice, the base among each slice's sources). .bin checkpoints:
+convert them first with `unmerge convert DIR --out NEW_DIR`.
+
 Methods (parameters, defaults):
 {methods}
 

@@ -1,13 +1,15 @@
-"""mergekit's YAML schema, the part we run: ``models`` / ``base_model`` / ``merge_method`` /
-``parameters`` / ``dtype`` / ``out_dtype`` / ``tokenizer_source: base``.
+"""mergekit's YAML schema, the part we run: ``models`` or ``slices`` / ``base_model`` /
+``merge_method`` / ``parameters`` / ``dtype`` / ``out_dtype`` / ``tokenizer_source: base``.
 
 Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a list of numbers
 interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
 outside the layer stack, as mergekit plans them); or a list of ``{filter, value}`` entries
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
 Per-model ``parameters`` override the top-level ones. References may be ``MODEL+LORA`` (a PEFT
-adapter applied on the fly, ``merge.refs``), for models and for the base. ``slices``, ``modules``
-and tokenizer surgery are refused with a one-line error.
+adapter applied on the fly, ``merge.refs``), for models and for the base. ``slices`` (layer
+stacking, per-slice methods and parameters) are parsed by ``merge.slices``. ``modules`` and
+tokenizer surgery are refused with a one-line error. Where mergekit's semantics may surprise a
+user, a config gets them and a note says so (:func:`_mergekit_semantics`, :func:`_linear_base`).
 
 The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
 :data:`MAX_YAML_NODES` nodes once its aliases are expanded (a few hundred bytes of nested aliases
