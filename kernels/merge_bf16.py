@@ -120,3 +120,9 @@ def linear_bf16_kernel(tensors, weights, *, normalize: bool):
     if normalize:
         acc = _divide(acc, sum((w[i] for i in range(1, len(tensors))), w[0]))
     return round_bf16(acc)
+
+
+@jax.jit
+def passthrough_bf16_kernel(tensor, scale):
+    """mergekit's ``passthrough`` in bfloat16: ``bf16(bf16(θ) · scale)`` (``scale`` float32)."""
+    return round_bf16(round_bf16(tensor) * jnp.asarray(scale, jnp.float32))

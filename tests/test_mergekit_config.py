@@ -220,7 +220,7 @@ def test_round_bf16_matches_ml_dtypes():
 @pytest.mark.parametrize("method,params", [("dare_ties", {"density": 0.5}), ("ram", {})])
 def test_compute_dtype_bfloat16_refused_where_it_cannot_reproduce(zoo, tmp_path, method, params):
     cfg = {"merge_method": method, "base_model": str(zoo / "base"), "models": _models(zoo, [params, params])}
-    with pytest.raises(UnmergeError, match="reproduces mergekit for linear, task_arithmetic, ties"):
+    with pytest.raises(UnmergeError, match="reproduces mergekit for linear, task_arithmetic, ties, passthrough"):
         merge(cfg, tmp_path / "out", compute_dtype="bfloat16")
     assert not (tmp_path / "out").exists()
     with pytest.raises(UnmergeError, match="unknown compute dtype"):
@@ -361,6 +361,14 @@ def test_slices_and_passthrough_match_mergekit(deep, tmp_path, case):
     key = "n_layer" if "gpt2" in case else "num_hidden_layers"
     assert layers[0][key] == layers[1][key]
     np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["overlapping stack, slice scale", "passthrough scale filter"])
+def test_slices_compute_dtype_bfloat16_bit_for_bit(deep, tmp_path, case):
+    cfg = {**SLICE_CASES[case](deep), "dtype": "bfloat16"}
+    want = _mergekit(cfg, tmp_path / "mk")
+    merge(cfg, tmp_path / "bits", compute_dtype="bfloat16")
+    _bits_equal(_read(tmp_path / "bits"), want)
 
 
 def test_passthrough_scale_zeroes_the_filtered_tensors(deep, tmp_path):

@@ -4,7 +4,7 @@ By default the engine merges in float32 whatever the inputs' dtype, and rounds o
 writes the output — more accurate than mergekit, which casts every input to the config's
 ``dtype`` and runs its arithmetic in it (its ``ties`` differs from the float32 merge by up to
 ≈0.19 on a tiny Llama: the trim and the sign election see rounded task vectors). This module
-reproduces mergekit's bits for ``linear``, ``task_arithmetic`` and ``ties``: the arithmetic in
+reproduces mergekit's bits for ``linear``, ``task_arithmetic``, ``ties`` and ``passthrough``: the arithmetic in
 :mod:`unmerge_jax.kernels.merge_bf16` (float32 with explicit bfloat16 rounding after every
 operation, as PyTorch does on CPU), and TIES's top-k trim by PyTorch's own ``argsort`` of the
 rounded ``|δ|`` — the entries tied at the k-th magnitude are kept in the order PyTorch's
@@ -24,7 +24,7 @@ from unmerge_jax.merge.base import Resolved
 from unmerge_jax.orderstats import topk_counts
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BF16_METHODS = ("linear", "task_arithmetic", "ties")
+BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough")
 
 
 def check_compute_dtype(compute_dtype, method: str) -> str:
@@ -66,6 +66,10 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "passthrough":
+        theta = tensors[0] if full or not deltas else base + tensors[0]
+        return np.asarray(KB.passthrough_bf16_kernel(np.asarray(theta, np.float32),
+                                                     np.float32(res.shared["scale"]))).reshape(shape)
     if name == "linear":
         thetas = tuple(tensors) if full or not deltas else tuple(base + t for t in tensors)
         flat = tuple(np.asarray(t, np.float32).reshape(-1) for t in thetas)
