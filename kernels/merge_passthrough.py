@@ -11,8 +11,8 @@ import jax.numpy as jnp
 @partial(jax.jit, static_argnames=("deltas",))
 def passthrough_kernel(base, tensors, scale, limit=None, *, deltas: bool = True):
     """``θ = scale · θ_1`` of the first input (``θ_1 = base + δ_1`` when ``deltas``, else the
-    input's weights). Entries with a non-finite input or ``|θ| ≥ limit`` come out NaN (the caller
-    names them), as in ``kernels.merge``.
+    input's weights). Entries where any input is non-finite or ``|θ| ≥ limit`` come out NaN (the
+    caller names them), as in ``kernels.merge``.
 
     Args:
       base: base chunk (zeros when merging full weights), any shape ``S``.
@@ -27,5 +27,9 @@ def passthrough_kernel(base, tensors, scale, limit=None, *, deltas: bool = True)
     merged = theta * jnp.asarray(scale, jnp.float32)
     if limit is None:
         return merged
-    ok = (jnp.abs(merged) < jnp.asarray(limit, jnp.float32)) & jnp.isfinite(b) & jnp.isfinite(t)
+    # Every input is checked, the ones not passed through too (as the other kernels mark inputs
+    # their method drops).
+    ok = (jnp.abs(merged) < jnp.asarray(limit, jnp.float32)) & jnp.isfinite(b)
+    for x in tensors:
+        ok = ok & jnp.isfinite(x.astype(jnp.float32))
     return jnp.where(ok, merged, jnp.float32(jnp.nan))
