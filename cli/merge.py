@@ -23,6 +23,7 @@ time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's Y
       parameters: {{weight: 0.5, density: 0.5}}
   parameters: {{normalize: true}} # method-wide; values may be gradients or [{{filter: mlp, value: ...}}, ...]
   dtype: bfloat16
+  tokenizer_source: union       # optional: base | union | DIR; or a tokenizer: block; chat_template: chatml
 
 A model may also be MODEL+LORA (the adapter applied on the fly), for models and base_model. Layer
 stacking: slices: [{{sources: [{{model: ./a, layer_range: [0, 16]}}]}}, ...] with merge_method:
@@ -41,7 +42,8 @@ base in with its weight; dtype: bfloat16 is merged in float32 unless --compute-d
 
 DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
 (dtype updated), tokenizer and generation files (not those linked from outside the model), and the
-resolved config. Existing outputs are kept unless --force; an output that is, lies inside or
+resolved config. With tokenizer settings the embedding and lm_head rows of every input are aligned
+to the output tokenizer (as mergekit does), which is saved in place of the base's. Existing outputs are kept unless --force; an output that is, lies inside or
 contains an input is refused, and so are NaN/Inf inputs and merged values the output dtype cannot
 hold.
 """
@@ -91,6 +93,8 @@ def run(args) -> int:
     if res.skipped:
         print(f"note: not copied (links to files outside the model directory): {', '.join(res.skipped)}",
               file=sys.stderr)
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
     lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
     print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
           f"in {res.seconds:.1f} s{lam}")

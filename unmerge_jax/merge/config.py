@@ -1,5 +1,6 @@
 """mergekit's YAML schema, the part we run: ``models`` or ``slices`` / ``base_model`` /
-``merge_method`` / ``parameters`` / ``dtype`` / ``out_dtype`` / ``tokenizer_source: base``.
+``merge_method`` / ``parameters`` / ``dtype`` / ``out_dtype``, and the tokenizer settings
+``tokenizer_source`` / ``tokenizer`` / ``chat_template`` (parsed and checked by ``merge.tokenizer``).
 
 Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a list of numbers
 interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
@@ -7,8 +8,8 @@ outside the layer stack, as mergekit plans them); or a list of ``{filter, value}
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
 Per-model ``parameters`` override the top-level ones. References may be ``MODEL+LORA`` (a PEFT
 adapter applied on the fly, ``merge.refs``), for models and for the base. ``slices`` (layer
-stacking, per-slice methods and parameters) are parsed by ``merge.slices``. ``modules`` and
-tokenizer surgery are refused with a one-line error. Where mergekit's semantics may surprise a
+stacking, per-slice methods and parameters) are parsed by ``merge.slices``. ``modules`` is
+refused with a one-line error. Where mergekit's semantics may surprise a
 user, a config gets them and a note says so (:func:`_mergekit_semantics`, :func:`_linear_base`).
 
 The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
@@ -29,6 +30,7 @@ from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.merge.base import Resolved, short
 from unmerge_jax.merge.params import get_method, resolve
 from unmerge_jax.merge.refs import ModelRef, parse_ref
+from unmerge_jax.merge.tokenizer import TokenizerSpec, parse_spec, spec_to_dict
 
 MAX_CONFIG_BYTES = 1 << 20     # a merge config is a few hundred bytes; a gradient-heavy one a few KB
 MAX_YAML_NODES = 100_000       # nodes of the document with every alias expanded
@@ -49,6 +51,7 @@ class MergeConfig:
     out_dtype: str | None = None
     source: dict = field(default_factory=dict)
     path: Path | None = None     # the YAML file it was read from (an input the output must not touch)
+    tokenizer: TokenizerSpec | None = None   # tokenizer_source / tokenizer / chat_template, if given
     # Parameters the config layer sets to match mergekit (e.g. ``weighted: false`` for ``ram``):
     # applied under the user's, not written back into the config.
     implied: dict = field(default_factory=dict)
@@ -104,6 +107,8 @@ class MergeConfig:
         for k in ("dtype", "out_dtype"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
+        if self.tokenizer is not None:
+            d.update(spec_to_dict(self.tokenizer))
         if self.slices is not None:
             del d["models"]
             d["slices"] = [sl.to_dict() for sl in self.slices]
@@ -218,16 +223,12 @@ def load_config(config) -> MergeConfig:
     unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)
     if unknown:
         raise UnmergeError(f"{where}: unknown key {short(unknown[0])}; supported: base_model, dtype, merge_method, "
-                           f"models, out_dtype, parameters, slices, tokenizer_source")
-    for key in ("modules", "tokenizer"):
+                           f"models, out_dtype, parameters, slices, tokenizer_source, tokenizer, chat_template")
+    for key in ("modules",):
         if raw.get(key):
             raise UnmergeError(f"{where}: '{key}' is not supported by this engine (whole-model merges only); "
                                f"use 'models:'")
-    if raw.get("chat_template"):
-        raise UnmergeError(f"{where}: 'chat_template' is not supported; the base model's tokenizer files are copied")
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise UnmergeError(f"{where}: tokenizer_source {short(raw['tokenizer_source'])} is not supported; "
-                           f"only 'base' (the base model's tokenizer is copied)")
+    tokenizer = parse_spec(raw, lambda ref, what: _model_path(ref, root, what), where)
     if "merge_method" not in raw:
         raise UnmergeError(f"{where}: missing merge_method")
     method = raw["merge_method"]
@@ -246,6 +247,10 @@ def load_config(config) -> MergeConfig:
     if raw.get("slices") is not None:
         if raw.get("models"):
             raise UnmergeError(f"{where}: give either 'models:' or 'slices:', not both (as mergekit)")
+        if tokenizer is not None:
+            raise UnmergeError(f"{where}: tokenizer_source, tokenizer and chat_template are not supported with "
+                               f"'slices:' yet; drop them (the base's, or the first source's, tokenizer files are "
+                               f"copied)")
         return _slices_config(raw, method, spec, base_ref, resolve_path, where, path)
     entries = raw.get("models")
     if entries is not None and not isinstance(entries, list):
@@ -280,8 +285,9 @@ def load_config(config) -> MergeConfig:
         base_input, models, note = _linear_base(models, base_ref, params)
         notes += [note] if note else []
     cfg = MergeConfig(method, [(r.model, prm) for r, prm in models], base, dict(params), raw.get("dtype"),
-                      raw.get("out_dtype"), raw, path, implied, notes, base_input, [r.lora for r, _ in models],
-                      base_ref.lora if base_ref is not None else None)
+                      raw.get("out_dtype"), raw, path, tokenizer=tokenizer, implied=implied, notes=notes,
+                      base_input=base_input, loras=[r.lora for r, _ in models],
+                      base_lora=base_ref.lora if base_ref is not None else None)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
@@ -300,8 +306,8 @@ def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: 
     implied, notes = _mergekit_semantics(method, [(None, s.params) for sl in slices for s in sl.sources], base_ref,
                                          params)
     cfg = MergeConfig(method, [], base_ref.model if base_ref is not None else None, dict(params), raw.get("dtype"),
-                      raw.get("out_dtype"), raw, path, implied, notes, None, [],
-                      base_ref.lora if base_ref is not None else None, slices)
+                      raw.get("out_dtype"), raw, path, implied=implied, notes=notes,
+                      base_lora=base_ref.lora if base_ref is not None else None, slices=slices)
     for i, sl in enumerate(slices):   # resolve once eagerly (t = 0, no tensor name)
         resolve_slice(cfg, sl, "", 0.0, f"{where}: slices[{i}]")
     return cfg

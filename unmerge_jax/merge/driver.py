@@ -25,7 +25,6 @@ the inputs read again to name the culprit.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, r
 from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
 from unmerge_jax.merge.refs import LoraApplied, weights_source
 from unmerge_jax.merge.tensor import merge_resolved
+from unmerge_jax.merge import tokenizer as tokenization
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
                                  nonfinite_error, open_source, task_vector)
@@ -66,13 +66,12 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
-    notes: tuple = ()             # the one-line notes printed at run time (where mergekit's semantics may surprise)
+    notes: tuple = ()             # the one-line notes printed at run time (where mergekit's semantics or the tokenizer handling may surprise)
 
 
 def _note(notes: list, text: str) -> None:
-    """Print one run-time note to stderr and keep it for the :class:`MergeResult`."""
+    """Keep one note for the :class:`MergeResult` (the CLI prints them, ``note: …`` on stderr)."""
     notes.append(text)
-    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 class _Buffers:
@@ -101,21 +100,26 @@ class _Buffers:
         return buf
 
 
-def _open_inputs(cfg: MergeConfig):
+def _open_inputs(cfg: MergeConfig, vocab=None):
     """``(base, models)``: the base source (None without ``base_model``; ``base+lora``: the adapter
     applied on the fly) and one source per input — a :class:`TaskVector` over the base, or (no
     base, or ``linear`` averaging the base in) the full weights themselves — checked from headers.
-    A ``model+lora`` input is the model's weights with the adapter applied (:mod:`unmerge_jax.merge.refs`)."""
+    A ``model+lora`` input is the model's weights with the adapter applied (:mod:`unmerge_jax.merge.refs`).
+    With ``vocab`` (an :class:`~unmerge_jax.merge.tokenizer.AlignedVocabulary`) every full-weight
+    source has its vocabulary tensors aligned to the output tokenizer."""
+    def aligned(src):
+        if vocab is None or src.kind != WEIGHTS:
+            return src
+        return vocab.wrap(src, vocab.index_of(src.path))
+
     refs = cfg.refs
     if cfg.base_model is not None:
-        base = weights_source(cfg.base_ref)
+        base = aligned(weights_source(cfg.base_ref))
         if cfg.base_input is None or any(r.lora is None and is_adapter_dir(r.model) for r in refs):
             # (linear with an adapter and a weighted base: the base is an input whose task vector is 0)
-            return base, [task_vector(base, _input(r, cfg)) for r in refs]
+            return base, [task_vector(base, aligned(_input(r, cfg, base))) for r in refs]
         # linear with the base averaged in: every input, the base too, is merged as full weights.
-        models = [weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS) for r in refs]
-    else:
-        models = [weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS) for r in refs]
+    models = [aligned(weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS)) for r in refs]
     for r, m in zip(refs, models):
         if m.kind != WEIGHTS:
             raise UnmergeError(f"{r.model} is a LoRA adapter; merging it needs base_model")
@@ -124,14 +128,15 @@ def _open_inputs(cfg: MergeConfig):
     return None, models
 
 
-def _input(ref, cfg: MergeConfig):
-    """What a task vector over the base is formed from: a directory, or (``model+lora``; an adapter
-    directory over a ``base+lora``, whose update is relative to the plain base) full weights."""
+def _input(ref, cfg: MergeConfig, base):
+    """The source a task vector over ``base`` is formed from: the model (or adapter) directory, or
+    full weights (``model+lora``; an adapter directory over a ``base+lora``, whose update is
+    relative to the plain base)."""
     if ref.lora is not None:
         return weights_source(ref)
     if cfg.base_lora is not None and is_adapter_dir(ref.model):
         return LoraApplied(cfg.base_model, ref.model)
-    return ref.model
+    return open_source(ref.model, base=base)
 
 
 def _untouched(base, models, name: str) -> bool:
@@ -312,9 +317,10 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         return merge_slices(cfg, out, seed=seed, force=force, dtype=dtype, shard_bytes=shard_bytes, compute=compute,
                             chunk=chunk, notes=notes, t0=t0)
     out = Path(out)
-    inputs = cfg.input_paths
+    inputs = [*cfg.input_paths, *tokenization.extra_inputs(cfg.tokenizer)]
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
-    base, models = _open_inputs(cfg)
+    toks = tokenization.prepare(cfg.tokenizer, cfg.base_model, [p for p, _ in cfg.models])
+    base, models = _open_inputs(cfg, toks if isinstance(toks, tokenization.AlignedVocabulary) else None)
     ref = base if base is not None else models[0]
     names = list(ref.names)
     shapes = {n: tuple(ref.shape(n)) for n in names}
@@ -388,11 +394,13 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
         write_config(src, tmp, tag)
         side = copy_side_files(src, tmp)
+        if toks is not None:   # a built tokenizer (or the base's with a chat template) replaces the copied files
+            toks.write(tmp)
         lam = None if lambdas is None else [float(x) for x in lambdas]
         resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
-                       tuple(notes))
+                       tuple(notes) + (tuple(toks.notes) if toks is not None else ()))
 
 
 def _merge_bf16(name, res, b, ts, deltas, base, models, limit) -> np.ndarray:
