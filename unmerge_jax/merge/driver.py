@@ -115,10 +115,13 @@ def _open_inputs(cfg: MergeConfig, vocab=None):
     refs = cfg.refs
     if cfg.base_model is not None:
         base = aligned(weights_source(cfg.base_ref))
-        if cfg.base_input is None or any(r.lora is None and is_adapter_dir(r.model) for r in refs):
-            # (linear with an adapter and a weighted base: the base is an input whose task vector is 0)
+        # linear with the base averaged in (base_input): normalised, Σ w_k θ_k / Σ w_k = θ_b + Σ w_k δ_k / Σ w_k
+        # with the base an input whose task vector is 0 (so a row every input shares stays exact);
+        # not normalised, mergekit's Σ w_k θ_k needs every input, the base too, as full weights.
+        full = (cfg.base_input is not None and not resolve_for_tensor(cfg, "", 0.0).shared["normalize"]
+                and not any(r.lora is None and is_adapter_dir(r.model) for r in refs))
+        if not full:
             return base, [task_vector(base, aligned(_input(r, cfg, base))) for r in refs]
-        # linear with the base averaged in: every input, the base too, is merged as full weights.
     models = [aligned(weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS)) for r in refs]
     for r, m in zip(refs, models):
         if m.kind != WEIGHTS:
