@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "stats",
     "sweep",
     "merge",
+    "convert",
     "sparsity",
     "simulate",
     "study",

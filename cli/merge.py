@@ -25,11 +25,20 @@ time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's Y
   dtype: bfloat16
   tokenizer_source: union       # optional: base | union | DIR; or a tokenizer: block; chat_template: chatml
 
+A model may also be MODEL+LORA (the adapter applied on the fly), for models and base_model. Layer
+stacking: slices: [{{sources: [{{model: ./a, layer_range: [0, 16]}}]}}, ...] with merge_method:
+passthrough (or any method per slice, the base among each slice's sources). .bin checkpoints:
+convert them first with `unmerge convert DIR --out NEW_DIR`.
+
 Methods (parameters, defaults):
 {methods}
 
 RAM faces (merge_method: ram, parameters: {{face: ...}}; default {default_face}):
 {faces}
+
+mergekit's semantics are kept where they surprise, with a note printed: ram/ramplus_tl ignore a
+per-model weight (parameters: {{weighted: true}} applies it); linear with a base_model averages the
+base in with its weight; dtype: bfloat16 is merged in float32 unless --compute-dtype bfloat16.
 
 DARE's masks are keyed by (--seed, tensor name). Output: sharded safetensors + index, config.json
 (dtype updated), tokenizer and generation files (not those linked from outside the model), the
@@ -63,6 +72,10 @@ def register(sub) -> None:
                    help="seed for DARE's random masks, 0 to 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="output dtype (default: the config's out_dtype/dtype, else the base's)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="arithmetic dtype (default float32: inputs of any dtype merged in float32 and rounded once "
+                        "on output); bfloat16 reproduces mergekit's dtype: bfloat16 merge bit for bit (linear, "
+                        "task_arithmetic, ties, passthrough)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--shard-size", type=float, default=5.0, help="maximum output shard size in GB (default 5)")
     p.add_argument("--overlap", action="store_true",
@@ -77,7 +90,7 @@ def run(args) -> int:
     if not (math.isfinite(shard_bytes) and shard_bytes > 0):
         raise UnmergeError(f"--shard-size must be a positive number of GB, got {args.shard_size}")
     res = merge(args.config, args.out, seed=args.seed, force=args.force, dtype=args.dtype,
-                shard_bytes=max(1, int(shard_bytes)), overlap=args.overlap)
+                shard_bytes=max(1, int(shard_bytes)), overlap=args.overlap, compute_dtype=args.compute_dtype)
     if res.skipped:
         print(f"note: not copied (links to files outside the model directory): {', '.join(res.skipped)}",
               file=sys.stderr)

@@ -507,6 +507,9 @@ PARAM_CASES = {
     "empty models": (dict(models=()), [], ["no models to merge"]),
     "models not a list": (dict(models=(), _models="ft0"), [], ["models must be a list"]),
     "long method name": (dict(method="x" * 100_000), [], ["unknown merge method", "..."]),
+    "missing lora": (dict(models=("ft0+no_such_lora",)), [], ["lora", "does not exist"]),
+    "model+lora+lora": (dict(models=("ft0+lora+lora",)), [], ["cannot parse model reference"]),
+    "compute bf16 for ram": (dict(method="ram"), ["--compute-dtype", "bfloat16"], ["reproduces mergekit for"]),
 }
 
 

@@ -257,7 +257,8 @@ def test_filters_and_gradients(tiny, tmp_path):
     (lambda c, t: c["models"].append({"model": t["other"]}), "a different architecture"),
     (lambda c, t: c.pop("base_model"), "needs a base_model"),
     (lambda c, t: c.update(base_model=str(t["root"] / "nope")), "does not exist"),
-    (lambda c, t: c.update(slices=[{}]), "not supported"),
+    (lambda c, t: c.update(modules={"text": {}}), "not supported"),
+    (lambda c, t: c.update(slices=[{}]), "either 'models:' or 'slices:'"),
 ])
 def test_bad_input_one_line_nothing_written(tiny, tmp_path, mutate, match):
     cfg = _config(tiny, "ties", [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}],

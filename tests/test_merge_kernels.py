@@ -154,6 +154,8 @@ def test_single_model(method):
         close(got, base + d[0])
     elif method == "task_arithmetic":
         close(got, base + 0.7 * d[0])
+    elif method == "passthrough":                # the one input, unscaled (weight has no effect)
+        close(got, base + d[0])
     elif method.startswith("ram"):               # every changed entry is unique, λ = 1 (mergekit face)
         dd = 0.7 * d[0].astype(np.float64)
         close(got, base + np.where(np.abs(dd) > 1e-5, dd, 0))

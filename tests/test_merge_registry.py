@@ -159,6 +159,11 @@ def ref_ramplus_tl(base, d, w, p, masks):
     return np_ram(base, d, face="tensor_local", w=w, r=p.get("r", 0.1), alpha=p.get("alpha", 0.2))
 
 
+def ref_passthrough(base, d, w, p, masks):
+    """mergekit ``passthrough``: scale · θ of the (first) input."""
+    return p.get("scale", 1.0) * (base.astype(np.float64) + d[0])
+
+
 _DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
                {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
 
@@ -174,6 +179,7 @@ REFERENCES = {
         {"face": "overlap_changed", "r": 1.2}, {"face": "overlap_unique", "r": 1.2},
         {"face": "percentile", "q": 75.0, "lambda": 2.0}, {"face": "tensor_local", "r": 0.3, "alpha": 0.5}]),
     "ramplus_tl": (ref_ramplus_tl, [{}, {"r": 0.3, "alpha": 0.5}]),
+    "passthrough": (ref_passthrough, [{}, {"scale": 0.5}]),
 }
 
 

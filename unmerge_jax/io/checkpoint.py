@@ -140,8 +140,8 @@ class Checkpoint:
             raise UnmergeError(f"{path} is a PEFT LoRA adapter, not a model; pass it as a dictionary/target entry "
                                f"together with --base")
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-            raise UnmergeError(f"{path} holds only PyTorch .bin weights; convert it to safetensors (e.g. "
-                               f"model.save_pretrained(dir, safe_serialization=True))")
+            raise UnmergeError(f"{path} holds only PyTorch .bin weights (pickles, not read by default); convert it "
+                               f"to safetensors with `unmerge convert {path} --out NEW_DIR`")
         raise UnmergeError(f"{path} holds no {SINGLE_NAME} or {INDEX_NAME}; pass a Hugging Face model directory")
 
     def _fd(self, fname: str) -> int:

@@ -113,7 +113,7 @@ class Adapter:
                                f"merge it with merge_and_unload() and pass the merged model directory")
         wfile = self.path / WEIGHTS_NAME
         if not wfile.is_file():
-            extra = " (only adapter_model.bin: re-save with safe_serialization=True)" if (
+            extra = f" (only adapter_model.bin: convert it with `unmerge convert {self.path} --out NEW_DIR`)" if (
                 self.path / "adapter_model.bin").exists() else ""
             raise UnmergeError(f"{self.path} has no {WEIGHTS_NAME}{extra}")
         self.file = wfile

@@ -1,13 +1,16 @@
-"""mergekit's YAML schema, the part we run: ``models`` / ``base_model`` / ``merge_method`` /
-``parameters`` / ``dtype`` / ``out_dtype``, and the tokenizer settings ``tokenizer_source`` /
-``tokenizer`` / ``chat_template`` (parsed and checked by ``merge.tokenizer``).
+"""mergekit's YAML schema, the part we run: ``models`` or ``slices`` / ``base_model`` /
+``merge_method`` / ``parameters`` / ``dtype`` / ``out_dtype``, and the tokenizer settings
+``tokenizer_source`` / ``tokenizer`` / ``chat_template`` (parsed and checked by ``merge.tokenizer``).
 
 Parameter values follow mergekit's ``evaluate_setting``: a scalar; a gradient (a list of numbers
 interpolated over the layer fraction ``t = layer / (n_layers − 1)``, ``t = 0`` for tensors
 outside the layer stack, as mergekit plans them); or a list of ``{filter, value}`` entries
 where the first whose ``filter`` is a substring of the tensor name (or is absent / ``*``) wins.
-Per-model ``parameters`` override the top-level ones. ``slices``, ``modules`` and ``model+lora``
-references are refused with a one-line error.
+Per-model ``parameters`` override the top-level ones. References may be ``MODEL+LORA`` (a PEFT
+adapter applied on the fly, ``merge.refs``), for models and for the base. ``slices`` (layer
+stacking, per-slice methods and parameters) are parsed by ``merge.slices``. ``modules`` is
+refused with a one-line error. Where mergekit's semantics may surprise a
+user, a config gets them and a note says so (:func:`_mergekit_semantics`, :func:`_linear_base`).
 
 The YAML is read defensively: at most :data:`MAX_CONFIG_BYTES`, safe tags only, and at most
 :data:`MAX_YAML_NODES` nodes once its aliases are expanded (a few hundred bytes of nested aliases
@@ -26,6 +29,7 @@ from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.merge.base import Resolved, short
 from unmerge_jax.merge.params import get_method, resolve
+from unmerge_jax.merge.refs import ModelRef, parse_ref
 from unmerge_jax.merge.tokenizer import TokenizerSpec, parse_spec, spec_to_dict
 
 MAX_CONFIG_BYTES = 1 << 20     # a merge config is a few hundred bytes; a gradient-heavy one a few KB
@@ -48,13 +52,56 @@ class MergeConfig:
     source: dict = field(default_factory=dict)
     path: Path | None = None     # the YAML file it was read from (an input the output must not touch)
     tokenizer: TokenizerSpec | None = None   # tokenizer_source / tokenizer / chat_template, if given
+    # Parameters the config layer sets to match mergekit (e.g. ``weighted: false`` for ``ram``):
+    # applied under the user's, not written back into the config.
+    implied: dict = field(default_factory=dict)
+    # One line each, printed at run time: where mergekit's semantics may surprise a user.
+    notes: list = field(default_factory=list)
+    # ``linear`` with a base_model that has a weight: the base is averaged in as a full-weight input
+    # (it is then the last of ``models``), as mergekit does; "listed" (with its own parameters) or
+    # "appended" (the top-level weight applies); None otherwise.
+    base_input: str | None = None
+    # ``model+lora`` references: the LoRA adapter applied to ``models[i]`` (None: none), and to the base.
+    loras: list = field(default_factory=list)
+    base_lora: Path | None = None
+    # ``slices:`` (layer stacking, ``merge.slices``): a list of :class:`~unmerge_jax.merge.slices.SliceSpec`;
+    # ``models`` is then empty.
+    slices: list | None = None
+
+    def __post_init__(self):
+        if len(self.loras) != len(self.models):
+            self.loras = [None] * len(self.models)
+
+    @property
+    def refs(self) -> list:
+        """``models`` as :class:`~unmerge_jax.merge.refs.ModelRef` (model, lora)."""
+        return [ModelRef(p, lora) for (p, _), lora in zip(self.models, self.loras)]
+
+    @property
+    def base_ref(self):
+        return None if self.base_model is None else ModelRef(self.base_model, self.base_lora)
+
+    @property
+    def input_paths(self) -> list:
+        """Every path the merge reads (the output must not touch them)."""
+        out = [self.path, self.base_model, self.base_lora]
+        for (p, _), lora in zip(self.models, self.loras):
+            out += [p, lora]
+        for sl in self.slices or ():
+            for src in sl.sources:
+                out += [src.ref.model, src.ref.lora]
+            if sl.base is not None:
+                out += [sl.base.model, sl.base.lora]
+        return [x for x in out if x is not None]
 
     def to_dict(self) -> dict:
         """The config as mergekit YAML (paths absolute), written beside the merged model."""
+        models = self.models[:-1] if self.base_input == "appended" else self.models
         d = {"merge_method": self.merge_method,
-             "models": [{"model": str(p), **({"parameters": prm} if prm else {})} for p, prm in self.models]}
+             "models": [{"model": str(ref), **({"parameters": prm} if prm else {})}
+                        for ref, (_, prm) in zip(self.refs, models)]}
         if self.base_model is not None:
-            d["base_model"] = str(self.base_model)
+            d["base_model"] = str(self.base_ref)
         if self.parameters:
             d["parameters"] = self.parameters
         for k in ("dtype", "out_dtype"):
@@ -62,6 +109,9 @@ class MergeConfig:
                 d[k] = getattr(self, k)
         if self.tokenizer is not None:
             d.update(spec_to_dict(self.tokenizer))
+        if self.slices is not None:
+            del d["models"]
+            d["slices"] = [sl.to_dict() for sl in self.slices]
         return d
 
 
@@ -72,9 +122,6 @@ def _model_path(ref, root: Path, what: str) -> Path:
         raise UnmergeError(f"{what}: expected a model directory path, got {short(ref)}")
     s = str(ref)
     try:
-        if "+" in s and not Path(s).exists():
-            raise UnmergeError(f"{what}: 'model+lora' references are not supported; list the LoRA adapter "
-                               f"directory itself as a model (adapters merge in ΔW space)")
         p = Path(s).expanduser()
         if not p.is_absolute() and not p.exists() and (root / p).exists():
             p = root / p
@@ -176,8 +223,8 @@ def load_config(config) -> MergeConfig:
     unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)
     if unknown:
         raise UnmergeError(f"{where}: unknown key {short(unknown[0])}; supported: base_model, dtype, merge_method, "
-                           f"models, out_dtype, parameters, tokenizer_source, tokenizer, chat_template")
-    for key in ("slices", "modules"):
+                           f"models, out_dtype, parameters, slices, tokenizer_source, tokenizer, chat_template")
+    for key in ("modules",):
         if raw.get(key):
             raise UnmergeError(f"{where}: '{key}' is not supported by this engine (whole-model merges only); "
                                f"use 'models:'")
@@ -190,9 +237,21 @@ def load_config(config) -> MergeConfig:
         if raw.get(key) is not None and (not isinstance(raw[key], str) or len(raw[key]) > 40):
             raise UnmergeError(f"{where}: {key} must be a dtype name (float32, float16, bfloat16), got "
                                f"{short(raw[key])}")
-    base = _model_path(raw["base_model"], root, f"{where}: base_model") if raw.get("base_model") else None
+    def resolve_path(value, what):
+        return _model_path(value, root, what)
+
+    base_ref = parse_ref(raw["base_model"], resolve_path, f"{where}: base_model") if raw.get("base_model") else None
+    base = base_ref.model if base_ref is not None else None
     if base is None and spec.needs_base:
         raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
+    if raw.get("slices") is not None:
+        if raw.get("models"):
+            raise UnmergeError(f"{where}: give either 'models:' or 'slices:', not both (as mergekit)")
+        if tokenizer is not None:
+            raise UnmergeError(f"{where}: tokenizer_source, tokenizer and chat_template are not supported with "
+                               f"'slices:' yet; drop them (the base's, or the first source's, tokenizer files are "
+                               f"copied)")
+        return _slices_config(raw, method, spec, base_ref, resolve_path, where, path)
     entries = raw.get("models")
     if entries is not None and not isinstance(entries, list):
         raise UnmergeError(f"{where}: models must be a list of entries like {{model: DIR, parameters: {{...}}}}, got "
@@ -209,19 +268,95 @@ def load_config(config) -> MergeConfig:
         if unknown_p:
             raise UnmergeError(f"{what}: unknown per-model parameter {short(unknown_p[0])} for {method!r}; "
                                f"per-model parameters: {', '.join(sorted(spec.per_model))}")
-        models.append((_model_path(entry, root, what), dict(params)))
+        models.append((parse_ref(entry, resolve_path, what), dict(params)))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
-    models = [(p, prm) for p, prm in models if base is None or p != base or not spec.needs_base]
+    models = [(r, prm) for r, prm in models if base is None or r != base_ref or not spec.needs_base]
     if not models:
         raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
+    if method == "passthrough" and len(models) != 1:
+        raise UnmergeError(f"{where}: passthrough takes exactly one model, got {len(models)} (as mergekit); stack "
+                           f"layers with 'slices:'")
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise UnmergeError(f"{where}: parameters must be a mapping")
-    cfg = MergeConfig(method, models, base, dict(params), raw.get("dtype"), raw.get("out_dtype"), raw, path,
-                      tokenizer)
+    implied, notes = _mergekit_semantics(method, models, base, params)
+    base_input = None
+    if method == "linear" and base is not None:
+        base_input, models, note = _linear_base(models, base_ref, params)
+        notes += [note] if note else []
+    cfg = MergeConfig(method, [(r.model, prm) for r, prm in models], base, dict(params), raw.get("dtype"),
+                      raw.get("out_dtype"), raw, path, tokenizer=tokenizer, implied=implied, notes=notes,
+                      base_input=base_input, loras=[r.lora for r, _ in models],
+                      base_lora=base_ref.lora if base_ref is not None else None)
     # Resolve once eagerly (t = 0, no tensor name) so a bad value fails before anything is read.
     resolve_for_tensor(cfg, "", 0.0)
     return cfg
+
+
+def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: str, path) -> MergeConfig:
+    """A ``slices:`` config: each slice's sources (``model``, ``layer_range``, ``parameters``), its
+    own ``base_model`` and ``parameters``, checked as far as the YAML allows (layer counts are
+    checked against the models in ``merge.slices``)."""
+    from unmerge_jax.merge.slices import parse_slices
+
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise UnmergeError(f"{where}: parameters must be a mapping")
+    slices = parse_slices(raw["slices"], spec, base_ref, resolve_path, where)
+    implied, notes = _mergekit_semantics(method, [(None, s.params) for sl in slices for s in sl.sources], base_ref,
+                                         params)
+    cfg = MergeConfig(method, [], base_ref.model if base_ref is not None else None, dict(params), raw.get("dtype"),
+                      raw.get("out_dtype"), raw, path, implied=implied, notes=notes,
+                      base_lora=base_ref.lora if base_ref is not None else None, slices=slices)
+    for i, sl in enumerate(slices):   # resolve once eagerly (t = 0, no tensor name)
+        resolve_slice(cfg, sl, "", 0.0, f"{where}: slices[{i}]")
+    return cfg
+
+
+def resolve_slice(cfg: MergeConfig, sl, name: str, t: float, where: str = "") -> Resolved:
+    """The method's parameters for one tensor of a slice: per source its ``parameters``, then the
+    slice's, then the top-level ones (mergekit's precedence), filters and gradients evaluated."""
+    shared = {**cfg.implied, **_evaluated(cfg.parameters, name, t), **_evaluated(sl.params, name, t)}
+    per_model = [_evaluated(s.params, name, t) for s in sl.merged_sources]
+    return resolve(cfg.merge_method, len(per_model), shared, per_model, where=name or where or "merge config")
+
+
+def _mergekit_semantics(method: str, models, base, params: dict) -> tuple[dict, list]:
+    """Parameters implied so that a mergekit YAML gives mergekit's model, and the notes to print.
+
+    ``ram`` / ``ramplus_tl`` (mergekit's faces): mergekit's methods take no per-model weight and
+    ignore one given; so does this config, unless it sets ``weighted: true``.
+    """
+    from unmerge_jax.merge.methods.ram import MERGEKIT_FACES, canonical_face
+
+    implied, notes = {}, []
+    if method in MERGEKIT_FACES and "weighted" not in params:
+        face = params.get("face", get_method(method).shared["face"])
+        if isinstance(face, str) and canonical_face(face) == MERGEKIT_FACES[method]:
+            implied["weighted"] = False
+            if "weight" in params or any("weight" in prm for _, prm in models):
+                notes.append(f"{method} ignores per-model weight, as in mergekit (set parameters: {{weighted: true}} "
+                             f"to apply it)")
+    return implied, notes
+
+
+def _linear_base(models, base, params: dict):
+    """mergekit's ``linear`` with a ``base_model``: the base is one more input, averaged in with the
+    weight it is listed with or the top-level ``weight``. Returns ``(base_input, models, note)``
+    (``base_input``: see :class:`MergeConfig`):
+    the base is moved to the end of ``models`` (listed or appended with no per-model parameters,
+    so the top-level weight applies); without any weight for it (mergekit refuses that config)
+    the listed models are merged alone, with a note."""
+    listed = [(p, prm) for p, prm in models if p == base]
+    others = [(p, prm) for p, prm in models if p != base]
+    if listed:
+        if not others:
+            raise UnmergeError("merge config: linear lists only the base model; list the models to merge")
+        return "listed", others + listed[:1], None
+    if "weight" in params:
+        return "appended", others + [(base, {})], None
+    return None, models, ("linear: the base_model has no weight, so it is not averaged in (mergekit refuses this "
+                           "config; give the base a weight to average it in, as mergekit does)")
 
 
 def layer_fraction(name: str, n_layers: int | None) -> float:
@@ -268,7 +403,8 @@ def _evaluated(params: dict, name: str, t: float) -> dict:
 
 
 def resolve_for_tensor(cfg: MergeConfig, name: str, t: float) -> Resolved:
-    """The method's parameters for one tensor (filters and gradients evaluated), checked."""
-    shared = _evaluated(cfg.parameters, name, t)
+    """The method's parameters for one tensor (filters and gradients evaluated), checked (a
+    ``models:`` config; a slice's: :func:`resolve_slice`)."""
+    shared = {**cfg.implied, **_evaluated(cfg.parameters, name, t)}
     per_model = [_evaluated(p, name, t) for _, p in cfg.models]
     return resolve(cfg.merge_method, len(cfg.models), shared, per_model, where=name or "merge config")

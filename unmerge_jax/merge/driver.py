@@ -37,12 +37,15 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.io.atomic import atomic_dir, check_output
 from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
+from unmerge_jax.io.lora import is_adapter_dir
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.base import short
 from unmerge_jax.merge.card import CARD_NAME, model_card
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
+from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
+from unmerge_jax.merge.refs import LoraApplied, weights_source
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.merge import tokenizer as tokenization
 from unmerge_jax.progress import progress
@@ -64,7 +67,12 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
-    notes: tuple = ()             # one-line notes for the user (tokenizer handling where mergekit may surprise)
+    notes: tuple = ()             # the one-line notes printed at run time (where mergekit's semantics or the tokenizer handling may surprise)
+
+
+def _note(notes: list, text: str) -> None:
+    """Keep one note for the :class:`MergeResult` (the CLI prints them, ``note: …`` on stderr)."""
+    notes.append(text)
 
 
 class _Buffers:
@@ -94,26 +102,45 @@ class _Buffers:
 
 
 def _open_inputs(cfg: MergeConfig, vocab=None):
-    """``(base, models)``: the base :class:`CheckpointSource` (None without ``base_model``) and one
-    source per input — a :class:`TaskVector` over the base, or (no base: ``linear`` of full
-    weights) the model itself — checked from headers. With ``vocab`` (an
-    :class:`~unmerge_jax.merge.tokenizer.AlignedVocabulary`) every full-weight source has its
-    vocabulary tensors aligned to the output tokenizer."""
+    """``(base, models)``: the base source (None without ``base_model``; ``base+lora``: the adapter
+    applied on the fly) and one source per input — a :class:`TaskVector` over the base, or (no
+    base, or ``linear`` averaging the base in) the full weights themselves — checked from headers.
+    A ``model+lora`` input is the model's weights with the adapter applied (:mod:`unmerge_jax.merge.refs`).
+    With ``vocab`` (an :class:`~unmerge_jax.merge.tokenizer.AlignedVocabulary`) every full-weight
+    source has its vocabulary tensors aligned to the output tokenizer."""
     def aligned(src):
         if vocab is None or src.kind != WEIGHTS:
             return src
         return vocab.wrap(src, vocab.index_of(src.path))
 
+    refs = cfg.refs
     if cfg.base_model is not None:
-        base = aligned(CheckpointSource(cfg.base_model))
-        return base, [task_vector(base, aligned(open_source(path, base=base))) for path, _ in cfg.models]
-    models = [aligned(open_source(path, kind=WEIGHTS)) for path, _ in cfg.models]
-    for (path, _), m in zip(cfg.models, models):
+        base = aligned(weights_source(cfg.base_ref))
+        # linear with the base averaged in (base_input): normalised, Σ w_k θ_k / Σ w_k = θ_b + Σ w_k δ_k / Σ w_k
+        # with the base an input whose task vector is 0 (so a row every input shares stays exact);
+        # not normalised, mergekit's Σ w_k θ_k needs every input, the base too, as full weights.
+        full = (cfg.base_input is not None and not resolve_for_tensor(cfg, "", 0.0).shared["normalize"]
+                and not any(r.lora is None and is_adapter_dir(r.model) for r in refs))
+        if not full:
+            return base, [task_vector(base, aligned(_input(r, cfg, base))) for r in refs]
+    models = [aligned(weights_source(r) if r.lora is not None else open_source(r.model, kind=WEIGHTS)) for r in refs]
+    for r, m in zip(refs, models):
         if m.kind != WEIGHTS:
-            raise UnmergeError(f"{path} is a LoRA adapter; merging it needs base_model")
+            raise UnmergeError(f"{r.model} is a LoRA adapter; merging it needs base_model")
     for m in models[1:]:
         check_same_architecture(models[0], m)
     return None, models
+
+
+def _input(ref, cfg: MergeConfig, base):
+    """The source a task vector over ``base`` is formed from: the model (or adapter) directory, or
+    full weights (``model+lora``; an adapter directory over a ``base+lora``, whose update is
+    relative to the plain base)."""
+    if ref.lora is not None:
+        return weights_source(ref)
+    if cfg.base_lora is not None and is_adapter_dir(ref.model):
+        return LoraApplied(cfg.base_model, ref.model)
+    return open_source(ref.model, base=base)
 
 
 def _untouched(base, models, name: str) -> bool:
@@ -250,7 +277,8 @@ def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> Unmerg
 
 
 def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None = None,
-          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK) -> MergeResult:
+          shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK,
+          compute_dtype: str | None = None) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out`` (a new directory).
 
     Args:
@@ -266,9 +294,12 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
       overlap: read the next tensor and write the previous one in threads while the kernel runs
         (faster, at the price of one more set of (1 + K) tensors in memory).
       chunk: elements per kernel call (results do not depend on it).
+      compute_dtype: ``float32`` (default: inputs of any dtype merged in float32, rounded once on
+        output) or ``bfloat16`` (mergekit's arithmetic with ``dtype: bfloat16``, bit for bit, for
+        linear, task_arithmetic, ties and passthrough; :mod:`unmerge_jax.merge.mergekit_bf16`).
     Returns:
       a :class:`MergeResult` (``skipped``: side files not copied because they link outside the
-      source model directory).
+      source model directory; ``notes``: the notes printed to stderr).
     Raises:
       UnmergeError: bad input of any kind (one line; nothing is written).
     """
@@ -277,8 +308,20 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     shard_bytes = _positive_int("shard_bytes (the output shard size)", shard_bytes)
     chunk = _positive_int("chunk", chunk)
     cfg = load_config(config)
+    compute = check_compute_dtype(compute_dtype, cfg.merge_method)
+    notes: list = []
+    for text in cfg.notes:
+        _note(notes, text)
+    if cfg.dtype in ("bfloat16", "float16") and compute == "float32":
+        _note(notes, f"dtype: {cfg.dtype}: merging in float32 and rounding once on output (mergekit computes in "
+                     f"{cfg.dtype}; --compute-dtype bfloat16 reproduces its bfloat16 merge bit for bit)")
+    if cfg.slices is not None:
+        from unmerge_jax.merge.slices import merge_slices
+
+        return merge_slices(cfg, out, seed=seed, force=force, dtype=dtype, shard_bytes=shard_bytes, compute=compute,
+                            chunk=chunk, notes=notes, t0=t0)
     out = Path(out)
-    inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models], *tokenization.extra_inputs(cfg.tokenizer)]
+    inputs = [*cfg.input_paths, *tokenization.extra_inputs(cfg.tokenizer)]
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
     toks = tokenization.prepare(cfg.tokenizer, cfg.base_model, [p for p, _ in cfg.models])
     base, models = _open_inputs(cfg, toks if isinstance(toks, tokenization.AlignedVocabulary) else None)
@@ -321,6 +364,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                     return name, out, False, None
                 slot = free_slots.get()
                 b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
+                if compute == "bfloat16":
+                    return name, _merge_bf16(name, res_by_name[name], b, ts, deltas, base, models, limit), True, slot
                 # Every method runs chunk by chunk (a statistics pass first where it needs one) and
                 # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
                 out = b if b.flags.writeable else b.copy()
@@ -361,7 +406,21 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
         (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
-                       tuple(toks.notes) if toks is not None else ())
+                       tuple(notes) + (tuple(toks.notes) if toks is not None else ()))
+
+
+def _merge_bf16(name, res, b, ts, deltas, base, models, limit) -> np.ndarray:
+    """One tensor in mergekit's bfloat16 arithmetic, its inputs and output checked on the host."""
+    for src, arr in ((base, b), *zip(models, ts)):
+        if src is not None and first_nonfinite(arr) is not None:
+            raise nonfinite_error(name, getattr(src, "source", src).where(name), arr)
+    merged = merge_tensor_bf16(res, b, ts, deltas=deltas, full=base is None)
+    bad = ~(np.abs(merged) < limit)
+    if bad.any():
+        at = np.unravel_index(int(np.flatnonzero(bad)[0]), merged.shape)
+        raise UnmergeError(f"the merged value of tensor {name} at index {tuple(int(i) for i in at)} is "
+                           f"{merged[at]:g}, beyond the output dtype (|x| ≥ {limit:.6g}); use smaller weights")
+    return merged
 
 
 def _stream(names, produce, writer, overlap: bool, written):

@@ -38,7 +38,8 @@ def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = No
       where: context for error messages (a tensor name or config path).
     Returns:
       a :class:`Resolved`: every method-wide parameter (defaults filled in, normalised by the
-      method's ``check``), and the (K,) float64 ``weights`` and ``density``.
+      method's ``check``; a per-input parameter other than ``weight``/``density`` is handed to it as
+      a (K,) float64 column under its name), and the (K,) float64 ``weights`` and ``density``.
     """
     spec = get_method(method)
     at = f" ({where})" if where else ""
@@ -56,6 +57,8 @@ def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = No
                               for i, p in enumerate(per_model)], dtype=np.float64)
     weights = cols["weight"]
     density = cols.get("density", np.ones(k))
+    # Other per-input parameters (passthrough's ``scale``) reach the method's check as (K,) columns.
+    out.update({n: c for n, c in cols.items() if n not in ("weight", "density")})
     bad = [(i, d) for i, d in enumerate(density) if not 0.0 < d <= 1.0]
     if bad:
         raise UnmergeError(f"density {bad[0][1]} of model {bad[0][0]} is outside (0, 1]{at}; "

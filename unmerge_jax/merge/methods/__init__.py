@@ -7,7 +7,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 """
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
-from unmerge_jax.merge.methods import gta, ram
+from unmerge_jax.merge.methods import gta, passthrough, ram
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -17,4 +17,5 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "dare_ties": gta.DARE_TIES,
     "ram": ram.RAM,
     "ramplus_tl": ram.RAMPLUS_TL,
+    "passthrough": passthrough.PASSTHROUGH,
 }

@@ -19,6 +19,10 @@ With ``u_k = w_k δ_k`` (weights default to 1), an entry is *active* in model k 
 * ``tensor_local`` (mergekit's ``ramplus_tl``): as ``active_mean``, unique → ``λ_k u_k`` with
   ``λ_k = 1 + r·clip(shared_k / max(unique_k, ε), 0, α)`` from this tensor's counts (r = 0.1, α = 0.2).
 
+``weighted`` (default true) applies the per-model ``weight``; mergekit 0.1.5's ``ram`` and
+``ramplus_tl`` take no weight, so a mergekit YAML for the mergekit faces runs with ``weighted:
+false`` unless it says otherwise (``merge.config``), and the weights it lists are ignored, as in mergekit.
+
 ``changed_k = #{|u_k| > ε}``, ``overlap_k = #{changed in k and in ≥ 1 other model}``. Statistics:
 ``percentile`` and ``tensor_local`` make a per-tensor pass (two order statistics; the counts),
 ``overlap_*`` a whole-model counting pass, ``active_mean`` none. Apply:
@@ -33,7 +37,7 @@ import numpy as np
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.merge.base import MergeMethod, Resolved, as_float, check_name
+from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool, as_float, check_name
 from unmerge_jax.orderstats import percentile_from_order, percentile_ranks, select_ranks
 
 
@@ -120,6 +124,7 @@ def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.nd
     float32 numbers (``r`` defaults by face); ``epsilon`` and ``alpha`` ≥ 0, ``q`` in [0, 100]."""
     out = dict(shared)
     out["face"] = canonical_face(out["face"])
+    out["weighted"] = as_bool("weighted", out.get("weighted", True))
     for n in ("epsilon", "alpha", "lambda", "q"):
         if n in out:
             out[n] = as_float(n, out[n], minimum=0.0 if n in ("epsilon", "alpha") else None)
@@ -135,10 +140,18 @@ def statistics(res: Resolved) -> str:
     return FACES[res.shared["face"]].statistics
 
 
+def model_weights(res: Resolved) -> np.ndarray:
+    """The (K,) float32 weights ``w_k`` of ``u_k = w_k δ_k``: the per-model weights, or ones when
+    ``weighted`` is false (mergekit's ``ram``/``ramplus_tl`` take no weight)."""
+    if not res.shared.get("weighted", True):
+        return np.ones(len(res.weights), np.float32)
+    return np.asarray(res.weights, np.float32)
+
+
 def count(res: Resolved, chunks) -> np.ndarray:
     """(2, K) int64 ``[changed, overlap]`` of this tensor (additive over tensors), over the
     unpadded chunks."""
-    w = np.asarray(res.weights, np.float32)
+    w = model_weights(res)
     eps = np.float32(res.shared["epsilon"])
     changed, overlap = np.zeros(chunks.k, np.int64), np.zeros(chunks.k, np.int64)
     for c in range(len(chunks)):
@@ -161,7 +174,7 @@ def tensor_stats(res: Resolved, chunks, key) -> RAMStats:
     if sh["face"] == "tensor_local":
         changed, overlap = count(res, chunks)
         return RAMStats(tensor_local_lambdas(changed, overlap, sh["epsilon"], sh["r"], sh["alpha"]), thr)
-    w = np.asarray(res.weights, np.float32)
+    w = model_weights(res)
     if n:
         (r_lo, r_hi), frac = percentile_ranks(n, sh.get("q", 90.0))
         t, _, _ = select_ranks(n, np.tile([r_lo, r_hi], (k, 1)), lambda i, idx: chunks.sampled_abs_bits(i, idx, w),
@@ -178,7 +191,7 @@ def apply(res: Resolved, chunks, stats, key) -> None:
     elif not isinstance(stats, RAMStats):
         stats = RAMStats(np.asarray(stats, np.float32), np.zeros(k, np.float32))
     cfg = K.RAMConfig(rule=FACES[res.shared["face"]].rule, deltas=chunks.deltas)
-    w = np.asarray(res.weights, np.float32)
+    w = model_weights(res)
     eps = np.float32(res.shared["epsilon"])
     for c in range(len(chunks)):
         chunks.store(c, K.ram_kernel(*chunks.inputs(c), w, stats.lambdas, eps, stats.thr, chunks.limit, cfg=cfg))
@@ -190,6 +203,9 @@ def _method(name: str, shared: dict) -> MergeMethod:
 
 
 # mergekit 0.1.5: ram (epsilon 1e-5), ramplus_tl (r 0.1, alpha 0.2, epsilon 1e-5); the other
-# parameters select and tune our further faces.
-RAM = _method("ram", {"face": "active_mean", "epsilon": 1e-5, "r": None, "alpha": 0.2, "lambda": 1.5, "q": 90.0})
-RAMPLUS_TL = _method("ramplus_tl", {"face": "tensor_local", "epsilon": 1e-5, "r": 0.1, "alpha": 0.2})
+# parameters select and tune our further faces, and ``weighted`` applies the per-model weights.
+RAM = _method("ram", {"face": "active_mean", "epsilon": 1e-5, "r": None, "alpha": 0.2, "lambda": 1.5, "q": 90.0,
+                      "weighted": True})
+RAMPLUS_TL = _method("ramplus_tl", {"face": "tensor_local", "epsilon": 1e-5, "r": 0.1, "alpha": 0.2, "weighted": True})
+# The faces that are mergekit's own methods (no per-model weight there).
+MERGEKIT_FACES = {"ram": "active_mean", "ramplus_tl": "tensor_local"}

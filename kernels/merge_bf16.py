@@ -1,0 +1,128 @@
+"""mergekit's bfloat16 arithmetic, emulated in float32 with explicit rounding: the kernels of
+``unmerge merge --compute-dtype bfloat16``.
+
+mergekit 0.1.5 casts every input to the config's ``dtype`` and merges in it. PyTorch's CPU
+bfloat16 operations compute each elementwise operation in float32 and round the result to
+bfloat16 (round to nearest, ties to even); a sum over the models accumulates in float32 in model
+order and rounds once. These kernels follow that operation by operation, so the result is the
+same bits. The rounding is done on the integer bit pattern (:func:`round_bf16`): a float32 →
+bfloat16 → float32 convert pair is an identity XLA may drop (excess precision allowed), an
+integer operation is not.
+
+``linear`` computes in float32 in mergekit (its inputs rounded to bfloat16 first): the weighted
+sum is accumulated with fused multiply-adds (``addcmul_``), emulated here in float64 (a bfloat16
+× float32 product is exact in float64) and rounded to float32 at each step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class BF16Config(NamedTuple):
+    """Static structure of a generalized-task-arithmetic merge in bfloat16."""
+
+    consensus: str | None = None   # None | "sum" | "count"
+    normalize: bool = False
+    scale: bool = False            # λ ≠ 1: mergekit multiplies (and rounds) only then
+    deltas: bool = True            # tensors are task vectors (True) or fine-tuned weights
+    masked: bool = False           # keep-masks given
+
+
+def round_bf16(x):
+    """float32 → the nearest bfloat16 value (ties to even), as float32; NaN kept."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float32))
+
+
+def _divide(x, d):
+    """``x / d`` as IEEE float32 division even where ``d`` is one number: XLA rewrites a division by
+    a broadcast scalar into a multiplication by its reciprocal (a different rounding), so the
+    divisor is materialised behind an optimisation barrier."""
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(d, x.shape))
+
+
+def _sum_rounded(xs):
+    """PyTorch's bfloat16 ``sum(dim=0)`` over the K models: float32 accumulation in order, one rounding."""
+    return round_bf16(sum(xs[1:], xs[0]))
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def task_vectors_bf16(base, tensors, *, cfg: BF16Config):
+    """``(b, δ)``: the base rounded to bfloat16 and ``δ_k = bf16(bf16(θ_k) − b)`` (task-vector
+    inputs: ``bf16(δ_k)``), flat."""
+    b = round_bf16(base.reshape(-1))
+    rows = [round_bf16(t.reshape(-1)) for t in tensors]
+    if not cfg.deltas:
+        rows = [round_bf16(r - b) for r in rows]
+    return b, tuple(rows)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def gta_bf16_kernel(b, rows, keep, weights, lam, *, cfg: BF16Config):
+    """mergekit's ``GeneralizedTaskArithmeticMerge.merge_group`` in bfloat16, one whole tensor.
+
+    With ``δ_k`` from :func:`task_vectors_bf16`, ``δ'_k = δ_k · keep_k`` (``cfg.masked``),
+    ``w = bf16(weights)``, ``u_k = bf16(δ'_k w_k)``. Consensus ``sum``: ``s = sign(bf16(Σ u_k))``
+    (``count``: of ``Σ sign u_k``; ties → +), ``m = bf16(Σ u_k [sign u_k = s])``, ``D = bf16(Σ w_k
+    [sign u_k = s])`` (0 → 1); none: ``m = bf16(Σ u_k)``, ``D = bf16(Σ w_k)`` (|D| < 1e-8 → 1).
+    ``m ← bf16(m / D)`` if normalize, ``m ← bf16(λ m)`` if λ ≠ 1, result ``bf16(b + m)``.
+
+    Args:
+      b: (n,) float32 base (bfloat16 values). rows: K (n,) float32 task vectors (bfloat16 values).
+      keep: K (n,) bool keep-masks (used if ``cfg.masked``). weights: (K,) float. lam: scalar λ.
+    Returns:
+      (n,) float32 holding bfloat16 values.
+    """
+    k = len(rows)
+    w = round_bf16(jnp.asarray(weights, jnp.float32))
+    d = [jnp.where(keep[i], rows[i], 0.0) if cfg.masked else rows[i] for i in range(k)]
+    u = [round_bf16(d[i] * w[i]) for i in range(k)]
+    if cfg.consensus is None:
+        mixed = _sum_rounded(u)
+        divisor = _sum_rounded([w[i] for i in range(k)])
+        divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
+    else:
+        sign = [jnp.sign(x) for x in u]
+        votes = _sum_rounded(u) if cfg.consensus == "sum" else _sum_rounded(sign)
+        majority = jnp.where(votes >= 0, 1.0, -1.0)
+        agree = [s == majority for s in sign]
+        mixed = _sum_rounded([jnp.where(a, x, 0.0) for a, x in zip(agree, u)])
+        divisor = _sum_rounded([jnp.where(a, w[i], 0.0) for i, a in enumerate(agree)])
+        divisor = jnp.where(divisor == 0, 1.0, divisor)
+    if cfg.normalize:
+        mixed = round_bf16(_divide(mixed, divisor))
+    if cfg.scale:
+        mixed = round_bf16(mixed * jnp.asarray(lam, jnp.float32))
+    return round_bf16(b + mixed)
+
+
+@partial(jax.jit, static_argnames=("normalize",))
+def linear_bf16_kernel(tensors, weights, *, normalize: bool):
+    """mergekit's ``linear`` on bfloat16 inputs: ``r ← fma(bf16(θ_k), w_k, r)`` in float32 over the
+    models in order (``w`` float32), ``r / Σ w`` if normalize, rounded to bfloat16.
+
+    Args:
+      tensors: K (n,) float32 full weights. weights: (K,) float.
+    Returns:
+      (n,) float32 holding bfloat16 values.
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    acc = jnp.zeros(tensors[0].shape, jnp.float32)
+    for i, t in enumerate(tensors):
+        prod = round_bf16(t).astype(jnp.float64) * w[i].astype(jnp.float64)   # exact
+        acc = (acc.astype(jnp.float64) + prod).astype(jnp.float32)
+    if normalize:
+        acc = _divide(acc, sum((w[i] for i in range(1, len(tensors))), w[0]))
+    return round_bf16(acc)
+
+
+@jax.jit
+def passthrough_bf16_kernel(tensor, scale):
+    """mergekit's ``passthrough`` in bfloat16: ``bf16(bf16(θ) · scale)`` (``scale`` float32)."""
+    return round_bf16(round_bf16(tensor) * jnp.asarray(scale, jnp.float32))
