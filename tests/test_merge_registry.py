@@ -159,6 +159,28 @@ def ref_ramplus_tl(base, d, w, p, masks):
     return np_ram(base, d, face="tensor_local", w=w, r=p.get("r", 0.1), alpha=p.get("alpha", 0.2))
 
 
+def np_model_stock(base, deltas, filter_wise=False):
+    """mergekit ``model_stock``: mean clipped pairwise cosine of the task vectors (per tensor, or per
+    row of the last axis), ``t = K cos / (1 + (K−1) cos)`` (0 where the denominator is < 1e-6),
+    ``t·mean θ_k + (1 − t)·θ_base``."""
+    d = np.asarray(deltas, np.float64)
+    k = len(d)
+    rows = d.reshape(k, -1, d.shape[-1]) if filter_wise and d.ndim > 2 else d.reshape(k, 1, -1)
+    cos = [np.clip((rows[i] * rows[j]).sum(-1) / np.maximum(np.linalg.norm(rows[i], axis=-1)
+                                                            * np.linalg.norm(rows[j], axis=-1), 1e-6), -1, 1)
+           for i in range(k) for j in range(i + 1, k)]
+    c = np.mean(cos, axis=0)
+    den = 1 + (k - 1) * c
+    t = np.where(np.abs(den) < 1e-6, 0.0, k * c / np.where(np.abs(den) < 1e-6, 1.0, den))
+    theta = base.astype(np.float64) + d
+    avg = theta.mean(0).reshape(rows.shape[1], -1)
+    return (t[:, None] * avg + (1 - t[:, None]) * base.reshape(rows.shape[1], -1)).reshape(base.shape)
+
+
+def ref_model_stock(base, d, w, p, masks):
+    return np_model_stock(base, d, p.get("filter_wise", False))
+
+
 _DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
                {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
 
@@ -174,6 +196,7 @@ REFERENCES = {
         {"face": "overlap_changed", "r": 1.2}, {"face": "overlap_unique", "r": 1.2},
         {"face": "percentile", "q": 75.0, "lambda": 2.0}, {"face": "tensor_local", "r": 0.3, "alpha": 0.5}]),
     "ramplus_tl": (ref_ramplus_tl, [{}, {"r": 0.3, "alpha": 0.5}]),
+    "model_stock": (ref_model_stock, [{}, {"filter_wise": True}]),
 }
 
 
