@@ -19,4 +19,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "ram": ram.RAM,
     "ramplus_tl": ram.RAMPLUS_TL,
     "model_stock": model_stock.MODEL_STOCK,
+    "breadcrumbs": gta.BREADCRUMBS,
+    "breadcrumbs_ties": gta.BREADCRUMBS_TIES,
+    "della": gta.DELLA,
+    "della_linear": gta.DELLA_LINEAR,
 }
