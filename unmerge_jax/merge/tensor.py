@@ -104,7 +104,7 @@ def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, na
     k = len(tensors)
     check_shapes(base.shape, [t.shape for t in tensors], [f"model {i}" for i in range(k)], name)
     per_model = [{} for _ in range(k)]
-    for pname in ("weight", "density"):
+    for pname in spec.per_model:   # weight, density, gamma, epsilon: a scalar or K values
         v = params.pop(pname, None)
         if v is None:
             continue
