@@ -236,6 +236,29 @@ def _ref_della(consensus):
     return ref
 
 
+def np_sce(base, deltas, select_topk=1.0):
+    """mergekit ``sce``: keep the int(select_topk·#{var ≠ 0}) entries of largest variance across the
+    models (population variance; ties first by position), weights mean(δ'²)/Σ (uniform below
+    1e-6), sign election on Σ δ', the weighted mean of the agreeing δ' (divisor clamped at 1e-6)."""
+    d = np.asarray(deltas, np.float64)
+    k = len(d)
+    if select_topk < 1:
+        var = d.var(axis=0).ravel()
+        n_sel = int(np.count_nonzero(var) * select_topk)
+        keep = np.zeros(var.size, bool)
+        keep[np.argsort(-var, kind="stable")[:n_sel]] = True
+        d = d * keep.reshape(d.shape[1:])
+    w = (d ** 2).reshape(k, -1).mean(1)
+    w = np.full(k, 1 / k) if abs(w.sum()) < 1e-6 else w / w.sum()
+    maj = np.where(d.sum(0) >= 0, 1.0, -1.0)
+    ew = w.reshape(-1, *[1] * (d.ndim - 1)) * (np.sign(d) == maj)
+    return base + (d * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)
+
+
+def ref_sce(base, d, w, p, masks):
+    return np_sce(base, d, p.get("select_topk", 1.0))
+
+
 _BREADCRUMBS_CASES = [{"density": 0.5}, {"density": [0.3, 0.6, 0.9], "gamma": 0.1},
                       {"density": 0.4, "gamma": 0.0, "rescale": True}, {"density": 0.9, "gamma": 0.3},
                       {"density": 0.5, "lambda": 0.7, "normalize": True}, {"density": 1.0}]
@@ -262,6 +285,7 @@ REFERENCES = {
     "breadcrumbs_ties": (_ref_breadcrumbs(True), _BREADCRUMBS_CASES),
     "della": (_ref_della(True), _DELLA_CASES),
     "della_linear": (_ref_della(False), _DELLA_CASES),
+    "sce": (ref_sce, [{}, {"select_topk": 0.3}, {"select_topk": 0.7, "int8_mask": True}, {"select_topk": 0.0}]),
 }
 
 

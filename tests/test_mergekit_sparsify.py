@@ -117,3 +117,10 @@ def test_della_equal_in_distribution_to_mergekit(tiny, tmp_path, method):
     assert l1[0] == pytest.approx(l1[1], rel=0.03)
     assert {n for n in got if not np.array_equal(got[n], base[n])} == {n for n in want if not np.array_equal(want[n], base[n])}
     assert not all(np.array_equal(got[n], want[n]) for n in base)
+
+
+@pytest.mark.parametrize("top", [{}, {"parameters": {"select_topk": 0.3}}, {"parameters": {"select_topk": 0.8}}])
+def test_sce_matches_mergekit(tiny, tmp_path, top):
+    got, want = _both(tiny, tmp_path, _config(tiny, "sce", **top))
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=ATOL, err_msg=n)

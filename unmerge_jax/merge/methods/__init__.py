@@ -8,7 +8,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
 from unmerge_jax.merge.methods import gta, ram
-from unmerge_jax.merge.methods import model_stock
+from unmerge_jax.merge.methods import model_stock, sce
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -23,4 +23,5 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "breadcrumbs_ties": gta.BREADCRUMBS_TIES,
     "della": gta.DELLA,
     "della_linear": gta.DELLA_LINEAR,
+    "sce": sce.SCE,
 }
