@@ -144,3 +144,13 @@ def test_bad_epsilon_refused(density, eps):
     base, d = _data(k=2)
     with pytest.raises(UnmergeError, match="epsilon"):
         merge_tensors("della", base, d, density=density, epsilon=eps)
+
+
+def test_rows_of_one_entry_keep_with_probability_density():
+    """(L = 1: mergekit's rank normalisation divides 0 by 0 and torch.bernoulli fails.)"""
+    rng = np.random.default_rng(9)
+    d = rng.normal(size=(4000, 1)).astype(np.float32)
+    np.testing.assert_allclose(_probs(d, 0.4, 0.1), 0.4, atol=1e-7)
+    res = resolve("della_linear", 1, {"density": 0.4, "epsilon": 0.1, "rescale": False})
+    kept = (merge_resolved(res, np.zeros_like(d), (d,), seed=1, name="b") != 0).mean()
+    assert abs(kept - 0.4) < 5 * np.sqrt(0.24 / d.size)
