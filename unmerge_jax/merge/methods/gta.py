@@ -1,9 +1,14 @@
-"""Generalized task arithmetic: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+"""Generalized task arithmetic: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``.
 
 mergekit's ``GeneralizedTaskArithmeticMerge`` (mergekit 0.1.5 ``generalized_task_arithmetic.py``,
 ``sparsify.py``): for each model ``δ'_k = sparsify(δ_k)`` — its top-``density`` magnitudes
 (``magnitude``, TIES: k = max(1, int(density·n)), ties at the k-th magnitude kept first by
-position) or a Bernoulli(``density``) keep-mask (``random``, DARE), then the rescale rule
+position), a Bernoulli(``density``) keep-mask (``random``, DARE), the band of magnitudes below the
+top ``gamma`` (``magnitude_outliers``, Model Breadcrumbs: ⌊density·n⌋ entries kept after the
+⌊gamma·n⌋ largest, fewer dropped when both do not fit) or a Bernoulli keep-mask whose probability
+rises with the magnitude's rank in its row from ``density − ε`` to ``density + ε``
+(``della_magprune``, DELLA; chunks of whole rows), then the rescale rule
 (``l1``: ‖δ_k‖₁ / ‖kept‖₁, skipped below 1e-7; ``inverse_density``: 1/density); untouched where
 ``density ≥ 1``. With ``u_k = w_k δ'_k``, no consensus gives ``m = Σ u_k``, ``D = Σ w_k``; the
 ``sum`` consensus (TIES) elects ``s = sign(Σ u_k)`` (ties → +) and keeps the agreeing terms,
@@ -12,10 +17,13 @@ position) or a Bernoulli(``density``) keep-mask (``random``, DARE), then the res
 
 Statistics pass (``"tensor"``): TIES's exact k-th largest ``|δ_k|`` and per-chunk tie cuts
 (``unmerge_jax.orderstats``); DARE ``l1``'s float64 L1 sums, keeping the drawn masks bit-packed
-(K × n/8 bytes) so the apply pass does not draw them again. Apply: :func:`~unmerge_jax.kernels.merge.gta_kernel`.
+(K × n/8 bytes) so the apply pass does not draw them again (DELLA too); breadcrumbs' two exact
+order statistics per model (the top ``keep_to`` and the top ``drop_to``) and their tie cuts.
+DELLA's per-row ranks are found on the host per chunk (:func:`~unmerge_jax.orderstats.row_ranks`)
+and passed to the kernels. Apply: :func:`~unmerge_jax.kernels.merge.gta_kernel`.
 
 References: Task Arithmetic (arXiv:2212.04089), TIES-Merging (arXiv:2306.01708), DARE
-(arXiv:2311.03099).
+(arXiv:2311.03099), Model Breadcrumbs (arXiv:2312.06795), DELLA-Merging (arXiv:2406.11617).
 """
 
 from __future__ import annotations
