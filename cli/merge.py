@@ -54,7 +54,7 @@ def _help() -> str:
     methods = []
     for name, m in MERGE_METHODS.items():
         defaults = {**m.per_model, **{k: v for k, v in m.shared.items() if v is not None}}
-        methods.append(f"  {name:<16}" + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+        methods.append(f"  {name:<17}" + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
     faces = []
     for name, face in FACES.items():
         aliases = [a for a, c in ALIASES.items() if c == name]

@@ -47,6 +47,9 @@ import numpy as np
 
 from unmerge_jax.kernels.random import bernoulli_at, model_keys
 
+# Sparsifications whose keep-masks are random draws (keyed per entry by kernels.random).
+_RANDOM = ("random", "della_magprune")
+
 # mergekit's thresholds: rescaling skipped below this L1 norm; |Σw| below this is "zero".
 RESCALE_EPS = 1e-7
 WEIGHT_EPS = 1e-8
@@ -55,11 +58,12 @@ WEIGHT_EPS = 1e-8
 class GTAConfig(NamedTuple):
     """Static structure of a generalized-task-arithmetic merge (linear/TA/TIES/DARE)."""
 
-    sparsify: str | None = None    # None | "magnitude" | "random"
+    sparsify: str | None = None    # None | "magnitude" | "random" | "magnitude_outliers" | "della_magprune"
     rescale: str | None = None     # None | "l1" | "inverse_density"
     consensus: str | None = None   # None | "sum" | "count"
     normalize: bool = False
     deltas: bool = True            # tensors are task vectors (True) or fine-tuned weights
+    row_len: int | None = None     # della_magprune: entries per row (chunks hold whole rows)
 
 
 class RAMConfig(NamedTuple):
@@ -121,24 +125,55 @@ class GTAStats(NamedTuple):
     cut: jax.Array | np.ndarray     # int32: of the entries equal to ``thr``, keep those before this
                                     # position of the chunk (0: none, chunk size: all)
     scale: jax.Array | np.ndarray   # float32 rescale of the kept entries (l1 rule; else 1)
+    # magnitude_outliers: the top entries dropped first, as (thr_out, cut_out) like (thr, cut):
+    # keep the top-(thr, cut) entries that are not in the top-(thr_out, cut_out).
+    thr_out: jax.Array | np.ndarray | None = None
+    cut_out: jax.Array | np.ndarray | None = None
+    epsilon: jax.Array | np.ndarray | None = None   # della_magprune: (K,) float32 ε
+    p_low: jax.Array | np.ndarray | None = None     # della_magprune: (K,) float32 density − ε
 
 
-def _keep(rows, density, stats, start, keys, sparsify, packed=None):
+def della_probs(ranks, p_low, epsilon, row_len: int):
+    """DELLA's (mergekit ``della_magprune``) keep probabilities, float32: with ``ranks`` the
+    0-based ascending rank ``r − 1`` of each ``|δ|`` within its row of ``row_len`` entries (as
+    :func:`~unmerge_jax.orderstats.row_ranks` finds them), ``p = (density − ε) + (r − 1)/(L − 1)·2ε``
+    — ``density − ε`` for a row's smallest magnitude, ``density + ε`` for its largest — in float32
+    as mergekit (``p_low = density − ε``, the float64 difference rounded); a row of one entry
+    (mergekit fails there) gets ``p = density``."""
+    r = ranks.astype(jnp.float32)
+    norm = r / jnp.float32(row_len - 1) if row_len > 1 else jnp.full_like(r, 0.5)
+    return p_low.astype(jnp.float32) + (norm * 2.0) * epsilon.astype(jnp.float32)
+
+
+def _in_top(bits, thr, cut, pos):
+    """Entries in a model's top k, given as ``|δ| > thr`` or ``|δ| = thr`` before position ``cut``."""
+    thr = jnp.asarray(thr, jnp.uint32)
+    return (bits > thr) | ((bits == thr) & (pos < jnp.asarray(cut, jnp.int32)))
+
+
+def _keep(rows, density, stats, start, keys, sparsify, packed=None, row_len=None, ranks=None):
     """Keep-masks of one chunk (a list of K rows). Magnitude: ``|δ| > thr``, and ``|δ| = thr``
     before position ``cut`` (the host finds where the k-th kept tie lies, so this is elementwise —
-    no rank count or cumsum in the kernel). ``packed``: the chunk's random masks as drawn by
-    :func:`gta_l1_sums`."""
+    no rank count or cumsum in the kernel); ``magnitude_outliers``: in that top set and not in the
+    top ``(thr_out, cut_out)`` set; ``della_magprune``: Bernoulli(:func:`della_probs`).
+    ``packed``: the chunk's random masks as drawn by :func:`gta_l1_sums`; ``ranks``: (K, n) int32
+    row ranks of ``|δ|`` (``della_magprune``)."""
     c = rows[0].shape[0]
-    if sparsify == "random":
+    if sparsify in ("random", "della_magprune"):
         if packed is not None:
             return [jnp.unpackbits(packed[i], count=c).astype(bool) for i in range(len(rows))]
+        if sparsify == "della_magprune":
+            return [bernoulli_at(keys[i], della_probs(ranks[i], stats.p_low[i], stats.epsilon[i], row_len), start, c)
+                    for i, d in enumerate(rows)]
         return [bernoulli_at(keys[i], density[i], start, c) for i in range(len(rows))]
     pos = jax.lax.iota(jnp.int32, c)
     kept = []
     for i, d in enumerate(rows):
         bits = jax.lax.bitcast_convert_type(jnp.abs(d), jnp.uint32)
-        thr = jnp.asarray(stats.thr[i], jnp.uint32)
-        kept.append((bits > thr) | ((bits == thr) & (pos < jnp.asarray(stats.cut[i], jnp.int32))))
+        top = _in_top(bits, stats.thr[i], stats.cut[i], pos)
+        if sparsify == "magnitude_outliers":
+            top = top & ~_in_top(bits, stats.thr_out[i], stats.cut_out[i], pos)
+        kept.append(top)
     return kept
 
 
@@ -203,8 +238,8 @@ def _mix(b, rows, weights, lam, cfg: GTAConfig):
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, seed, nhash, packed=None, limit=None, *,
-               cfg: GTAConfig):
+def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, seed, nhash, packed=None, limit=None,
+               ranks=None, *, cfg: GTAConfig):
     """Generalized task arithmetic on one tensor or chunk (mergekit's ``GeneralizedTaskArithmeticMerge``).
 
     ``δ'_k = sparsify(δ_k)`` (top-k magnitudes given by ``stats`` or Bernoulli(``density[k]``)
@@ -225,33 +260,35 @@ def gta_kernel(base, tensors, weights, density, lam, stats: GTAStats, start, see
         :func:`gta_l1_sums` drew them (so the ``l1`` rule draws each mask once, not twice).
       limit: optional float32 scalar: entries with a non-finite input or ``|θ| ≥ limit`` come
         out NaN (:func:`_flag_nonfinite`); None: no check.
+      ranks: ``della_magprune`` without ``packed``: (K, n) int32 0-based ranks of each ``|δ_k|``
+        within its row of ``cfg.row_len`` entries (:func:`~unmerge_jax.orderstats.row_ranks`).
     Returns:
       float32 array of shape ``S``.
     """
     rows, b = _task_vectors(base, tensors, cfg.deltas)
     deltas = rows
     if cfg.sparsify is not None:
-        keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
-        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
+        keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify in _RANDOM else None
+        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed, cfg.row_len, ranks)
         rows = _apply_rule(rows, kept, density, stats.scale, cfg.rescale)
     return _flag_nonfinite(_mix(b, rows, weights, lam, cfg), b, deltas, limit).reshape(base.shape)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def gta_l1_sums(base, tensors, density, stats: GTAStats, start, seed, nhash, *, cfg: GTAConfig):
+def gta_l1_sums(base, tensors, density, stats: GTAStats, start, seed, nhash, ranks=None, *, cfg: GTAConfig):
     """Statistics pass of the ``l1`` rescale on one chunk: float64 ``Σ|δ_k|`` and ``Σ|kept δ_k|``
     (K,) each, and — for ``random`` masks — the (K, ⌈n/8⌉) bit-packed masks drawn (``None`` for magnitude masks, which are cheaper
     to recompute from the threshold than to store)."""
     rows, _ = _task_vectors(base, tensors, cfg.deltas)
-    keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify == "random" else None
-    kept = _keep(rows, density, stats, start, keys, cfg.sparsify)
+    keys = model_keys(seed, nhash, len(rows)) if cfg.sparsify in _RANDOM else None
+    kept = _keep(rows, density, stats, start, keys, cfg.sparsify, row_len=cfg.row_len, ranks=ranks)
     packed = None
-    if cfg.sparsify == "random":
+    if cfg.sparsify in _RANDOM:
         # The sums read the masks back from the packed bits: XLA duplicates an elementwise producer
         # into each consumer's fusion, so two consumers of the draw ran threefry twice (9.9 against
         # 4.6 ns per entry here).
         packed = jax.lax.optimization_barrier(jnp.stack([jnp.packbits(m) for m in kept]))
-        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed)
+        kept = _keep(rows, density, stats, start, keys, cfg.sparsify, packed, cfg.row_len)
     before = jnp.stack([jnp.sum(jnp.abs(d), dtype=jnp.float64) for d in rows])
     after = jnp.stack([jnp.sum(jnp.where(m, jnp.abs(d), 0.0), dtype=jnp.float64) for d, m in zip(rows, kept)])
     return before, after, packed

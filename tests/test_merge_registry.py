@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from unmerge_jax.kernels import merge as K
-from unmerge_jax.kernels.random import model_keys
+from unmerge_jax.kernels.random import model_keys, name_hash
 from unmerge_jax.merge import MERGE_METHODS
 from unmerge_jax.merge.base import merge_key
 from unmerge_jax.merge.chunks import TensorChunks
@@ -164,6 +164,112 @@ def ref_passthrough(base, d, w, p, masks):
     return p.get("scale", 1.0) * (base.astype(np.float64) + d[0])
 
 
+def np_model_stock(base, deltas, filter_wise=False):
+    """mergekit ``model_stock``: mean clipped pairwise cosine of the task vectors (per tensor, or per
+    row of the last axis), ``t = K cos / (1 + (K−1) cos)`` (0 where the denominator is < 1e-6),
+    ``t·mean θ_k + (1 − t)·θ_base``."""
+    d = np.asarray(deltas, np.float64)
+    k = len(d)
+    rows = d.reshape(k, -1, d.shape[-1]) if filter_wise and d.ndim > 2 else d.reshape(k, 1, -1)
+    cos = [np.clip((rows[i] * rows[j]).sum(-1) / np.maximum(np.linalg.norm(rows[i], axis=-1)
+                                                            * np.linalg.norm(rows[j], axis=-1), 1e-6), -1, 1)
+           for i in range(k) for j in range(i + 1, k)]
+    c = np.mean(cos, axis=0)
+    den = 1 + (k - 1) * c
+    t = np.where(np.abs(den) < 1e-6, 0.0, k * c / np.where(np.abs(den) < 1e-6, 1.0, den))
+    theta = base.astype(np.float64) + d
+    avg = theta.mean(0).reshape(rows.shape[1], -1)
+    return (t[:, None] * avg + (1 - t[:, None]) * base.reshape(rows.shape[1], -1)).reshape(base.shape)
+
+
+def ref_model_stock(base, d, w, p, masks):
+    return np_model_stock(base, d, p.get("filter_wise", False))
+
+
+def np_outliers(d, density, gamma):
+    """mergekit ``magnitude_outliers``: with target = int(density·n), n_top = int(gamma·n),
+    n_bot = max(0, n − target − n_top), keep ascending ranks n_bot … n_bot + target − 1 of |d|
+    (equal magnitudes: the first by position ranks higher, our documented tie rule)."""
+    flat = np.abs(d).ravel()
+    n = flat.size
+    if density >= 1:
+        return np.ones(d.shape, bool)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    desc = np.argsort(-flat, kind="stable")          # decreasing |d|, ties by position
+    drop = n - n_bot - target
+    keep = np.zeros(n, bool)
+    keep[desc[drop:drop + target]] = True
+    return keep.reshape(d.shape)
+
+
+def _ref_breadcrumbs(consensus):
+    def ref(base, d, w, p, masks):
+        dens = _density(p, len(d))
+        gamma = np.broadcast_to(np.asarray(p.get("gamma", 0.01), float), (len(d),))
+        keeps = [np_outliers(d[i], dens[i], gamma[i]) for i in range(len(d))]
+        rule = "l1" if p.get("rescale", False) else None
+        return np_gta(base, d, w, keeps=keeps, density=dens, rule=rule, consensus=consensus,
+                      normalize=p.get("normalize", False), lam=p.get("lambda", 1.0))
+    return ref
+
+
+def np_della_probs(d, density, eps):
+    """mergekit ``della_magprune``'s keep probabilities, per row of the last axis (a 1-D tensor is
+    one row): ascending rank r of |d| in its row (ties by position), p = (density − ε) +
+    (r − 1)/(L − 1)·2ε, in float64."""
+    a = np.abs(np.asarray(d, np.float64))
+    a = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+    ranks = np.argsort(np.argsort(a, axis=1, kind="stable"), axis=1, kind="stable")
+    return ((density - eps) + ranks / (a.shape[1] - 1) * 2 * eps).reshape(np.shape(d))
+
+
+def _ref_della(consensus):
+    def ref(base, d, w, p, masks):
+        """DELLA with masks drawn here: Bernoulli(np_della_probs) from ``jax.random.uniform`` under
+        the method's per-model keys (the kernel's counter-based draw is tested to equal it)."""
+        dens = _density(p, len(d))
+        eps = np.broadcast_to(np.asarray(p.get("epsilon", 0.15), float), (len(d),))
+        keys = model_keys(np.uint32(SEED), np.uint32(name_hash(NAME)), len(d))
+        keeps = []
+        for i in range(len(d)):
+            u = np.asarray(jax.random.uniform(keys[i], (d[i].size,), jnp.float32)).reshape(d[i].shape)
+            keeps.append(u < np_della_probs(d[i], dens[i], eps[i]).astype(np.float32))
+        rule = "l1" if p.get("rescale", True) else None
+        return np_gta(base, d, w, keeps=keeps, density=dens, rule=rule, consensus=consensus,
+                      normalize=p.get("normalize", consensus), lam=p.get("lambda", 1.0))
+    return ref
+
+
+def np_sce(base, deltas, select_topk=1.0):
+    """mergekit ``sce``: keep the int(select_topk·#{var ≠ 0}) entries of largest variance across the
+    models (population variance; ties first by position), weights mean(δ'²)/Σ (uniform below
+    1e-6), sign election on Σ δ', the weighted mean of the agreeing δ' (divisor clamped at 1e-6)."""
+    d = np.asarray(deltas, np.float64)
+    k = len(d)
+    if select_topk < 1:
+        var = d.var(axis=0).ravel()
+        n_sel = int(np.count_nonzero(var) * select_topk)
+        keep = np.zeros(var.size, bool)
+        keep[np.argsort(-var, kind="stable")[:n_sel]] = True
+        d = d * keep.reshape(d.shape[1:])
+    w = (d ** 2).reshape(k, -1).mean(1)
+    w = np.full(k, 1 / k) if abs(w.sum()) < 1e-6 else w / w.sum()
+    maj = np.where(d.sum(0) >= 0, 1.0, -1.0)
+    ew = w.reshape(-1, *[1] * (d.ndim - 1)) * (np.sign(d) == maj)
+    return base + (d * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)
+
+
+def ref_sce(base, d, w, p, masks):
+    return np_sce(base, d, p.get("select_topk", 1.0))
+
+
+_BREADCRUMBS_CASES = [{"density": 0.5}, {"density": [0.3, 0.6, 0.9], "gamma": 0.1},
+                      {"density": 0.4, "gamma": 0.0, "rescale": True}, {"density": 0.9, "gamma": 0.3},
+                      {"density": 0.5, "lambda": 0.7, "normalize": True}, {"density": 1.0}]
+_DELLA_CASES = [{"density": 0.5}, {"density": [0.3, 0.6, 0.8], "epsilon": 0.1}, {"density": 0.4, "rescale": False},
+                {"density": 0.5, "epsilon": 0.0, "lambda": 1.3}, {"density": 1.0}]
+
 _DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
                {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
 
@@ -180,6 +286,12 @@ REFERENCES = {
         {"face": "percentile", "q": 75.0, "lambda": 2.0}, {"face": "tensor_local", "r": 0.3, "alpha": 0.5}]),
     "ramplus_tl": (ref_ramplus_tl, [{}, {"r": 0.3, "alpha": 0.5}]),
     "passthrough": (ref_passthrough, [{}, {"scale": 0.5}]),
+    "model_stock": (ref_model_stock, [{}, {"filter_wise": True}]),
+    "breadcrumbs": (_ref_breadcrumbs(False), _BREADCRUMBS_CASES),
+    "breadcrumbs_ties": (_ref_breadcrumbs(True), _BREADCRUMBS_CASES),
+    "della": (_ref_della(True), _DELLA_CASES),
+    "della_linear": (_ref_della(False), _DELLA_CASES),
+    "sce": (ref_sce, [{}, {"select_topk": 0.3}, {"select_topk": 0.7, "int8_mask": True}, {"select_topk": 0.0}]),
 }
 
 

@@ -288,3 +288,21 @@ def percentile_from_order(lo_v, hi_v, frac) -> np.ndarray:
     t = np.where(frac == 0.0, lo, lo + (hi - lo) * frac)
     t32 = t.astype(np.float32)
     return np.where(t32.astype(np.float64) < t, np.nextafter(t32, np.float32(np.inf)), t32).astype(np.float32)
+
+
+def row_ranks(bits: np.ndarray, row_len: int) -> np.ndarray:
+    """0-based ascending ranks of uint32 bit patterns (of ``|x|``, so the order of the values)
+    within each row of ``row_len`` entries, ties by position (the earlier entry ranks lower): the
+    order of a stable ascending argsort, inverted. ``bits`` (n,) with ``n`` a multiple of
+    ``row_len``; returns (n,) int32. One sort of ``(bits << 32) | position`` keys (unique, so no
+    stable sort is needed; ≈ 15 ns per entry here) and one scatter."""
+    bits = np.asarray(bits, np.uint32).reshape(-1, row_len)
+    n_rows = bits.shape[0]
+    pos = np.arange(row_len, dtype=np.uint64)
+    keys = (bits.astype(np.uint64) << np.uint64(32)) | pos[None, :]
+    keys.sort(axis=1)
+    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    order += (np.arange(n_rows, dtype=np.intp) * row_len)[:, None]
+    ranks = np.empty(n_rows * row_len, np.int32)
+    ranks[order.reshape(-1)] = np.tile(np.arange(row_len, dtype=np.int32), n_rows)
+    return ranks

@@ -65,12 +65,15 @@ class Resolved(NamedTuple):
       shared: method-wide parameters (all of ``method.shared``, normalised by ``method.check``).
       weights: (K,) float64 per-model weights.
       density: (K,) float64 per-model densities (ones for methods without ``density``).
+      columns: every per-model parameter of the method by name, (K,) float64 each (``gamma``,
+        ``epsilon``, ... besides ``weight`` and ``density``).
     """
 
     method: "MergeMethod"
     shared: dict
     weights: np.ndarray
     density: np.ndarray
+    columns: Mapping[str, np.ndarray] = {}
 
 
 class MergeMethod(NamedTuple):
@@ -98,6 +101,9 @@ class MergeMethod(NamedTuple):
       rows: ``rows(res) -> bool`` — the method needs chunks of whole rows (see
         :class:`~unmerge_jax.merge.chunks.TensorChunks`); None: any chunking.
       options: the family's static structure of this method (GTA: ``sparsify``, ``consensus``).
+      check_models: ``check_models(res, at)`` — validate the per-model columns of a resolved
+        method (``res.columns``, e.g. ``gamma``, ``epsilon`` against ``density``); raise
+        :class:`UnmergeError` on bad values. None: nothing beyond the number checks.
     """
 
     name: str
@@ -113,6 +119,7 @@ class MergeMethod(NamedTuple):
     masks: Callable | None = None
     rows: Callable | None = None
     options: Mapping[str, Any] = {}
+    check_models: Callable | None = None
 
     def whole_rows(self, res: "Resolved") -> bool:
         """Whether the chunks of a tensor merged with ``res`` must hold whole rows."""

@@ -235,3 +235,8 @@ class TensorChunks:
         r = self._rows[i]
         d = r[idx] if self.deltas else r[idx] - self._base[idx]
         return abs_bits(d if scale is None else d * scale[i])
+
+    def sampled_inputs(self, idx: np.ndarray):
+        """``(base, tensors)`` at the flat positions ``idx`` (copies), e.g. to bracket an order
+        statistic of a per-entry function of all K inputs."""
+        return self._base[idx], tuple(r[idx] for r in self._rows)

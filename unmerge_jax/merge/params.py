@@ -63,4 +63,7 @@ def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = No
     if bad:
         raise UnmergeError(f"density {bad[0][1]} of model {bad[0][0]} is outside (0, 1]{at}; "
                            f"use a fraction of entries to keep, e.g. 0.5")
-    return Resolved(spec, spec.check(spec, out, weights, density, at), weights, density)
+    res = Resolved(spec, spec.check(spec, out, weights, density, at), weights, density, cols)
+    if spec.check_models is not None:
+        spec.check_models(res, at)
+    return res

@@ -76,7 +76,7 @@ def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, na
 
     Args:
       method: a name in ``MERGE_METHODS`` (linear, task_arithmetic, ties, dare_linear, dare_ties,
-        ram, ramplus_tl).
+        ram, ramplus_tl, breadcrumbs, breadcrumbs_ties, della, della_linear, sce, model_stock).
       base: base weights, shape ``S``; ``None`` only for ``linear`` (then ``tensors`` are merged
         as full weights onto a zero base).
       tensors: K arrays of shape ``S`` (a list or a stacked ``(K, *S)`` array). By default these
@@ -85,7 +85,9 @@ def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, na
       seed, name: key DARE's random masks by ``(seed, name)`` (see ``kernels.random``).
       **params: the method's mergekit parameters, e.g. ``density`` (scalar or K values),
         ``normalize``, ``rescale`` (``"l1"``/True, ``"inverse_density"``, False), ``lambda``;
-        for ``ram``: ``face`` (one of ``unmerge_jax.merge.methods.ram.FACES`` or an alias),
+        ``gamma`` (breadcrumbs), ``epsilon`` (della; per-model like ``density``), ``select_topk``
+        (sce), ``filter_wise`` (model_stock); for ``ram``: ``face`` (one of
+        ``unmerge_jax.merge.methods.ram.FACES`` or an alias),
         ``epsilon``, ``r``, ``alpha``, ``lambda``, ``q``. For the whole-model faces
         (``overlap_changed``, ``overlap_unique``) this tensor is the whole model.
     Returns:
@@ -104,7 +106,7 @@ def merge_tensors(method: str, base, tensors, weights=None, *, seed: int = 0, na
     k = len(tensors)
     check_shapes(base.shape, [t.shape for t in tensors], [f"model {i}" for i in range(k)], name)
     per_model = [{} for _ in range(k)]
-    for pname in ("weight", "density"):
+    for pname in spec.per_model:   # weight, density, gamma, epsilon: a scalar or K values
         v = params.pop(pname, None)
         if v is None:
             continue

@@ -7,7 +7,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 """
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
-from unmerge_jax.merge.methods import gta, passthrough, ram
+from unmerge_jax.merge.methods import gta, model_stock, passthrough, ram, sce
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -18,4 +18,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "ram": ram.RAM,
     "ramplus_tl": ram.RAMPLUS_TL,
     "passthrough": passthrough.PASSTHROUGH,
+    "model_stock": model_stock.MODEL_STOCK,
+    "breadcrumbs": gta.BREADCRUMBS,
+    "breadcrumbs_ties": gta.BREADCRUMBS_TIES,
+    "della": gta.DELLA,
+    "della_linear": gta.DELLA_LINEAR,
+    "sce": sce.SCE,
 }
