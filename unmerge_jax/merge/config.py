@@ -211,7 +211,14 @@ def load_config(config) -> MergeConfig:
                                f"per-model parameters: {', '.join(sorted(spec.per_model))}")
         models.append((_model_path(entry, root, what), dict(params)))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
-    models = [(p, prm) for p, prm in models if base is None or p != base or not spec.needs_base]
+    # The base's role in the methods that take one without task vectors (``MergeMethod.options``):
+    # "origin" (nuslerp, multislerp: it is dropped from the models, as a needed base is) or "input"
+    # (karcher: mergekit adds it to the inputs when it is not listed).
+    role = spec.options.get("base_role")
+    models = [(p, prm) for p, prm in models
+              if base is None or p != base or not (spec.needs_base or role == "origin")]
+    if base is not None and role == "input" and all(p != base for p, _ in models):
+        models.append((base, {}))
     if not models:
         raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
     params = raw.get("parameters") or {}

@@ -8,6 +8,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
 from unmerge_jax.merge.methods import gta, ram
+from unmerge_jax.merge.methods import slerp
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -17,4 +18,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "dare_ties": gta.DARE_TIES,
     "ram": ram.RAM,
     "ramplus_tl": ram.RAMPLUS_TL,
+    "slerp": slerp.SLERP,
+    "nuslerp": slerp.NUSLERP,
+    "multislerp": slerp.MULTISLERP,
 }

