@@ -83,6 +83,11 @@ def run(args) -> int:
               file=sys.stderr)
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
+    from unmerge_jax.merge.methods.karcher import summary
+
+    converged = summary(res.diagnostics)
+    if converged:
+        print(converged)
     lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
     print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
           f"in {res.seconds:.1f} s{lam}")

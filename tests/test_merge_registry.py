@@ -228,6 +228,12 @@ def ref_multislerp(base, d, w, p, masks):
     return base + np_multislerp(d, w, p.get("normalize_weights", True), p.get("eps", 1e-8))
 
 
+def ref_karcher(base, d, w, p, masks):
+    from tests.test_merge_karcher import np_karcher
+
+    return np_karcher(np.asarray(base, np.float64) + d, p.get("max_iter", 10), p.get("tol", 1e-5))[0]
+
+
 # Methods that take a fixed number of models besides the base (the others get 3).
 N_MODELS = {"slerp": 1, "nuslerp": 2}
 
@@ -249,6 +255,7 @@ REFERENCES = {
     "slerp": (ref_slerp, [{"t": 0.35}, {"t": 0.0}, {"t": 1.0}, {"t": -0.2}]),
     "nuslerp": (ref_nuslerp, [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]),
     "multislerp": (ref_multislerp, [{}, {"normalize_weights": False}, {"eps": 1e-3}]),
+    "karcher": (ref_karcher, [{}, {"max_iter": 2}, {"max_iter": 40, "tol": 1e-9}]),
 }
 
 

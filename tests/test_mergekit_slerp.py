@@ -89,7 +89,6 @@ def _compare(cfg, tmp_path, logits=False):
         np.testing.assert_allclose(got[n], want[n], rtol=0, atol=ATOL, err_msg=n)
     if logits:
         np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-4)
-    print(f"\n{cfg['merge_method']} worst |us - mergekit| = {worst:.3g}")
     return worst
 
 
@@ -139,3 +138,29 @@ def test_nuslerp_matches_mergekit(models, tmp_path, params, base, weights):
 ])
 def test_multislerp_matches_mergekit(models, tmp_path, names, base, params, weights):
     _compare(_config(models, "multislerp", names, base, params, weights), tmp_path, logits=len(names) == 2)
+
+
+@pytest.mark.parametrize("names,base,params", [
+    (["a", "b"], "c", {"max_iter": 5, "tol": 1e-5}),     # mergekit's test_karcher_merge (the base is an input)
+    (["a", "b", "c"], None, None),                       # defaults, no base
+    # Unequal angles (two fine-tunes of a near each other, b far), so the iteration moves the mean:
+    (["ft1", "ft2", "b"], None, None),
+    (["ft1", "b"], "a", {"max_iter": 1}),                # stopped after one step
+    (["ft1", "b", "a"], "a", {"max_iter": 3}),           # the base listed among the models: once
+])
+def test_karcher_matches_mergekit(models, tmp_path, names, base, params):
+    _compare(_config(models, "karcher", names, base, params, (0.6, 0.4, 0.5)), tmp_path, logits=base == "c")
+
+
+def test_karcher_reports_convergence_per_tensor(models, tmp_path):
+    from unmerge_jax.merge.methods.karcher import summary
+
+    res = merge(_config(models, "karcher", ["ft1", "ft2", "b"], None, {"max_iter": 1}, (1, 1, 1)), tmp_path / "one")
+    assert res.diagnostics and set(res.diagnostics) <= set(numpy_state(tmp_path / "one"))
+    assert all(r.iterations <= 1 for r in res.diagnostics.values())
+    assert any(r.iterations == 1 for r in res.diagnostics.values())
+    assert "did not converge within max_iter" in summary(res.diagnostics)
+    res = merge(_config(models, "karcher", ["ft1", "ft2", "b"], None, {"max_iter": 100}, (1, 1, 1)), tmp_path / "many")
+    assert all(r.converged for r in res.diagnostics.values())
+    assert max(r.iterations for r in res.diagnostics.values()) >= 2
+    assert summary(res.diagnostics).endswith("all converged")

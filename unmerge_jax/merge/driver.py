@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ class MergeResult:
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
     notes: tuple = ()             # one-line notes for the user (tokenizer handling where mergekit may surprise)
+    diagnostics: dict = field(default_factory=dict)   # tensor name → a method's per-tensor report (karcher)
 
 
 class _Buffers:
@@ -298,6 +299,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     first = next(iter(res_by_name.values()), None)
     plan = [(n, shapes[n], tag if n in res_by_name else ref.dtype(n)) for n in names]
     n_merged = 0
+    diagnostics: dict = {}
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         if first is not None and first.method.statistics(first) == "model":
             lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk)
@@ -326,7 +328,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                 out = b if b.flags.writeable else b.copy()
                 try:
                     merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
-                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit)
+                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
                 except NonFinite as err:
                     raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
                 return name, out, True, slot
@@ -361,7 +363,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
         (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
-                       tuple(toks.notes) if toks is not None else ())
+                       tuple(toks.notes) if toks is not None else (),
+                       {n: diagnostics[n] for n in names if n in diagnostics})
 
 
 def _stream(names, produce, writer, overlap: bool, written):

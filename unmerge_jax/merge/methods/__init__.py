@@ -8,7 +8,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
 from unmerge_jax.merge.methods import gta, ram
-from unmerge_jax.merge.methods import slerp
+from unmerge_jax.merge.methods import karcher, slerp
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -21,4 +21,5 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "slerp": slerp.SLERP,
     "nuslerp": slerp.NUSLERP,
     "multislerp": slerp.MULTISLERP,
+    "karcher": karcher.KARCHER,
 }

@@ -41,11 +41,13 @@ WEIGHT_SUM_EPS = 1e-6   # nuslerp: |w_0 + w_1| below this → t = 0.5 (mergekit)
 
 class Coefs(NamedTuple):
     """Per-tensor result of the statistics pass: the (m,) float64 coefficients of the vectors in
-    ``space`` (``kernels.merge_sphere.SPACES``) and whether the base is added back."""
+    ``space`` (``kernels.merge_sphere.SPACES``), whether the base is added back, and the method's
+    per-tensor ``diagnostics`` (karcher's convergence; collected by ``merge_resolved``)."""
 
     coefs: np.ndarray
     space: str
     add_base: bool
+    diagnostics: object = None
 
 
 def gram(chunks, space: str) -> np.ndarray:
