@@ -234,8 +234,39 @@ def ref_karcher(base, d, w, p, masks):
     return np_karcher(np.asarray(base, np.float64) + d, p.get("max_iter", 10), p.get("tol", 1e-5))[0]
 
 
+def np_nearswap(t, a, b):
+    """mergekit ``nearswap``: w = clip(t / max(|a − b|, 1e-6), 0, 1), w b + (1 − w) a (float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
+    return w * b + (1 - w) * a
+
+
+def ref_nearswap(base, d, w, p, masks):
+    return np_nearswap(p["t"], base, np.asarray(base, np.float64) + d[0])
+
+
+def np_arcee_fusion(a, b):
+    """mergekit ``arcee_fusion`` in float64: importance |b − a|·KL(softmax(b_row)+1e-8 ‖ softmax(a_row)+1e-8),
+    threshold median + 1.5·IQR from the sorted importances at ⌊q(n−1)⌋, keep b − a where ≥ it."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(b) + 1e-8, softmax(a) + 1e-8
+    imp = np.abs(b - a) * np.sum(p * np.log(p / q), -1, keepdims=True)
+    srt = np.sort(imp.ravel())
+    q1, med, q3 = (srt[int(np.float32(x) * np.float32(srt.size - 1))] for x in (0.25, 0.5, 0.75))
+    return a + (b - a) * (imp >= med + 1.5 * (q3 - q1))
+
+
+def ref_arcee_fusion(base, d, w, p, masks):
+    return np_arcee_fusion(base, np.asarray(base, np.float64) + d[0])
+
+
 # Methods that take a fixed number of models besides the base (the others get 3).
-N_MODELS = {"slerp": 1, "nuslerp": 2}
+N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
 
 _DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
                {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
@@ -256,6 +287,8 @@ REFERENCES = {
     "nuslerp": (ref_nuslerp, [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]),
     "multislerp": (ref_multislerp, [{}, {"normalize_weights": False}, {"eps": 1e-3}]),
     "karcher": (ref_karcher, [{}, {"max_iter": 2}, {"max_iter": 40, "tol": 1e-9}]),
+    "nearswap": (ref_nearswap, [{"t": 0.0001}, {"t": 0.05}, {"t": 10.0}, {"t": 0.0}]),
+    "arcee_fusion": (ref_arcee_fusion, [{}]),
 }
 
 

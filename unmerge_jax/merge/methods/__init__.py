@@ -8,7 +8,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
 from unmerge_jax.merge.methods import gta, ram
-from unmerge_jax.merge.methods import karcher, slerp
+from unmerge_jax.merge.methods import fusion, karcher, nearswap, slerp
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -22,4 +22,6 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "nuslerp": slerp.NUSLERP,
     "multislerp": slerp.MULTISLERP,
     "karcher": karcher.KARCHER,
+    "nearswap": nearswap.NEARSWAP,
+    "arcee_fusion": fusion.ARCEE_FUSION,
 }
