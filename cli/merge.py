@@ -45,7 +45,9 @@ def _help() -> str:
     methods = []
     for name, m in MERGE_METHODS.items():
         defaults = {**m.per_model, **{k: v for k, v in m.shared.items() if v is not None}}
-        methods.append(f"  {name:<16}" + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+        defaults.update({k: None for k in m.options.get("required", ())})   # no default: must be given
+        methods.append(f"  {name:<16}" + ", ".join(f"{k}={'required' if v is None else v}"
+                                                   for k, v in sorted(defaults.items())))
     faces = []
     for name, face in FACES.items():
         aliases = [a for a, c in ALIASES.items() if c == name]

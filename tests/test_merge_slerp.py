@@ -176,3 +176,9 @@ def test_multislerp_refuses_weights_summing_to_zero():
     base, x = _pair()
     with pytest.raises(UnmergeError, match="sum to zero"):
         merge_tensors("multislerp", base, [x, 2 * x], [0.5, -0.5])
+
+
+def test_multislerp_refusal_names_the_tensor():
+    base, x = _pair()
+    with pytest.raises(UnmergeError, match="tensor model.layers.3.mlp.up_proj.weight: multislerp"):
+        merge_tensors("multislerp", base, [x, -x, x, -x], [0.25] * 4, name="model.layers.3.mlp.up_proj.weight")

@@ -61,6 +61,10 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
             method.apply(res, chunks, stats, key)
     except NonFinite as err:
         raise err.named(name) from None
+    except UnmergeError as err:   # a tensor the method cannot merge (multislerp's zero mean): name it
+        if name and name not in str(err):
+            raise UnmergeError(f"tensor {name}: {err}") from None
+        raise
     if diagnostics is not None and getattr(stats, "diagnostics", None) is not None:
         diagnostics[name] = stats.diagnostics
     return chunks.out

@@ -93,7 +93,7 @@ def apply_coefs(res, chunks, stats, key) -> None:
 
 
 SLERP = MergeMethod("slerp", {"t": None}, {"weight": 1.0}, True, check_slerp, lambda res: "tensor", apply_coefs,
-                    tensor_stats=slerp_stats, options={"base_role": "endpoint"})
+                    tensor_stats=slerp_stats, options={"base_role": "endpoint", "required": ("t",)})
 
 
 # ---------------------------------------------------------------- nuslerp
