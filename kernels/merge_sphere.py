@@ -176,7 +176,7 @@ def nearswap_kernel(base, tensors, t, limit=None, *, deltas: bool):
     within ``t`` of each other take ``b``; farther ones move towards it by ``t / |a − b|``)."""
     (theta,), a = _vectors(base, tensors, deltas, "weights")
     w = jnp.clip(t.astype(jnp.float32) / jnp.maximum(jnp.abs(a - theta), jnp.float32(NEARSWAP_FLOOR)), 0.0, 1.0)
-    out = w * theta + (1.0 - w) * a
+    out = _lincomb([w, 1.0 - w], [theta, a])    # float64, one rounding: a = b gives a exactly
     rows, _ = _task_vectors(base, tensors, deltas)
     return _flag_nonfinite(out, a, rows, limit).reshape(base.shape)
 

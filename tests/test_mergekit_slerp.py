@@ -240,3 +240,12 @@ def test_arcee_fusion_matches_mergekit_away_from_the_threshold(models, tmp_path,
         assert bad.sum() <= max(1, 1e-2 * bad.size), n
         flipped += int(bad.sum())
     assert flipped <= 1e-3 * total      # 30 of ~7e4 entries for the fine-tune pair here
+
+
+def test_ignored_per_model_weight_is_noted(models, tmp_path):
+    res = merge(_config(models, "slerp", ["a", "b"], "a", {"t": 0.5}), tmp_path / "w")
+    assert res.notes == ("slerp ignores per-model weight, as in mergekit",)
+    cfg = _config(models, "slerp", ["a", "b"], "a", {"t": 0.5})
+    for m in cfg["models"]:
+        del m["parameters"]
+    assert merge(cfg, tmp_path / "nw").notes == ()

@@ -43,6 +43,7 @@ from unmerge_jax.merge.base import short
 from unmerge_jax.merge.card import CARD_NAME, model_card
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
+from unmerge_jax.merge.params import get_method
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.merge import tokenizer as tokenization
 from unmerge_jax.progress import progress
@@ -64,7 +65,7 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
-    notes: tuple = ()             # one-line notes for the user (tokenizer handling where mergekit may surprise)
+    notes: tuple = ()             # one-line notes for the user (tokenizer handling, parameters mergekit ignores)
     diagnostics: dict = field(default_factory=dict)   # tensor name → a method's per-tensor report (karcher)
 
 
@@ -278,6 +279,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     shard_bytes = _positive_int("shard_bytes (the output shard size)", shard_bytes)
     chunk = _positive_int("chunk", chunk)
     cfg = load_config(config)
+    notes = ignored_parameters(cfg)
     out = Path(out)
     inputs = [cfg.path, cfg.base_model, *[p for p, _ in cfg.models], *tokenization.extra_inputs(cfg.tokenizer)]
     check_output(out, inputs, directory=True, force=force)   # before any reading; again by atomic_dir
@@ -363,8 +365,16 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
         (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
-                       tuple(toks.notes) if toks is not None else (),
+                       notes + (tuple(toks.notes) if toks is not None else ()),
                        {n: diagnostics[n] for n in names if n in diagnostics})
+
+
+def ignored_parameters(cfg: MergeConfig) -> tuple:
+    """Notes for per-model parameters that the config gives but its method ignores, as mergekit
+    does (``MergeMethod.options["ignores"]``; e.g. slerp's per-model ``weight``)."""
+    method = get_method(cfg.merge_method)
+    return tuple(f"{cfg.merge_method} ignores per-model {p}, as in mergekit" for p in method.options.get("ignores", ())
+                 if any(p in prm for _, prm in cfg.models))
 
 
 def _stream(names, produce, writer, overlap: bool, written):

@@ -93,4 +93,4 @@ def apply(res: Resolved, chunks, stats: FusionStats, key) -> None:
 
 
 ARCEE_FUSION = MergeMethod("arcee_fusion", {}, {"weight": 1.0}, True, check, lambda res: "tensor", apply,
-                           tensor_stats=tensor_stats, rows=lambda res: True, options={"base_role": "endpoint"})
+                           tensor_stats=tensor_stats, rows=lambda res: True, options={"base_role": "endpoint", "ignores": ("weight",)})

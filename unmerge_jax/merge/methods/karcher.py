@@ -106,7 +106,7 @@ def tensor_stats(res: Resolved, chunks, key) -> Coefs:
 
 
 KARCHER = MergeMethod("karcher", {"max_iter": 10, "tol": 1e-5}, {"weight": 1.0}, False, check,
-                      lambda res: "tensor", apply_coefs, tensor_stats=tensor_stats, options={"base_role": "input"})
+                      lambda res: "tensor", apply_coefs, tensor_stats=tensor_stats, options={"base_role": "input", "ignores": ("weight",)})
 
 
 def summary(diagnostics: dict) -> str | None:

@@ -38,4 +38,4 @@ def apply(res: Resolved, chunks, stats, key) -> None:
 
 
 NEARSWAP = MergeMethod("nearswap", {"t": None}, {"weight": 1.0}, True, check, lambda res: "none", apply,
-                       options={"base_role": "endpoint", "required": ("t",)})
+                       options={"base_role": "endpoint", "required": ("t",), "ignores": ("weight",)})

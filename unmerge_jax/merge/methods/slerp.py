@@ -20,7 +20,8 @@ tensor takes a statistics pass (the float64 Gram of the vectors, O(K²) numbers:
   projects the units onto the tangent space at ``m/‖m‖`` and maps their weighted mean back, but
   that weighted tangent mean is exactly zero (``Σ w_k (u_k − (u_k·m̂) m̂) = m − ‖m‖ m̂ = 0``), so
   its float32 result is this one plus rounding. ``‖m‖ < eps``: with two models the weighted sum
-  ``w_0 x_0 + w_1 x_1``, otherwise refused. One model: that model unchanged.
+  ``w_0 x_0 + w_1 x_1``, otherwise refused — except where every vector is zero (no model changed
+  the tensor), which gives the base where mergekit refuses. One model: that model unchanged.
 
 References: Shoemake, "Animating rotation with quaternion curves" (SIGGRAPH 1985); mergekit's
 ``slerp``, ``nuslerp`` and ``multislerp`` methods.
@@ -93,7 +94,7 @@ def apply_coefs(res, chunks, stats, key) -> None:
 
 
 SLERP = MergeMethod("slerp", {"t": None}, {"weight": 1.0}, True, check_slerp, lambda res: "tensor", apply_coefs,
-                    tensor_stats=slerp_stats, options={"base_role": "endpoint", "required": ("t",)})
+                    tensor_stats=slerp_stats, options={"base_role": "endpoint", "required": ("t",), "ignores": ("weight",)})
 
 
 # ---------------------------------------------------------------- nuslerp
@@ -184,6 +185,8 @@ def multislerp_coefs(g: np.ndarray, weights, normalize: bool, eps: float, where:
     if normalize:
         w = w / w.sum()
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    if not norms.any():
+        return np.zeros_like(w)    # every vector zero (a tensor no model changed): the base
     s = 1.0 / (norms + eps)
     m = w * s
     mean_norm = float(np.sqrt(max(m @ g @ m, 0.0)))
