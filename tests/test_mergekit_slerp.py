@@ -95,13 +95,15 @@ def _compare(cfg, tmp_path, logits=False):
 GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
               {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
 
+SLOW = pytest.mark.slow   # extra cases beyond mergekit's own configurations (the default run keeps those)
+
 SLERP_CASES = [
     (["a", "b"], "a", {"t": 0.35}),                 # mergekit's test_slerp_merge
     (["a", "ft1"], "a", {"t": 0.35}),               # near-parallel tensors: the lerp branch
     (["a", "b"], "a", {"t": GRADIENT_T}),           # the Hub's usual per-layer gradient
-    (["b", "a"], "a", {"t": 0.0}),                  # t = 0: the base (listed second)
-    (["a", "b"], "a", {"t": 1.0}),                  # t = 1: the other model
-    (["b"], "a", {"t": 0.7}),                       # the base not listed among the models
+    pytest.param(["b", "a"], "a", {"t": 0.0}, marks=SLOW),     # t = 0: the base (listed second)
+    pytest.param(["a", "b"], "a", {"t": 1.0}, marks=SLOW),     # t = 1: the other model
+    pytest.param(["b"], "a", {"t": 0.7}, marks=SLOW),          # the base not listed among the models
 ]
 
 
@@ -119,7 +121,8 @@ def test_slerp_endpoints_are_the_inputs_exactly(models, tmp_path):
             np.testing.assert_array_equal(got[n], want[n], err_msg=f"t={t} {n}")
 
 
-NUSLERP_CASES = [({"nuslerp_row_wise": rw, "nuslerp_flatten": fl}, base, (0.6, 0.4))
+NUSLERP_CASES = [pytest.param({"nuslerp_row_wise": rw, "nuslerp_flatten": fl}, base, (0.6, 0.4),
+                              marks=SLOW if base is None and (rw or fl) else ())
                  for base in (None, "c") for rw in (False, True) for fl in (False, True)]
 NUSLERP_CASES.append(({"nuslerp_row_wise": False, "nuslerp_flatten": False}, "c", (-0.5, 0.5)))   # Σw = 0: t = 0.5
 
@@ -132,9 +135,9 @@ def test_nuslerp_matches_mergekit(models, tmp_path, params, base, weights):
 
 @pytest.mark.parametrize("names,base,params,weights", [
     (["a", "b"], "c", None, (0.6, 0.4)),                       # mergekit's test_multislerp_merge
-    (["a", "b", "c"], None, None, (0.5, 0.2, 0.3)),
+    pytest.param(["a", "b", "c"], None, None, (0.5, 0.2, 0.3), marks=SLOW),
     (["ft1", "ft2", "b"], "a", {"normalize_weights": False}, (0.5, 0.2, 0.3)),
-    (["ft1"], "a", None, (0.6,)),                              # one model: that model
+    pytest.param(["ft1"], "a", None, (0.6,), marks=SLOW),     # one model: that model
 ])
 def test_multislerp_matches_mergekit(models, tmp_path, names, base, params, weights):
     _compare(_config(models, "multislerp", names, base, params, weights), tmp_path, logits=len(names) == 2)
@@ -142,11 +145,11 @@ def test_multislerp_matches_mergekit(models, tmp_path, names, base, params, weig
 
 @pytest.mark.parametrize("names,base,params", [
     (["a", "b"], "c", {"max_iter": 5, "tol": 1e-5}),     # mergekit's test_karcher_merge (the base is an input)
-    (["a", "b", "c"], None, None),                       # defaults, no base
+    pytest.param(["a", "b", "c"], None, None, marks=SLOW),   # defaults, no base
     # Unequal angles (two fine-tunes of a near each other, b far), so the iteration moves the mean:
     (["ft1", "ft2", "b"], None, None),
-    (["ft1", "b"], "a", {"max_iter": 1}),                # stopped after one step
-    (["ft1", "b", "a"], "a", {"max_iter": 3}),           # the base listed among the models: once
+    pytest.param(["ft1", "b"], "a", {"max_iter": 1}, marks=SLOW),        # stopped after one step
+    pytest.param(["ft1", "b", "a"], "a", {"max_iter": 3}, marks=SLOW),   # the base listed among the models: once
 ])
 def test_karcher_matches_mergekit(models, tmp_path, names, base, params):
     _compare(_config(models, "karcher", names, base, params, (0.6, 0.4, 0.5)), tmp_path, logits=base == "c")
@@ -169,13 +172,13 @@ def test_karcher_reports_convergence_per_tensor(models, tmp_path):
 @pytest.mark.parametrize("names,t", [
     (["a", "b"], 0.0001),      # mergekit's test_nearswap_merge
     (["a", "ft1"], 0.005),     # a fine-tune: many entries within t
-    (["ft1"], 0.02),
+    pytest.param(["ft1"], 0.02, marks=SLOW),
 ])
 def test_nearswap_matches_mergekit(models, tmp_path, names, t):
     _compare(_config(models, "nearswap", names, "a", {"t": t}), tmp_path, logits=t == 0.005)
 
 
-FUSION_CASES = [["a", "b"], ["a", "ft1"], ["ft2"]]   # the first: mergekit's test_arcee_fusion_merge
+FUSION_CASES = [["a", "b"], ["a", "ft1"], pytest.param(["ft2"], marks=SLOW)]   # the first: mergekit's test_arcee_fusion_merge
 
 
 @pytest.mark.parametrize("names", FUSION_CASES)
