@@ -54,7 +54,9 @@ def _help() -> str:
     methods = []
     for name, m in MERGE_METHODS.items():
         defaults = {**m.per_model, **{k: v for k, v in m.shared.items() if v is not None}}
-        methods.append(f"  {name:<17}" + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+        defaults.update({k: None for k in m.options.get("required", ())})   # no default: must be given
+        methods.append(f"  {name:<17}" + ", ".join(f"{k}={'required' if v is None else v}"
+                                                    for k, v in sorted(defaults.items())))
     faces = []
     for name, face in FACES.items():
         aliases = [a for a, c in ALIASES.items() if c == name]
@@ -96,6 +98,11 @@ def run(args) -> int:
               file=sys.stderr)
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
+    from unmerge_jax.merge.methods.karcher import summary
+
+    converged = summary(res.diagnostics)
+    if converged:
+        print(converged)
     lam = f"; RAM lambdas {[round(x, 4) for x in res.lambdas]}" if res.lambdas else ""
     print(f"merged {res.n_merged} of {res.n_tensors} tensors ({res.bytes_written / 1e9:.3f} GB) into {res.out} "
           f"in {res.seconds:.1f} s{lam}")

@@ -204,21 +204,28 @@ def test_every_method_refuses_a_nonfinite_input_at_its_index(method, where):
     """Every registry entry, NaN/Inf in the base or an input at an entry the method would drop
     (a small |δ|: trimmed by TIES, dropped by RAM's masks): an error naming the input and index,
     for one chunk and for many (the first index is the tensor's first, not the chunk's)."""
+    from tests.test_merge_registry import REFERENCES, _k
+
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 50)).astype(np.float32)
-    d = (0.1 * rng.standard_normal((3, 6, 50))).astype(np.float32)
+    k = _k(method)                                # methods that take a fixed number of models
+    bad = min(1, k - 1)
+    d = (0.1 * rng.standard_normal((3, 6, 50))).astype(np.float32)[:k]
     idx = (4, 17)
     if where == "base":
         base[idx] = np.nan
     else:
-        d[1][idx] = np.nan if where == "model" else np.inf
-        d[1][5, 40] = np.nan                      # a later one: not the one named
+        d[bad][idx] = np.nan if where == "model" else np.inf
+        d[bad][5, 40] = np.nan                    # a later one: not the one named
     params = {"density": 0.5} if "density" in MERGE_METHODS[method].per_model else {}
+    params = {**REFERENCES[method][1][0], **params}   # required parameters (slerp's t)
+    if MERGE_METHODS[method].per_model.get("weight", 1.0) is None:
+        params["weight"] = [1.0] * k              # a required per-model weight
     for chunk in (None, 7):
         kw = {} if chunk is None else {"chunk": chunk}
         with pytest.raises(NonFinite) as err:
             _merge_in_memory(method, base, d, params, **kw)
-        assert err.value.index == idx and err.value.culprit == ("base" if where == "base" else 1)
+        assert err.value.index == idx and err.value.culprit == ("base" if where == "base" else bad)
         assert "(4, 17)" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -228,8 +235,10 @@ def _merge_in_memory(method, base, d, params, chunk=None):
     from unmerge_jax.merge.params import resolve
     from unmerge_jax.merge.tensor import merge_resolved
 
-    per_model = [{"density": params["density"]} if params else {} for _ in d]
-    return merge_resolved(resolve(method, len(d), {}, per_model), base.copy(), tuple(d), chunk=chunk)
+    per_model = [{n: params[n] if n == "density" else params[n][i] for n in ("density", "weight") if n in params}
+                 for i in range(len(d))]
+    shared = {n: v for n, v in params.items() if n not in ("density", "weight")}
+    return merge_resolved(resolve(method, len(d), shared, per_model), base.copy(), tuple(d), chunk=chunk)
 
 
 def test_a_merged_value_beyond_the_limit_is_refused_and_finite_merges_are_unchanged():

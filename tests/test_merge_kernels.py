@@ -129,11 +129,27 @@ def test_density_one_is_plain_weighted_merge(method):
     close(merge_tensors(method, base, d, w, density=1.0, seed=3), want)
 
 
+def _required(method, k):
+    """The parameters a method cannot run without (slerp's ``t``, nuslerp's per-model ``weight``),
+    from its first case in tests/test_merge_registry.py."""
+    from tests.test_merge_registry import REFERENCES
+
+    spec = MERGE_METHODS[method]
+    params = {n: v for n, v in REFERENCES[method][1][0].items() if n in spec.options.get("required", ())}
+    if spec.per_model.get("weight", 1.0) is None:
+        params["weight"] = [1.0] * k
+    return params
+
+
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_all_zero_deltas_return_base(method):
+    from tests.test_merge_registry import _k
+
     base, d = _data()
-    got = merge_tensors(method, base, np.zeros_like(d), density=0.5) if "density" in MERGE_METHODS[method].params \
-        else merge_tensors(method, base, np.zeros_like(d))
+    d = d[:_k(method)]
+    req = _required(method, len(d))
+    got = merge_tensors(method, base, np.zeros_like(d), density=0.5, **req) if "density" in MERGE_METHODS[method].params \
+        else merge_tensors(method, base, np.zeros_like(d), **req)
     np.testing.assert_array_equal(np.asarray(got), base)
 
 
@@ -148,10 +164,23 @@ def test_sign_election_tie_elects_plus():
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_single_model(method):
+    from tests.test_merge_registry import REFERENCES, _k
+
     base, d = _data(k=1)
     if method == "model_stock":                  # mergekit: at least 2 models besides the base
         with pytest.raises(UnmergeError, match="at least 2 models"):
             merge_tensors(method, base, d, [0.7])
+        return
+    if method in REFERENCES and (_k(method) != 3 or MERGE_METHODS[method].options.get("base_role")):
+        # The spherical and per-tensor methods: K = 1 is their registry reference, or refused by
+        # those that take exactly two models (nuslerp).
+        if _k(method) == 2:
+            with pytest.raises(UnmergeError, match="exactly two models"):
+                merge_tensors(method, base, d, [0.7])
+            return
+        params = REFERENCES[method][1][0]
+        got = np.asarray(merge_tensors(method, base, d, [0.7], **params), np.float64)
+        close(got, REFERENCES[method][0](base, d, np.asarray([0.7]), params, None))
         return
     got = np.asarray(merge_tensors(method, base, d, [0.7]), np.float64)
     if method in ("linear", "ties", "della", "sce"):   # normalised (sce: by its own weights): the model
@@ -245,7 +274,7 @@ def test_in_jit_topk_mask_matches_numpy():
     (lambda b, d: merge_tensors("ties", b, d, [1, -1, 0], density=0.5), "sum to zero"),
     (lambda b, d: merge_tensors("ties", b, d, density=0.0), "outside"),
     (lambda b, d: merge_tensors("dare_ties", b, d, density=[0.5, 1.5, 0.5]), "outside"),
-    (lambda b, d: merge_tensors("slerp", b, d), "unknown merge method"),
+    (lambda b, d: merge_tensors("frankenmerge", b, d), "unknown merge method"),
     (lambda b, d: merge_tensors("ties", b, d, dencity=0.5), "unknown parameter 'dencity'"),
     (lambda b, d: merge_tensors("ram", b, d, face="nope"), "unknown RAM face"),
     (lambda b, d: merge_tensors("task_arithmetic", b, [d[0], d[1][:3]]), "shape mismatch"),

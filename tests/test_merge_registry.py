@@ -269,6 +269,114 @@ _BREADCRUMBS_CASES = [{"density": 0.5}, {"density": [0.3, 0.6, 0.9], "gamma": 0.
                       {"density": 0.5, "lambda": 0.7, "normalize": True}, {"density": 1.0}]
 _DELLA_CASES = [{"density": 0.5}, {"density": [0.3, 0.6, 0.8], "epsilon": 0.1}, {"density": 0.4, "rescale": False},
                 {"density": 0.5, "epsilon": 0.0, "lambda": 1.3}, {"density": 1.0}]
+def np_slerp(t, a, b):
+    """mergekit ``slerp`` of whole tensors in float64: norms ≤ 1e-8 count as 1; lerp where
+    |cos| > 0.9995, else (sin((1−t)θ) a + sin(tθ) b) / sin θ."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = np.clip(np.sum((a / na) * (b / nb)), -1, 1)
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    th = np.arccos(dot)
+    return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
+
+
+def np_nuslerp(t, v0, v1, axis=None):
+    """mergekit ``nuslerp`` in float64 along ``axis`` (None: the flattened tensor): units with norms
+    floored at 1e-7, colinear (1 − cos² ≤ 1e-16) → lerp."""
+    v0, v1 = np.asarray(v0, np.float64), np.asarray(v1, np.float64)
+    shape = v0.shape
+    if axis is None:
+        v0, v1, axis = v0.reshape(1, -1), v1.reshape(1, -1), -1
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-7)
+    cos = np.clip(np.sum(unit(v0) * unit(v1), axis=axis, keepdims=True), -1, 1)
+    col = (1 - cos ** 2) <= 1e-16
+    th = np.arccos(np.where(col, 0.0, cos))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sph = (np.sin((1 - t) * th) * v0 + np.sin(t * th) * v1) / np.sin(th)
+    return np.where(col, (1 - t) * v0 + t * v1, sph).reshape(shape)
+
+
+def ref_slerp(base, d, w, p, masks):
+    return np_slerp(p["t"], base, np.asarray(base, np.float64) + d[0])
+
+
+def ref_nuslerp(base, d, w, p, masks):
+    t = 0.5 if abs(w[0] + w[1]) < 1e-6 else w[1] / (w[0] + w[1])
+    flat, row_wise = p.get("nuslerp_flatten", True), p.get("nuslerp_row_wise", False)
+    axis = None if flat or base.ndim < 2 else (0 if row_wise else -1)
+    return base + np_nuslerp(t, d[0], d[1], axis)
+
+
+def np_multislerp(x, w, normalize=True, eps=1e-8):
+    """mergekit ``multislerp`` of the (K, ...) vectors ``x`` in float64, every step as mergekit writes
+    it (units, weighted mean, tangent projection, exponential map, mean norm)."""
+    x = np.asarray(x, np.float64)
+    flat = x.reshape(len(x), -1)
+    w = np.asarray(w, np.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mn = np.linalg.norm(mean)
+    if mn < eps:
+        assert len(x) == 2
+        return (x[0] * w[0] + x[1] * w[1])
+    mean = mean / mn
+    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    tn = np.linalg.norm(tangent) + eps
+    res = mean * np.cos(tn) + tangent * (np.sin(tn) / tn)
+    return (res * (norms[:, 0] * w).sum()).reshape(x.shape[1:])
+
+
+def ref_multislerp(base, d, w, p, masks):
+    if len(d) == 1:
+        return base + np.asarray(d[0], np.float64)
+    return base + np_multislerp(d, w, p.get("normalize_weights", True), p.get("eps", 1e-8))
+
+
+def ref_karcher(base, d, w, p, masks):
+    from tests.test_merge_karcher import np_karcher
+
+    return np_karcher(np.asarray(base, np.float64) + d, p.get("max_iter", 10), p.get("tol", 1e-5))[0]
+
+
+def np_nearswap(t, a, b):
+    """mergekit ``nearswap``: w = clip(t / max(|a − b|, 1e-6), 0, 1), w b + (1 − w) a (float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
+    return w * b + (1 - w) * a
+
+
+def ref_nearswap(base, d, w, p, masks):
+    return np_nearswap(p["t"], base, np.asarray(base, np.float64) + d[0])
+
+
+def np_arcee_fusion(a, b):
+    """mergekit ``arcee_fusion`` in float64: importance |b − a|·KL(softmax(b_row)+1e-8 ‖ softmax(a_row)+1e-8),
+    threshold median + 1.5·IQR from the sorted importances at ⌊q(n−1)⌋, keep b − a where ≥ it."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(b) + 1e-8, softmax(a) + 1e-8
+    imp = np.abs(b - a) * np.sum(p * np.log(p / q), -1, keepdims=True)
+    srt = np.sort(imp.ravel())
+    q1, med, q3 = (srt[int(np.float32(x) * np.float32(srt.size - 1))] for x in (0.25, 0.5, 0.75))
+    return a + (b - a) * (imp >= med + 1.5 * (q3 - q1))
+
+
+def ref_arcee_fusion(base, d, w, p, masks):
+    return np_arcee_fusion(base, np.asarray(base, np.float64) + d[0])
+
+
+# Methods that take a fixed number of models besides the base (the others get 3).
+N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
 
 _DARE_CASES = [{"density": [0.3, 0.5, 0.7]}, {"density": 0.5, "rescale": "inverse_density"},
                {"density": 0.4, "rescale": False}, {"density": 0.6, "lambda": 0.7}, {"density": 1.0}]
@@ -292,6 +400,12 @@ REFERENCES = {
     "della": (_ref_della(True), _DELLA_CASES),
     "della_linear": (_ref_della(False), _DELLA_CASES),
     "sce": (ref_sce, [{}, {"select_topk": 0.3}, {"select_topk": 0.7, "int8_mask": True}, {"select_topk": 0.0}]),
+    "slerp": (ref_slerp, [{"t": 0.35}, {"t": 0.0}, {"t": 1.0}, {"t": -0.2}]),
+    "nuslerp": (ref_nuslerp, [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]),
+    "multislerp": (ref_multislerp, [{}, {"normalize_weights": False}, {"eps": 1e-3}]),
+    "karcher": (ref_karcher, [{}, {"max_iter": 2}, {"max_iter": 40, "tol": 1e-9}]),
+    "nearswap": (ref_nearswap, [{"t": 0.0001}, {"t": 0.05}, {"t": 10.0}, {"t": 0.0}]),
+    "arcee_fusion": (ref_arcee_fusion, [{}]),
 }
 
 
@@ -305,9 +419,10 @@ def _data(shape=(31, 17), seed=5, k=3):
     return base, d
 
 
-def _resolved(name, params, k=3, weights=WEIGHTS):
+def _resolved(name, params, k=None, weights=WEIGHTS):
+    k = _k(name) if k is None else k
     p = dict(params)
-    per_model = [{"weight": w} for w in weights]
+    per_model = [{"weight": w} for w in weights[:k]]
     if isinstance(p.get("density"), list):
         for pm, dd in zip(per_model, p.pop("density")):
             pm["density"] = dd
@@ -325,6 +440,11 @@ def _inputs(base, d, deltas):
 
 def _cases(name):
     return REFERENCES[name][1]    # KeyError (a failure) for an entry without a reference
+
+
+def _k(name):
+    """How many models (besides the base) the tests give method ``name``: 3 unless it takes a fixed number."""
+    return N_MODELS.get(name, 3)
 
 
 @pytest.fixture
@@ -360,7 +480,7 @@ def test_entry_has_a_reference(name):
 def test_equals_reference(name, deltas):
     ref = REFERENCES[name][0]
     method = MERGE_METHODS[name]
-    base, d = _data()
+    base, d = _data(k=_k(name))
     for params in _cases(name):
         res = _resolved(name, params)
         ts, dd = _inputs(base, d, deltas)
@@ -368,17 +488,17 @@ def test_equals_reference(name, deltas):
         if method.masks is not None:
             masks = method.masks(res, base, dd, merge_key(SEED, NAME))
         got = merge_resolved(res, base, ts, seed=SEED, name=NAME, deltas=deltas)
-        want = ref(base, dd, np.asarray(WEIGHTS), params, masks)
+        want = ref(base, dd, np.asarray(WEIGHTS[:len(d)]), params, masks)
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=ATOL, err_msg=f"{name} {params}")
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_public_entry_point_equals_resolved_run(name):
-    base, d = _data()
+    base, d = _data(k=_k(name))
     params = _cases(name)[0]
     res = _resolved(name, params)
     kw = dict(params)
-    got = merge_tensors(name, base, d, list(WEIGHTS), seed=SEED, name=NAME, **kw)
+    got = merge_tensors(name, base, d, list(WEIGHTS[:len(d)]), seed=SEED, name=NAME, **kw)
     np.testing.assert_array_equal(np.asarray(got), merge_resolved(res, base, tuple(d), seed=SEED, name=NAME))
 
 
@@ -389,7 +509,7 @@ def test_chunk_size_does_not_change_the_result(name, deltas):
     result (magnitudes tied across chunk boundaries). Not 1: XLA compiles a one-entry chunk to
     scalar code whose division by the scalar Σw (linear, normalised task arithmetic) rounds
     differently in the last bit."""
-    base, d = _data()
+    base, d = _data(k=_k(name))
     ts, _ = _inputs(base, d, deltas)
     for params in _cases(name):
         res = _resolved(name, params)
@@ -418,7 +538,9 @@ def _merge_model(res, tensors, order, chunk):
 def test_visiting_order_does_not_change_the_result(name):
     """Tensors of three shapes (one chunk, several chunks with a padded tail) merged a → b → c and
     c → b → a give identical tensors: no state is carried from one tensor to the next."""
-    tensors = {"a.weight": _data((3, 5), seed=1), "b.weight": _data((40, 9), seed=2), "c.bias": _data((200,), seed=3)}
+    k = _k(name)
+    tensors = {"a.weight": _data((3, 5), seed=1, k=k), "b.weight": _data((40, 9), seed=2, k=k),
+               "c.bias": _data((200,), seed=3, k=k)}
     for params in _cases(name):
         res = _resolved(name, params)
         fwd = _merge_model(res, tensors, ["a.weight", "b.weight", "c.bias"], chunk=97)
@@ -445,7 +567,7 @@ def test_trace_counter_sees_a_trace(traces):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_second_call_does_not_retrace(name, traces):
-    base, d = _data()
+    base, d = _data(k=_k(name))
     for params in _cases(name):
         merge_resolved(_resolved(name, params), base, tuple(d), seed=SEED, name=NAME)
         traces.clear()

@@ -14,6 +14,8 @@ temporary is needed:
 * :func:`topk_counts` — mergekit's ``k = max(1, int(density · n))``.
 * :func:`tie_cuts` — where each chunk stops keeping entries tied at the threshold, so that the
   first ones of the tensor by position complete the top k and the apply kernel stays elementwise.
+* :func:`order_keys` — order-preserving uint32 keys of float32 values of any sign (for order
+  statistics of signed values with the same selection functions).
 * :func:`percentile_ranks`, :func:`percentile_from_order` — NumPy's linear-interpolation
   percentile from two order statistics, rounded so that ``x ≥ thr`` in float32 is exactly
   ``x ≥ np.percentile(x, q)`` in float64.
@@ -306,3 +308,17 @@ def row_ranks(bits: np.ndarray, row_len: int) -> np.ndarray:
     ranks = np.empty(n_rows * row_len, np.int32)
     ranks[order.reshape(-1)] = np.tile(np.arange(row_len, dtype=np.int32), n_rows)
     return ranks
+
+
+def order_keys(x, inverse: bool = False) -> np.ndarray:
+    """Order-preserving uint32 keys of float32 values of any sign (``inverse``: keys back to float32).
+
+    A non-negative float's bit pattern gets the top bit set, a negative one's is inverted, so that
+    key order is value order (−0 just below +0; NaN with the sign bit clear above +inf). The
+    selection functions here then find order statistics of signed values (arcee_fusion's
+    importances, which a rounded negative KL can make negative)."""
+    if inverse:
+        k = np.asarray(x, np.uint32)
+        return np.where(k >> 31, k & np.uint32(0x7FFFFFFF), ~k).astype(np.uint32).view(np.float32)
+    b = np.asarray(x, np.float32).view(np.uint32)
+    return np.where(b >> 31, ~b, b | np.uint32(0x80000000)).astype(np.uint32)

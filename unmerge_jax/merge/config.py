@@ -270,7 +270,14 @@ def load_config(config) -> MergeConfig:
                                f"per-model parameters: {', '.join(sorted(spec.per_model))}")
         models.append((parse_ref(entry, resolve_path, what), dict(params)))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
-    models = [(r, prm) for r, prm in models if base is None or r != base_ref or not spec.needs_base]
+    # The base's role in the methods that take one without task vectors (``MergeMethod.options``):
+    # "origin" (nuslerp, multislerp: it is dropped from the models, as a needed base is) or "input"
+    # (karcher: mergekit adds it to the inputs when it is not listed).
+    role = spec.options.get("base_role")
+    models = [(r, prm) for r, prm in models
+              if base is None or r != base_ref or not (spec.needs_base or role == "origin")]
+    if base is not None and role == "input" and all(r != base_ref for r, _ in models):
+        models.append((base_ref, {}))
     if not models:
         raise UnmergeError(f"{where}: no models to merge (list them under 'models:')")
     if method == "passthrough" and len(models) != 1:

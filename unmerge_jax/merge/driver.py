@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from unmerge_jax.merge.card import CARD_NAME, model_card
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
+from unmerge_jax.merge.params import get_method
 from unmerge_jax.merge.refs import LoraApplied, weights_source
 from unmerge_jax.merge.tensor import merge_resolved
 from unmerge_jax.merge import tokenizer as tokenization
@@ -67,7 +68,8 @@ class MergeResult:
     seconds: float
     lambdas: list | None = None   # per-model numbers of a whole-model pass (RAM's unique-region scales)
     skipped: tuple = ()           # side files not copied: links to files outside the source model directory
-    notes: tuple = ()             # the one-line notes printed at run time (where mergekit's semantics or the tokenizer handling may surprise)
+    notes: tuple = ()             # one-line notes printed at run time (mergekit semantics, tokenizer, ignored parameters)
+    diagnostics: dict = field(default_factory=dict)   # tensor name → a method's per-tensor report (karcher)
 
 
 def _note(notes: list, text: str) -> None:
@@ -310,7 +312,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     cfg = load_config(config)
     compute = check_compute_dtype(compute_dtype, cfg.merge_method)
     notes: list = []
-    for text in cfg.notes:
+    for text in (*cfg.notes, *ignored_parameters(cfg)):
         _note(notes, text)
     if cfg.dtype in ("bfloat16", "float16") and compute == "float32":
         _note(notes, f"dtype: {cfg.dtype}: merging in float32 and rounding once on output (mergekit computes in "
@@ -341,6 +343,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     first = next(iter(res_by_name.values()), None)
     plan = [(n, shapes[n], tag if n in res_by_name else ref.dtype(n)) for n in names]
     n_merged = 0
+    diagnostics: dict = {}
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         if first is not None and first.method.statistics(first) == "model":
             lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk)
@@ -371,7 +374,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
                 out = b if b.flags.writeable else b.copy()
                 try:
                     merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
-                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit)
+                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
                 except NonFinite as err:
                     raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
                 return name, out, True, slot
@@ -406,7 +409,16 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
         (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
-                       tuple(notes) + (tuple(toks.notes) if toks is not None else ()))
+                       tuple(notes) + (tuple(toks.notes) if toks is not None else ()),
+                       {n: diagnostics[n] for n in names if n in diagnostics})
+
+
+def ignored_parameters(cfg: MergeConfig) -> tuple:
+    """Notes for per-model parameters that the config gives but its method ignores, as mergekit
+    does (``MergeMethod.options["ignores"]``; e.g. slerp's per-model ``weight``)."""
+    method = get_method(cfg.merge_method)
+    return tuple(f"{cfg.merge_method} ignores per-model {p}, as in mergekit" for p in method.options.get("ignores", ())
+                 if any(p in prm for _, prm in cfg.models))
 
 
 def _merge_bf16(name, res, b, ts, deltas, base, models, limit) -> np.ndarray:

@@ -55,7 +55,7 @@ def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = No
     for n, default in spec.per_model.items():
         cols[n] = np.asarray([as_float(f"{n} of model {i}", p.get(n, shared.get(n, default)))
                               for i, p in enumerate(per_model)], dtype=np.float64)
-    weights = cols["weight"]
+    weights = cols.get("weight", np.ones(k))   # methods without per-model weights (slerp, karcher)
     density = cols.get("density", np.ones(k))
     # Other per-input parameters (passthrough's ``scale``) reach the method's check as (K,) columns.
     out.update({n: c for n, c in cols.items() if n not in ("weight", "density")})

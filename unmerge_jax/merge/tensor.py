@@ -23,7 +23,7 @@ from unmerge_jax.merge.params import get_method, resolve
 
 def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "", deltas: bool = True,
                    model_stats=None, chunk: int = CHUNK, out: np.ndarray | None = None,
-                   limit: float = np.inf) -> np.ndarray:
+                   limit: float = np.inf, diagnostics: dict | None = None) -> np.ndarray:
     """Run a resolved method on one tensor, streamed in chunks of ``chunk`` elements.
 
     Args:
@@ -37,6 +37,8 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
       out: float32 buffer of shape ``S`` for the result; may be ``base`` itself.
       limit: every merged value must be finite and below this in magnitude (the largest float32
         the output dtype holds; ``inf`` for float32 outputs).
+      diagnostics: a dict that receives ``diagnostics[name]``, the per-tensor report of a method
+        whose statistics carry one (``stats.diagnostics``, e.g. karcher's convergence).
     Returns:
       the merged float32 NumPy array (``out`` when given).
     Raises:
@@ -59,6 +61,12 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
             method.apply(res, chunks, stats, key)
     except NonFinite as err:
         raise err.named(name) from None
+    except UnmergeError as err:   # a tensor the method cannot merge (multislerp's zero mean): name it
+        if name and name not in str(err):
+            raise UnmergeError(f"tensor {name}: {err}") from None
+        raise
+    if diagnostics is not None and getattr(stats, "diagnostics", None) is not None:
+        diagnostics[name] = stats.diagnostics
     return chunks.out
 
 

@@ -7,7 +7,7 @@ file ``tests/test_merge_registry.py`` all read this dict.
 """
 
 from unmerge_jax.merge.base import MergeMethod  # noqa: F401
-from unmerge_jax.merge.methods import gta, model_stock, passthrough, ram, sce
+from unmerge_jax.merge.methods import fusion, gta, karcher, model_stock, nearswap, passthrough, ram, sce, slerp
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": gta.LINEAR,
@@ -24,4 +24,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "della": gta.DELLA,
     "della_linear": gta.DELLA_LINEAR,
     "sce": sce.SCE,
+    "slerp": slerp.SLERP,
+    "nuslerp": slerp.NUSLERP,
+    "multislerp": slerp.MULTISLERP,
+    "karcher": karcher.KARCHER,
+    "nearswap": nearswap.NEARSWAP,
+    "arcee_fusion": fusion.ARCEE_FUSION,
 }

@@ -22,7 +22,6 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge_stock as S
 from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool
-from unmerge_jax.merge.notes import note_once
 
 
 def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.ndarray, at: str) -> dict:
@@ -32,8 +31,6 @@ def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.nd
     if len(weights) < 2:
         raise UnmergeError(f"merge method 'model_stock' needs at least 2 models besides the base_model{at} (it "
                            f"averages their pairwise cosines); add a model")
-    if np.any(np.asarray(weights) != 1.0):
-        note_once("model_stock ignores per-model weight, as in mergekit 0.1.5")
     return out
 
 
@@ -65,4 +62,4 @@ def apply(res: Resolved, chunks, stats, key) -> None:
 
 
 MODEL_STOCK = MergeMethod("model_stock", {"filter_wise": False}, {"weight": 1.0}, True, check, statistics, apply,
-                          tensor_stats=tensor_stats, rows=rows)
+                          tensor_stats=tensor_stats, rows=rows, options={"ignores": ("weight",)})

@@ -26,7 +26,6 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge_sce as S
 from unmerge_jax.merge.base import MergeMethod, Resolved, as_bool, as_float
-from unmerge_jax.merge.notes import note_once
 from unmerge_jax.orderstats import select_ranks, tie_cuts
 
 NONE_SELECTED = np.uint32(0xFFFFFFFF)
@@ -49,8 +48,6 @@ def check(method: MergeMethod, shared: dict, weights: np.ndarray, density: np.nd
     if out["select_topk"] > 1.0:
         raise UnmergeError(f"select_topk {out['select_topk']:g} is above 1{at}; give the fraction of entries to keep "
                            f"by variance, in [0, 1] (1: all)")
-    if np.any(np.asarray(weights) != 1.0):
-        note_once("sce ignores per-model weight (it computes its own), as in mergekit 0.1.5")
     return out
 
 
@@ -117,4 +114,4 @@ def apply(res: Resolved, chunks, stats: SCEStats, key) -> None:
 
 
 SCE = MergeMethod("sce", {"select_topk": 1.0, "int8_mask": False}, {"weight": 1.0}, True, check, statistics, apply,
-                  tensor_stats=tensor_stats)
+                  tensor_stats=tensor_stats, options={"ignores": ("weight",)})
