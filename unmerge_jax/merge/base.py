@@ -19,13 +19,14 @@ Statistics passes (``STATISTICS``):
 
 from __future__ import annotations
 
+import difflib
 import math
 import reprlib
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from unmerge_jax.errors import UnmergeError, check_choice
+from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels.random import name_hash
 from unmerge_jax.stats import check_seed   # one seed rule for every command: 32-bit, refused rather than folded
 
@@ -132,11 +133,19 @@ class MergeMethod(NamedTuple):
 
 
 def check_name(what: str, value, choices) -> None:
-    """:func:`~unmerge_jax.errors.check_choice` for a name a user typed: a non-string, or one too
-    long to be any of ``choices``, is refused with a bounded quote of it."""
-    if not isinstance(value, str) or len(value) > 80:
-        raise UnmergeError(f"unknown {what} {short(value)}; choose one of: {', '.join(sorted(map(str, choices)))}")
-    check_choice(what, value, choices)
+    """Refuse a name a user typed that is not one of ``choices``, in one short line: the value is
+    quoted bounded (a non-string or a 100 kB string stays short), and a long list of choices (the
+    merge-method registry) is replaced by the closest names and a pointer to ``--help``."""
+    if isinstance(value, str) and value in choices:
+        return
+    names = sorted(map(str, choices))
+    listed = ", ".join(names)
+    if len(listed) > 160:   # the merge-method registry: keep the error one short line
+        close = difflib.get_close_matches(value, names, n=3, cutoff=0.5) if isinstance(value, str) else []
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnmergeError(f"unknown {what} {short(value)}; {hint}{len(names)} choices, listed by "
+                           f"`unmerge merge --help`")
+    raise UnmergeError(f"unknown {what} {short(value)}; choose one of: {listed}")
 
 
 def as_bool(what: str, v) -> bool:
