@@ -151,6 +151,8 @@ def errors(va: VariantAttribution, kinds: set[str] | None = None, limit: int = 1
         if not found:
             continue
         m = str(at.method[t])
+        if "category" in found and spec.category == "unknown" and r["present"]:
+            wrong_entries.append(f"present {r['present'].replace(';', ', ')}")
         out.append({"target": spec.name, "category": spec.category, "merge_method": spec.merge_method,
                     "kinds": sorted(found), "entries": "; ".join(wrong_entries),
                     "predicted_category": r["predicted_category"], "predicted_method": r["predicted_method"],
