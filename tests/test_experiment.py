@@ -64,8 +64,7 @@ def test_targets_match_the_paper_design():
 def _small_synthetic():
     return dataclasses.replace(get_preset("synthetic"), name="synthetic-small", per_category=4, seeds=2,
                                synthetic=SyntheticSpec(hidden_size=32, num_hidden_layers=2), top_k=512,
-                               grid={"nnls": {}, "omp": {"n_nonzero_coefs": [1, 2, 3]}, "ridge": {"alpha": [1e-8]}},
-                               boot=50)  # fewer replicates than the presets: the 200-replicate program compiles for ~30 s
+                               grid={"nnls": {}, "omp": {"n_nonzero_coefs": [1, 2, 3]}, "ridge": {"alpha": [1e-8]}})
 
 
 def test_synthetic_experiment_outputs_and_byte_identical_rerun(tmp_path):

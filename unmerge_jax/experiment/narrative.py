@@ -101,7 +101,12 @@ def attribution_markdown(runs: pd.DataFrame, attributions: dict, meta: dict) -> 
 
     if not attributions:
         return ""
+    from unmerge_jax.attribution import CALIBRATED_SEEDS
+
     rules = next(iter(attributions.values())).attribution.rules
+    boot = meta.get("boot") or 0
+    coarse = (f" These statistics hold {boot} replicates, fewer than the {CALIBRATED_SEEDS} the rules were calibrated "
+              f"with: the intervals are coarser than the rules assume." if boot < CALIBRATED_SEEDS else "")
     lines = ["## Attribution\n",
              f"Per target, `unmerge_jax.attribute` decides which dictionary entries are present (bootstrap interval "
              f"of each entry's left-out share over {meta.get('boot', '?')} replicates of the same Gram pass, against "
@@ -114,7 +119,7 @@ def attribution_markdown(runs: pd.DataFrame, attributions: dict, meta: dict) -> 
              f"`runs.csv` keeps the paper's support |a| > 1e-8 in `precision`/`recall`/`perfect_match`; its "
              f"`present_*` columns (NNLS rows) hold the present set's scores. Task arithmetic and linear with "
              f"uniform weights summing to 1 are one formula: both count as `task_arithmetic` when identifying "
-             f"the method.\n"]
+             f"the method.{coarse}\n"]
     for variant, va in attributions.items():
         comp = runs[runs["variant"] == variant]
         plain = _nnls_support(comp)
