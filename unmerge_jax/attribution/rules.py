@@ -88,6 +88,8 @@ def _key(method: str) -> str:
 
 
 DEFAULT_RULES = Rules()
+# The problems DEFAULT_RULES were calibrated on (reports say whether a run is one of them).
+CALIBRATION = {"presets": ("synthetic",), "seeds": (0, 1, 2, 3, 4), "variants": ("compressed", "full")}
 
 # Method names the decisions report (task arithmetic and linear are one formula here).
 METHODS = ("task_arithmetic", "ties", "dare")

@@ -40,6 +40,7 @@ class ExperimentResult(NamedTuple):
       tables: ``{table name: markdown}`` (the content of ``tables.md``).
       targets: the target specifications.
       timings: seconds per stage.
+      attributions: ``{variant: VariantAttribution}`` (decisions, scores, the Must-show figures).
     """
 
     out: Path
@@ -47,6 +48,7 @@ class ExperimentResult(NamedTuple):
     tables: dict
     targets: list
     timings: dict
+    attributions: dict
 
 
 def build_dictionary(p: Preset, seed: int, cache: Path, timings: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -86,15 +88,35 @@ def columns(vectors: list[dict[str, np.ndarray]], names: list[str], mask: dict |
 
 
 def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: list, names: list, mask,
-                      specs: list[TargetSpec]) -> pd.DataFrame:
-    """One statistics pass (all targets, all bootstrap seeds) and the full sweep for one variant."""
+                      specs: list[TargetSpec], thresholds: np.ndarray, timings: dict, rules=None):
+    """One statistics pass (all targets, all bootstrap replicates), the sweep and the attribution for one variant.
+
+    The Gram pass computes ``max(p.seeds, p.boot)`` replicates at once; the sweep uses the first
+    ``p.seeds`` of them (as the paper's 3 seeds), the attribution all of them. The signature sums
+    are one more sweep over the same in-memory columns (no other read of the task vectors).
+
+    Returns:
+      ``(runs of this variant, VariantAttribution)``.
+    """
     import unmerge_jax
+    from unmerge_jax.attribution import DEFAULT_RULES
+    from unmerge_jax.experiment import attribution as attr
 
     D = columns(atoms, names, mask)
     V = columns(targets, names, mask)
-    stats = unmerge_jax.gram_stats(D, V, seeds=p.seeds, key=seed)
-    table = unmerge_jax.sweep(stats, grid=p.grid, seeds=p.seeds, truth=truth_matrix(specs, p.dictionary),
+    truth = truth_matrix(specs, p.dictionary)
+    t0 = time.perf_counter()
+    stats = unmerge_jax.gram_stats(D, V, seeds=max(p.seeds, p.boot), key=seed)
+    t1 = time.perf_counter()
+    table = unmerge_jax.sweep(stats, grid=p.grid, seeds=p.seeds, truth=truth,
                               target_names=[s.name for s in specs], atom_names=list(p.dictionary))
+    t2 = time.perf_counter()
+    va = attr.attribute_variant(variant, stats, D, V, attr.segments(atoms, names, mask), thresholds, specs, truth,
+                                p.dictionary, rules=DEFAULT_RULES if rules is None else rules)
+    t3 = time.perf_counter()
+    timings[f"gram pass, {max(p.seeds, p.boot)} replicates ({variant})"] = t1 - t0
+    timings[f"sweep ({variant})"] = t2 - t1
+    timings[f"signatures + attribution ({variant})"] = t3 - t2
     by_name = {s.name: s for s in specs}
     table.insert(0, "variant", variant)
     table["category"] = table["target"].map(lambda t: by_name[t].category)
@@ -102,14 +124,16 @@ def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: 
     table["tasks"] = table["target"].map(lambda t: "+".join(by_name[t].tasks))
     table = table.rename(columns={"method": "algorithm"})
     table["coef"] = table["coef"].map(lambda c: " ".join(f"{x:.6g}" for x in c))
+    table = attr.add_present_columns(table, attr.attribution_frame(variant, va))
     table.attrs["n_rows"] = int(D.shape[0])
     # Lasso's scale: every coefficient is zero for α ≥ α_max = max_k |d_kᵀv| / n (sklearn objective).
     amax = np.max(np.abs(np.asarray(stats.cross)), axis=0) / float(stats.n_rows)
     table.attrs["alpha_max"] = {"min": float(amax.min()), "median": float(np.median(amax)), "max": float(amax.max())}
-    return table
+    return table, va
 
 
-def run_experiment(preset="synthetic", out="unmerge-experiment", *, seed: int = 0, cache=None) -> ExperimentResult:
+def run_experiment(preset="synthetic", out="unmerge-experiment", *, seed: int = 0, cache=None,
+                   rules=None) -> ExperimentResult:
     """Run a preset end to end and write its outputs to ``out``.
 
     Args:
@@ -120,12 +144,14 @@ def run_experiment(preset="synthetic", out="unmerge-experiment", *, seed: int = 
       seed: seeds the base model, adapters, target draws, merges and bootstrap replicates.
       cache: directory for trained models (default ``out/cache``); keyed by config hash, so a
         re-run with the same preset and seed reuses them.
+      rules: attribution thresholds (default :data:`unmerge_jax.attribution.DEFAULT_RULES`).
 
     Returns:
-      :class:`ExperimentResult`. Files: ``runs.csv``, ``tables.md``, ``table*.csv``,
+      :class:`ExperimentResult`. Files: ``runs.csv``, ``attribution.csv``, ``attribution.json``, ``tables.md``, ``table*.csv``,
       ``targets.json``, ``fig_recon_error.png``, ``fig_precision_recall.png``, ``report.md``,
       ``timing.json``.
     """
+    from unmerge_jax.experiment import attribution as attr
     from unmerge_jax.experiment.report import write_outputs
 
     p = get_preset(preset)
@@ -152,27 +178,32 @@ def run_experiment(preset="synthetic", out="unmerge-experiment", *, seed: int = 
     t0 = time.perf_counter()
     mask = engine.topk_mask(atoms, p.top_k)
     timings["compress"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    thresholds = attr.tensor_thresholds(atoms, names)  # from the whole dictionary tensors, for both variants
+    timings["trim thresholds"] = time.perf_counter() - t0
     variants = [("compressed", mask)] + ([("full", None)] if p.full else [])
-    frames, n_rows, alpha_max = [], {}, {}
+    frames, n_rows, alpha_max, attributions = [], {}, {}, {}
     for variant, m in variants:
         t0 = time.perf_counter()
-        frame = decompose_variant(variant, p, seed, atoms, targets, names, m, specs)
+        frame, attributions[variant] = decompose_variant(variant, p, seed, atoms, targets, names, m, specs, thresholds,
+                                                         timings, rules)
         n_rows[variant] = frame.attrs["n_rows"]
         alpha_max[variant] = frame.attrs["alpha_max"]
         frames.append(frame)
-        timings[f"stats+sweep ({variant})"] = time.perf_counter() - t0
+        timings[f"stats+sweep+attribution ({variant})"] = time.perf_counter() - t0
     runs = pd.concat(frames, ignore_index=True)
-    runs = runs[RUN_COLUMNS + [c for c in runs.columns if c not in RUN_COLUMNS]]
+    lead = RUN_COLUMNS + attr.PRESENT_COLUMNS
+    runs = runs[lead + [c for c in runs.columns if c not in lead]]
 
     t0 = time.perf_counter()
     meta = {"preset": p.name, "seed": seed, "source": p.source, "dictionary": list(p.dictionary),
             "outside": list(p.outside), "n_targets": len(specs), "top_k": p.top_k, "rows": n_rows, "alpha_max": alpha_max,
-            "seeds": p.seeds, "preset_config": _jsonable(dataclasses.asdict(p))}
-    tables = write_outputs(out, runs, specs, meta)
+            "seeds": p.seeds, "boot": max(p.seeds, p.boot), "preset_config": _jsonable(dataclasses.asdict(p))}
+    tables = write_outputs(out, runs, specs, meta, attributions)
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     write_json(out / "timing.json", {**timings, "cpu_count": os.cpu_count()})
-    return ExperimentResult(out, runs, tables, specs, timings)
+    return ExperimentResult(out, runs, tables, specs, timings, attributions)
 
 
 def _jsonable(obj):

@@ -180,11 +180,21 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False, float_format=FLOAT)
 
 
-def write_outputs(out: Path, runs: pd.DataFrame, specs, meta: dict) -> dict[str, str]:
-    """Write runs.csv, tables.md, table*.csv, targets.json, figures and report.md; returns the tables' markdown."""
+def write_outputs(out: Path, runs: pd.DataFrame, specs, meta: dict, attributions: dict | None = None) -> dict[str, str]:
+    """Write runs.csv, attribution.csv/.json, tables.md, table*.csv, targets.json, figures and report.md;
+    returns the tables' markdown."""
+    from unmerge_jax.experiment.attribution import attribution_frame, errors
     from unmerge_jax.experiment.narrative import report_markdown
 
+    attributions = attributions or {}
     _write_csv(out / "runs.csv", runs)
+    if attributions:
+        _write_csv(out / "attribution.csv", pd.concat([attribution_frame(v, a) for v, a in attributions.items()],
+                                                      ignore_index=True))
+        rules = next(iter(attributions.values())).attribution.rules
+        write_json(out / "attribution.json", {"rules": dict(rules._asdict()), "boot": meta.get("boot"),
+                                              "summary": {v: a.summary for v, a in attributions.items()},
+                                              "errors": {v: errors(a, limit=0) for v, a in attributions.items()}})
     tables = make_tables(runs)
     md = tables_markdown(tables)
     for name, (frame, _, _) in tables.items():
@@ -200,5 +210,5 @@ def write_outputs(out: Path, runs: pd.DataFrame, specs, meta: dict) -> dict[str,
         print("note: matplotlib is not installed (pip install 'unmerge_jax[plots]'); figures skipped")
     else:
         _figures(runs, out)
-    _write_text(out / "report.md", report_markdown(runs, tables, md, meta))
+    _write_text(out / "report.md", report_markdown(runs, tables, md, meta, attributions))
     return md
