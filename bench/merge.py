@@ -24,7 +24,11 @@ at ties. DARE draws its masks from a different generator than mergekit's ``torch
 its outputs are not comparable entry by entry (parity given the same mask and in distribution is
 in ``tests/test_merge_driver.py``); the JSON reports no diff for it.
 
-Usage: ``python bench/merge.py [--hidden 2048] [--layers 2] [--methods task_arithmetic ties] [--repeat 3]``
+``slerp`` (t = 0.4 between the base and the first fine-tune) and ``model_stock`` are compared entry
+by entry like task arithmetic; ``della`` (density 0.5, ε = 0.1) draws random masks, so like DARE it
+is not.
+
+Usage: ``python bench/merge.py [--hidden 2048] [--layers 2] [--methods task_arithmetic ties slerp della model_stock] [--repeat 3]``
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ else:  # plain: read every input tensor, write output-sized bytes
     from pathlib import Path
     t1 = time.perf_counter()
     cfg = yaml.safe_load(open(cfg_path))
-    dirs = [cfg["base_model"]] + [m["model"] for m in cfg["models"]]
+    dirs = list(dict.fromkeys([cfg["base_model"]] + [m["model"] for m in cfg["models"]]))   # each input once
     handles = [{f.name: safe_open(str(f), framework="numpy") for f in Path(d).glob("*.safetensors")} for d in dirs]
     Path(out).mkdir()
     with open(Path(out) / "copy.bin", "wb") as fh:
@@ -144,9 +148,9 @@ def _tensors(d):
 
 def compare(a: Path, b: Path, method: str, root: Path, k: int, density: float) -> dict:
     """Entry-wise comparison of two merged checkpoints (see the module docstring)."""
-    if method.startswith("dare"):
+    if method.startswith(("dare", "della")):
         return {"max_abs_diff_vs_mergekit": None,
-                "diff_note": "not compared: DARE masks come from different generators (jax threefry vs "
+                "diff_note": "not compared: DARE/DELLA masks come from different generators (jax threefry vs "
                              "torch.bernoulli); parity given the same mask is tested in tests/test_merge_driver.py"}
     ta, tb = _tensors(a), _tensors(b)
     worst, worst_off, n_diff, n_diff_ties, n_ties = 0.0, 0.0, 0, 0, 0
@@ -177,6 +181,25 @@ def compare(a: Path, b: Path, method: str, root: Path, k: int, density: float) -
                 "diff_note": "mergekit's argsort breaks ties at the top-k threshold arbitrarily; we keep the "
                              "first by position. Off the tied entries the outputs agree to float32 rounding."}
     return out
+
+
+# Per-method settings: the sparsifying methods keep half, DELLA with mergekit's ε; slerp is
+# between the base and the first fine-tune; model_stock takes no weights.
+DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties")
+
+
+def method_config(method: str, root: Path, k: int) -> tuple[dict, dict]:
+    """The mergekit YAML (as a dict) of ``method`` over the generated models, and its per-model parameters."""
+    base = str(root / "base")
+    cfg = {"merge_method": method, "base_model": base, "dtype": "float32"}
+    if method == "slerp":
+        return cfg | {"parameters": {"t": 0.4}, "models": [{"model": base}, {"model": str(root / "ft0")}]}, {}
+    params = {} if method == "model_stock" else {"weight": 1.0 / k}
+    if method in DENSITY_METHODS:
+        params["density"] = 0.5
+    if method.startswith("della"):
+        params["epsilon"] = 0.1
+    return cfg | {"models": [{"model": str(root / f"ft{i}"), "parameters": params} for i in range(k)]}, params
 
 
 def _median(xs):
@@ -211,9 +234,9 @@ def main(argv=None):
                    "largest_tensor_bytes": largest, "memory_bound_1_plus_k_bytes": (1 + args.k) * largest,
                    "repeat": args.repeat, "mergekit_repeat": args.mergekit_repeat, "methods": {}}
         for method in args.methods:
-            params = {"weight": 1.0 / args.k} | ({"density": 0.5} if method in ("ties", "dare_ties", "dare_linear") else {})
-            cfg = {"merge_method": method, "base_model": str(root / "base"), "dtype": "float32",
-                   "models": [{"model": str(root / f"ft{i}"), "parameters": params} for i in range(args.k)]}
+            cfg, params = method_config(method, root, args.k)
+            n_inputs = len({cfg["base_model"], *(m["model"] for m in cfg["models"])})
+            moved = model_bytes * (n_inputs + 1)   # inputs read + the output written
             cfg_path = root / f"{method}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
             runs = {kind: [] for kind in KINDS}
