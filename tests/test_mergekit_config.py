@@ -361,6 +361,20 @@ def test_slices_and_passthrough_match_mergekit(deep, tmp_path, case):
     key = "n_layer" if "gpt2" in case else "num_hidden_layers"
     assert layers[0][key] == layers[1][key]
     np.testing.assert_allclose(_logits(tmp_path / "us"), _logits(tmp_path / "mk"), rtol=0, atol=1e-5)
+    # The model card of a slices merge names every source model and carries the recipe, which
+    # loads back as the same slices.
+    from unmerge_jax.merge.card import parse_card
+    from unmerge_jax.merge.config import load_config
+
+    card_text = (tmp_path / "us" / "README.md").read_text()
+    back = load_config(parse_card(card_text).config_yaml)
+    if "slices" in cfg:
+        assert len(back.slices) == len(cfg["slices"])
+        sources = {s["model"] for sl in cfg["slices"] for s in sl["sources"]}
+    else:
+        sources = {m["model"] for m in cfg["models"]}
+    for src in sources - {cfg.get("base_model")}:
+        assert f"* {src}" in card_text
 
 
 @pytest.mark.parametrize("case", ["overlapping stack, slice scale", "passthrough scale filter"])

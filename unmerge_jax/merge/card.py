@@ -20,11 +20,14 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from pathlib import Path
+
 import yaml
 
 from unmerge_jax.errors import UnmergeError
 
 CARD_NAME = "README.md"
+CONFIG_NAME = "unmerge_merge_config.yaml"   # the resolved config with the run's own settings (seed, λ)
 TAGS = ("mergekit", "merge", "unmerge_jax")
 
 # mergekit's display names and references for the methods it names in a card (its registry's
@@ -77,12 +80,15 @@ def model_card(config: dict, name: str, *, seed: int | None = None) -> str:
     method = str(config.get("merge_method"))
     base = config.get("base_model")
     models = [m.get("model") if isinstance(m, dict) else m for m in config.get("models") or []]
+    for sl in config.get("slices") or []:          # a slices: config names its models per source
+        models += [src.get("model") for src in sl.get("sources") or [] if src.get("model") not in models]
     front = {"base_model": _hub_ids([base] + models if base else models), "library_name": "transformers",
              "tags": list(TAGS)}
     base_text = f" using {base} as a base" if base else ""
     bullets = "\n".join(f"* {m}" for m in models if m != base)
     text = yaml.safe_dump(config, sort_keys=False).rstrip("\n")
-    seed_text = "" if seed is None else f"\nRandom masks (DARE) were drawn with `--seed {int(seed)}`.\n"
+    random = method.startswith(("dare", "della"))      # the methods whose masks are drawn at random
+    seed_text = "" if seed is None or not random else f"\nRandom masks were drawn with `--seed {int(seed)}`.\n"
     return (f"---\n{yaml.safe_dump(front, sort_keys=False).rstrip()}\n---\n# {name}\n\n"
             f"This is a merge of pre-trained language models created with unmerge_jax (`unmerge merge`), "
             f"from a configuration in [mergekit](https://github.com/arcee-ai/mergekit)'s format.\n\n"
@@ -91,6 +97,22 @@ def model_card(config: dict, name: str, *, seed: int | None = None) -> str:
             f"### Models Merged\n\nThe following models were included in the merge:\n{bullets}\n\n"
             f"### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n"
             f"```yaml\n{text}\n```\n{seed_text}")
+
+
+def write_recipe(out_dir, config: dict, name: str, *, seed: int, run: dict) -> None:
+    """Write what a merge output records of its recipe: the resolved config with the run's own
+    settings (``CONFIG_NAME``: ``config`` plus ``unmerge: run``) and the model card (``CARD_NAME``),
+    whose YAML block is ``config`` — what ``unmerge verify`` reads back.
+
+    Args:
+      out_dir: the (temporary) output directory.
+      config: the resolved config as mergekit YAML, with the output dtype.
+      name: the model's name (the output directory's).
+      seed: the random seed of the masks. run: the run's settings (seed, per-model λ, ...).
+    """
+    out_dir = Path(out_dir)
+    (out_dir / CONFIG_NAME).write_text(yaml.safe_dump({**config, "unmerge": run}, sort_keys=False))
+    (out_dir / CARD_NAME).write_text(model_card(config, name, seed=seed), encoding="utf-8")
 
 
 class Card(NamedTuple):

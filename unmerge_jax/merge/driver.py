@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
@@ -41,7 +40,7 @@ from unmerge_jax.io.lora import is_adapter_dir
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.base import short
-from unmerge_jax.merge.card import CARD_NAME, model_card
+from unmerge_jax.merge.card import CONFIG_NAME, write_recipe  # noqa: F401  (CONFIG_NAME: where the recipe is)
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
@@ -54,7 +53,6 @@ from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check
                                  nonfinite_error, open_source, task_vector)
 from unmerge_jax.stats import check_seed
 
-CONFIG_NAME = "unmerge_merge_config.yaml"
 
 
 @dataclass
@@ -404,10 +402,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         if toks is not None:   # a built tokenizer (or the base's with a chat template) replaces the copied files
             toks.write(tmp)
         lam = None if lambdas is None else [float(x) for x in lambdas]
-        resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed), "lambdas": lam}}
-        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        card_config = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}   # the recipe `unmerge verify` reads back
-        (tmp / CARD_NAME).write_text(model_card(card_config, out.name, seed=seed), encoding="utf-8")
+        write_recipe(tmp, {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}, out.name, seed=seed,
+                     run={"seed": int(seed), "lambdas": lam})
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
                        tuple(notes) + (tuple(toks.notes) if toks is not None else ()),
                        {n: diagnostics[n] for n in names if n in diagnostics})

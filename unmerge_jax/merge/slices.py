@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.atomic import atomic_dir, check_output
@@ -34,6 +33,7 @@ from unmerge_jax.io.dtypes import TORCH_NAMES, dtype_tag
 from unmerge_jax.io.lora import is_adapter_dir
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import ShardedWriter, copy_side_files, write_config
+from unmerge_jax.merge.card import write_recipe
 from unmerge_jax.merge.base import short
 from unmerge_jax.merge.refs import ModelRef, parse_ref, weights_source
 from unmerge_jax.progress import progress
@@ -226,7 +226,7 @@ def plan_jobs(cfg, sources: dict) -> tuple[list, list]:
 def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, compute: str, chunk: int,
                  notes: list, t0: float):
     """Run a ``slices:`` config (see the module docstring); returns a ``MergeResult``."""
-    from unmerge_jax.merge.driver import CONFIG_NAME, MergeResult, output_limit
+    from unmerge_jax.merge.driver import MergeResult, output_limit
     from unmerge_jax.merge.config import resolve_slice
     from unmerge_jax.merge.mergekit_bf16 import merge_tensor_bf16
     from unmerge_jax.merge.tensor import merge_resolved
@@ -289,8 +289,7 @@ def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, c
         write_config(src_dir, tmp, tag)
         _set_layers(tmp / "config.json", [(getattr(sources[r], "config", None) or {}, i) for r, i in layer_map])
         side = copy_side_files(src_dir, tmp)
-        resolved = {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag], "unmerge": {"seed": int(seed)}}
-        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_recipe(tmp, {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}, out.name, seed=seed, run={"seed": int(seed)})
     return MergeResult(out, len(jobs), n_merged, total, time.perf_counter() - t0, None, tuple(side.skipped),
                        tuple(notes))
 
