@@ -40,7 +40,9 @@ def test_a_merge_writes_a_card_that_parses_back_to_its_config(tiny, tmp_path):
     assert card.metadata["base_model"] == []          # local directories are not Hub ids
     assert text.splitlines()[0] == "---" and "# out\n" in text
     assert f"merge method using {q / 'base'} as a base" in text and "[TIES](https://arxiv.org/abs/2306.01708)" in text
-    assert f"* {q / 'ft0'}\n* {q / 'ft1'}\n" in text and "--seed 7" in text
+    assert f"* {q / 'ft0'}\n* {q / 'ft1'}\n" in text and "--seed" not in text   # TIES draws no masks
+    unmerge_jax.merge(_cfg(q, "dare_ties"), tmp_path / "dare", seed=7)             # DARE does: its seed is stated
+    assert "Random masks were drawn with `--seed 7`" in (tmp_path / "dare" / CARD_NAME).read_text()
     back = load_config(card.config_yaml)
     _same_recipe(back, load_config(_cfg(q)))
     assert back.out_dtype == "float32"
