@@ -69,6 +69,18 @@ def llama(seed: int):
     return LlamaForCausalLM(cfg).eval()
 
 
+def parity_llama(seed: int, hidden: int = 64, layers: int = 2):
+    """The tiny Llama of the mergekit parity tests (vocabulary 96, GQA 4/2 heads, untied)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
 def fine_tune(make, seed: int):
     """``make()`` with about 60 % of its entries moved by 0.01·N(0, 1) (seeded): a stand-in fine-tune."""
     import torch
@@ -177,11 +189,16 @@ def session_root(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "tiny_models"
 
 
-def numpy_state(path) -> dict:
-    """All tensors of a model directory as float32 NumPy (reference reads with safetensors.numpy)."""
+def stored_state(path) -> dict:
+    """All tensors of a model directory as NumPy arrays in their stored dtype (bf16 stays bf16)."""
     from safetensors.numpy import load_file
 
     out = {}
     for f in sorted(Path(path).glob("*.safetensors")):
-        out.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
+        out.update(load_file(str(f)))
     return out
+
+
+def numpy_state(path) -> dict:
+    """All tensors of a model directory as float32 NumPy (reference reads with safetensors.numpy)."""
+    return {k: v.astype(np.float32) for k, v in stored_state(path).items()}

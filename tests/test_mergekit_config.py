@@ -10,30 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 ml_dtypes = pytest.importorskip("ml_dtypes")
-from safetensors.numpy import load_file  # noqa: E402
+from tests._tiny_models import parity_llama as _llama, stored_state as _read  # noqa: E402
 
 from tests._tiny_models import fine_tune  # noqa: E402
 from unmerge_jax import UnmergeError, merge  # noqa: E402
 
 ATOL = 1e-5
-
-
-def _llama(seed, hidden=64, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
-
-
-def _read(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
 
 
 @pytest.fixture(scope="module")

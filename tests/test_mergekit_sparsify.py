@@ -11,31 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
-from safetensors.numpy import load_file  # noqa: E402
+from tests._tiny_models import parity_llama as _llama, stored_state as _read  # noqa: E402
 
 from tests._tiny_models import fine_tune  # noqa: E402
 from unmerge_jax import merge  # noqa: E402
 
 K_MODELS = 3
 ATOL = 1e-5
-
-
-def _llama(seed, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
-
-
-def _read(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
 
 
 @pytest.fixture(scope="module")

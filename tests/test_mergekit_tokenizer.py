@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 from safetensors.numpy import load_file  # noqa: E402
+from tests._tiny_models import stored_state as _read  # noqa: E402
 
 from unmerge_jax import UnmergeError, merge  # noqa: E402
 from unmerge_jax.merge import MERGE_METHODS  # noqa: E402
@@ -83,14 +84,6 @@ def _config(zoo, models, base="base", method="linear", weight=1.0, **top):
     if base is not None:
         cfg["base_model"] = zoo[base]
     return cfg
-
-
-def _read(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
 
 
 def _mergekit(cfg, out):

@@ -28,7 +28,7 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.atomic import os_error
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.merge.base import Resolved, short
-from unmerge_jax.merge.params import get_method, resolve
+from unmerge_jax.merge.params import get_method, per_model_params, resolve
 from unmerge_jax.merge.refs import ModelRef, parse_ref
 from unmerge_jax.merge.tokenizer import TokenizerSpec, parse_spec, spec_to_dict
 
@@ -261,14 +261,8 @@ def load_config(config) -> MergeConfig:
         what = f"{where}: models[{i}]"
         if not isinstance(entry, (dict, str)):
             raise UnmergeError(f"{what}: expected {{model: DIR, parameters: {{...}}}} or a directory, got {short(entry)}")
-        params = (entry.get("parameters") if isinstance(entry, dict) else None) or {}
-        if not isinstance(params, dict):
-            raise UnmergeError(f"{what}: parameters must be a mapping")
-        unknown_p = sorted(set(params) - set(spec.per_model), key=str)
-        if unknown_p:
-            raise UnmergeError(f"{what}: unknown per-model parameter {short(unknown_p[0])} for {method!r}; "
-                               f"per-model parameters: {', '.join(sorted(spec.per_model))}")
-        models.append((parse_ref(entry, resolve_path, what), dict(params)))
+        params = per_model_params(entry.get("parameters") if isinstance(entry, dict) else None, spec, what)
+        models.append((parse_ref(entry, resolve_path, what), params))
     # mergekit lists the base among the models for GTA methods; it contributes no task vector.
     # The base's role in the methods that take one without task vectors (``MergeMethod.options``):
     # "origin" (nuslerp, multislerp: it is dropped from the models, as a needed base is) or "input"

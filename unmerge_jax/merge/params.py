@@ -67,3 +67,15 @@ def resolve(method: str, k: int, shared: dict, per_model: list[dict] | None = No
     if spec.check_models is not None:
         spec.check_models(res, at)
     return res
+
+
+def per_model_params(params, spec, what: str) -> dict:
+    """A model's (or slice source's) ``parameters:`` checked against the method's per-model names."""
+    params = params or {}
+    if not isinstance(params, dict):
+        raise UnmergeError(f"{what}: parameters must be a mapping")
+    unknown = sorted(set(params) - set(spec.per_model), key=str)
+    if unknown:
+        raise UnmergeError(f"{what}: unknown per-model parameter {short(unknown[0])} for {spec.name!r}; "
+                           f"per-model parameters: {', '.join(sorted(spec.per_model))}")
+    return dict(params)

@@ -35,6 +35,7 @@ from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.card import write_recipe
 from unmerge_jax.merge.base import short
+from unmerge_jax.merge.params import per_model_params
 from unmerge_jax.merge.refs import ModelRef, parse_ref, weights_source
 from unmerge_jax.progress import progress
 
@@ -125,18 +126,12 @@ def parse_slices(raw, spec, base_ref, resolve_path, where: str) -> list:
             if not 0 <= lo < hi:
                 raise UnmergeError(f"{sat}: layer_range [{lo}, {hi}] is empty or negative; give 0 <= LO < HI (HI "
                                    f"excluded)")
-            sp = src.get("parameters") or {}
-            if not isinstance(sp, dict):
-                raise UnmergeError(f"{sat}: parameters must be a mapping")
-            bad = sorted(set(sp) - set(spec.per_model), key=str)
-            if bad:
-                raise UnmergeError(f"{sat}: unknown per-model parameter {short(bad[0])} for {spec.name!r}; "
-                                   f"per-model parameters: {', '.join(sorted(spec.per_model))}")
+            sp = per_model_params(src.get("parameters"), spec, sat)
             ref = parse_ref(src["model"], resolve_path, sat)
             if ref.lora is None and is_adapter_dir(ref.model):
                 raise UnmergeError(f"{sat}: {ref.model} is a LoRA adapter; a slice source is a model (write "
                                    f"MODEL+ADAPTER to apply it)")
-            sources.append(SourceSpec(ref, lo, hi, dict(sp)))
+            sources.append(SourceSpec(ref, lo, hi, sp))
         lengths = sorted({s.hi - s.lo for s in sources})
         if len(lengths) > 1:
             raise UnmergeError(f"{at}: its sources cover {' and '.join(map(str, lengths))} layers; every source of a "
