@@ -351,9 +351,7 @@ def _linear_base(models, base, params: dict):
     listed = [(p, prm) for p, prm in models if p == base]
     others = [(p, prm) for p, prm in models if p != base]
     if listed:
-        if not others:
-            raise UnmergeError("merge config: linear lists only the base model; list the models to merge")
-        return "listed", others + listed[:1], None
+        return "listed", others + listed[:1], None   # only the base listed: the merge is the base (as mergekit)
     if "weight" in params:
         return "appended", others + [(base, {})], None
     return None, models, ("linear: the base_model has no weight, so it is not averaged in (mergekit refuses this "
