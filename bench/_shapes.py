@@ -1,4 +1,4 @@
-"""Tensor shapes of a Llama-style checkpoint, shared by the benchmarks that generate one."""
+"""Tensor shapes of Llama- and Qwen2-style checkpoints, shared by the benchmarks that generate one."""
 
 
 def llama_shapes(hidden, layers, vocab, inter):
@@ -13,4 +13,25 @@ def llama_shapes(hidden, layers, vocab, inter):
         shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
         shapes[p + "input_layernorm.weight"] = (hidden,)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
+def qwen2_shapes(cfg: dict) -> dict:
+    """``{tensor name: shape}`` of a Qwen2 causal LM from its config."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for m, out in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+            shapes[p + f"self_attn.{m}.weight"] = (out, h)
+            shapes[p + f"self_attn.{m}.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, h)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
     return shapes

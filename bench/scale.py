@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _shapes import qwen2_shapes  # noqa: E402
 
 # Qwen/Qwen2.5-7B config.json (the fields that fix the tensor shapes).
 QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
@@ -59,27 +61,6 @@ TA_MODELS, TA_WEIGHTS = (0, 1, 2), (0.5, 0.3, 0.2)
 TIES_MODELS, TIES_WEIGHTS, TIES_DENSITY = (3, 4, 5), (0.5, 0.3, 0.4), 0.5
 SHARD_BYTES = 4 * 10**9
 TOL = 0.02
-
-
-def qwen2_shapes(cfg: dict) -> dict:
-    """``{tensor name: shape}`` of a Qwen2 causal LM from its config."""
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        for m, out in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
-            shapes[p + f"self_attn.{m}.weight"] = (out, h)
-            shapes[p + f"self_attn.{m}.bias"] = (out,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, h)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    return shapes
 
 
 def write_base(root: Path, cfg: dict) -> int:

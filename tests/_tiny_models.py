@@ -202,3 +202,16 @@ def stored_state(path) -> dict:
 def numpy_state(path) -> dict:
     """All tensors of a model directory as float32 NumPy (reference reads with safetensors.numpy)."""
     return {k: v.astype(np.float32) for k, v in stored_state(path).items()}
+
+
+def run_mergekit(cfg: dict, out, **options):
+    """Run mergekit 0.1.5 on a config dict into ``out`` (no tokenizer copy, eager loading, no card
+    unless ``options`` say otherwise); returns ``out``."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    opts = {"copy_tokenizer": False, "lazy_unpickle": False, "write_model_card": False, **options}
+    run_merge(MergeConfiguration.model_validate(cfg), str(out), options=MergeOptions(**opts))
+    return out

@@ -11,7 +11,6 @@ reason when mergekit is absent.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
 
-from tests._tiny_models import fine_tune, numpy_state  # noqa: E402
+from tests._tiny_models import fine_tune, numpy_state, run_mergekit  # noqa: E402
 from unmerge_jax import merge  # noqa: E402
 
 ATOL = 1e-5
@@ -60,14 +59,7 @@ def _config(models, method, names, base=None, params=None, weights=(0.6, 0.4)):
 
 
 def _mergekit(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_merge(MergeConfiguration.model_validate(cfg), str(out),
-              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, write_model_card=False))
-    return numpy_state(out)
+    return numpy_state(run_mergekit(cfg, out))
 
 
 def _logits(path):

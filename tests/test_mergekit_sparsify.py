@@ -3,7 +3,6 @@
 ``della_linear`` (in distribution: the generators differ). Skipped, with the reason shown, when
 mergekit is not installed."""
 
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
-from tests._tiny_models import parity_llama as _llama, stored_state as _read  # noqa: E402
+from tests._tiny_models import parity_llama as _llama, stored_state as _read, run_mergekit  # noqa: E402
 
 from tests._tiny_models import fine_tune  # noqa: E402
 from unmerge_jax import merge  # noqa: E402
@@ -40,14 +39,7 @@ def _config(tiny, method, params=None, **top):
 
 
 def _mergekit(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_merge(MergeConfiguration.model_validate(cfg), str(out),
-              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, write_model_card=False))
-    return _read(out)
+    return _read(run_mergekit(cfg, out))
 
 
 def _both(tiny, tmp_path, cfg, seed=0):
