@@ -268,11 +268,16 @@ def test_attribute_with_the_method_given_and_without_replicates(decided):
 
 
 def test_rules_change_the_decisions(decided):
-    """The gate scales with the unexplained energy u: a huge gate leaves only the exact fit (u = 0)
-    with dictionary content; a huge eps leaves none."""
+    """The gate scales with the energy the method leaves unexplained (u; q for TIES): a huge gate
+    leaves only the exact fits (the task-arithmetic sum, u = 0, and the TIES merge, q ≈ 0) with
+    dictionary content; a huge eps leaves none."""
     _, stats, sig = decided
     strict = attribute(stats, sig, rules=Rules(gate_ta=1e9, gate_dare=1e9, gate_ties=1e9))
-    assert strict.present(0) == ["d0", "d2", "d4"] and list(strict.category[1:]) == ["unknown"] * 4
+    assert strict.present(0) == ["d0", "d2", "d4"] and strict.present(1) == ["d1", "d3"]
+    assert list(strict.category[2:]) == ["unknown"] * 3
+    # With the TIES gate on the plain NNLS shares against u (the rule's other statistic) only u = 0 passes.
+    plain = attribute(stats, sig, rules=Rules(gate_ta=1e9, gate_dare=1e9, gate_ties=1e9, ties_gate_on_ties=False))
+    assert plain.present(0) == ["d0", "d2", "d4"] and list(plain.category[1:]) == ["unknown"] * 4
     none = attribute(stats, sig, rules=Rules(eps=1.0))
     assert not np.any(none.decision == PRESENT) and (none.category == "unknown").all()
 

@@ -75,9 +75,9 @@ def _provenance(rules, meta: dict) -> str:
 
     if rules != DEFAULT_RULES:
         return "These are not the library's default rules (given to run_experiment)."
-    where = (f"calibrated on the {'/'.join(CALIBRATION['presets'])} preset's seeds "
-             f"{', '.join(map(str, CALIBRATION['seeds']))}")
-    if meta.get("preset") in CALIBRATION["presets"] and meta.get("seed") in CALIBRATION["seeds"]:
+    where = "calibrated on " + "; ".join(f"the {name} preset's seeds {', '.join(map(str, seeds))}"
+                                         for name, seeds in CALIBRATION["presets"].items())
+    if meta.get("seed") in CALIBRATION["presets"].get(meta.get("preset"), ()):
         return f"{where.capitalize()}: this run is one of them, so the figures below are in-sample."
     return f"{where.capitalize()}; this preset and seed were not used to set them (held out)."
 
