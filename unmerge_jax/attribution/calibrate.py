@@ -236,14 +236,6 @@ def _round(x: float) -> float:
     return float(f"{x:.2g}")
 
 
-def _by_model(problems, model):
-    """Each problem restricted to the targets whose true merge method the rules model as ``model``."""
-    for p in problems:
-        idx = [i for i, s in enumerate(p.specs) if TRUE_MODEL[s.merge_method] == model]
-        if idx:
-            yield p.select(idx)
-
-
 def _evidence(problems, rules):
     from unmerge_jax.attribution.decide import evidence
 
@@ -397,5 +389,5 @@ def replace_rules(rules: Rules, **changes) -> Rules:
     return rules._replace(**changes)
 
 
-__all__ = ["Problem", "TARGETS", "calibrate", "columns", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
+__all__ = ["NOISE_GRID", "Problem", "TARGETS", "calibrate", "columns", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
            "score", "split", "summarize", "synthetic_problems"]

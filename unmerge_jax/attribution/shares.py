@@ -17,7 +17,9 @@ the others: the largest share entry k gets, relative to what stays unexplained,
     r_k = max_{j ≠ k}  share_k(d_j | D∖j) / unexplained(d_j | D∖j),
 
 is the chance projection of a fine-tune of this family onto entry k, per unit of unexplained
-energy. It comes from ``G`` alone and sets the scale of the presence thresholds
+energy. The largest ratio of an entry with a close relative in the dictionary is the share it
+takes of that relative; the decisions use the **chance ratio** (:func:`chance_ratio`), the second
+largest, never below the dictionary's median of the largest. It comes from ``G`` alone and sets the scale of the presence thresholds
 (:mod:`unmerge_jax.attribution.rules`): it is ~3× larger on a 2,048-row compressed problem than on
 the 49,152 rows it came from, as chance correlations are.
 

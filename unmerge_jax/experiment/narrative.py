@@ -43,15 +43,15 @@ FIGURE_LABELS = {"known_precision_task_arithmetic": "known · Task Arithmetic ·
                  "method_accuracy_known_2plus": "method identified (known, ≥ 2 entries)"}
 # Why a figure can fall short: the statistic that decides it (rules of unmerge_jax.attribution.rules).
 WHY = {
-    "known_precision": "an absent entry's bootstrap share cleared the presence floor φ = γ·r_null·U₀ by chance "
+    "known_precision": "an absent entry's bootstrap share cleared the presence floor φ = γ·(r·O + noise·ν/n) by chance "
                        "(column L/φ > 1 of a `false` entry)",
     "known_recall": "a present entry's lower share quantile stayed under the floor (L/φ < 1 of a `missed` entry): its "
                     "weight times its norm is small next to the energy the merge leaves unexplained (DARE: the "
-                    "dropped-and-rescaled noise (1/ρ − 1)·Σ w²‖d‖², which on few kept rows also varies a lot between "
-                    "bootstrap replicates)",
+                    "dropped-and-rescaled noise ν ≈ (1/ρ − 1)·Σ w²‖d‖²/‖v‖², which on few kept rows also varies a lot "
+                    "between bootstrap replicates)",
     "known_perfect_match": "one missed or false entry makes a known target imperfect (rows below)",
     "mixed_recall": "in a mixed target the outside tasks' content is unexplained energy; it raises the floor "
-                    "(U₀ = u), so a dictionary entry with a small share of the target falls under it; where no entry clears the "
+                    "(outside share O = u), so a dictionary entry with a small share of the target falls under it; where no entry clears the "
                     "gate the target reads unknown and every entry counts as missed (L/φ may then exceed 1)",
     "mixed_precision": "the outside tasks' content projects onto correlated dictionary entries",
     "category_accuracy": "known vs mixed is U ≤ known_m on the unexplained share after the method's refit; unknown "
