@@ -110,7 +110,8 @@ def attribution_markdown(runs: pd.DataFrame, attributions: dict, meta: dict) -> 
     lines = ["## Attribution\n",
              f"Per target, `unmerge_jax.attribute` decides which dictionary entries are present (bootstrap interval "
              f"of each entry's left-out share over {meta.get('boot', '?')} replicates of the same Gram pass, against "
-             f"a floor that scales with the unexplained energy), the merge method (TIES-consistency and exact-zero "
+             f"a floor at a multiple of its chance share: the energy no entry explains, less DARE's drop noise, times "
+             f"the entry's chance ratio, plus the noise's own share of one direction in n rows), the merge method (TIES-consistency and exact-zero "
              f"signatures) and the verdict known / mixed / unknown; the truth is read only to score "
              f"(`attribution.csv`, `attribution.json`). Rules: the library's thresholds "
              f"(`ties_ratio` {rules.ties_ratio}, floors TA/TIES/DARE {rules.floor_ta}/{rules.floor_ties}/"
