@@ -251,6 +251,14 @@ def test_attribute_is_deterministic_per_seed(decided):
     again = attribute(stats, sig, atom_names=at.atom_names, target_names=at.target_names)
     for field in ("decision", "coef", "coef_lo", "share_lo", "unexplained", "density"):
         np.testing.assert_array_equal(getattr(at, field), getattr(again, field))
+    # Decisions from precomputed evidence are the same; evidence of other quantiles is refused.
+    from unmerge_jax.attribution import evidence
+
+    pre = attribute(stats, sig, atom_names=at.atom_names, target_names=at.target_names, precomputed=evidence(stats, sig))
+    for field in ("decision", "coef", "coef_lo", "share_lo", "unexplained", "density", "floor"):
+        np.testing.assert_array_equal(getattr(at, field), getattr(pre, field))
+    with pytest.raises(UnmergeError, match="recompute it"):
+        attribute(stats, sig, rules=Rules(lo=0.1), precomputed=evidence(stats, sig))
 
 
 def test_attribute_with_the_method_given_and_without_replicates(decided):

@@ -300,7 +300,7 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
        values below :data:`NOISE_SHARE` count as that much.
 
     The rule-independent statistics (:func:`~unmerge_jax.attribution.decide.evidence`) are
-    computed once per problem (or given as ``evidences``, one per problem, at ``base``'s quantiles).
+    computed once per problem (or given as ``evidences``, one per problem, computed with ``base``).
 
     Returns:
       ``(rules, report)``: the new :class:`Rules` (2 significant digits) and, per threshold, the

@@ -51,8 +51,11 @@ class Attribution(NamedTuple):
         identified method (rules §3). unexplained_plain: (T,) u (NNLS, all entries).
       category: (T,) ``known`` / ``mixed`` / ``unknown``.
       evidence: dict of (T,) arrays: ``ties_unexplained`` (q), ``ties_density`` (ρ̂),
-        ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u); (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile, the gate's
-        statistic); and ``r_null`` (K,).
+        ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u),
+        ``dare_noise`` (ν, 0 unless DARE), ``outside_share`` (O), ``gate_stat`` (the gate's statistic);
+        (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile), ``chance_scale`` (c, the floors'
+        scale), ``gate_scale`` (the gate's); and ``r_null`` (K,), the ratio the rules used (the chance
+        ratio unless ``robust_null=False``).
       rules: the :class:`Rules` used.
     """
 
@@ -122,7 +125,7 @@ class Evidence(NamedTuple):
       ties_unexplained: (P, T) q at each density; ties_shares: (P, T, K) TIES left-out shares.
       zero_count, zero_fraction, zero_energy_ratio: (T,) exact-zero statistics.
       dare_density: (T,) ``1 − f0^{1/n}``, n the entries whose point share is ≥ ``rules.major`` of the largest.
-      quantiles: ``(lo, hi, ci)`` the quantiles were taken at.
+      settings: ``(lo, hi, ci, major)`` of the rules it was computed with.
     """
 
     point: Any
@@ -138,7 +141,7 @@ class Evidence(NamedTuple):
     zero_fraction: np.ndarray
     zero_energy_ratio: np.ndarray
     dare_density: np.ndarray
-    quantiles: tuple
+    settings: tuple
 
 
 def evidence(stats, signatures: SignatureStats, rules: Rules = DEFAULT_RULES) -> Evidence:
@@ -176,7 +179,11 @@ def evidence(stats, signatures: SignatureStats, rules: Rules = DEFAULT_RULES) ->
     n_major = np.maximum(major.sum(axis=1), 1)
     rho = np.clip(1.0 - np.clip(f0, 0.0, 1.0) ** (1.0 / n_major), 1e-6, 1.0)
     return Evidence(point, s_lo, s_hi, coef_lo, coef_hi, null_ratio(G), chance_ratio(G), tfit.unexplained, tshares,
-                    zero_count, f0, zero_energy_ratio, rho, (rules.lo, rules.hi, rules.ci))
+                    zero_count, f0, zero_energy_ratio, rho, _settings(rules))
+
+
+def _settings(rules: Rules) -> tuple:
+    return (rules.lo, rules.hi, rules.ci, rules.major)
 
 
 def dare_noise(coef, gram, target_sq, density, cap=None) -> np.ndarray:
@@ -226,8 +233,8 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
         ``dare_ties``, ``dare_linear``) instead of identifying it; applies to every target.
       density: with ``method``: the merge's density (TIES: must be on the signature grid).
       atom_names, target_names: labels (default ``d0…``, ``t0…``).
-      precomputed: :func:`evidence` of the same ``stats`` and ``signatures`` (quantiles at this
-        ``rules``' ``lo``/``hi``/``ci``), to skip recomputing it.
+      precomputed: :func:`evidence` of the same ``stats`` and ``signatures``, computed with this
+        ``rules``' ``lo``/``hi``/``ci``/``major``, to skip recomputing it.
 
     Returns:
       :class:`Attribution`.
@@ -260,9 +267,9 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
             forced_p = int(hit[0])
 
     ev = precomputed if precomputed is not None else evidence(stats, signatures, rules)
-    if ev.quantiles != (rules.lo, rules.hi, rules.ci):
-        raise UnmergeError(f"precomputed evidence has quantiles {ev.quantiles}, the rules ask for "
-                           f"{(rules.lo, rules.hi, rules.ci)}; recompute it with these rules")
+    if ev.settings != _settings(rules):
+        raise UnmergeError(f"precomputed evidence was computed with (lo, hi, ci, major) = {ev.settings}, the rules "
+                           f"have {_settings(rules)}; recompute it with these rules")
     point, u, s_lo, s_hi = ev.point, ev.point.unexplained, ev.share_lo, ev.share_hi
     tfit, tshares, f0, zero_count = ev.ties_unexplained, ev.ties_shares, ev.zero_fraction, ev.zero_count
     p_hat = np.argmin(tfit, axis=0) if forced_p is None else np.full(t, forced_p)
