@@ -251,6 +251,14 @@ def test_attribute_is_deterministic_per_seed(decided):
     again = attribute(stats, sig, atom_names=at.atom_names, target_names=at.target_names)
     for field in ("decision", "coef", "coef_lo", "share_lo", "unexplained", "density"):
         np.testing.assert_array_equal(getattr(at, field), getattr(again, field))
+    # Decisions from precomputed evidence are the same; evidence of other quantiles is refused.
+    from unmerge_jax.attribution import evidence
+
+    pre = attribute(stats, sig, atom_names=at.atom_names, target_names=at.target_names, precomputed=evidence(stats, sig))
+    for field in ("decision", "coef", "coef_lo", "share_lo", "unexplained", "density", "floor"):
+        np.testing.assert_array_equal(getattr(at, field), getattr(pre, field))
+    with pytest.raises(UnmergeError, match="recompute it"):
+        attribute(stats, sig, rules=Rules(lo=0.1), precomputed=evidence(stats, sig))
 
 
 def test_attribute_with_the_method_given_and_without_replicates(decided):
@@ -268,11 +276,16 @@ def test_attribute_with_the_method_given_and_without_replicates(decided):
 
 
 def test_rules_change_the_decisions(decided):
-    """The gate scales with the unexplained energy u: a huge gate leaves only the exact fit (u = 0)
-    with dictionary content; a huge eps leaves none."""
+    """The gate scales with the energy the method leaves unexplained (u; q for TIES): a huge gate
+    leaves only the exact fits (the task-arithmetic sum, u = 0, and the TIES merge, q ≈ 0) with
+    dictionary content; a huge eps leaves none."""
     _, stats, sig = decided
     strict = attribute(stats, sig, rules=Rules(gate_ta=1e9, gate_dare=1e9, gate_ties=1e9))
-    assert strict.present(0) == ["d0", "d2", "d4"] and list(strict.category[1:]) == ["unknown"] * 4
+    assert strict.present(0) == ["d0", "d2", "d4"] and strict.present(1) == ["d1", "d3"]
+    assert list(strict.category[2:]) == ["unknown"] * 3
+    # With the TIES gate on the plain NNLS shares against u (the rule's other statistic) only u = 0 passes.
+    plain = attribute(stats, sig, rules=Rules(gate_ta=1e9, gate_dare=1e9, gate_ties=1e9, ties_gate_on_ties=False))
+    assert plain.present(0) == ["d0", "d2", "d4"] and list(plain.category[1:]) == ["unknown"] * 4
     none = attribute(stats, sig, rules=Rules(eps=1.0))
     assert not np.any(none.decision == PRESENT) and (none.category == "unknown").all()
 
@@ -306,3 +319,36 @@ def test_synthetic_hold_out_seed_meets_the_targets():
     (problem,) = synthetic_problems(9, variants=("full",))
     s = summarize(score(problem))
     assert all(s["met"].values()), s
+
+
+def test_calibration_record_names_the_split():
+    """The rules say which problems set them and which are reported as held out, and the
+    experiment's report calls a run in-sample or held out from that record."""
+    from unmerge_jax.attribution.rules import CALIBRATION, DEFAULT_RULES, HELD_OUT
+    from unmerge_jax.experiment.narrative import _provenance
+
+    assert CALIBRATION["presets"] == {"synthetic": (0, 1, 2, 3, 4), "tiny": (0, 1, 2)}
+    assert HELD_OUT == {"tiny": (3, 4), "small": (1,)}
+    for preset, seeds in HELD_OUT.items():
+        assert not set(seeds) & set(CALIBRATION["presets"].get(preset, ()))
+        for s in seeds:
+            assert "held out" in _provenance(DEFAULT_RULES, {"preset": preset, "seed": s})
+    for preset, seeds in CALIBRATION["presets"].items():
+        for s in seeds:
+            assert "in-sample" in _provenance(DEFAULT_RULES, {"preset": preset, "seed": s})
+    assert "not the library's default" in _provenance(DEFAULT_RULES._replace(gate_ta=1.0), {"preset": "tiny", "seed": 3})
+
+
+def test_dare_noise_is_the_drop_and_rescale_energy_of_a_dare_merge():
+    """ν = (1/ρ − 1) Σ w_k² ‖d_k‖² / ‖v‖² against the energy a DARE merge (drop + rescale, no sign
+    election) leaves outside the span of its entries, measured on the rows."""
+    from unmerge_jax.attribution.decide import dare_noise
+
+    atoms = _tasks(3, seed=21)
+    w = np.array([0.5, 0.3, 0.2])
+    merged = _merge("dare_linear", atoms, w, seed=4, density=0.4)
+    D, V = _flat(atoms).astype(np.float64), _flat([merged]).astype(np.float64)[:, 0]
+    resid = V - D @ w
+    nu = dare_noise(w[None], D.T @ D, np.array([V @ V]), np.array([0.4]))
+    np.testing.assert_allclose(nu[0], resid @ resid / (V @ V), rtol=0.1)
+    assert dare_noise(w[None], D.T @ D, np.array([V @ V]), np.array([0.4]), cap=np.array([1e-3]))[0] == 1e-3

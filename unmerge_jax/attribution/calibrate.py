@@ -40,6 +40,14 @@ NOISE_SHARE = 1e-4
 # (mixed targets need recall 0.95 but precision 0.6 only).
 KNOWN_COST = 1000.0
 MIXED_FP_COST = 0.1
+# A target with dictionary content that fails the gate is one wrong verdict and every entry
+# missed; an unknown target that passes it is one wrong verdict. A missed entry of a mixed target
+# weighs 3 verdicts (mixed recall must reach 0.95 of ~50 entries, the verdicts 0.90 of 72 targets).
+GATE_ENTRY_COST = 3.0
+# Weights of DARE's drop noise in its chance scale that calibration tries (rules.noise_dare).
+NOISE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+# DARE's noise scale: this quantile of u/ν over the known DARE calibration targets.
+NOISE_QUANTILE = 0.75
 # The model the rules use for each of the experiment's merge methods.
 TRUE_MODEL = {"task_arithmetic": "task_arithmetic", "linear": "task_arithmetic", "ties": "ties", "dare": "dare"}
 
@@ -228,25 +236,71 @@ def _round(x: float) -> float:
     return float(f"{x:.2g}")
 
 
-def _by_model(problems, model):
-    """Each problem restricted to the targets whose true merge method the rules model as ``model``."""
-    for p in problems:
+def _evidence(problems, rules):
+    from unmerge_jax.attribution.decide import evidence
+
+    return [evidence(p.stats, p.signatures, rules) for p in problems]
+
+
+def _select_evidence(ev, idx):
+    """Evidence restricted to targets ``idx`` (as ``Problem.select``)."""
+    from unmerge_jax.attribution.shares import Shares
+
+    pt = ev.point
+    return ev._replace(point=Shares(pt.coef[idx], pt.unexplained[idx], pt.shares[idx]), share_lo=ev.share_lo[idx],
+                       share_hi=ev.share_hi[idx], coef_lo=ev.coef_lo[idx], coef_hi=ev.coef_hi[idx],
+                       ties_unexplained=ev.ties_unexplained[:, idx], ties_shares=ev.ties_shares[:, idx],
+                       zero_count=ev.zero_count[idx], zero_fraction=ev.zero_fraction[idx],
+                       zero_energy_ratio=ev.zero_energy_ratio[idx], dare_density=ev.dare_density[idx])
+
+
+def _by_model_ev(problems, evs, model):
+    for p, ev in zip(problems, evs):
         idx = [i for i, s in enumerate(p.specs) if TRUE_MODEL[s.merge_method] == model]
         if idx:
-            yield p.select(idx)
+            yield p.select(idx), _select_evidence(ev, np.asarray(idx))
 
 
-def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES) -> tuple[Rules, dict]:
+def _presence_split(problems, evs, rules, model):
+    """Gate and floor statistics of one model's targets, with the method given (truth read here)."""
+    g_pos, g_neg, g_wp, e_pos, e_neg, e_w, e_wp = [], [], [], [], [], [], []
+    for p, ev in _by_model_ev(problems, evs, model):
+        at = attribute(p.stats, p.signatures, rules=rules, method=model, precomputed=ev)
+        cs = at.evidence["chance_scale"]
+        for t, s in enumerate(p.specs):
+            g = float(at.evidence["gate_stat"][t])
+            (g_neg if s.category == "unknown" else g_pos).append(g)
+            if s.category == "unknown":
+                continue
+            n_true = int(np.count_nonzero(p.truth[t] > 0))
+            g_wp.append(KNOWN_COST if s.category == "known" else 1.0 + GATE_ENTRY_COST * n_true)
+            stat = at.share_lo[t] / np.maximum(cs[t], 1e-300)
+            truth = p.truth[t] > 0
+            e_pos.extend(stat[truth])
+            e_neg.extend(stat[~truth])
+            known = s.category == "known"
+            e_wp.extend([KNOWN_COST if known else 1.0] * int(np.count_nonzero(truth)))
+            e_w.extend([KNOWN_COST if known else MIXED_FP_COST] * int(np.count_nonzero(~truth)))
+    return (g_neg, g_pos, g_wp), (e_neg, e_pos, e_w, e_wp)
+
+
+def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
+              noise_grid: Sequence[float] = NOISE_GRID, evidences: Sequence | None = None) -> tuple[Rules, dict]:
     """Thresholds from calibration problems (truth used), each by :func:`split`.
 
     1. ``ties_ratio``: ``q/u`` of TIES targets that hold dictionary entries (positives: below)
        against every task-arithmetic and DARE target.
-    2. Per model m, with the method given: ``gate_m`` from ``max_k s_k^lo / (r_k u)`` of mixed and
-       known targets against unknown ones; ``floor_m`` from the entry statistic ``L_k / (r_k U₀)``
-       of present against absent entries of known and mixed targets (costs: :data:`KNOWN_COST`,
-       :data:`MIXED_FP_COST`).
+    2. Per model m, with the method given: ``gate_m`` from ``max_k s_k^lo / c_k^gate`` of mixed and
+       known targets against unknown ones; ``floor_m`` from the entry statistic ``L_k / c_k`` of
+       present against absent entries of known and mixed targets (costs: :data:`KNOWN_COST`,
+       :data:`MIXED_FP_COST`), ``c`` the chance scales of :mod:`~unmerge_jax.attribution.rules`.
+       For DARE, ``noise_dare`` is the value of ``noise_grid`` whose gate and floor make the
+       fewest weighted errors.
     3. ``known_m`` from U of known against mixed targets, with the thresholds of step 2; known
        values below :data:`NOISE_SHARE` count as that much.
+
+    The rule-independent statistics (:func:`~unmerge_jax.attribution.decide.evidence`) are
+    computed once per problem (or given as ``evidences``, one per problem, computed with ``base``).
 
     Returns:
       ``(rules, report)``: the new :class:`Rules` (2 significant digits) and, per threshold, the
@@ -254,10 +308,11 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES) -> tuple
     """
     report = {}
     rules = base
+    evs = list(evidences) if evidences is not None else _evidence(problems, rules)
     # 1. TIES consistency ratio (rules-independent statistics).
     pos, neg = [], []
-    for p in problems:
-        at = attribute(p.stats, p.signatures, rules=rules)
+    for p, ev in zip(problems, evs):
+        at = attribute(p.stats, p.signatures, rules=rules, precomputed=ev)
         for t, s in enumerate(p.specs):
             r = float(at.evidence["ties_ratio"][t])
             if s.merge_method == "ties" and s.category != "unknown":
@@ -269,40 +324,47 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES) -> tuple
     rules = rules._replace(ties_ratio=_round(1.0 / tau))
     report["ties_ratio"] = {**info, "value": rules.ties_ratio}
 
+    # 2a. DARE's noise model: u / ν of known DARE targets (no outside content: all of u is drop noise).
+    ratios = []
+    for p, ev in _by_model_ev(problems, evs, "dare"):
+        from unmerge_jax.attribution.decide import dare_noise
+
+        nu = dare_noise(ev.point.coef, np.asarray(p.stats.gram), np.asarray(p.stats.target_sq), ev.dare_density)
+        for t, s in enumerate(p.specs):
+            if s.category == "known" and nu[t] > 0:
+                ratios.append(float(ev.point.unexplained[t] / nu[t]))
+    if ratios:
+        rules = rules._replace(noise_scale=_round(float(np.quantile(ratios, NOISE_QUANTILE))))
+        report["noise_scale"] = {"value": rules.noise_scale, "quantile": NOISE_QUANTILE, "n": len(ratios),
+                                 "min": float(np.min(ratios)), "median": float(np.median(ratios)),
+                                 "max": float(np.max(ratios))}
+
     # 2. Gates and floors, per model, with the method given.
     key = {"task_arithmetic": "ta", "ties": "ties", "dare": "dare"}
     for model in ("task_arithmetic", "ties", "dare"):
-        g_pos, g_neg, e_pos, e_neg, e_w, e_wp = [], [], [], [], [], []
-        for p in _by_model(problems, model):
-            at = attribute(p.stats, p.signatures, rules=rules, method=model)
-            r_null = at.evidence["r_null"]
-            u = at.unexplained_plain
-            plain_lo = at.evidence["plain_share_lo"]
-            u0 = np.where(at.method == "ties", at.evidence["ties_unexplained"], u)
-            for t, s in enumerate(p.specs):
-                g = float(np.max(plain_lo[t] / (r_null * max(u[t], 1e-300))))
-                (g_neg if s.category == "unknown" else g_pos).append(g)
-                if s.category == "unknown":
-                    continue
-                stat = at.share_lo[t] / (r_null * max(u0[t], 1e-300))
-                truth = p.truth[t] > 0
-                e_pos.extend(stat[truth])
-                e_neg.extend(stat[~truth])
-                known = s.category == "known"
-                e_wp.extend([KNOWN_COST if known else 1.0] * int(np.count_nonzero(truth)))
-                e_w.extend([KNOWN_COST if known else MIXED_FP_COST] * int(np.count_nonzero(~truth)))
-        tau, info = split(g_neg, g_pos)
-        rules = rules._replace(**{f"gate_{key[model]}": _round(tau)})
-        report[f"gate_{key[model]}"] = {**info, "value": _round(tau)}
-        tau, info = split(e_neg, e_pos, neg_cost=e_w, pos_cost=e_wp)
-        rules = rules._replace(**{f"floor_{key[model]}": _round(tau)})
-        report[f"floor_{key[model]}"] = {**info, "value": _round(tau)}
+        best = None
+        for noise in (noise_grid if model == "dare" else (rules.noise_dare,)):
+            trial = rules._replace(noise_dare=float(noise))
+            (g_neg, g_pos, g_wp), (e_neg, e_pos, e_w, e_wp) = _presence_split(problems, evs, trial, model)
+            g_tau, g_info = split(g_neg, g_pos, pos_cost=g_wp)
+            f_tau, f_info = split(e_neg, e_pos, neg_cost=e_w, pos_cost=e_wp)
+            cost = g_info["errors"] + f_info["errors"]
+            margin = min(g_info["margin"], f_info["margin"])
+            if best is None or (cost, -margin) < (best[0], -best[1]):
+                best = (cost, margin, noise, g_tau, g_info, f_tau, f_info)
+        _, _, noise, g_tau, g_info, f_tau, f_info = best
+        rules = rules._replace(**{f"gate_{key[model]}": _round(g_tau), f"floor_{key[model]}": _round(f_tau)})
+        if model == "dare":
+            rules = rules._replace(noise_dare=float(noise))
+            report["noise_dare"] = {"value": float(noise), "grid": list(map(float, noise_grid))}
+        report[f"gate_{key[model]}"] = {**g_info, "value": _round(g_tau)}
+        report[f"floor_{key[model]}"] = {**f_info, "value": _round(f_tau)}
 
     # 3. Known/mixed thresholds on U, with the new presence rules.
     for model in ("task_arithmetic", "ties", "dare"):
         k_neg, k_pos = [], []
-        for p in _by_model(problems, model):
-            at = attribute(p.stats, p.signatures, rules=rules, method=model)
+        for p, ev in _by_model_ev(problems, evs, model):
+            at = attribute(p.stats, p.signatures, rules=rules, method=model, precomputed=ev)
             for t, s in enumerate(p.specs):
                 if s.category == "known":
                     k_neg.append(float(at.unexplained[t]))
@@ -327,5 +389,5 @@ def replace_rules(rules: Rules, **changes) -> Rules:
     return rules._replace(**changes)
 
 
-__all__ = ["Problem", "TARGETS", "calibrate", "columns", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
+__all__ = ["NOISE_GRID", "Problem", "TARGETS", "calibrate", "columns", "merge_target", "problems_from_deltas", "replace_rules", "rules_dict",
            "score", "split", "summarize", "synthetic_problems"]

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules
-from unmerge_jax.attribution.shares import drop_shares, fit_subset, null_ratio
+from unmerge_jax.attribution.shares import chance_ratio, drop_shares, fit_subset, null_ratio
 from unmerge_jax.attribution.signatures import SignatureStats
 from unmerge_jax.attribution.ties import ties_drop_shares, ties_fit
 from unmerge_jax.errors import UnmergeError
@@ -51,8 +51,11 @@ class Attribution(NamedTuple):
         identified method (rules §3). unexplained_plain: (T,) u (NNLS, all entries).
       category: (T,) ``known`` / ``mixed`` / ``unknown``.
       evidence: dict of (T,) arrays: ``ties_unexplained`` (q), ``ties_density`` (ρ̂),
-        ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u); (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile, the gate's
-        statistic); and ``r_null`` (K,).
+        ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u),
+        ``dare_noise`` (ν, 0 unless DARE), ``outside_share`` (O), ``gate_stat`` (the gate's statistic);
+        (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile), ``chance_scale`` (c, the floors'
+        scale), ``gate_scale`` (the gate's); and ``r_null`` (K,), the ratio the rules used (the chance
+        ratio unless ``robust_null=False``).
       rules: the :class:`Rules` used.
     """
 
@@ -108,6 +111,98 @@ def _margin(ratio) -> np.ndarray:
         return np.clip(np.log10(np.maximum(np.asarray(ratio, np.float64), 1e-300)), 0.0, 1.0)
 
 
+class Evidence(NamedTuple):
+    """The rule-independent statistics of the decisions (the costly part: every bootstrap replicate's
+    left-out shares, the null ratios, the TIES fits at every density), computed once per pass.
+
+    Attributes:
+      point: :class:`~unmerge_jax.attribution.shares.Shares` of the full data (T targets).
+      share_lo, share_hi: (T, K) ``rules.lo`` / ``rules.hi`` bootstrap quantiles of the left-out shares
+        (the point shares without replicates).
+      coef_lo, coef_hi: (T, K) the coefficients' central ``rules.ci`` interval (NaN without replicates).
+      r_null: (K,) :func:`~unmerge_jax.attribution.shares.null_ratio`; r_chance: (K,)
+        :func:`~unmerge_jax.attribution.shares.chance_ratio`.
+      ties_unexplained: (P, T) q at each density; ties_shares: (P, T, K) TIES left-out shares.
+      zero_count, zero_fraction, zero_energy_ratio: (T,) exact-zero statistics.
+      dare_density: (T,) ``1 − f0^{1/n}``, n the entries whose point share is ≥ ``rules.major`` of the largest.
+      settings: ``(lo, hi, ci, major)`` of the rules it was computed with.
+    """
+
+    point: Any
+    share_lo: np.ndarray
+    share_hi: np.ndarray
+    coef_lo: np.ndarray
+    coef_hi: np.ndarray
+    r_null: np.ndarray
+    r_chance: np.ndarray
+    ties_unexplained: np.ndarray
+    ties_shares: np.ndarray
+    zero_count: np.ndarray
+    zero_fraction: np.ndarray
+    zero_energy_ratio: np.ndarray
+    dare_density: np.ndarray
+    settings: tuple
+
+
+def evidence(stats, signatures: SignatureStats, rules: Rules = DEFAULT_RULES) -> Evidence:
+    """The statistics :func:`attribute` compares with its thresholds (none of which they depend on).
+
+    Pass the result to ``attribute(..., precomputed=...)`` to decide under several rules without
+    recomputing it (calibration does).
+    """
+    _check(stats, signatures)
+    G = np.asarray(stats.gram, np.float64)
+    C = np.asarray(stats.cross, np.float64)
+    vv = np.asarray(stats.target_sq, np.float64)
+    # Plain NNLS, left-out shares, and their bootstrap replicates.
+    point = drop_shares(G, C, vv)
+    if stats.n_seeds:
+        boot = drop_shares(stats.boot_gram, stats.boot_cross, stats.boot_target_sq)
+        s_lo = np.quantile(boot.shares, rules.lo, axis=0)
+        s_hi = np.quantile(boot.shares, rules.hi, axis=0)
+        half = (1.0 - rules.ci) / 2
+        coef_lo = np.quantile(boot.coef, half, axis=0)
+        coef_hi = np.quantile(boot.coef, 1.0 - half, axis=0)
+    else:
+        s_lo = s_hi = point.shares
+        coef_lo = coef_hi = np.full_like(point.coef, np.nan)
+    # TIES consistency at every density of the grid.
+    tfit, tshares = ties_drop_shares(signatures.ties_dd, signatures.ties_dv, signatures.ties_vv)   # (P, T)
+    zero_count = np.asarray(signatures.zero_count, np.float64)
+    f0 = zero_count / max(float(signatures.n_active), 1.0)
+    ze = np.asarray(signatures.zero_energy, np.float64)                                  # (K, T)
+    a2 = point.coef ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_energy_ratio = np.sum(a2 * ze.T, axis=1) / (f0 * np.sum(a2 * np.diag(G), axis=1))
+    sh = point.shares
+    major = (point.coef > 0) & (sh >= rules.major * np.max(sh, axis=1, keepdims=True))
+    n_major = np.maximum(major.sum(axis=1), 1)
+    rho = np.clip(1.0 - np.clip(f0, 0.0, 1.0) ** (1.0 / n_major), 1e-6, 1.0)
+    return Evidence(point, s_lo, s_hi, coef_lo, coef_hi, null_ratio(G), chance_ratio(G), tfit.unexplained, tshares,
+                    zero_count, f0, zero_energy_ratio, rho, _settings(rules))
+
+
+def _settings(rules: Rules) -> tuple:
+    return (rules.lo, rules.hi, rules.ci, rules.major)
+
+
+def dare_noise(coef, gram, target_sq, density, cap=None) -> np.ndarray:
+    """DARE's expected drop-and-rescale energy as a share of each target: ``(1/ρ − 1) Σ_k a_k² G_kk / ‖v‖²``.
+
+    A DARE merge keeps each entry of ``w_k d_k`` with probability ρ and rescales it by 1/ρ, so it adds
+    zero-mean noise of energy ``(1/ρ − 1) Σ_k w_k² ‖d_k‖²`` that no combination of the entries explains.
+
+    Args:
+      coef: (T, K) weights (NNLS coefficients stand in for w). gram: (K, K). target_sq: (T,).
+      density: (T,) ρ. cap: optional (T,) upper bound (the unexplained share u: noise cannot exceed it).
+    """
+    rho = np.clip(np.asarray(density, np.float64), 1e-6, 1.0)
+    vv = np.asarray(target_sq, np.float64)
+    nu = (1.0 / rho - 1.0) * np.sum(np.asarray(coef, np.float64) ** 2 * np.diag(np.asarray(gram, np.float64)), axis=1)
+    nu = nu / np.where(vv > 0, vv, 1.0)
+    return nu if cap is None else np.minimum(nu, cap)
+
+
 def _check(stats, sig: SignatureStats):
     from unmerge_jax.stats import GramStats
 
@@ -126,7 +221,7 @@ def _check(stats, sig: SignatureStats):
 
 def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES, method: str | None = None,
               density: float | None = None, atom_names: Sequence[str] | None = None,
-              target_names: Sequence[str] | None = None) -> Attribution:
+              target_names: Sequence[str] | None = None, precomputed: Evidence | None = None) -> Attribution:
     """Decide, per target, which dictionary entries are present, the merge method and the verdict.
 
     Args:
@@ -138,6 +233,8 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
         ``dare_ties``, ``dare_linear``) instead of identifying it; applies to every target.
       density: with ``method``: the merge's density (TIES: must be on the signature grid).
       atom_names, target_names: labels (default ``d0…``, ``t0…``).
+      precomputed: :func:`evidence` of the same ``stats`` and ``signatures``, computed with this
+        ``rules``' ``lo``/``hi``/``ci``/``major``, to skip recomputing it.
 
     Returns:
       :class:`Attribution`.
@@ -169,31 +266,15 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
                                    f"accumulate the signatures with it in densities")
             forced_p = int(hit[0])
 
-    # Plain NNLS, left-out shares, and their bootstrap replicates.
-    point = drop_shares(G, C, vv)
-    u = point.unexplained
-    if stats.n_seeds:
-        boot = drop_shares(stats.boot_gram, stats.boot_cross, stats.boot_target_sq)
-        s_lo = np.quantile(boot.shares, rules.lo, axis=0)
-        s_hi = np.quantile(boot.shares, rules.hi, axis=0)
-        half = (1.0 - rules.ci) / 2
-        coef_lo = np.quantile(boot.coef, half, axis=0)
-        coef_hi = np.quantile(boot.coef, 1.0 - half, axis=0)
-    else:
-        s_lo = s_hi = point.shares
-        coef_lo = coef_hi = np.full_like(point.coef, np.nan)
-    r_null = null_ratio(G)
-
-    # TIES consistency at every density of the grid.
-    tfit, tshares = ties_drop_shares(signatures.ties_dd, signatures.ties_dv, signatures.ties_vv)   # (P, T)
-    p_hat = np.argmin(tfit.unexplained, axis=0) if forced_p is None else np.full(t, forced_p)
-    q = tfit.unexplained[p_hat, np.arange(t)]
-    zero_count = np.asarray(signatures.zero_count, np.float64)
-    f0 = zero_count / max(float(signatures.n_active), 1.0)
-    ze = np.asarray(signatures.zero_energy, np.float64)                                  # (K, T)
-    a2 = point.coef ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero_energy_ratio = np.sum(a2 * ze.T, axis=1) / (f0 * np.sum(a2 * np.diag(G), axis=1))
+    ev = precomputed if precomputed is not None else evidence(stats, signatures, rules)
+    if ev.settings != _settings(rules):
+        raise UnmergeError(f"precomputed evidence was computed with (lo, hi, ci, major) = {ev.settings}, the rules "
+                           f"have {_settings(rules)}; recompute it with these rules")
+    point, u, s_lo, s_hi = ev.point, ev.point.unexplained, ev.share_lo, ev.share_hi
+    tfit, tshares, f0, zero_count = ev.ties_unexplained, ev.ties_shares, ev.zero_fraction, ev.zero_count
+    p_hat = np.argmin(tfit, axis=0) if forced_p is None else np.full(t, forced_p)
+    q = tfit[p_hat, np.arange(t)]
+    r_null = ev.r_chance if rules.robust_null else ev.r_null
 
     # 1. Method.
     zeros = zero_count > 0
@@ -208,15 +289,26 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
         meth = np.full(t, forced)
         conf = np.ones(t)
     meth = meth.astype(object)
+    is_dare = meth == "dare"
 
-    # 2. Gate and presence.
-    gate_level = np.array([rules.gate(m) for m in meth])
-    gate = np.any(s_lo > (gate_level * u)[:, None] * r_null[None, :] + rules.eps, axis=1)
-    U0 = np.where(meth == "ties", q, u)
-    floor = (np.array([rules.floor(m) for m in meth]) * U0)[:, None] * r_null[None, :] + rules.eps   # (T, K)
+    # 2. Chance scale, gate and presence. DARE: the drop noise ν is not outside content; it takes
+    # an absent entry's share at the rate of one direction among the n active rows.
+    rho_d = ev.dare_density if not (forced == "dare" and density is not None) else np.full(t, float(density))
+    nu = np.where(is_dare, dare_noise(point.coef, G, vv, rho_d, u), 0.0)
+    U_out = np.where(meth == "ties", q, np.maximum(u - rules.noise_scale * nu, 0.0))
+    n_act = max(float(signatures.n_active), 1.0)
+    scale = U_out[:, None] * r_null[None, :] + (rules.noise_dare * nu / n_act)[:, None]      # (T, K)
     share = np.where((meth == "ties")[:, None], tshares[p_hat, np.arange(t)], point.shares)
     lo = np.where((meth == "ties")[:, None], share, s_lo)
     hi = np.where((meth == "ties")[:, None], 2.0 * share, s_hi)
+    gate_level = np.array([rules.gate(m) for m in meth])
+    if rules.ties_gate_on_ties:
+        gate_lo, gate_scale = lo, scale
+    else:
+        gate_lo, gate_scale = s_lo, np.where((meth == "ties")[:, None], (u[:, None] * r_null[None, :]), scale)
+    gate_stat = np.max((gate_lo - rules.eps) / np.maximum(gate_scale, 1e-300), axis=1)
+    gate = gate_stat > gate_level
+    floor = np.array([rules.floor(m) for m in meth])[:, None] * scale + rules.eps              # (T, K)
     present = gate[:, None] & (lo > floor)
     uncertain = ~present & (hi > floor)
     decision = np.where(present, PRESENT, np.where(uncertain, UNCERTAIN, ABSENT)).astype(np.int8)
@@ -253,7 +345,9 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
     known_level = np.array([rules.known(m) for m in meth])
     category = np.where(~present.any(axis=1), "unknown", np.where(U <= known_level, "known", "mixed")).astype(object)
 
-    evidence = {"ties_unexplained": q, "ties_density": dens_grid[p_hat], "zero_fraction": f0, "zero_count": zero_count,
-                "zero_energy_ratio": zero_energy_ratio, "ties_ratio": ratio, "plain_share_lo": s_lo, "r_null": r_null}
-    return Attribution(atom_names, target_names, point.coef, coef_lo, coef_hi, weights, share, lo, hi, decision,
-                       floor, gate, meth, conf, dens_out, weights.sum(axis=1), U, u, category, evidence, rules)
+    ev_out = {"ties_unexplained": q, "ties_density": dens_grid[p_hat], "zero_fraction": f0, "zero_count": zero_count,
+                "zero_energy_ratio": ev.zero_energy_ratio, "ties_ratio": ratio, "plain_share_lo": s_lo, "r_null": r_null,
+                "dare_noise": nu, "outside_share": U_out, "chance_scale": scale, "gate_scale": gate_scale,
+              "gate_stat": gate_stat}
+    return Attribution(atom_names, target_names, point.coef, ev.coef_lo, ev.coef_hi, weights, share, lo, hi, decision,
+                       floor, gate, meth, conf, dens_out, weights.sum(axis=1), U, u, category, ev_out, rules)

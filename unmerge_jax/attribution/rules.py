@@ -4,12 +4,19 @@ Notation, per target v (all from the Gram statistics, their bootstrap replicates
 signature sums of :mod:`~unmerge_jax.attribution.signatures`; the truth is never read):
 
 * ``u`` — NNLS unexplained share ``‖v − Da‖²/‖v‖²`` over all entries; ``s_k`` — left-out share of
-  entry k (:mod:`~unmerge_jax.attribution.shares`), ``s_k^lo``/``s_k^hi`` its ``lo``/``hi``
-  bootstrap quantiles; ``r_null`` — the dictionary's null ratio (chance share per unit of
-  unexplained energy, from ``G`` alone).
+  entry k (:mod:`~unmerge_jax.attribution.shares`: the drop in fit when k is removed and the rest
+  refitted, in Gram space), ``s_k^lo``/``s_k^hi`` its ``lo``/``hi`` bootstrap quantiles.
+* ``r_k`` — the chance ratio of entry k (:func:`~unmerge_jax.attribution.shares.chance_ratio`,
+  from ``G`` alone): the share k takes of another dictionary entry held out as a target, per unit
+  of that target's unexplained energy — the second largest such ratio (the largest is k's closest
+  relative *in* the dictionary, which takes its own content back), never below the dictionary's
+  median. With ``robust_null=False``, the largest (:func:`~unmerge_jax.attribution.shares.null_ratio`).
 * ``q_ρ`` — TIES-unexplained share at density ρ (:mod:`~unmerge_jax.attribution.ties`),
   ``ρ̂ = argmin q_ρ`` over the density grid, ``q = q_ρ̂``; ``t_k`` — the TIES left-out share.
-* ``f0`` — fraction of the active rows where the target is exactly zero.
+* ``f0`` — fraction of the active rows where the target is exactly zero; ``n`` — active rows.
+* ``ν`` — DARE's expected drop-and-rescale share ``(1/ρ_D − 1) Σ_k a_k² G_kk / ‖v‖²`` (NNLS
+  coefficients a, capped at u), ``ρ_D = 1 − f0^{1/m}`` with m the entries whose point share is at
+  least ``major · max_k s_k`` (an entry is zero where all m merged models dropped it).
 
 **1. Method.** TIES if ``q ≤ ties_ratio · u`` and (``f0 > 0`` or ``q ≤ ties_ratio_nozero · u``): a
 TIES merge of dictionary entries satisfies its consistency equations almost exactly, while least
@@ -17,21 +24,24 @@ squares on the untrimmed entries leaves the trimming and the disjoint mean unexp
 DARE if ``f0 > 0`` (entries left exactly at the base; DARE drops them whatever their size), else
 task arithmetic / linear (dense fine-tunes leave no exact zeros; with uniform weights summing to 1
 the two are the same formula, so they are reported together). The density: ρ̂ for TIES; for DARE
-``1 − f0^{1/n}`` (an entry is zero when all n merged models dropped it), n the number of present
-entries whose share is at least ``major · max_k s_k``.
+``1 − f0^{1/n}`` with n the present entries whose share is at least ``major · max_k s_k``.
 
-**2. Presence.** The model's floor is ``φ = γ_m · r_null · U₀ + eps`` with ``U₀ = u`` (task
-arithmetic, DARE) or ``q`` (TIES): an absent entry's chance share grows with the energy left
-unexplained. A target holds dictionary content at all only if some entry clears the *gate*:
-``max_k s_k^lo > gate_m · r_null · u + eps``. Then entry k is
+**2. Presence.** The *outside share* is ``O = u`` (task arithmetic), ``q`` (TIES) or
+``max(u − noise_scale · ν, 0)`` (DARE: the drop noise is not outside content; ``noise_scale``
+corrects ν's model, which ignores sign election, by the ratio ``u/ν`` of known DARE merges, where
+all of u is noise). An absent entry's chance share is ``c_k = r_k · O + noise_dare · ν / n``:
+outside content projects onto k at the chance ratio, DARE noise — zero-mean, spread over the n
+active rows — at about one direction in n. A target holds dictionary content only if some entry
+clears the *gate*, ``max_k (L_k − eps) / c_k > gate_m``. Then entry k is
 
-* present if the gate passes and ``L_k > φ``,
-* uncertain if not present but ``H_k > φ``,
+* present if the gate passes and ``L_k > φ_k = floor_m · c_k + eps``,
+* uncertain if not present but ``H_k > φ_k``,
 * absent otherwise,
 
 with ``(L_k, H_k) = (s_k^lo, s_k^hi)`` for task arithmetic and DARE (bootstrap interval of the
 share) and ``(t_k, 2 t_k)`` for TIES (a point value; the TIES sums have no replicates, so the band
-is a factor of two, not an interval).
+is a factor of two, not an interval). With ``ties_gate_on_ties=False`` a TIES target's gate uses
+the NNLS ``s_k^lo`` against ``r_k · u`` instead.
 
 **3. Unknown content.** With P the present entries, refit the model on P: task arithmetic
 ``U = u(P)``; TIES ``U = q(P)`` at ρ̂; DARE ``U = u(P) − (1/ρ̂ − 1) Σ_{k∈P} a_k² G_kk / ‖v‖²``
@@ -41,11 +51,13 @@ noise ``(1/ρ − 1) Σ w_k² ‖d_k‖²`` unexplained; the rest is content no 
 
 **4. Verdict.** unknown if P is empty; known if ``U ≤ known_m``; mixed otherwise.
 
-The thresholds below come from :func:`unmerge_jax.attribution.calibrate.calibrate` on the
-synthetic preset's seeds 0–4, compressed and full problems pooled (each set halfway, in log
-scale, between the two classes it separates, or at the fewest weighted errors where they
-overlap); ``ties_ratio_nozero``, ``major``, ``eps`` and the quantiles are fixed by hand.
-``docs/attribution.md`` has the hold-out numbers (synthetic seeds 5–11, tiny preset seeds 0–1).
+The thresholds below come from :func:`unmerge_jax.attribution.calibrate.calibrate` on
+:data:`CALIBRATION` — the synthetic preset's seeds 0–4 and the trained ``tiny`` preset's seeds
+0–2, compressed and full problems pooled (each set halfway, in log scale, between the two
+classes it separates, or at the fewest weighted errors where they overlap; ``noise_dare`` the
+grid value with the fewest errors, ``noise_scale`` the upper quartile of ``u/ν``);
+``ties_ratio_nozero``, ``major``, ``eps`` and the quantiles are fixed by hand.
+``docs/attribution.md`` has the figures on :data:`HELD_OUT` (tiny seeds 3–4, small seed 1).
 """
 
 from __future__ import annotations
@@ -58,15 +70,19 @@ class Rules(NamedTuple):
 
     ties_ratio: float = 0.4
     ties_ratio_nozero: float = 0.1
-    gate_ta: float = 4.6
-    gate_dare: float = 2.2
-    gate_ties: float = 1.7
-    floor_ta: float = 3.3
-    floor_dare: float = 0.12
-    floor_ties: float = 7.3
-    known_ta: float = 0.0017
-    known_dare: float = 0.12
+    gate_ta: float = 14.0
+    gate_dare: float = 3.2
+    gate_ties: float = 16.0
+    floor_ta: float = 3.0
+    floor_dare: float = 0.27
+    floor_ties: float = 7.1
+    known_ta: float = 0.0016
+    known_dare: float = 0.13
     known_ties: float = 0.0011
+    noise_dare: float = 10.0
+    noise_scale: float = 1.2
+    robust_null: bool = True
+    ties_gate_on_ties: bool = True
     major: float = 0.02
     eps: float = 1e-6
     lo: float = 0.05
@@ -89,7 +105,10 @@ def _key(method: str) -> str:
 
 DEFAULT_RULES = Rules()
 # The problems DEFAULT_RULES were calibrated on (reports say whether a run is one of them).
-CALIBRATION = {"presets": ("synthetic",), "seeds": (0, 1, 2, 3, 4), "variants": ("compressed", "full")}
+CALIBRATION = {"presets": {"synthetic": (0, 1, 2, 3, 4), "tiny": (0, 1, 2)}, "variants": ("compressed", "full")}
+# Seeds the rules are reported on and were never tuned on (docs/experiment.md, "Attribution figures at
+# held-out seeds"); tiny seed 3 was looked at once while choosing the TIES gate's statistic.
+HELD_OUT = {"tiny": (3, 4), "small": (1,)}
 
 # Method names the decisions report (task arithmetic and linear are one formula here).
 METHODS = ("task_arithmetic", "ties", "dare")

@@ -43,15 +43,15 @@ FIGURE_LABELS = {"known_precision_task_arithmetic": "known · Task Arithmetic ·
                  "method_accuracy_known_2plus": "method identified (known, ≥ 2 entries)"}
 # Why a figure can fall short: the statistic that decides it (rules of unmerge_jax.attribution.rules).
 WHY = {
-    "known_precision": "an absent entry's bootstrap share cleared the presence floor φ = γ·r_null·U₀ by chance "
+    "known_precision": "an absent entry's bootstrap share cleared the presence floor φ = γ·(r·O + noise·ν/n) by chance "
                        "(column L/φ > 1 of a `false` entry)",
     "known_recall": "a present entry's lower share quantile stayed under the floor (L/φ < 1 of a `missed` entry): its "
                     "weight times its norm is small next to the energy the merge leaves unexplained (DARE: the "
-                    "dropped-and-rescaled noise (1/ρ − 1)·Σ w²‖d‖², which on few kept rows also varies a lot between "
-                    "bootstrap replicates)",
+                    "dropped-and-rescaled noise ν ≈ (1/ρ − 1)·Σ w²‖d‖²/‖v‖², which on few kept rows also varies a lot "
+                    "between bootstrap replicates)",
     "known_perfect_match": "one missed or false entry makes a known target imperfect (rows below)",
     "mixed_recall": "in a mixed target the outside tasks' content is unexplained energy; it raises the floor "
-                    "(U₀ = u), so a dictionary entry with a small share of the target falls under it; where no entry clears the "
+                    "(outside share O = u), so a dictionary entry with a small share of the target falls under it; where no entry clears the "
                     "gate the target reads unknown and every entry counts as missed (L/φ may then exceed 1)",
     "mixed_precision": "the outside tasks' content projects onto correlated dictionary entries",
     "category_accuracy": "known vs mixed is U ≤ known_m on the unexplained share after the method's refit; unknown "
@@ -75,9 +75,9 @@ def _provenance(rules, meta: dict) -> str:
 
     if rules != DEFAULT_RULES:
         return "These are not the library's default rules (given to run_experiment)."
-    where = (f"calibrated on the {'/'.join(CALIBRATION['presets'])} preset's seeds "
-             f"{', '.join(map(str, CALIBRATION['seeds']))}")
-    if meta.get("preset") in CALIBRATION["presets"] and meta.get("seed") in CALIBRATION["seeds"]:
+    where = "calibrated on " + "; ".join(f"the {name} preset's seeds {', '.join(map(str, seeds))}"
+                                         for name, seeds in CALIBRATION["presets"].items())
+    if meta.get("seed") in CALIBRATION["presets"].get(meta.get("preset"), ()):
         return f"{where.capitalize()}: this run is one of them, so the figures below are in-sample."
     return f"{where.capitalize()}; this preset and seed were not used to set them (held out)."
 
@@ -110,7 +110,8 @@ def attribution_markdown(runs: pd.DataFrame, attributions: dict, meta: dict) -> 
     lines = ["## Attribution\n",
              f"Per target, `unmerge_jax.attribute` decides which dictionary entries are present (bootstrap interval "
              f"of each entry's left-out share over {meta.get('boot', '?')} replicates of the same Gram pass, against "
-             f"a floor that scales with the unexplained energy), the merge method (TIES-consistency and exact-zero "
+             f"a floor at a multiple of its chance share: the energy no entry explains, less DARE's drop noise, times "
+             f"the entry's chance ratio, plus the noise's own share of one direction in n rows), the merge method (TIES-consistency and exact-zero "
              f"signatures) and the verdict known / mixed / unknown; the truth is read only to score "
              f"(`attribution.csv`, `attribution.json`). Rules: the library's thresholds "
              f"(`ties_ratio` {rules.ties_ratio}, floors TA/TIES/DARE {rules.floor_ta}/{rules.floor_ties}/"
