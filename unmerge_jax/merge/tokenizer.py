@@ -47,8 +47,11 @@ only when a config asks for tokenizer handling).
 
 Where mergekit 0.1.5's order varies from run to run, a fixed one is used: the inputs in config order
 (base first, then ``models:``) where mergekit iterates a Python set of models (the union's new ids,
-the plurality vote of ``chat_template: auto``), and each input's tokens by id where mergekit
-iterates the tokenizer's hash map (the ids of the union's new regular — not added — tokens).
+the plurality vote of ``chat_template: auto``, and — without a base — the model whose tokenizer
+``base`` / ``union`` start from: the first model here, one mergekit picks by the hashes of the
+model paths there, so its output changes between runs; a run-time note says so), and each
+input's tokens by id where mergekit iterates the tokenizer's hash map (the ids of the union's new
+regular — not added — tokens).
 """
 
 from __future__ import annotations
@@ -613,6 +616,9 @@ def build_vocabulary(spec: TokenizerSpec, base: Path | None, models: list) -> Al
             paths.append(p)
     donor = paths[0]
     notes = []
+    if base is None and spec.source in SOURCES:
+        notes.append(f"no base_model: the {spec.source} tokenizer starts from the first model's, {donor.name} (mergekit "
+                     f"0.1.5 takes whichever model its set of models yields first, which varies from run to run)")
     donor_size = vocab_size(_config(donor))
     donor_tok = _load(donor, "the base model")
     donor_size = donor_size or len(donor_tok.get_vocab())
