@@ -1,8 +1,9 @@
 """Tokenizer handling of ``unmerge merge`` against mergekit 0.1.5 on tiny seeded Llama models with
 tiny tokenizers built here: the configurations of mergekit's ``tests/test_tokenizer.py`` and
 ``tests/test_chat_template.py`` (and a few more: permuted ids, tokens only non-base inputs share,
-methods with a base, no base, an input without tokenizer), run through both; every tensor within
-1e-5, the same vocabulary / added tokens / chat template / ``vocab_size``, the same logits. An
+methods with a base, no base, an input without tokenizer; ``slices:`` layer stacks and per-slice
+merges), run through both; every tensor within 1e-5, the same vocabulary / added tokens / chat
+template / ``vocab_size``, the same logits. An
 independent NumPy construction of the aligned rows, block-size independence, and one-line refusals
 of bad tokenizer settings."""
 
@@ -536,3 +537,93 @@ def test_new_token_with_source_base(zoo, tmp_path):
         assert new[n].shape == (65, 32)
         np.testing.assert_array_equal(new[n][:64], plain[n])
         np.testing.assert_array_equal(new[n][64], chatml[n][end])   # every input takes the source's row
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer settings with slices: (layer stacks and per-slice merges)
+# ----------------------------------------------------------------------------------------------
+def _slices(zoo, method, slices, **top):
+    """A ``slices:`` config: ``slices`` lists per slice ``[(model, lo, hi, params), ...]``."""
+    return {"merge_method": method, "dtype": "float32", **top,
+            "slices": [{"sources": [{"model": zoo[m], "layer_range": [lo, hi], **({"parameters": p} if p else {})}
+                                    for m, lo, hi, p in sl]} for sl in slices]}
+
+
+def _slices_parity(zoo, tmp_path, monkeypatch, cfg, by_token=False):
+    theirs = _mergekit(cfg, tmp_path / "mk", monkeypatch)
+    res = merge(cfg, tmp_path / "us")
+    got, tok = _same_output(tmp_path / "us", theirs, by_token)
+    return got, tok, res
+
+
+STACK = [[("base", 0, 2, None)], [("chatml", 1, 2, None)]]     # 3 layers: base's two, then chatml's second
+
+
+def test_slices_passthrough_stack_union(zoo, tmp_path, monkeypatch):
+    """A layer stack whose models' vocabularies differ: the embeddings are aligned over the first
+    slice's model (the base lacks chatml's two tokens: zero rows, as mergekit), the head over the
+    last slice's (its own rows); the logits of the loaded outputs equal."""
+    cfg = _slices(zoo, "passthrough", STACK, tokenizer_source="union")
+    got, tok, res = _slices_parity(zoo, tmp_path, monkeypatch, cfg)
+    vocab = tok.get_vocab()
+    assert len(vocab) == 66 and got["model.embed_tokens.weight"].shape == (66, 32)
+    assert json.loads((tmp_path / "us" / "config.json").read_text())["num_hidden_layers"] == 3
+    chatml = load_file(os.path.join(zoo["chatml"], "model.safetensors"))
+    ids = _tok(zoo["chatml"]).get_vocab()
+    for t in ("<|im_start|>", "<|im_end|>"):
+        np.testing.assert_array_equal(got["model.embed_tokens.weight"][vocab[t]], 0)
+        np.testing.assert_array_equal(got["lm_head.weight"][vocab[t]], chatml["lm_head.weight"][ids[t]])
+    assert not any("in no input" in n for n in res.notes)     # every token is in some input
+    words = [vocab[w] for w in ("<s>", "_tok_5", "_tok_40", "<|im_start|>", "<|im_end|>")]
+    np.testing.assert_allclose(_logits(tmp_path / "us", words), _logits(tmp_path / "mk", words), rtol=0, atol=1e-5)
+
+
+def test_slices_per_slice_merge_with_a_base_and_forced_tokens(zoo, tmp_path, monkeypatch):
+    """task_arithmetic per slice (the base among each slice's sources), a ``tokenizer:`` block
+    with a forced token and a model_token source, and a chat template."""
+    cfg = _slices(zoo, "task_arithmetic",
+                  [[("base", 0, 1, None), ("chatml", 0, 1, {"weight": 0.7}), ("padded", 0, 1, {"weight": 0.4})],
+                   [("base", 1, 2, None), ("chatml", 1, 2, {"weight": 0.5}), ("padded", 1, 2, {"weight": 0.9})]],
+                  base_model=zoo["base"], chat_template="chatml", tokenizer={"source": "union", "tokens": {
+                      "_tok_10": {"source": zoo["chatml"], "force": True},
+                      "<|im_end|>": {"source": {"kind": "model_token", "model": zoo["base"], "token": "</s>"}}}})
+    got, tok, _ = _slices_parity(zoo, tmp_path, monkeypatch, cfg)
+    assert "<|im_start|>" in tok.chat_template
+
+
+def test_slices_source_base_with_differing_vocabularies(zoo, tmp_path, monkeypatch):
+    """``tokenizer_source: base`` merges sources whose vocabulary sizes and tokens differ (chatml's
+    added tokens, extra1's new regular ones, shuffled's 64 rows in another order); without it the
+    shapes are refused, naming the fix."""
+    sl = [[("chatml", 0, 2, {"weight": 0.6}), ("extra1", 0, 2, {"weight": 0.4}), ("shuffled", 0, 2, {"weight": 0.3})]]
+    cfg = _slices(zoo, "linear", sl, base_model=zoo["chatml"], tokenizer_source="base")
+    got, tok, _ = _slices_parity(zoo, tmp_path, monkeypatch, cfg)
+    assert len(tok.get_vocab()) == 66 and "_new_a" not in tok.get_vocab()
+    with pytest.raises(UnmergeError, match="set tokenizer_source"):
+        merge(_slices(zoo, "linear", sl, base_model=zoo["chatml"]), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_slices_slerp_union_without_a_top_level_base(zoo, tmp_path, monkeypatch):
+    """slerp per slice (each slice naming its own base) and a passthrough-free union with new regular
+    tokens (ids compared token by token: mergekit numbers them in hash-map order)."""
+    cfg = {"merge_method": "slerp", "dtype": "float32", "tokenizer_source": "union", "parameters": {"t": 0.4},
+           "slices": [{"base_model": zoo["extra1"], "sources": [{"model": zoo["extra1"], "layer_range": [0, 2]},
+                                                                 {"model": zoo["shuffled"], "layer_range": [0, 2]}]}]}
+    _slices_parity(zoo, tmp_path, monkeypatch, cfg, by_token=True)
+
+
+def test_slices_token_source_outside_the_tensors_sources_is_refused(zoo, tmp_path, monkeypatch):
+    """The embeddings of a stack come from the first slice only: a ``tokens:`` source from another
+    slice's model cannot give them a row (mergekit stops with a ValueError); one from the first
+    slice's model can."""
+    rule = lambda m: {"tokenizer": {"source": "union", "tokens": {  # noqa: E731
+        "<|im_start|>": {"source": {"kind": "model_token", "model": zoo[m], "token": "<s>"}}}}}
+    with pytest.raises(UnmergeError, match=r"is not among the sources of slices\[0\]") as err:
+        merge(_slices(zoo, "passthrough", STACK, **rule("chatml")), tmp_path / "refused")
+    assert "\n" not in str(err.value) and not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="requires a vocabulary weight"):
+        _mergekit(_slices(zoo, "passthrough", STACK, **rule("chatml")), tmp_path / "mk_refused", monkeypatch)
+    got, tok, _ = _slices_parity(zoo, tmp_path, monkeypatch, _slices(zoo, "passthrough", STACK, **rule("base")))
+    base = load_file(os.path.join(zoo["base"], "model.safetensors"))["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"][tok.get_vocab()["<|im_start|>"]], base[1])
