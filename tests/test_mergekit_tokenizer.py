@@ -627,3 +627,19 @@ def test_slices_token_source_outside_the_tensors_sources_is_refused(zoo, tmp_pat
     got, tok, _ = _slices_parity(zoo, tmp_path, monkeypatch, _slices(zoo, "passthrough", STACK, **rule("base")))
     base = load_file(os.path.join(zoo["base"], "model.safetensors"))["model.embed_tokens.weight"]
     np.testing.assert_array_equal(got["model.embed_tokens.weight"][tok.get_vocab()["<|im_start|>"]], base[1])
+
+
+@pytest.mark.parametrize("tokenizer", [{}, {"tokenizer_source": "union"}])
+def test_slices_head_from_the_last_slices_first_sources(zoo, tmp_path, monkeypatch, tokenizer):
+    """A last slice with more sources than the first: mergekit merges the final norm and the head
+    from its first two sources only (a note says so), the vocabulary aligned over those two."""
+    cfg = _slices(zoo, "linear", [[("base", 0, 1, {"weight": 0.5}), ("chatml", 0, 1, {"weight": 0.5})],
+                                  [("base", 1, 2, {"weight": 0.2}), ("chatml", 1, 2, {"weight": 0.3}),
+                                   ("b", 1, 2, {"weight": 0.5})]], **tokenizer)
+    if not tokenizer:      # same vocabulary sizes are needed without tokenizer settings
+        cfg["slices"][0]["sources"][1]["model"] = cfg["slices"][1]["sources"][1]["model"] = zoo["padded"]
+    got, _, res = _slices_parity(zoo, tmp_path, monkeypatch, cfg)
+    assert any("first 2 of its 3 sources" in n for n in res.notes)
+    head = {m: load_file(os.path.join(zoo[m], "model.safetensors"))["lm_head.weight"] for m in ("base", "padded", "b")}
+    if not tokenizer:
+        np.testing.assert_allclose(got["lm_head.weight"], 0.4 * head["base"] + 0.6 * head["padded"], rtol=0, atol=1e-6)

@@ -6,7 +6,9 @@ its own ``base_model`` and ``parameters``. The output's layers are the slices' l
 output layer ``o + j`` of a slice starting at ``o`` merges layer ``lo_k + j`` of each source ``k``
 with the config's method (``passthrough`` for plain stacking: one source per slice), with ``t =
 j / (n − 1)`` for gradients (``1`` for a one-layer slice). Tensors outside the layer stack come from
-the first slice's sources (embeddings) and the last slice's (final norm, LM head), at ``t = 0``.
+the first slice's sources (embeddings) and the last slice's (final norm, LM head), at ``t = 0`` —
+of the last slice only its first sources, as many as the first slice has (mergekit 0.1.5 pairs the
+last slice's models with the first slice's count of tensor names; a note says so).
 Parameters resolve per source ``parameters`` → slice ``parameters`` → top-level, filters and
 gradients evaluated per output tensor name — mergekit 0.1.5's ``MergePlanner`` and ``ConfigReader``.
 A method that needs a base takes it from the slice's sources (the source whose model is the
@@ -179,6 +181,20 @@ class _Job:
         self.group = None     # a vocabulary tensor's rows aligned to the output tokenizer (VocabGroup)
 
 
+def _head_slice(last: SliceSpec, n_first: int) -> SliceSpec:
+    """The slice the tensors after the layer stack (final norm, head) are merged from: mergekit
+    0.1.5 pairs the last slice's sources with as many tensor names as the *first* slice has
+    sources, so only the last slice's first ``n_first`` sources take part (refused where that
+    leaves out the base the method needs)."""
+    if len(last.sources) <= n_first:
+        return last
+    if last.base_index is not None and last.base_index >= n_first:
+        raise UnmergeError(f"merge config: the last slice's base {last.base} is source {last.base_index + 1} of "
+                           f"{len(last.sources)}, but mergekit merges the tensors after the layer stack from its first "
+                           f"{n_first} sources only (as many as the first slice has); list the base earlier")
+    return SliceSpec(last.sources[:n_first], last.base, last.params, last.base_index, last.own_base)
+
+
 def plan_jobs(cfg, sources: dict, aligned: bool = False) -> tuple[list, list]:
     """The output tensors in order (embeddings, the slices' layers, the rest) and, per output
     layer, ``(reference, input layer)`` of the slice's first source; every input tensor checked to
@@ -213,8 +229,9 @@ def plan_jobs(cfg, sources: dict, aligned: bool = False) -> tuple[list, list]:
                 jobs.append(_Job(f"{prefix}{o + j}{suffix}", sl, t, [f"{prefix}{s.lo + j}{suffix}" for s in sl.sources]))
         o += n
         layer_map += [(sl.sources[0].ref, sl.sources[0].lo + j) for j in range(n)]
+    tail = _head_slice(last, len(first.sources))
     for name in post:
-        jobs.append(_Job(name, last, 0.0, [name] * len(last.sources)))
+        jobs.append(_Job(name, tail, 0.0, [name] * len(tail.sources)))
     for job in jobs:
         shapes = set()
         for s, name in zip(job.slice.sources, job.inputs):
@@ -253,6 +270,10 @@ def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, c
         toks = tokenization.prepare(cfg.tokenizer, cfg.base_model, models, check_sizes=False)
     vocab = toks if isinstance(toks, tokenization.AlignedVocabulary) else None
     jobs, layer_map = plan_jobs(cfg, sources, aligned=vocab is not None)
+    n_first, n_last = len(cfg.slices[0].sources), len(cfg.slices[-1].sources)
+    if n_last > n_first:
+        notes.append(f"the tensors after the layer stack (final norm, head) are merged from the last slice's first "
+                     f"{n_first} of its {n_last} sources (as many as the first slice has), as in mergekit")
     if vocab is not None:
         _align_vocabulary(cfg, jobs, sources, vocab)
     res_of = {}
@@ -328,7 +349,7 @@ def _align_vocabulary(cfg, jobs: list, sources: dict, vocab) -> None:
         if not vocab.is_vocab_tensor(name, sources[sl.sources[0].ref].shape(name)):
             continue
         if id(sl) not in groups:
-            i = next(k for k, x in enumerate(cfg.slices) if x is sl)
+            i = next((k for k, x in enumerate(cfg.slices) if x is sl), len(cfg.slices) - 1)   # else the head's view
             base = next((k for k, s in enumerate(sl.sources) if sl.base is not None and s.ref == sl.base), None)
             groups[id(sl)] = vocab.group([s.ref.model for s in sl.sources], [sources[s.ref] for s in sl.sources], base,
                                          f"the sources of slices[{i}], which tensor {job.name} is merged from")
