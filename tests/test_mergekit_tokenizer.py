@@ -104,8 +104,10 @@ def _mergekit(cfg, out, monkeypatch=None):
 
     mergekit builds that list from a Python set, and without a base_model its first element is the
     donor of the tokenizer the union starts from (whose tokens stay regular while the others' are
-    added tokens) and of config.json. The set's order follows the hashes of the temporary model
-    paths, so it changes from run to run whatever PYTHONHASHSEED is; pinned to config order
+    added tokens) and of config.json. The set's order follows the references' hashes, which
+    (pydantic, frozen models) mix in the hash of the class object — its address — so it changes
+    from process to process even with fixed paths and a fixed PYTHONHASHSEED (fixing the seed for
+    a mergekit subprocess would not pin it); pinned to config order
     (``unmerge merge``'s fixed choice: the first model) it is one of the orders mergekit itself
     produces, every time."""
     pytest.importorskip("mergekit", reason="mergekit is not installed: tokenizer parity with mergekit not checked")

@@ -48,8 +48,9 @@ only when a config asks for tokenizer handling).
 Where mergekit 0.1.5's order varies from run to run, a fixed one is used: the inputs in config order
 (base first, then ``models:``) where mergekit iterates a Python set of models (the union's new ids,
 the plurality vote of ``chat_template: auto``, and — without a base — the model whose tokenizer
-``base`` / ``union`` start from: the first model here, one mergekit picks by the hashes of the
-model paths there, so its output changes between runs; a run-time note says so), and each
+``base`` / ``union`` start from: the first model here; there, the first in the set's order, which
+follows hashes that mix in a class object's address, so mergekit's output changes between
+processes; a run-time note says so), and each
 input's tokens by id where mergekit iterates the tokenizer's hash map (the ids of the union's new
 regular — not added — tokens).
 """
