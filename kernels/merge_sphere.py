@@ -14,7 +14,8 @@ their inner products. So one tensor is merged in two passes over its chunks, wit
 
 Row-wise ``nuslerp`` (``nuslerp_flatten: false``) uses vectors along a row (:func:`nuslerp_rows`,
 one pass over chunks of whole rows) or along a column (:func:`column_gram` then
-:func:`combine_columns`). ``nearswap`` is elementwise (:func:`nearswap_kernel`); ``arcee_fusion``
+:func:`combine_columns`; along axis 0 of a tensor with more axes, :func:`column_gram_at` then
+:func:`combine_columns_at`, which locate each entry's column from the chunk's flat offset). ``nearswap`` is elementwise (:func:`nearswap_kernel`); ``arcee_fusion``
 needs each row's KL divergence (:func:`row_kl`), then a whole-tensor threshold on the importance
 ``|δ|·KL_row`` (found on the host by ``unmerge_jax.orderstats``) and an elementwise apply
 (:func:`fusion_kernel`).
@@ -166,6 +167,36 @@ def combine_columns(base, tensors, coefs, limit=None, *, deltas: bool, row_len: 
     (d0, d1), b = _vectors(base, tensors, deltas, "delta")
     rows = d0.shape[0] // row_len
     out = _lincomb([jnp.tile(coefs[0], rows), jnp.tile(coefs[1], rows)], [d0, d1], b)   # flat, as in nuslerp_rows
+    return _flag_nonfinite(out, b, [d0, d1], limit).reshape(base.shape)
+
+
+def _columns(start, n: int, n_cols: int):
+    """Column of each entry of a flat chunk of ``n`` entries starting at flat offset ``start`` of
+    a tensor viewed as ``(rows, n_cols)``."""
+    return (jnp.asarray(start, jnp.int64) + jnp.arange(n, dtype=jnp.int64)) % n_cols
+
+
+@partial(jax.jit, static_argnames=("deltas", "n_cols"))
+def column_gram_at(base, tensors, start, *, deltas: bool, n_cols: int):
+    """Statistics pass of axis-0 ``nuslerp`` on a tensor of more than two axes, viewed as
+    ``(shape[0], n_cols)`` with ``n_cols = prod(shape[1:])``: float64 (3, n_cols)
+    ``[‖δ_0‖², ‖δ_1‖², δ_0·δ_1]`` of every column's part in this chunk, whose first entry is at flat
+    offset ``start`` (chunks need not hold whole columns' rows; additive over chunks, zero-padded
+    tails add nothing)."""
+    (d0, d1), _ = _vectors(base, tensors, deltas, "delta")
+    col = _columns(start, d0.shape[0], n_cols)
+    x0, x1 = d0.astype(jnp.float64), d1.astype(jnp.float64)
+    return jnp.stack([jax.ops.segment_sum(v, col, num_segments=n_cols) for v in (x0 * x0, x1 * x1, x0 * x1)])
+
+
+@partial(jax.jit, static_argnames=("deltas", "n_cols"))
+def combine_columns_at(base, tensors, coefs, start, limit=None, *, deltas: bool, n_cols: int):
+    """Apply kernel of axis-0 ``nuslerp`` on a tensor of more than two axes (see
+    :func:`column_gram_at`): ``θ_base + c_0[col] δ_0 + c_1[col] δ_1`` per entry, ``coefs`` (2,
+    n_cols) float64, the chunk's first entry at flat offset ``start``."""
+    (d0, d1), b = _vectors(base, tensors, deltas, "delta")
+    col = _columns(start, d0.shape[0], n_cols)
+    out = _lincomb([coefs[0][col], coefs[1][col]], [d0, d1], b)
     return _flag_nonfinite(out, b, [d0, d1], limit).reshape(base.shape)
 
 

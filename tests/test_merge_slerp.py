@@ -140,6 +140,36 @@ def test_nuslerp_row_layouts_do_not_depend_on_the_chunk_size(row_wise):
         np.testing.assert_array_equal(merge_resolved(res, base, (x, y), deltas=True, chunk=chunk), one)
 
 
+@pytest.mark.parametrize("shape", [(5, 4, 3), (3, 2, 4, 5), (6, 1, 4)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_row_wise_on_tensors_with_more_axes_goes_along_axis_0(shape, with_base):
+    """``nuslerp_row_wise`` on a 3-/4-D tensor (a conv kernel): one vector along axis 0 per index of
+    the other axes, as mergekit's ``transpose(0, -1)``; a zero and a parallel vector among them;
+    chunks that cut through the (rows, prod(shape[1:])) view anywhere give the same bytes."""
+    from unmerge_jax.merge.params import resolve
+    from unmerge_jax.merge.tensor import merge_resolved
+
+    base, x = _pair(shape, seed=8)
+    _, y = _pair(shape, seed=9)
+    x[(slice(None),) + (0,) * (len(shape) - 1)] = 0                      # a zero vector
+    colinear = (slice(None),) + (-1,) * (len(shape) - 1)
+    y[colinear] = 2.5 * x[colinear]                                    # a parallel one
+    res = resolve("nuslerp", 2, {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                  [{"weight": 0.3}, {"weight": 0.5}])
+    if with_base:
+        one = merge_resolved(res, base, (x, y), deltas=True)
+        want = base + np_nuslerp(0.5 / 0.8, x, y, 0)
+    else:
+        one = merge_resolved(res, np.zeros_like(base), (x, y), deltas=True)
+        want = np_nuslerp(0.5 / 0.8, x, y, 0)
+    np.testing.assert_allclose(np.asarray(one), want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(one)[colinear] - (base[colinear] if with_base else 0),
+                               0.375 * x[colinear] + 0.625 * y[colinear], rtol=RTOL, atol=ATOL)
+    for chunk in (1, 7, shape[-1], 50):
+        b0 = base if with_base else np.zeros_like(base)
+        np.testing.assert_array_equal(merge_resolved(res, b0, (x, y), deltas=True, chunk=chunk), one)
+
+
 def test_nuslerp_refuses_other_model_counts_and_missing_weights():
     base, x = _pair()
     with pytest.raises(UnmergeError, match="exactly two models"):

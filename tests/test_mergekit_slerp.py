@@ -244,3 +244,28 @@ def test_ignored_per_model_weight_is_noted(models, tmp_path):
     for m in cfg["models"]:
         del m["parameters"]
     assert merge(cfg, tmp_path / "nw").notes == ()
+
+
+@pytest.mark.parametrize("base", ["m0", None])
+def test_nuslerp_row_wise_on_a_conv_kernel_matches_mergekit(tmp_path, base):
+    """``nuslerp_row_wise`` on a model with 3-D tensors (a tiny Mamba: ``mixer.conv1d.weight`` is
+    (channels, 1, kernel)): vectors along axis 0 at every index of the other axes, as mergekit's
+    ``transpose(0, -1)``; every tensor within 1e-5 of mergekit's."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    paths = {}
+    for k in range(3):
+        torch.manual_seed(20 + k)
+        cfg = MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+                          time_step_rank=4)
+        MambaForCausalLM(cfg).save_pretrained(tmp_path / f"m{k}")
+        paths[f"m{k}"] = str(tmp_path / f"m{k}")
+    assert any(v.ndim == 3 for v in numpy_state(paths["m0"]).values())
+    names = ["m1", "m2"] if base else ["m0", "m1"]
+    cfg = _config(paths, "nuslerp", names, base, {"nuslerp_row_wise": True, "nuslerp_flatten": False}, (0.3, 0.7))
+    want = _mergekit(cfg, tmp_path / "mk")
+    merge(cfg, tmp_path / "us")
+    got = numpy_state(tmp_path / "us")
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=ATOL, err_msg=n)

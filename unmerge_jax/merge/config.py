@@ -242,16 +242,12 @@ def load_config(config) -> MergeConfig:
 
     base_ref = parse_ref(raw["base_model"], resolve_path, f"{where}: base_model") if raw.get("base_model") else None
     base = base_ref.model if base_ref is not None else None
-    if base is None and spec.needs_base:
-        raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
-    if raw.get("slices") is not None:
+    if raw.get("slices") is not None:   # a slice may name its own base (checked per slice)
         if raw.get("models"):
             raise UnmergeError(f"{where}: give either 'models:' or 'slices:', not both (as mergekit)")
-        if tokenizer is not None:
-            raise UnmergeError(f"{where}: tokenizer_source, tokenizer and chat_template are not supported with "
-                               f"'slices:' yet; drop them (the base's, or the first source's, tokenizer files are "
-                               f"copied)")
-        return _slices_config(raw, method, spec, base_ref, resolve_path, where, path)
+        return _slices_config(raw, method, spec, base_ref, resolve_path, where, path, tokenizer)
+    if base is None and spec.needs_base:
+        raise UnmergeError(f"{where}: merge method {method!r} needs a base_model")
     entries = raw.get("models")
     if entries is not None and not isinstance(entries, list):
         raise UnmergeError(f"{where}: models must be a list of entries like {{model: DIR, parameters: {{...}}}}, got "
@@ -294,7 +290,8 @@ def load_config(config) -> MergeConfig:
     return cfg
 
 
-def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: str, path) -> MergeConfig:
+def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: str, path,
+                   tokenizer=None) -> MergeConfig:
     """A ``slices:`` config: each slice's sources (``model``, ``layer_range``, ``parameters``), its
     own ``base_model`` and ``parameters``, checked as far as the YAML allows (layer counts are
     checked against the models in ``merge.slices``)."""
@@ -307,7 +304,7 @@ def _slices_config(raw: dict, method: str, spec, base_ref, resolve_path, where: 
     implied, notes = _mergekit_semantics(method, [(None, s.params) for sl in slices for s in sl.sources], base_ref,
                                          params)
     cfg = MergeConfig(method, [], base_ref.model if base_ref is not None else None, dict(params), raw.get("dtype"),
-                      raw.get("out_dtype"), raw, path, implied=implied, notes=notes,
+                      raw.get("out_dtype"), raw, path, tokenizer=tokenizer, implied=implied, notes=notes,
                       base_lora=base_ref.lora if base_ref is not None else None, slices=slices)
     for i, sl in enumerate(slices):   # resolve once eagerly (t = 0, no tensor name)
         resolve_slice(cfg, sl, "", 0.0, f"{where}: slices[{i}]")

@@ -6,7 +6,9 @@ its own ``base_model`` and ``parameters``. The output's layers are the slices' l
 output layer ``o + j`` of a slice starting at ``o`` merges layer ``lo_k + j`` of each source ``k``
 with the config's method (``passthrough`` for plain stacking: one source per slice), with ``t =
 j / (n − 1)`` for gradients (``1`` for a one-layer slice). Tensors outside the layer stack come from
-the first slice's sources (embeddings) and the last slice's (final norm, LM head), at ``t = 0``.
+the first slice's sources (embeddings) and the last slice's (final norm, LM head), at ``t = 0`` —
+of the last slice only its first sources, as many as the first slice has (mergekit 0.1.5 pairs the
+last slice's models with the first slice's count of tensor names; a note says so).
 Parameters resolve per source ``parameters`` → slice ``parameters`` → top-level, filters and
 gradients evaluated per output tensor name — mergekit 0.1.5's ``MergePlanner`` and ``ConfigReader``.
 A method that needs a base takes it from the slice's sources (the source whose model is the
@@ -15,6 +17,13 @@ slice's or the config's ``base_model``), as mergekit requires.
 Output layer tensors are renamed (``model.layers.{lo_k + j}.…`` → ``model.layers.{o + j}.…``) and
 ``config.json``'s ``num_hidden_layers`` is the number of output layers. Memory: the inputs of one
 output tensor at a time.
+
+Tokenizer settings (``tokenizer_source``, ``tokenizer:``, ``chat_template``) work as with
+``models:`` (:mod:`unmerge_jax.merge.tokenizer`): the output vocabulary is built from the base (or
+the first source's model) and every model the slices reference, in config order; each vocabulary
+tensor is aligned over the sources it is merged from — the first slice's for the embeddings, the
+last slice's for the head, that slice's base as the base — as mergekit 0.1.5 does, so a token only
+the other slices' models have gets the zero row there (``tokens:`` sources must be among them).
 """
 
 from __future__ import annotations
@@ -165,16 +174,34 @@ def _n_layers(src) -> int | None:
 class _Job:
     """One output tensor: its name, slice, ``t``, and per source the input tensor name."""
 
-    __slots__ = ("name", "slice", "t", "inputs")
+    __slots__ = ("name", "slice", "t", "inputs", "group")
 
     def __init__(self, name, sl, t, inputs):
         self.name, self.slice, self.t, self.inputs = name, sl, t, inputs
+        self.group = None     # a vocabulary tensor's rows aligned to the output tokenizer (VocabGroup)
 
 
-def plan_jobs(cfg, sources: dict) -> tuple[list, list]:
+def _head_slice(last: SliceSpec, n_first: int) -> SliceSpec:
+    """The slice the tensors after the layer stack (final norm, head) are merged from: mergekit
+    0.1.5 pairs the last slice's sources with as many tensor names as the *first* slice has
+    sources, so only the last slice's first ``n_first`` sources take part (refused where that
+    leaves out the base the method needs)."""
+    if len(last.sources) <= n_first:
+        return last
+    if last.base_index is not None and last.base_index >= n_first:
+        raise UnmergeError(f"merge config: the last slice's base {last.base} is source {last.base_index + 1} of "
+                           f"{len(last.sources)}, but mergekit merges the tensors after the layer stack from its first "
+                           f"{n_first} sources only (as many as the first slice has); list the base earlier")
+    return SliceSpec(last.sources[:n_first], last.base, last.params, last.base_index, last.own_base)
+
+
+def plan_jobs(cfg, sources: dict, aligned: bool = False) -> tuple[list, list]:
     """The output tensors in order (embeddings, the slices' layers, the rest) and, per output
     layer, ``(reference, input layer)`` of the slice's first source; every input tensor checked to
-    exist with one shape."""
+    exist with one shape (``aligned``: vocabulary tensors, whose rows are aligned to the output
+    tokenizer, with one row width)."""
+    from unmerge_jax.merge.tokenizer import AlignedVocabulary
+
     slices = cfg.slices
     for i, sl in enumerate(slices):
         for j, s in enumerate(sl.sources):
@@ -202,8 +229,9 @@ def plan_jobs(cfg, sources: dict) -> tuple[list, list]:
                 jobs.append(_Job(f"{prefix}{o + j}{suffix}", sl, t, [f"{prefix}{s.lo + j}{suffix}" for s in sl.sources]))
         o += n
         layer_map += [(sl.sources[0].ref, sl.sources[0].lo + j) for j in range(n)]
+    tail = _head_slice(last, len(first.sources))
     for name in post:
-        jobs.append(_Job(name, last, 0.0, [name] * len(last.sources)))
+        jobs.append(_Job(name, tail, 0.0, [name] * len(tail.sources)))
     for job in jobs:
         shapes = set()
         for s, name in zip(job.slice.sources, job.inputs):
@@ -211,30 +239,43 @@ def plan_jobs(cfg, sources: dict) -> tuple[list, list]:
             if name not in src:
                 raise UnmergeError(f"{s.ref} has no tensor {name} (for output {job.name}); the sources of a slice "
                                    f"must share one architecture")
-            shapes.add(tuple(src.shape(name)))
+            shape = tuple(src.shape(name))
+            shapes.add(shape[1:] if aligned and AlignedVocabulary.is_vocab_tensor(name, shape) else shape)
         if len(shapes) > 1:
             raise UnmergeError(f"shape mismatch for output tensor {job.name}: the sources hold {sorted(shapes)}; "
-                               f"inputs must share one architecture")
+                               f"inputs must share one architecture (differing vocabularies: set tokenizer_source)")
     return jobs, layer_map
 
 
 def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, compute: str, chunk: int,
                  notes: list, t0: float):
     """Run a ``slices:`` config (see the module docstring); returns a ``MergeResult``."""
+    from unmerge_jax.merge import tokenizer as tokenization
     from unmerge_jax.merge.driver import MergeResult, output_limit
     from unmerge_jax.merge.config import resolve_slice
     from unmerge_jax.merge.mergekit_bf16 import merge_tensor_bf16
     from unmerge_jax.merge.tensor import merge_resolved
 
     out = Path(out)
-    inputs = cfg.input_paths
+    inputs = [*cfg.input_paths, *tokenization.extra_inputs(cfg.tokenizer)]
     check_output(out, inputs, directory=True, force=force)
     sources = {}
     for sl in cfg.slices:
         for s in sl.sources:
             if s.ref not in sources:
                 sources[s.ref] = weights_source(s.ref)
-    jobs, layer_map = plan_jobs(cfg, sources)
+    toks = None
+    if cfg.tokenizer is not None:   # the models in config order (mergekit's referenced models)
+        models = list(dict.fromkeys(s.ref.model for sl in cfg.slices for s in sl.sources))
+        toks = tokenization.prepare(cfg.tokenizer, cfg.base_model, models, check_sizes=False)
+    vocab = toks if isinstance(toks, tokenization.AlignedVocabulary) else None
+    jobs, layer_map = plan_jobs(cfg, sources, aligned=vocab is not None)
+    n_first, n_last = len(cfg.slices[0].sources), len(cfg.slices[-1].sources)
+    if n_last > n_first:
+        notes.append(f"the tensors after the layer stack (final norm, head) are merged from the last slice's first "
+                     f"{n_first} of its {n_last} sources (as many as the first slice has), as in mergekit")
+    if vocab is not None:
+        _align_vocabulary(cfg, jobs, sources, vocab)
     res_of = {}
     for job in jobs:
         src = sources[job.slice.sources[0].ref]
@@ -248,8 +289,11 @@ def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, c
     stored = [first_src(j).dtype(j.inputs[0]) for j in jobs if j.name in res_of]
     tag = dtype_tag(dtype or cfg.out_dtype or cfg.dtype or (max(set(stored), key=stored.count) if stored else "F32"))
     limit = output_limit(tag)
-    plan = [(j.name, tuple(first_src(j).shape(j.inputs[0])), tag if j.name in res_of else first_src(j).dtype(j.inputs[0]))
-            for j in jobs]
+    def out_shape(job):
+        shape = tuple(first_src(job).shape(job.inputs[0]))
+        return shape if job.group is None else (vocab.n_rows, *shape[1:])
+
+    plan = [(j.name, out_shape(j), tag if j.name in res_of else first_src(j).dtype(j.inputs[0])) for j in jobs]
     src_dir = cfg.base_model if cfg.base_model is not None else cfg.slices[0].sources[0].ref.model
     n_merged = 0
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
@@ -261,7 +305,10 @@ def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, c
                     writer.write(job.name, first_src(job).read_raw(job.inputs[0]))
                     continue
                 res = res_of[job.name]
-                reads = [sources[s.ref].read(n) for s, n in zip(sl.sources, job.inputs)]
+                if job.group is None:
+                    reads = [sources[s.ref].read(n) for s, n in zip(sl.sources, job.inputs)]
+                else:
+                    reads = [job.group.aligned(pos, n) for pos, n in enumerate(job.inputs)]
                 if sl.base_index is not None:
                     b = reads[sl.base_index]
                     b = b if b.flags.writeable else b.copy()
@@ -284,9 +331,30 @@ def merge_slices(cfg, out, *, seed: int, force: bool, dtype, shard_bytes: int, c
         write_config(src_dir, tmp, tag)
         _set_layers(tmp / "config.json", [(getattr(sources[r], "config", None) or {}, i) for r, i in layer_map])
         side = copy_side_files(src_dir, tmp)
+        if toks is not None:   # a built tokenizer (or the donor's with a chat template) replaces the copied files
+            toks.write(tmp)
         write_recipe(tmp, {**cfg.to_dict(), "out_dtype": TORCH_NAMES[tag]}, out.name, seed=seed, run={"seed": int(seed)})
     return MergeResult(out, len(jobs), n_merged, total, time.perf_counter() - t0, None, tuple(side.skipped),
-                       tuple(notes))
+                       tuple(notes) + (tuple(toks.notes) if toks is not None else ()))
+
+
+def _align_vocabulary(cfg, jobs: list, sources: dict, vocab) -> None:
+    """Give each vocabulary tensor's job the alignment of its slice's sources (mergekit aligns the
+    models a tensor is gathered from: the first slice's for the embeddings, the last slice's for
+    the head, with that slice's base), checked before anything is read."""
+    groups = {}
+    for job in jobs:
+        sl = job.slice
+        name = job.inputs[0]
+        if not vocab.is_vocab_tensor(name, sources[sl.sources[0].ref].shape(name)):
+            continue
+        if id(sl) not in groups:
+            i = next((k for k, x in enumerate(cfg.slices) if x is sl), len(cfg.slices) - 1)   # else the head's view
+            base = next((k for k, s in enumerate(sl.sources) if sl.base is not None and s.ref == sl.base), None)
+            groups[id(sl)] = vocab.group([s.ref.model for s in sl.sources], [sources[s.ref] for s in sl.sources], base,
+                                         f"the sources of slices[{i}], which tensor {job.name} is merged from")
+        job.group = groups[id(sl)]
+        job.group.check(name)
 
 
 def _set_layers(path: Path, layers: list) -> None:

@@ -47,8 +47,12 @@ only when a config asks for tokenizer handling).
 
 Where mergekit 0.1.5's order varies from run to run, a fixed one is used: the inputs in config order
 (base first, then ``models:``) where mergekit iterates a Python set of models (the union's new ids,
-the plurality vote of ``chat_template: auto``), and each input's tokens by id where mergekit
-iterates the tokenizer's hash map (the ids of the union's new regular — not added — tokens).
+the plurality vote of ``chat_template: auto``, and — without a base — the model whose tokenizer
+``base`` / ``union`` start from: the first model here; there, the first in the set's order, which
+follows hashes that mix in a class object's address, so mergekit's output changes between
+processes; a run-time note says so), and each
+input's tokens by id where mergekit iterates the tokenizer's hash map (the ids of the union's new
+regular — not added — tokens).
 """
 
 from __future__ import annotations
@@ -390,11 +394,123 @@ class VocabInput:
     source: TensorSource | None = None
 
 
+class VocabGroup:
+    """The inputs one vocabulary tensor is merged from, and their rows aligned to the output
+    vocabulary (built by :meth:`AlignedVocabulary.group`; for a ``models:`` merge, every input).
+
+    Attributes:
+      members: the :class:`VocabInput` index of each of the tensor's models.
+      sources: the tensor source of each (None: the input's, set by :meth:`AlignedVocabulary.wrap`).
+      defaults: ``{output id: [(position in members, row), ...]}`` — the rows averaged (empty:
+        zero) for the ids some member takes from elsewhere.
+      forced: output ids every member takes from ``defaults``.
+    """
+
+    def __init__(self, vocab: "AlignedVocabulary", members: list, defaults: dict, forced: set, sources=None):
+        self.vocabulary, self.members, self.defaults, self.forced = vocab, list(members), defaults, forced
+        self.sources = list(sources) if sources is not None else None
+        self._lock = threading.Lock()
+        self._cached: tuple | None = None     # (tensor name, default rows) of the last tensor
+        self._fill = []     # per member: (own row per output id, -1 where a default row goes; those ids)
+        for k in self.members:
+            own = vocab.inputs[k].rows.copy()
+            if forced:
+                own[sorted(forced)] = -1
+            fill = np.array(sorted(j for j in defaults if own[j] < 0), np.int64)
+            self._fill.append((own, fill))
+
+    def source(self, pos: int) -> TensorSource:
+        """The tensor source of member ``pos`` (an adapter's or a tokenizer-less model's rows are
+        read where :class:`VocabInput` ``same_as`` points)."""
+        if self.sources is not None:
+            return self.sources[pos]
+        inputs = self.vocabulary.inputs
+        inp = inputs[self.members[pos]]
+        while inp.same_as is not None:
+            inp = inputs[inp.same_as]
+        return inp.source
+
+    def check(self, name: str) -> None:
+        """One-line errors before tensor ``name`` is read: a member's rows fewer than its
+        ``vocab_size``, or a default row beyond them."""
+        inputs = self.vocabulary.inputs
+        for pos, k in enumerate(self.members):
+            src = self.sources[pos] if self.sources is not None else inputs[k].source
+            rows = src.shape(name)[0]
+            if rows < inputs[k].size:
+                raise UnmergeError(f"tensor {name} of {src.where(name)} has {rows} rows but the model's vocab_size is "
+                                   f"{inputs[k].size}: config.json and the weights disagree")
+        for parts in self.defaults.values():
+            for pos, r in parts:
+                src = self.source(pos)
+                if r >= src.shape(name)[0]:
+                    raise UnmergeError(f"token id {r} is out of range for tensor {name} of {src.where(name)} "
+                                       f"({src.shape(name)[0]} rows): check the model_token token_id")
+
+    def default_rows(self, name: str, width: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, rows)``: the output ids taking a default row in tensor ``name`` and those rows
+        (float32, read once per tensor and shared by every member)."""
+        with self._lock:
+            if self._cached is not None and self._cached[0] == name:
+                return self._cached[1]
+            ids = np.array(sorted(self.defaults), np.int64)
+            rows = np.zeros((len(ids), *width), np.float32)
+            need = collections.defaultdict(set)
+            for j in ids:
+                for pos, r in self.defaults[int(j)]:
+                    need[pos].add(r)
+            got = {}
+            for pos, rs in need.items():
+                src = self.source(pos)
+                rs = np.array(sorted(rs), np.int64)
+                n_rows = src.shape(name)[0]
+                if rs[-1] >= n_rows:
+                    raise UnmergeError(f"token id {int(rs[-1])} is out of range for tensor {name} of "
+                                       f"{src.where(name)} ({n_rows} rows): check the model_token token_id")
+                got[pos] = dict(zip(rs.tolist(), gather_rows(src, name, rs)))
+            for i, j in enumerate(ids):
+                parts = self.defaults[int(j)]
+                if parts:
+                    acc = np.zeros(width, np.float32)
+                    for pos, r in parts:
+                        acc = acc + got[pos][r]
+                    rows[i] = acc / np.float32(len(parts))
+            self._cached = (name, (ids, rows))
+            return ids, rows
+
+    def aligned(self, pos: int, name: str, out=None) -> np.ndarray:
+        """Tensor ``name`` of member ``pos`` with the output's rows, float32 (a view into ``out``
+        if given)."""
+        src = self.sources[pos] if self.sources is not None else self.vocabulary.inputs[self.members[pos]].source
+        shape = src.shape(name)
+        own, fill = self._fill[pos]
+        n_rows = self.vocabulary.n_rows
+        n = len(self.vocabulary.vocab)
+        if len(fill) == 0 and n_rows == n == shape[0] and np.array_equal(own, np.arange(n)):
+            return src.read(name, out=out)    # already aligned: no copy
+        width = tuple(shape[1:])
+        size = n_rows * int(np.prod(width, dtype=np.int64))
+        res = (np.empty((n_rows, *width), np.float32) if out is None
+               else out.reshape(-1).view(np.uint8)[:4 * size].view(np.float32).reshape(n_rows, *width))
+        res[:n] = 0
+        dst = np.flatnonzero(own >= 0)
+        if len(dst):
+            gather_rows(src, name, own[dst], out=res, dst=dst)
+        if len(fill):
+            ids, rows = self.default_rows(name, width)
+            res[fill] = rows[np.searchsorted(ids, fill)]
+        if n_rows > n:   # padding rows: the mean of the real ones
+            res[n:] = res[:n].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return res
+
+
 class AlignedVocabulary:
     """The output tokenizer of a merge and how each input's vocabulary tensors are aligned to it.
 
     Built by :func:`build_vocabulary`; :meth:`wrap` turns an input's source into one whose
-    vocabulary tensors have the output's rows; :meth:`write` saves the tokenizer into the output.
+    vocabulary tensors have the output's rows (every input a member of each tensor, as in a
+    ``models:`` merge); :meth:`group` aligns the rows of the models one tensor is merged from (a
+    ``slices:`` merge); :meth:`write` saves the tokenizer into the output.
 
     Attributes:
       tokenizer: the output tokenizer (``transformers``).
@@ -402,24 +518,19 @@ class AlignedVocabulary:
       n_rows: rows of every aligned vocabulary tensor (``|vocab|`` padded).
       inputs: one :class:`VocabInput` per distinct input (base first).
       defaults: ``{output id: [(input index, row), ...]}`` — the rows averaged (empty: zero) for
-        the ids some input takes from elsewhere.
+        the ids some input takes from elsewhere, every input a member.
       forced: output ids every input takes from ``defaults``.
+      rules: ``{token: TokenRule}`` of ``tokenizer.tokens`` (for :meth:`group`).
       notes: one-line notes for the user (where mergekit's behaviour may surprise).
     """
 
-    def __init__(self, tokenizer, inputs: list, defaults: dict, forced: set, n_rows: int, chat_template, notes):
+    def __init__(self, tokenizer, inputs: list, defaults: dict, forced: set, n_rows: int, chat_template, notes,
+                 rules: dict | None = None):
         self.tokenizer, self.inputs, self.defaults, self.forced = tokenizer, inputs, defaults, forced
         self.vocab = tokenizer.get_vocab()
         self.n_rows, self.chat_template, self.notes = n_rows, chat_template, notes
-        self._lock = threading.Lock()
-        self._cached: tuple | None = None     # (tensor name, default rows) of the last tensor
-        self._fill = []     # per input: (own row per output id, -1 where a default row goes; those ids)
-        for inp in inputs:
-            own = inp.rows.copy()
-            if forced:
-                own[sorted(forced)] = -1
-            fill = np.array(sorted(j for j in defaults if own[j] < 0), np.int64)
-            self._fill.append((own, fill))
+        self.rules = dict(rules or {})
+        self.everyone = VocabGroup(self, list(range(len(inputs))), defaults, forced)
 
     # which tensors ------------------------------------------------------------------------
     @staticmethod
@@ -452,67 +563,27 @@ class AlignedVocabulary:
                 return i
         raise UnmergeError(f"{path} is not an input of the merge's tokenizer alignment; give model directories")
 
+    def group(self, paths: list, sources: list, base: int | None, what: str) -> VocabGroup:
+        """The alignment of one tensor merged from the models ``paths`` (read from ``sources``; the
+        base at position ``base`` or None), with mergekit's rules over those models only: a token
+        only one of them has takes that one's row, the base's where it has it, else their mean.
+
+        Args:
+          what: the tensor's origin for messages (e.g. "the sources of slices[0]")."""
+        members = [self.index_of(p) for p in paths]
+        defaults, forced, _ = group_defaults(self.vocab, self.rules, self.inputs, members, base,
+                                             outside=f"is not among {what}; a token's source must be one of them")
+        return VocabGroup(self, members, defaults, forced, sources)
+
     # rows ---------------------------------------------------------------------------------
     def default_rows(self, name: str, width: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, rows)``: the output ids taking a default row in tensor ``name`` and those rows
-        (float32, read once per tensor and shared by every input)."""
-        with self._lock:
-            if self._cached is not None and self._cached[0] == name:
-                return self._cached[1]
-            ids = np.array(sorted(self.defaults), np.int64)
-            rows = np.zeros((len(ids), *width), np.float32)
-            need = collections.defaultdict(set)
-            for j in ids:
-                for k, r in self.defaults[int(j)]:
-                    need[k].add(r)
-            got = {}
-            for k, rs in need.items():
-                src = self._row_source(k)
-                rs = np.array(sorted(rs), np.int64)
-                n_rows = src.shape(name)[0]
-                if rs[-1] >= n_rows:
-                    raise UnmergeError(f"token id {int(rs[-1])} is out of range for tensor {name} of "
-                                       f"{src.where(name)} ({n_rows} rows): check the model_token token_id")
-                got[k] = dict(zip(rs.tolist(), gather_rows(src, name, rs)))
-            for i, j in enumerate(ids):
-                parts = self.defaults[int(j)]
-                if parts:
-                    acc = np.zeros(width, np.float32)
-                    for k, r in parts:
-                        acc = acc + got[k][r]
-                    rows[i] = acc / np.float32(len(parts))
-            self._cached = (name, (ids, rows))
-            return ids, rows
-
-    def _row_source(self, k: int) -> TensorSource:
-        inp = self.inputs[k]
-        while inp.same_as is not None:
-            inp = self.inputs[inp.same_as]
-        return inp.source
+        """:meth:`VocabGroup.default_rows` with every input a member."""
+        return self.everyone.default_rows(name, width)
 
     def aligned(self, index: int, name: str, out=None) -> np.ndarray:
         """Tensor ``name`` of input ``index`` with the output's rows, float32 (a view into ``out``
         if given)."""
-        src = self.inputs[index].source
-        shape = src.shape(name)
-        own, fill = self._fill[index]
-        n = len(self.vocab)
-        if len(fill) == 0 and self.n_rows == n == shape[0] and np.array_equal(own, np.arange(n)):
-            return src.read(name, out=out)    # already aligned: no copy
-        width = tuple(shape[1:])
-        size = self.n_rows * int(np.prod(width, dtype=np.int64))
-        res = (np.empty((self.n_rows, *width), np.float32) if out is None
-               else out.reshape(-1).view(np.uint8)[:4 * size].view(np.float32).reshape(self.n_rows, *width))
-        res[:n] = 0
-        dst = np.flatnonzero(own >= 0)
-        if len(dst):
-            gather_rows(src, name, own[dst], out=res, dst=dst)
-        if len(fill):
-            ids, rows = self.default_rows(name, width)
-            res[fill] = rows[np.searchsorted(ids, fill)]
-        if self.n_rows > n:   # padding rows: the mean of the real ones
-            res[n:] = res[:n].mean(axis=0, dtype=np.float64).astype(np.float32)
-        return res
+        return self.everyone.aligned(index, name, out=out)
 
     # output -------------------------------------------------------------------------------
     def write(self, out_dir: Path) -> None:
@@ -613,6 +684,9 @@ def build_vocabulary(spec: TokenizerSpec, base: Path | None, models: list) -> Al
             paths.append(p)
     donor = paths[0]
     notes = []
+    if base is None and spec.source in SOURCES:
+        notes.append(f"no base_model: the {spec.source} tokenizer starts from the first model's, {donor.name} (mergekit "
+                     f"0.1.5 takes whichever model its set of models yields first, which varies from run to run)")
     donor_size = vocab_size(_config(donor))
     donor_tok = _load(donor, "the base model")
     donor_size = donor_size or len(donor_tok.get_vocab())
@@ -659,11 +733,43 @@ def build_vocabulary(spec: TokenizerSpec, base: Path | None, models: list) -> Al
                 rows[j] = i
         inputs.append(VocabInput(p, own, size, rows, same))
 
+    defaults, forced, missing = group_defaults(vocab, spec.tokens, inputs, list(range(len(inputs))),
+                                               0 if base is not None else None)
+    if missing:
+        notes.append(f"{len(missing)} token(s) of the output vocabulary are in no input ({_short(missing[:3])}): "
+                     f"their rows are zero, as in mergekit")
+    n_rows = n
+    if spec.pad_to_multiple_of and n % spec.pad_to_multiple_of:
+        n_rows = (n // spec.pad_to_multiple_of + 1) * spec.pad_to_multiple_of
+    template = None if spec.chat_template is None else template_text(spec.chat_template, loaded)
+    return AlignedVocabulary(out_tok, inputs, defaults, forced, n_rows, template, notes, rules=spec.tokens)
+
+
+def group_defaults(vocab: dict, rules: dict, inputs: list, members: list, base: int | None,
+                   outside: str = "is not an input of the merge; list it under models or base_model") -> tuple:
+    """The default rows of the inputs a vocabulary tensor is merged from (mergekit's
+    ``PermutedVocabulary`` over the models of one tensor; the module docstring's rules).
+
+    Args:
+      vocab: the output ``{token: id}``.
+      rules: ``{token: TokenRule}`` of ``tokenizer.tokens``.
+      inputs: every :class:`VocabInput`.
+      members: the input index of each of the tensor's models (a position in this list is what
+        the returned rows refer to).
+      base: the position of the tensor's base among ``members``, or None.
+      outside: the end of the message for a ``tokens:`` source that is not among the members.
+
+    Returns:
+      ``(defaults, forced, missing)``: ``{output id: [(position, row), ...]}`` (rows averaged; empty:
+      zero), the forced output ids, the tokens no member has.
+    """
     defaults, forced, missing = {}, set(), []
-    present = np.stack([inp.rows >= 0 for inp in inputs])      # (inputs, n)
-    index = {inp.path: k for k, inp in enumerate(inputs)}
+    present = np.stack([inputs[k].rows >= 0 for k in members])      # (members, n)
+    index = {}
+    for pos, k in enumerate(members):
+        index.setdefault(inputs[k].path, pos)
     for t, j in vocab.items():
-        rule = spec.tokens.get(t)
+        rule = rules.get(t)
         if rule is not None and rule.force:
             forced.add(j)
         elif present[:, j].all():
@@ -674,24 +780,17 @@ def build_vocabulary(spec: TokenizerSpec, base: Path | None, models: list) -> Al
                 missing.append(t)
                 defaults[j] = []
             elif len(have) == 1:
-                defaults[j] = [(int(have[0]), int(inputs[have[0]].rows[j]))]
-            elif base is not None and present[0, j]:
-                defaults[j] = [(0, int(inputs[0].rows[j]))]
+                defaults[j] = [(int(have[0]), int(inputs[members[have[0]]].rows[j]))]
+            elif base is not None and present[base, j]:
+                defaults[j] = [(base, int(inputs[members[base]].rows[j]))]
             else:
-                defaults[j] = [(int(k), int(inputs[k].rows[j])) for k in have]
+                defaults[j] = [(int(q), int(inputs[members[q]].rows[j])) for q in have]
             continue
-        defaults[j] = _rule_rows(t, j, rule, inputs, index)
-    if missing:
-        notes.append(f"{len(missing)} token(s) of the output vocabulary are in no input ({_short(missing[:3])}): "
-                     f"their rows are zero, as in mergekit")
-    n_rows = n
-    if spec.pad_to_multiple_of and n % spec.pad_to_multiple_of:
-        n_rows = (n // spec.pad_to_multiple_of + 1) * spec.pad_to_multiple_of
-    template = None if spec.chat_template is None else template_text(spec.chat_template, loaded)
-    return AlignedVocabulary(out_tok, inputs, defaults, forced, n_rows, template, notes)
+        defaults[j] = _rule_rows(t, j, rule, inputs, members, index, outside)
+    return defaults, forced, missing
 
 
-def _rule_rows(token: str, j: int, rule: TokenRule, inputs: list, index: dict) -> list:
+def _rule_rows(token: str, j: int, rule: TokenRule, inputs: list, members: list, index: dict, outside: str) -> list:
     """The rows averaged for a token with a ``tokens:`` entry (one row, or none for zero)."""
     src = rule.source
     what = f"tokenizer.tokens[{_short(token)}]"
@@ -700,21 +799,20 @@ def _rule_rows(token: str, j: int, rule: TokenRule, inputs: list, index: dict) -
                            f"source: a model directory, {{kind: zero}} or {{kind: model_token, ...}}")
     if src.kind == "zero":
         return []
-    k = index.get(Path(src.model).resolve())
-    if k is None:
-        raise UnmergeError(f"{what}: source model {src.model} is not an input of the merge; list it under models "
-                           f"or base_model")
-    inp = inputs[k]
+    pos = index.get(Path(src.model).resolve())
+    if pos is None:
+        raise UnmergeError(f"{what}: source model {src.model} {outside}")
+    inp = inputs[members[pos]]
     if src.kind == "model":
         if inp.rows[j] < 0:
             raise UnmergeError(f"{what}: the token is not in the vocabulary of its source model {src.model}; give "
                                f"another source ({{kind: model_token, model: ..., token_id: N}} or {{kind: zero}})")
-        return [(k, int(inp.rows[j]))]
+        return [(pos, int(inp.rows[j]))]
     if src.token_id is not None:
-        return [(k, int(src.token_id))]
+        return [(pos, int(src.token_id))]
     if src.token not in inp.vocab:
         raise UnmergeError(f"{what}: token {_short(src.token)} is not in the vocabulary of {src.model}")
-    return [(k, int(inp.vocab[src.token]))]
+    return [(pos, int(inp.vocab[src.token]))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,14 +863,16 @@ class TemplatedTokenizer:
         save_tokenizer(self.tokenizer, self.chat_template, out_dir)
 
 
-def prepare(spec: TokenizerSpec | None, base: Path | None, models: list):
+def prepare(spec: TokenizerSpec | None, base: Path | None, models: list, check_sizes: bool = True):
     """What the tokenizer settings make of a merge, before any tensor is read: an
     :class:`AlignedVocabulary` (``tokenizer_source`` / ``tokenizer``), a :class:`TemplatedTokenizer`
-    (``chat_template`` alone), or None (the base's tokenizer files are copied; inputs whose
-    ``vocab_size`` differ are refused, as mergekit fails on them)."""
+    (``chat_template`` alone), or None (the base's tokenizer files are copied; with
+    ``check_sizes``, inputs whose ``vocab_size`` differ are refused, as mergekit fails on them —
+    a ``slices:`` merge checks the shapes of each tensor's sources instead)."""
     if spec is not None and spec.aligns:
         return build_vocabulary(spec, base, models)
-    check_vocab_sizes(base, models)
+    if check_sizes:
+        check_vocab_sizes(base, models)
     if spec is not None and spec.chat_template is not None:
         return TemplatedTokenizer(spec, base if base is not None else models[0], models)
     return None

@@ -13,7 +13,8 @@ tensor takes a statistics pass (the float64 Gram of the vectors, O(K²) numbers:
   models, ``t = w_1 / (w_0 + w_1)`` (0.5 where ``|w_0 + w_1| < 1e-6``); with a base it
   interpolates the task vectors and adds the base back. Vectors are the whole tensor (flatten),
   each row (``nuslerp_flatten: false``) or each column (and ``nuslerp_row_wise: true``, mergekit's
-  ``dim=0``). Colinear (``1 − cos² ≤ 1e-16``) → linear; norms floored at 1e-7.
+  ``dim=0``; for a tensor with more than two axes, along axis 0 at every index of the others).
+  Colinear (``1 − cos² ≤ 1e-16``) → linear; norms floored at 1e-7.
 * ``multislerp`` (per-model ``weight``; ``normalize_weights`` true, ``eps`` 1e-8): K models (task
   vectors with a base), ``u_k = x_k / (‖x_k‖ + eps)``, ``m = Σ w_k u_k`` (weights divided by their
   sum when normalised); the result is ``(Σ w_k ‖x_k‖) · m / ‖m‖`` (+ base). mergekit also
@@ -114,16 +115,19 @@ def nuslerp_t(weights) -> float:
 
 
 def _nuslerp_layout(res: Resolved, chunks) -> str:
-    """``flat`` (whole tensor), ``rows`` (vectors along the last axis) or ``columns`` (along axis 0)."""
+    """``flat`` (whole tensor), ``rows`` (vectors along the last axis), ``columns`` (along axis 0
+    of a matrix) or ``columns_nd`` (along axis 0 of a tensor with more axes: one vector per index
+    of the other axes, as mergekit's ``transpose(0, -1)``)."""
     sh = res.shared
     if sh["nuslerp_flatten"]:
         return "flat"
     if not sh["nuslerp_row_wise"] or chunks.out.ndim < 2:
         return "rows"          # a 0-/1-D tensor is one row: its vector is the whole tensor
-    if chunks.out.ndim > 2:
-        raise UnmergeError(f"nuslerp_row_wise on a {chunks.out.ndim}-D tensor is not supported (vectors along axis 0 "
-                           f"of a tensor with more than two axes); set nuslerp_flatten: true for it with a filter")
-    return "columns"
+    return "columns" if chunks.out.ndim == 2 else "columns_nd"
+
+
+def _n_columns(chunks) -> int:
+    return int(np.prod(chunks.out.shape[1:], dtype=np.int64))
 
 
 def nuslerp_statistics(res: Resolved) -> str:
@@ -142,7 +146,11 @@ def nuslerp_stats(res: Resolved, chunks, key):
         return None
     s = None
     for c in range(len(chunks)):
-        part = np.asarray(S.column_gram(*chunks.inputs(c), deltas=chunks.deltas, row_len=chunks.row_len))
+        if layout == "columns":
+            part = S.column_gram(*chunks.inputs(c), deltas=chunks.deltas, row_len=chunks.row_len)
+        else:
+            part = S.column_gram_at(*chunks.inputs(c), chunks.start(c), deltas=chunks.deltas, n_cols=_n_columns(chunks))
+        part = np.asarray(part)
         s = part if s is None else s + part
     return np.stack(S.nuslerp_coefs(s[0], s[1], s[2], t, xp=np)).astype(np.float64)
 
@@ -155,9 +163,12 @@ def nuslerp_apply(res: Resolved, chunks, stats, key) -> None:
         if layout == "rows":
             got = S.nuslerp_rows(*chunks.inputs(c), np.float64(nuslerp_t(res.weights)), chunks.limit,
                                  deltas=chunks.deltas, row_len=chunks.row_len)
-        else:
+        elif layout == "columns":
             got = S.combine_columns(*chunks.inputs(c), stats, chunks.limit, deltas=chunks.deltas,
                                     row_len=chunks.row_len)
+        else:
+            got = S.combine_columns_at(*chunks.inputs(c), stats, chunks.start(c), chunks.limit, deltas=chunks.deltas,
+                                       n_cols=_n_columns(chunks))
         chunks.store(c, got)
 
 
