@@ -169,6 +169,29 @@ def combine_columns(base, tensors, coefs, limit=None, *, deltas: bool, row_len: 
     return _flag_nonfinite(out, b, [d0, d1], limit).reshape(base.shape)
 
 
+@partial(jax.jit, static_argnames=("deltas", "columns"))
+def column_gram_at(base, tensors, start, *, deltas: bool, columns: int):
+    """:func:`column_gram` of a tensor with more than two axes, ``(S_0, S_1, …)``: its vectors run
+    along axis 0, one per flat position of the other axes, so entry ``i`` of a chunk starting at
+    flat offset ``start`` belongs to column ``(start + i) mod columns`` (``columns = S_1·S_2·…``;
+    a chunk need not hold whole columns, the zero-padded tail adds nothing). Float64
+    ``(3, columns)``, additive over chunks."""
+    (d0, d1), _ = _vectors(base, tensors, deltas, "delta")
+    col = (start + jnp.arange(d0.shape[0], dtype=jnp.int64)) % columns
+    x0, x1 = d0.astype(jnp.float64), d1.astype(jnp.float64)
+    return jnp.stack([jax.ops.segment_sum(v, col, num_segments=columns) for v in (x0 * x0, x1 * x1, x0 * x1)])
+
+
+@partial(jax.jit, static_argnames=("deltas", "columns"))
+def combine_columns_at(base, tensors, coefs, start, limit=None, *, deltas: bool, columns: int):
+    """Apply kernel of :func:`column_gram_at`'s layout: ``θ_base + c_0[col] δ_0 + c_1[col] δ_1`` with
+    ``col = (start + i) mod columns``; ``coefs`` (2, columns) float64."""
+    (d0, d1), b = _vectors(base, tensors, deltas, "delta")
+    col = (start + jnp.arange(d0.shape[0], dtype=jnp.int64)) % columns
+    out = _lincomb([coefs[0][col], coefs[1][col]], [d0, d1], b)
+    return _flag_nonfinite(out, b, [d0, d1], limit).reshape(base.shape)
+
+
 @partial(jax.jit, static_argnames=("deltas",))
 def nearswap_kernel(base, tensors, t, limit=None, *, deltas: bool):
     """mergekit's ``nearswap`` of the base ``a`` and one model ``b``:

@@ -120,10 +120,13 @@ def _nuslerp_layout(res: Resolved, chunks) -> str:
         return "flat"
     if not sh["nuslerp_row_wise"] or chunks.out.ndim < 2:
         return "rows"          # a 0-/1-D tensor is one row: its vector is the whole tensor
-    if chunks.out.ndim > 2:
-        raise UnmergeError(f"nuslerp_row_wise on a {chunks.out.ndim}-D tensor is not supported (vectors along axis 0 "
-                           f"of a tensor with more than two axes); set nuslerp_flatten: true for it with a filter")
-    return "columns"
+    # More than two axes (a conv kernel): mergekit's vectors still run along axis 0, one per flat
+    # position of the other axes; chunks of rows of the last axis need not hold whole columns.
+    return "columns" if chunks.out.ndim == 2 else "columns_nd"
+
+
+def _columns(chunks) -> int:
+    return int(np.prod(chunks.out.shape[1:]))
 
 
 def nuslerp_statistics(res: Resolved) -> str:
@@ -142,7 +145,11 @@ def nuslerp_stats(res: Resolved, chunks, key):
         return None
     s = None
     for c in range(len(chunks)):
-        part = np.asarray(S.column_gram(*chunks.inputs(c), deltas=chunks.deltas, row_len=chunks.row_len))
+        if layout == "columns_nd":
+            part = np.asarray(S.column_gram_at(*chunks.inputs(c), chunks.start(c), deltas=chunks.deltas,
+                                               columns=_columns(chunks)))
+        else:
+            part = np.asarray(S.column_gram(*chunks.inputs(c), deltas=chunks.deltas, row_len=chunks.row_len))
         s = part if s is None else s + part
     return np.stack(S.nuslerp_coefs(s[0], s[1], s[2], t, xp=np)).astype(np.float64)
 
@@ -155,6 +162,9 @@ def nuslerp_apply(res: Resolved, chunks, stats, key) -> None:
         if layout == "rows":
             got = S.nuslerp_rows(*chunks.inputs(c), np.float64(nuslerp_t(res.weights)), chunks.limit,
                                  deltas=chunks.deltas, row_len=chunks.row_len)
+        elif layout == "columns_nd":
+            got = S.combine_columns_at(*chunks.inputs(c), stats, chunks.start(c), chunks.limit, deltas=chunks.deltas,
+                                       columns=_columns(chunks))
         else:
             got = S.combine_columns(*chunks.inputs(c), stats, chunks.limit, deltas=chunks.deltas,
                                     row_len=chunks.row_len)
