@@ -194,6 +194,8 @@ def test_inventory_is_complete_and_well_formed():
     # nuslerp configurations; 8 + 2 tokenizer / chat-template tests; 5 + 4 reference / writer tests.
     assert per_file == {BASIC: 33 - 2 + 2 * 9, "test_tokenizer.py": 8, "test_chat_template.py": 2,
                         "test_modelref.py": 5, "test_io.py": 4}
+    # the counts docs/merge.md quotes
+    assert {h: sum(e.how == h for e in SUITE) for h in HOW} == {"parity": 57, "refused": 2, "ours": 8, "not ported": 1}
 
 
 def _collected(files) -> set:
