@@ -114,7 +114,8 @@ def nuslerp_t(weights) -> float:
 
 
 def _nuslerp_layout(res: Resolved, chunks) -> str:
-    """``flat`` (whole tensor), ``rows`` (vectors along the last axis) or ``columns`` (along axis 0)."""
+    """``flat`` (whole tensor), ``rows`` (vectors along the last axis) or ``columns`` / ``columns_nd``
+    (along axis 0, of a 2-D / higher-dimensional tensor)."""
     sh = res.shared
     if sh["nuslerp_flatten"]:
         return "flat"
