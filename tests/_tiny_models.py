@@ -215,3 +215,110 @@ def run_mergekit(cfg: dict, out, **options):
     opts = {"copy_tokenizer": False, "lazy_unpickle": False, "write_model_card": False, **options}
     run_merge(MergeConfiguration.model_validate(cfg), str(out), options=MergeOptions(**opts))
     return out
+
+
+# --- the pico models of mergekit's own tests (mergekit tests/common.py shapes), seeded ---------------
+
+def pico_llama(seed: int, vocab_size: int = 64):
+    """mergekit's ``make_picollama``: Llama, vocabulary 64, hidden 32, MLP 48, 16 heads, 2 layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                        num_attention_heads=16, num_hidden_layers=2)).eval()
+
+
+def pico_granite(seed: int, vocab_size: int = 64):
+    """mergekit's ``make_picogranite``: Granite, vocabulary 64, hidden 32, MLP 48, 2 heads, 2 layers."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return GraniteForCausalLM(GraniteConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                            num_attention_heads=2, num_key_value_heads=2,
+                                            num_hidden_layers=2)).eval()
+
+
+PICO_LLAVA_IMAGE_TOKEN = 63   # inside the vocabulary, so a forward pass with an image runs
+
+
+def pico_llava(seed: int):
+    """mergekit's ``make_picoLlaVa``: a CLIP vision tower (2 layers, hidden 64, 32×32 images in 4×4
+    patches) and a pico Llama text model; the image token is id 63 (mergekit's default, 32000, lies
+    outside the 64-token vocabulary)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+                              hidden_size=64, intermediate_size=128)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
+                       num_hidden_layers=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16,
+                      image_token_id=PICO_LLAVA_IMAGE_TOKEN)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_gpt2(seed: int, layers: int = 12):
+    """A GPT-2 with mergekit's ``make_gpt2size`` layer count (12) at a tiny width (32, 4 heads, vocabulary 96)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=96, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+LLAVA_TEXT_PREFIX = "language_model."
+
+
+def llava_text_as_llama(src, out) -> str:
+    """The text model of a stored LLaVA checkpoint as a Llama checkpoint of its own (tensor names
+    without the ``language_model.`` prefix, ``config.json`` from its ``text_config``): the reference
+    input for the tensors mergekit 0.1.5 drops from a LLaVA merge. Returns ``out``."""
+    from safetensors.numpy import save_file
+    from transformers import LlamaConfig
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.loads((src / "config.json").read_text())["text_config"]
+    cfg = LlamaConfig(**{k: v for k, v in text.items() if k not in ("architectures", "model_type")})
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(out)
+    tensors = {k[len(LLAVA_TEXT_PREFIX):]: v for k, v in stored_state(src).items() if k.startswith(LLAVA_TEXT_PREFIX)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def feed_mergekit_our_dare_masks(monkeypatch, base: dict, models: list, density, seed: int) -> list:
+    """Make mergekit 0.1.5's DARE draw (``mergekit.sparsify.bernoulli``) use the keep-masks
+    ``unmerge merge --seed seed`` draws for the same task vectors (looked up by the task vector's
+    float32 bytes; tensors named as in ``base``), so the two agree entry for entry. ``base`` and
+    ``models`` are float32 state dicts; ``density`` one value per model. Returns a list that grows
+    by one per mask mergekit took."""
+    import mergekit.sparsify as sp
+    import torch
+
+    from unmerge_jax.kernels import merge as K
+    from unmerge_jax.kernels.random import name_hash
+
+    dens = np.asarray(density, np.float32)
+    lookup = {}
+    for n, b in base.items():
+        if not np.issubdtype(b.dtype, np.floating):
+            continue
+        d = tuple(m[n] - b for m in models)
+        masks = np.asarray(K.draw_masks(b, d, dens, np.ones(len(d), np.int64), np.uint32(seed),
+                                        np.uint32(name_hash(n)), sparsify="random"))
+        for i in range(len(d)):
+            lookup[d[i].tobytes()] = masks[i].reshape(b.shape)
+    used = []
+
+    def bernoulli(tensor, density, rescale_norm=None):
+        keep = lookup[tensor.detach().numpy().astype(np.float32).tobytes()]
+        used.append(1)
+        return sp.rescaled_masked_tensor(tensor, torch.from_numpy(keep).to(tensor.dtype), rescale_norm)
+
+    monkeypatch.setattr(sp, "bernoulli", bernoulli)
+    return used
