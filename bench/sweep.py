@@ -18,9 +18,17 @@ Scale case: K = 1024 atoms, T = 1024 targets, n rows generated in row blocks and
 ``iter_gram_stats`` (never materialised whole); reported as a fraction of the GEMM throughput of
 the same block product (NumPy float64 and float32 BLAS on one block, same shapes).
 
+Cold start: the same paper case in two fresh processes sharing a new, empty persistent compilation
+cache (a temporary directory): statistics, the paper sweep, then ``unmerge decompose``'s library
+call at its defaults (200 bootstrap replicates and the attribution decisions) on the same data as
+array files. Per phase: wall time, seconds compiling or loading from the cache (JAX's own compile
+events: tracing, lowering, XLA compile), the number of programs, cache hits, and the process CPU
+seconds inside XLA's compile-or-load calls (less load-sensitive than wall time on a shared
+machine). Keys ``cold_*`` (empty cache) and ``warm_*`` (the second process) in ``paper_case``.
+
 Prints the ratios and writes ``bench/results/sweep.json``.
 
-Usage: ``python bench/sweep.py [--rows 1000000] [--scale-rows 262144] [--quick]``
+Usage: ``python bench/sweep.py [--rows 1000000] [--scale-rows 262144] [--quick] [--only-cold]``
 """
 
 from __future__ import annotations
@@ -216,6 +224,120 @@ def scale_case(n, k, t, block):
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Cold start: the first sweep / decompose of a fresh process, with an empty and with a warm
+# persistent compilation cache.
+# ------------------------------------------------------------------------------------------------
+def _compile_probe():
+    """Per-phase compile records from JAX's own events, plus the process CPU seconds spent inside
+    XLA compile-or-cache-load calls (less sensitive to other processes' load than wall time)."""
+    import collections
+
+    import jax
+    from jax import monitoring
+    from jax._src import compiler
+
+    rec = {"phase": None, "data": collections.defaultdict(lambda: collections.defaultdict(float))}
+
+    def on_duration(name, secs, **kw):
+        if rec["phase"] and name in ("/jax/core/compile/backend_compile_duration",
+                                     "/jax/core/compile/jaxpr_trace_duration",
+                                     "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            d = rec["data"][rec["phase"]]
+            short = name.rsplit("/", 1)[-1].replace("_duration", "")
+            d[short + "_s"] += secs
+            d[short + "_n"] += 1
+
+    def on_event(name, **kw):
+        if rec["phase"] and name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+            rec["data"][rec["phase"]][name.rsplit("/", 1)[-1]] += 1
+
+    monitoring.register_event_duration_secs_listener(on_duration)
+    monitoring.register_event_listener(on_event)
+    original = compiler.compile_or_get_cached
+
+    def timed(*a, **kw):
+        c0 = time.process_time()
+        try:
+            return original(*a, **kw)
+        finally:
+            if rec["phase"]:
+                rec["data"][rec["phase"]]["compile_cpu_s"] += time.process_time() - c0
+
+    compiler.compile_or_get_cached = timed
+    del jax
+    return rec
+
+
+def cold_child(n, t, seeds, work_dir):
+    """Run in a fresh process: statistics, the paper sweep, then ``decompose_files`` at its defaults
+    (200 replicates, attribution) on the same data as array files; print the compile records."""
+    rec = _compile_probe()
+    import jax
+
+    from unmerge_jax.pipeline import decompose_files
+
+    d, v, _ = make_problem(n, 8, t)
+    out = {"cache_dir": jax.config.jax_compilation_cache_dir}
+
+    def phase(name, fn):
+        rec["phase"] = name
+        t0 = time.perf_counter()
+        fn()
+        out[name] = {"wall_s": time.perf_counter() - t0, **{k: float(x) for k, x in rec["data"][name].items()}}
+        rec["phase"] = None
+
+    holder = {}
+    phase("stats", lambda: holder.update(stats=u.gram_stats(d, v, seeds=seeds, key=0)))
+    phase("sweep", lambda: u.sweep(holder["stats"], grid="paper", seeds=seeds))
+    np.save(Path(work_dir) / "D.npy", d)
+    np.save(Path(work_dir) / "V.npy", v)
+    del d, v
+    phase("decompose", lambda: decompose_files(None, [f"D={work_dir}/D.npy"], [f"V={work_dir}/V.npy"]))
+    print("COLD_START " + json.dumps(out), flush=True)
+
+
+def cold_start(n, t, seeds):
+    """Two fresh processes sharing one new, empty persistent cache directory: the first compiles
+    everything (cold), the second loads it all from the cache (warm)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: x for k, x in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "UNMERGE_C"))}
+        env.update(UNMERGE_CACHE_DIR=str(Path(tmp) / "cache"), UNMERGE_PROGRESS="0",
+                   PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]))
+        for name in ("cold", "warm"):
+            load = os.getloadavg()[0]
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cold-child", tmp, "--rows", str(n),
+                                "--targets", str(t), "--seeds", str(seeds)], env=env, capture_output=True, text=True,
+                               check=False)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+            line = next(x for x in r.stdout.splitlines() if x.startswith("COLD_START "))
+            runs[name] = {"load_average_1min": load, **json.loads(line[len("COLD_START "):])}
+    return runs
+
+
+def _cold_summary(runs):
+    """Flat keys for the JSON: compile seconds (JAX's events: compile or cache load) per phase."""
+    out = {}
+    for name, r in runs.items():
+        for ph in ("stats", "sweep", "decompose"):
+            p = r[ph]
+            out[f"{name}_{ph}_wall_s"] = p["wall_s"]
+            out[f"{name}_{ph}_compile_s"] = p.get("backend_compile_s", 0.0) + p.get("jaxpr_trace_s", 0.0) + \
+                p.get("jaxpr_to_mlir_module_s", 0.0)
+            out[f"{name}_{ph}_backend_compile_s"] = p.get("backend_compile_s", 0.0)
+            out[f"{name}_{ph}_compile_cpu_s"] = p.get("compile_cpu_s", 0.0)
+            out[f"{name}_{ph}_programs"] = int(p.get("backend_compile_n", 0))
+            out[f"{name}_{ph}_cache_hits"] = int(p.get("cache_hits", 0))
+        out[f"{name}_load_average_1min"] = r["load_average_1min"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="paper case rows n (default 1,000,000)")
@@ -227,7 +349,12 @@ def main():
     ap.add_argument("--scale-block", type=int, default=16_384)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep.json")
+    ap.add_argument("--cold-child", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--only-cold", action="store_true", help="only the cold-start figures (merged into --out)")
     args = ap.parse_args()
+    if args.cold_child:
+        cold_child(args.rows, args.targets, args.seeds, args.cold_child)
+        return
     if args.quick:
         args.rows, args.scale_rows, args.scale_block = 50_000, 32_768, 8_192
 
@@ -235,9 +362,25 @@ def main():
 
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                           "devices": [str(dev) for dev in jax.devices()]}}
+    print(f"cold start: paper case in two fresh processes sharing a new, empty compilation cache ...", flush=True)
+    cold = cold_start(args.rows, args.targets, args.seeds)
+    c = _cold_summary(cold)
+    for name in ("cold", "warm"):
+        print(f"  {name} (load average {c[f'{name}_load_average_1min']:.1f}): compile "
+              + ", ".join(f"{ph} {c[f'{name}_{ph}_compile_s']:.2f} s ({c[f'{name}_{ph}_programs']} programs, "
+                          f"{c[f'{name}_{ph}_cache_hits']} cache hits, {c[f'{name}_{ph}_compile_cpu_s']:.2f} s CPU)"
+                          for ph in ("stats", "sweep", "decompose")))
+    if args.only_cold:
+        old = json.loads(args.out.read_text()) if args.out.exists() else {}
+        old.setdefault("paper_case", {}).update(c)
+        old["cold_start"] = cold
+        result = {**old, "machine": result["machine"]}
+        _write(args.out, result)
+        return
     print(f"paper case: n={args.rows:,} K=8 T={args.targets} seeds={args.seeds} ...", flush=True)
     p = paper_case(args.rows, 8, args.targets, args.seeds, args.samples)
-    result["paper_case"] = p
+    result["paper_case"] = {**p, **c}
+    result["cold_start"] = cold
     print(f"  {p['runs']:,} runs; engine {p['engine_total_s']:.2f} s (stats pass {p['engine_stats_pass_s']:.2f} s + "
           f"sweep {p['engine_sweep_s']:.2f} s; cold {p['engine_cold_stats_s'] + p['engine_cold_sweep_s']:.1f} s)")
     print(f"  paper's way (sklearn/SciPy per run, {args.samples} sampled per configuration): "
@@ -262,11 +405,15 @@ def main():
           f"{s['fraction_of_f32_gemm']:.2f} of float32 GEMM ({s['numpy_gemm_f32_gflops']:.1f} GFLOP/s); "
           f"Gram vs NumPy float64 max rel diff {s['gram_max_rel_diff_vs_numpy_f64']:.1e}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    _write(args.out, result)
+
+
+def _write(out, result):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,128 @@ def test_second_process_compiles_nothing_new(tmp_path):
     second = _run(SOLVE, {"UNMERGE_CACHE_DIR": str(cache)}, tmp_path)
     assert sorted(p.name for p in (cache / "unmerge_jax" / "xla").iterdir()) == entries  # all hits
     print(f"first process {first['s']:.2f} s, second {second['s']:.2f} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Buckets: fewer programs, and a new number of targets / grid points / seeds inside a bucket
+# reuses the compiled program.
+# ------------------------------------------------------------------------------------------------
+import chex  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import unmerge_jax as u  # noqa: E402
+solve_module = __import__("importlib").import_module("unmerge_jax.solve")  # the module (the package exports the function)
+from unmerge_jax.solvers import SOLVERS  # noqa: E402
+
+
+def test_bucket_sizes():
+    b = solve_module.bucket
+    assert [b(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 10]
+    assert [b(n) for n in (16, 17, 33, 65, 72, 80, 81, 200, 201, 224, 225)] == [16, 20, 40, 80, 80, 80, 96, 224, 224, 224, 256]
+    for n in range(1, 2000):
+        assert n <= b(n) and (n <= 8 or b(n) < 1.25 * n) and b(b(n)) == b(n)
+
+
+def _data(seed, k, t, n=400):
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal((n, k))
+    v = d @ np.abs(rng.standard_normal((k, t))) + 0.1 * rng.standard_normal((n, t))
+    return d, v
+
+
+def _count_traces(monkeypatch, methods):
+    chex.clear_trace_counter()
+    for m in methods:
+        monkeypatch.setitem(SOLVERS, m, SOLVERS[m]._replace(fn=chex.assert_max_traces(SOLVERS[m].fn, n=1)))
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_target_counts_inside_a_bucket_share_one_program(method, monkeypatch):
+    """K = 7 (no other test uses it): T = 5, 6, 7 (bucket 8) trace the solver once; T = 9 (bucket
+    10) is a new shape and traces again, which ``assert_max_traces`` refuses — the counter counts."""
+    _count_traces(monkeypatch, [method])
+    for t in (5, 6, 7):
+        res = u.solve(u.gram_stats(*_data(t, 7, t)), method)
+        assert res.coef.shape == (t, 7)
+    with pytest.raises(AssertionError, match="traced"):
+        u.solve(u.gram_stats(*_data(9, 7, 9)), method)
+
+
+def test_sweep_targets_grid_points_and_seeds_inside_buckets_share_programs(monkeypatch):
+    """A sweep compiles one program per solver program (Lasso rides on ElasticNet's), and T = 5, 6,
+    7 with 5, 6, 7 grid points per family and 5, 6, 7 seeds reuse them all."""
+    _count_traces(monkeypatch, list(SOLVERS))
+    for i, t in enumerate((5, 6, 7)):
+        n_points = 5 + i
+        grid = {"nnls": {}, "lasso": {"alpha": list(np.geomspace(1e-8, 1e-4, n_points))},
+                "elastic_net": {"alpha": list(np.geomspace(1e-8, 1e-4, n_points)), "l1_ratio": [0.5]},
+                "ridge": {"alpha": list(np.geomspace(1e-8, 1e-2, n_points))},
+                "omp": {"n_nonzero_coefs": list(range(1, n_points + 1))},
+                "dot": {"threshold": list(np.linspace(0.01, 0.2, n_points))}}
+        table = u.sweep(*_data(10 + t, 6, t, n=5000), grid=grid, seeds=t, key=0)
+        assert len(table) == t * t * (1 + 4 * n_points + min(n_points, 6))
+
+
+def _sliced(res, t):
+    return {f: np.asarray(getattr(res, f))[:, :t] if f != "coef" else np.asarray(res.coef)[:, :t, :]
+            for f in ("coef", "n_iter", "converged", "error", "recon_error")}
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_padding_changes_no_result(method):
+    """The same 3 targets solved in bucket 4 (alone) and in bucket 16 (beside 10 others), with 3
+    and 11 replicates (buckets 4 and 16): coefficients, iterations, convergence and fit
+    bit-identical; the final optimality measure (a relative residual at the rounding level, whose
+    matrix-vector product XLA vectorises by batch shape) to 1e-15."""
+    crowd_stats = u.gram_stats(*_data(0, 6, 13), seeds=11, key=1)
+    few = crowd_stats.select_targets(np.arange(3))
+    few = few._replace(boot_gram=few.boot_gram[:3], boot_cross=few.boot_cross[:3],
+                       boot_target_sq=few.boot_target_sq[:3], boot_n_rows=few.boot_n_rows[:3])
+    alone, crowd = u.solve(few, method), u.solve(crowd_stats, method)
+    a, c = _sliced(alone, 3), {f: x[:3] for f, x in _sliced(crowd, 3).items()}
+    for f in ("coef", "n_iter", "converged", "recon_error"):
+        np.testing.assert_array_equal(a[f], c[f], err_msg=f"{method} {f}")
+    np.testing.assert_allclose(a["error"], c["error"], rtol=0, atol=1e-15)
+
+
+def test_one_call_for_point_and_replicates_matches_separate_solves():
+    st = u.gram_stats(*_data(3, 6, 5), seeds=20, key=2)
+    point, boot = solve_module.solve_with_replicates(st, "nnls")
+    np.testing.assert_array_equal(boot.coef, u.solve(st, "nnls", bootstrap=True).coef)
+    # The full-data problem solved as one more seed: the same optimum, to rounding.
+    np.testing.assert_allclose(point.coef, u.solve(st, "nnls", bootstrap=False).coef, rtol=1e-12, atol=1e-15)
+    assert point.coef.shape == (5, 6) and boot.coef.shape == (20, 5, 6)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_solver_compile_options_change_no_result(method):
+    """``SOLVER_COMPILER_OPTIONS`` (XLA:CPU's loop emitters) only speed up compilation: the same
+    program compiled with XLA's defaults gives bit-identical results."""
+    from unmerge_jax.solve import _static_items, resolve_params, solve_batched, stacked_problems
+    from unmerge_jax.sweep import PAPER_GRID, grid_points
+
+    arrays = stacked_problems(u.gram_stats(*_data(4, 8, 6), seeds=2, key=0), use_seeds=True)
+    pts = [resolve_params(method, 8, p) for p in grid_points(method, PAPER_GRID[method], 8)]
+    if method == "omp":
+        for p in pts:
+            p["max_atoms"] = 8
+    swept = np.asarray([[float(p[n]) for n in SOLVERS[method].swept] for p in pts]).reshape(len(pts), -1)
+    kw = dict(method=method, static=_static_items(method, pts[0]), full_rank=True)
+    fast = solve_batched(*arrays, swept, **kw)
+    plain = jax.jit(solve_batched.__wrapped__, static_argnames=("method", "static", "full_rank"))(*arrays, swept, **kw)
+    for f in ("coef", "n_iter", "error"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, f)), np.asarray(getattr(plain, f)), err_msg=f)
+
+
+def test_omp_path_length_changes_no_result():
+    """OMP's static path length is bucketed (k = 3 runs a path of 4): its first k steps are the same."""
+    st = u.gram_stats(*_data(5, 6, 4), seeds=2, key=0)
+    short, longer = (u.solve(st, "omp", n_nonzero_coefs=3, max_atoms=m) for m in (3, 6))
+    for f in ("coef", "n_iter", "error"):
+        np.testing.assert_array_equal(getattr(short, f), getattr(longer, f), err_msg=f)
+    assert u.solve(st, "omp", n_nonzero_coefs=3).params["max_atoms"] == 4
+
+
+def test_grid_bucket_sizes():
+    assert [solve_module.grid_bucket(n) for n in (1, 2, 3, 5, 8, 9, 12, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 16, 32]

@@ -1,7 +1,8 @@
 """Persistent XLA compilation cache: on by default for the CLI, the test suite and library users.
 
-Solvers are compiled once per (method, K, T, grid size, seeds); across processes (CLI calls, CI
-runs, a user's scripts) the persistent cache turns the 1–3 s compiles into millisecond loads.
+Solvers are compiled once per (program, K, and the buckets of T, grid size and seeds, see
+``unmerge_jax.solve.bucket``); across processes (CLI calls, CI runs, a user's scripts) the
+persistent cache turns the compiles into loads of a few milliseconds each.
 Importing ``unmerge_jax`` calls :func:`enable_by_default`, which points JAX's cache at
 ``~/.cache/unmerge_jax/xla`` (``$UNMERGE_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it) — a per-user
 directory — unless
@@ -52,7 +53,9 @@ def enable_compilation_cache(path=None) -> Path | None:
     if not _writable(path):
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Every program, however quick to compile: a second process then compiles nothing, and a
+    # cache hit (a few ms) is cheaper than even a 0.1 s compile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 

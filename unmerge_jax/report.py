@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError
-from unmerge_jax.solve import solve
+from unmerge_jax.solve import solve_with_replicates
 from unmerge_jax.stats import GramStats
 
 
@@ -120,8 +120,7 @@ def decomposition_report(stats: GramStats, atom_names, target_names, method: str
     if len(atom_names) != stats.n_atoms or len(target_names) != stats.n_targets:
         raise UnmergeError(f"{len(atom_names)} atom / {len(target_names)} target names for statistics of "
                            f"{stats.n_atoms} atoms and {stats.n_targets} targets")
-    point = solve(stats, method, bootstrap=False, **params)
-    boot = solve(stats, method, bootstrap=True, **params) if stats.n_seeds else None
+    point, boot = solve_with_replicates(stats, method, **params)  # one compiled call for both
     zero = zero_targets(stats)
     out = []
     for t, tname in enumerate(target_names):

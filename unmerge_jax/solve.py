@@ -3,6 +3,13 @@
 The compiled program is ``jit(vmap_seeds(vmap_targets(vmap_params(solver))))``; static options
 (``positive``, ``tol``, ``max_iter``, OMP's ``max_atoms``) are part of the jit cache key, swept
 hyper-parameters are array inputs — a second call with other values does not recompile.
+
+Shapes are padded to buckets (:func:`bucket`) before the compiled call and the results sliced
+back (:func:`solve_padded`): seeds and grid points by repeating the last one, targets with zero
+targets (``c = 0``, ``‖v‖² = 0``, solved at iteration 0). Lanes of a ``vmap`` are independent
+(finished lanes of a ``while_loop`` stay frozen), so padding changes no result, and a new number
+of targets, grid points or seeds inside a bucket reuses the compiled program (:func:`bucket`,
+:func:`grid_bucket`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ import warnings
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unmerge_jax.errors import UnmergeError, check_choice
@@ -74,7 +80,9 @@ def resolve_params(method: str, n_atoms: int, params: dict, *, allow_arrays: boo
         if not np.all(ks == np.round(ks)) or ks.min() < 1 or ks.max() > n_atoms:
             raise UnmergeError(f"omp n_nonzero_coefs must be whole numbers in 1..{n_atoms} (the number of atoms), got {out['n_nonzero_coefs']}")
         if out["max_atoms"] is None:
-            out["max_atoms"] = int(ks.max())
+            # Bucketed: the greedy path's first k steps do not depend on its length, so a longer
+            # path changes no result, and nearby k share one program.
+            out["max_atoms"] = min(bucket(int(ks.max())), int(n_atoms))
         out["max_atoms"] = int(out["max_atoms"])
     for name in ("alpha",):
         if name in out and np.any(np.asarray(out[name]) < 0):
@@ -98,7 +106,38 @@ def resolve_params(method: str, n_atoms: int, params: dict, *, allow_arrays: boo
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("method", "static", "full_rank"))
+# XLA:CPU's legacy loop emitters compile the solvers' many small K×K kernels in ~60 % of the
+# time of the fusion emitters, with bit-identical results (tests/test_cold_start.py); the
+# solvers run in milliseconds, so compile time is what a first call pays. Other backends
+# ignore ``xla_cpu_*`` options.
+SOLVER_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def grid_bucket(n: int) -> int:
+    """The padded number of grid points: the next power of two (grids are short, and a sweep
+    concatenates families that share a program, so coarse buckets keep the program count low)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def bucket(n: int) -> int:
+    """The padded length of an axis of ``n`` ≥ 1 targets or seeds.
+
+    The next power of two up to 8 (1, 2, 4, 8), then the next multiple of an eighth of the next
+    power of two (10, 12, …, 16, 20, 24, …, 32, 40, …, 64, 80, …): at most 4 buckets per
+    octave, under 25 % padding.
+    """
+    n = int(n)
+    if n <= 1:
+        return 1
+    pow2 = 1 << (n - 1).bit_length()
+    if pow2 <= 8:
+        return pow2
+    step = pow2 // 8
+    return -(-n // step) * step
+
+
+@functools.partial(jax.jit, static_argnames=("method", "static", "full_rank"),
+                   compiler_options=SOLVER_COMPILER_OPTIONS)
 def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
                   full_rank: bool = False):
     """The compiled core: every (seed, target, grid point) in one program.
@@ -124,6 +163,58 @@ def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: s
     over_targets = jax.vmap(over_params, in_axes=(None, 1, 0, None, None, None))
     over_seeds = jax.vmap(over_targets, in_axes=(0, 0, 0, 0, 0, None))
     return over_seeds(gram, cross, target_sq, n_rows, lipschitz, swept)
+
+
+def _pad_axis(a: np.ndarray, axis: int, size: int, *, zero: bool) -> np.ndarray:
+    """``a`` padded along ``axis`` to ``size``: zeros, or repeats of its last entry."""
+    extra = size - a.shape[axis]
+    if extra <= 0:
+        return a
+    if zero:
+        shape = list(a.shape)
+        shape[axis] = extra
+        fill = np.zeros(shape, a.dtype)
+    else:
+        fill = np.repeat(np.take(a, [-1], axis=axis), extra, axis=axis)
+    return np.concatenate([a, fill], axis=axis)
+
+
+def solve_padded(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
+                 full_rank: bool = False):
+    """:func:`solve_batched` on shapes padded to buckets, results sliced back.
+
+    Seeds (S, to :func:`bucket`) and grid points (P, to :func:`grid_bucket`) are padded with
+    repeats of the last one (a real problem, so no
+    lane meets a degenerate input), targets (T) with zero targets (``c = 0``, ``‖v‖² = 0``: every
+    solver stops at iteration 0 with ``a = 0``). Same arguments as :func:`solve_batched`.
+
+    Returns:
+      :class:`PaddedResult`, dispatched asynchronously; its ``get()`` is the ``SolverResult`` of
+      :func:`solve_batched` as host NumPy arrays with leading axes (S, T, P).
+    """
+    gram, cross, target_sq, n_rows, lipschitz, swept = (np.asarray(a, np.float64) for a in
+                                                         (gram, cross, target_sq, n_rows, lipschitz, swept))
+    s, t, p = gram.shape[0], cross.shape[2], swept.shape[0]
+    sb, tb, pb = bucket(s), bucket(t), grid_bucket(p)
+    gram, n_rows, lipschitz = (_pad_axis(a, 0, sb, zero=False) for a in (gram, n_rows, lipschitz))
+    cross = _pad_axis(_pad_axis(cross, 0, sb, zero=False), 2, tb, zero=True)
+    target_sq = _pad_axis(_pad_axis(target_sq, 0, sb, zero=False), 1, tb, zero=True)
+    swept = _pad_axis(swept, 0, pb, zero=False)
+    res = solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, method=method, static=static,
+                        full_rank=full_rank)
+    return PaddedResult(res, (s, t, p))
+
+
+class PaddedResult(NamedTuple):
+    """A dispatched :func:`solve_padded` call: ``get()`` waits for it and slices the padding off."""
+
+    result: Any
+    shape: tuple
+
+    def get(self):
+        s, t, p = self.shape
+        # One transfer, then NumPy slices (eager slicing of device arrays compiles a program per field).
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:s, :t, :p], jax.device_get(self.result))
 
 
 def _static_items(method: str, params: dict) -> tuple:
@@ -171,19 +262,46 @@ def solve(stats: GramStats, method: str = "nnls", *, bootstrap: bool | None = No
     method = resolve_method(method)
     params = resolve_params(method, stats.n_atoms, params)
     use_seeds = stats.n_seeds > 0 if bootstrap is None else bool(bootstrap)
-    gram, cross, tsq, n, lip = stacked_problems(stats, use_seeds=use_seeds)
+    return _solve_stacked(stats, method, params, point=not use_seeds, replicates=use_seeds)[0]
+
+
+def solve_with_replicates(stats: GramStats, method: str = "nnls", **params) -> tuple:
+    """``(solve(stats, bootstrap=False), solve(stats, bootstrap=True))`` in ONE compiled call.
+
+    The full-data problem is solved as one more seed beside the S replicates, so a report that
+    needs both (coefficients and their bootstrap intervals) compiles one program, not two. The
+    second item is None when ``stats`` holds no replicates.
+    """
+    validate_stats(stats)
+    method = resolve_method(method)
+    params = resolve_params(method, stats.n_atoms, params)
+    return _solve_stacked(stats, method, params, point=True, replicates=stats.n_seeds > 0)
+
+
+def _solve_stacked(stats: GramStats, method: str, params: dict, *, point: bool, replicates: bool) -> tuple:
+    """Solve the full-data problem and/or the replicates (stacked on the seed axis, one call)."""
+    parts = ([stacked_problems(stats, use_seeds=False)] if point else []) + \
+            ([stacked_problems(stats, use_seeds=True)] if replicates else [])
+    gram, cross, tsq, n, lip = (np.concatenate(a) for a in zip(*parts))
     spec = SOLVERS[method]
-    swept = jnp.asarray([[float(params[k]) for k in spec.swept]], jnp.float64).reshape(1, len(spec.swept))
-    res = solve_batched(gram, cross, tsq, n, lip, swept, method=method, static=_static_items(method, params),
-                        full_rank=gram_is_well_posed(gram))
+    swept = np.asarray([[float(params[k]) for k in spec.swept]], np.float64).reshape(1, len(spec.swept))
+    res = solve_padded(gram, cross, tsq, n, lip, swept, method=method, static=_static_items(method, params),
+                       full_rank=gram_is_well_posed(gram)).get()
     res = jax.tree_util.tree_map(lambda a: a[:, :, 0], res)  # drop the single grid point
-    rec = reconstruction(np.asarray(gram)[:, None], np.swapaxes(np.asarray(cross), 1, 2), tsq, res.coef)
-    squeeze = (lambda a: np.asarray(a)[0]) if not use_seeds else np.asarray
-    out = Decomposition(squeeze(res.coef), squeeze(rec.recon_error), squeeze(rec.cosine), squeeze(rec.residual_sq),
-                        squeeze(rec.unexplained), squeeze(res.n_iter), squeeze(res.converged), squeeze(res.error),
-                        method, params)
-    _warn_unconverged(method, params, out.converged)
-    return out
+    rec = reconstruction(gram[:, None], np.swapaxes(cross, 1, 2), tsq, res.coef)
+    fields = (res.coef, rec.recon_error, rec.cosine, rec.residual_sq, rec.unexplained, res.n_iter, res.converged,
+              res.error)
+    out = []
+    if point:
+        out.append(Decomposition(*(np.asarray(f)[0] for f in fields), method, params))
+    if replicates:
+        out.append(Decomposition(*(np.asarray(f)[int(point):] for f in fields), method, params))
+    else:
+        out.append(None)
+    for d in out:
+        if d is not None:
+            _warn_unconverged(method, params, d.converged)
+    return tuple(out)
 
 
 def _warn_unconverged(method, params, converged) -> None:

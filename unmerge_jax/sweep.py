@@ -1,9 +1,11 @@
 """Vectorised decomposition sweeps and the paper's mean ± std tables.
 
 ``sweep`` runs every (target, method, grid point, seed) of a grid with ONE compiled call per
-method family: the grid points are an array axis, seeds are bootstrap replicates of the Gram
-statistics (all computed in the same data pass), targets are another axis. No Python loop runs
-over targets, grid points or seeds.
+solver program (one per method family; Lasso shares ElasticNet's): the grid points are an array
+axis, seeds are bootstrap replicates of the Gram statistics (all computed in the same data pass),
+targets are another axis, each padded to a bucket (``unmerge_jax.solve.bucket``) so that other
+grid, target or seed counts inside it reuse the program. No Python loop runs over targets, grid
+points or seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pandas as pd
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.metrics import reconstruction, support_metrics
-from unmerge_jax.solve import (_static_items, _warn_unconverged, resolve_method, resolve_params, solve_batched,
+from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, resolve_method, resolve_params, solve_padded,
                                stacked_problems, validate_stats)
 from unmerge_jax.solvers import SOLVERS
 from unmerge_jax.solvers.common import gram_is_well_posed
@@ -32,6 +34,12 @@ PAPER_GRID: dict[str, dict[str, list]] = {
     "elastic_net": {"l1_ratio": [0.1, 0.5, 0.9], "alpha": [1e-8, 1e-6, 1e-4]},
     "dot": {"threshold": [0.01, 0.05, 0.1]},
 }
+
+# Families solved by another family's program, with the parameters that make them that family:
+# Lasso is ElasticNet with l1_ratio = 1 (``solvers.lasso`` calls ``elastic_net`` so), so a grid of
+# both compiles one program.
+SHARED_PROGRAM = {"lasso": "elastic_net"}
+PROGRAM_PARAMS = {"lasso": {"l1_ratio": 1.0}}
 
 METHOD_LABELS = {"nnls": "NNLS", "omp": "OMP", "ridge": "Ridge", "elastic_net": "Elastic Net",
                  "dot": "Dot Product", "lasso": "Lasso"}
@@ -113,9 +121,11 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
     solve_arrays = stacked_problems(stats, use_seeds=use_seeds)
     full = stacked_problems(stats, use_seeds=False)  # runs are scored against the full data
     full_rank = gram_is_well_posed(solve_arrays[0])
-    # Dispatch every family first: the compiled calls run asynchronously, one after another,
-    # while the host builds the rows of the families already done.
-    launched = []
+    # Plan every family, then dispatch one compiled call per program: families that are one
+    # solver share it (Lasso is ElasticNet with l1_ratio = 1, the same arithmetic), and the
+    # calls run asynchronously, one after another, while the host builds the rows of the
+    # families already done.
+    planned, programs = [], {}
     for method in chosen:
         spec = SOLVERS[method]
         points = grid_points(method, grid.get(method, {}), k)
@@ -123,14 +133,23 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
         resolved = [resolve_params(method, k, {**st, **p}) for p in points]
         if method == "omp":
             for r in resolved:
-                r["max_atoms"] = max(int(q["n_nonzero_coefs"]) for q in resolved)
-        swept = np.asarray([[float(r[n]) for n in spec.swept] for r in resolved], np.float64).reshape(len(points), len(spec.swept))
-        res = solve_batched(*solve_arrays, swept, method=method, static=_static_items(method, resolved[0]),
-                            full_rank=full_rank)
-        launched.append((method, spec, points, resolved, res))
+                r["max_atoms"] = min(bucket(max(int(q["n_nonzero_coefs"]) for q in resolved)), k)
+        program = SHARED_PROGRAM.get(method, method)
+        as_program = [{**r, **PROGRAM_PARAMS.get(method, {})} for r in resolved]
+        rows = np.asarray([[float(r[n]) for n in SOLVERS[program].swept] for r in as_program], np.float64)
+        key = (program, _static_items(program, as_program[0]))
+        offset = sum(len(x) for x in programs.get(key, []))
+        programs.setdefault(key, []).append(rows.reshape(len(points), len(SOLVERS[program].swept)))
+        planned.append((method, spec, points, resolved, key, offset))
+    launched = {key: solve_padded(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
+                                  full_rank=full_rank)
+                for key, rows in programs.items()}
     frames = []
-    for method, spec, points, resolved, res in launched:
-        res = jax.device_get(res)
+    fetched = {}
+    for method, spec, points, resolved, key, offset in planned:
+        if key not in fetched:
+            fetched[key] = launched[key].get()
+        res = jax.tree_util.tree_map(lambda a: a[:, :, offset:offset + len(points)], fetched[key])
         _warn_unconverged(method, resolved[0], res.converged)
         coef = np.asarray(res.coef)  # (S, T, P, K)
         rec = reconstruction(full[0][0], np.swapaxes(np.asarray(full[1][0]), 0, 1)[None, :, None, :],
