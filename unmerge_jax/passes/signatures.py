@@ -130,6 +130,12 @@ class SignatureAccumulator:
                                           row_offset=row_offset, ties_stride=self.ties_stride, total=self.total)
         self.n_rows += int(n_valid)
 
+    def count(self, n_valid: int) -> None:
+        """Count a block of ``n_valid`` rows that no dictionary source touches (``D = 0``): each of its
+        rows is inactive and its TIES vector ``x`` is zero, so it adds nothing to any sum — only to
+        the row count. The statistics pass calls this instead of :meth:`add` for such blocks."""
+        self.n_rows += int(max(n_valid, 0))
+
     def result(self) -> SignatureStats:
         """The accumulated :class:`SignatureStats` (host float64 NumPy)."""
         k, t, p = self.n_dict, self.n_targets, self.densities.size

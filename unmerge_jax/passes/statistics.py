@@ -151,6 +151,7 @@ class _Packer:
         self.on_bad = on_bad
         self.hooks = tuple(hooks)
         self.n_blocks = 0
+        self.dict_touched = False  # whether a dictionary source touches a tensor of the block being staged
 
     def _start_block(self):
         self.staging.wait_turn()
@@ -171,6 +172,8 @@ class _Packer:
                     self.buf[j, dst] = 0.0
                 else:
                     reader.fill(name, index, pos, take, self.buf[j, dst])
+            if not self.dict_touched:
+                self.dict_touched = any(r is not None and r.touches(name) for r in readers[1:1 + self.n_dict])
             for hook in self.hooks:
                 piece = self.buf[:, dst]
                 piece.flags.writeable = False
@@ -190,9 +193,11 @@ class _Packer:
             self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
         staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
         unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
-        if self.sig is not None:  # the signature kernel reads the block's (D, V) rows on the device
+        if self.sig is not None and self.dict_touched:  # the signature kernel reads the block's (D, V) rows on the device
             D, V, _ = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
             self.sig.add(D, V, self.offset, n)
+        elif self.sig is not None:  # no dictionary entry touches these rows: D = 0, every signature sum adds 0
+            self.sig.count(n)
         kw = dict(mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds, boot_block=self.boot_block,
                   unit_chunks=unit_chunks)
         if self.x2:
@@ -207,6 +212,7 @@ class _Packer:
         self.fill = 0
         self.buf = None
         self.segments = []
+        self.dict_touched = False
         self.n_blocks += 1
         if len(self.pending) >= CHECK_EVERY:
             self.check()
@@ -360,7 +366,7 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
         if rows == 0:
             continue
         if sig is not None and sig.needs(name):  # per-tensor hook: thresholds need the whole tensors
-            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name))
+            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name, readers[1:1 + K]))
         packer.push(ids[name], name, readers, selection.index.get(name), rows)
     packer.flush()
     packer.check()
@@ -372,15 +378,20 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     return total, packer.n_blocks
 
 
-def _whole_dictionary(base, dictionary, name):
+def _whole_dictionary(base, dictionary, name, readers=None):
     """``(flats, base_flat, relative)`` of one tensor read whole, as ``SignatureAccumulator.from_reading``
     takes them: the K dictionary sources' flat arrays in their stored dtype (None = untouched),
-    the base's (when some source is relative)."""
-    def raw(src):
+    the base's (when some source is relative). ``readers``: the pass's K dictionary
+    :class:`~unmerge_jax.staging.RowReader` s — a LoRA ``ΔW`` is then formed once, for the
+    thresholds and the staged rows alike."""
+    def raw(src, reader=None):
+        if reader is not None and reader.whole:
+            return reader.held(name)
         return (src.read_raw(name) if isinstance(src, CheckpointSource) else src.read(name)).reshape(-1)
 
     relative = [tv.relative for tv in dictionary]
-    flats = [raw(tv.source) if tv.touches(name) else None for tv in dictionary]
+    readers = list(readers) if readers is not None else [None] * len(dictionary)
+    flats = [raw(tv.source, r) if tv.touches(name) else None for tv, r in zip(dictionary, readers)]
     return flats, raw(base) if any(relative) else None, relative
 
 
