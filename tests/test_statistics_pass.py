@@ -428,10 +428,13 @@ def test_mask_row_blocks_equal_whole_tensor_top_k(block):
         np.testing.assert_array_equal(v[np.argsort(i)], m[np.sort(want)])
 
 
-def test_signature_sums_of_adapter_dictionaries_skip_untouched_blocks_exactly(tiny, monkeypatch):
+@pytest.mark.parametrize("seeds,boot,block", [(3, None, 700), (0, None, 700), (3, 4096, 8192)],
+                         ids=["row-weights", "no-replicates", "unit-chunks"])
+def test_signature_sums_of_adapter_dictionaries_skip_untouched_blocks_exactly(tiny, monkeypatch, seeds, boot, block):
     """A LoRA dictionary leaves most tensors untouched (D = 0 there): blocks of such rows add
-    nothing to the signature sums and skip their kernel, and the sums still equal the NumPy
-    reference of the dense columns; each adapter ``ΔW`` is formed once per tensor, for the
+    nothing to the signature sums and skip their kernel, and add only ‖v‖² (and its replicates)
+    to the Gram statistics; both still equal the references of the dense columns (NumPy
+    ``signature_stats``, ``gram_stats``); each adapter ``ΔW`` is formed once per tensor, for the
     thresholds and the staged rows alike."""
     from unmerge_jax.attribution import signature_stats, trim_thresholds
     from unmerge_jax.entries import open_entries
@@ -446,11 +449,13 @@ def test_signature_sums_of_adapter_dictionaries_skip_untouched_blocks_exactly(ti
     monkeypatch.setattr(S.SignatureAccumulator, "count", lambda self, n: (skipped.append(n), count(self, n)))
     monkeypatch.setattr(AdapterSource, "read", lambda self, name, out=None: (formed.append((self.path, name)),
                                                                               read(self, name, out))[1])
-    res = stream_stats(q / "base", dic, tgt, signatures=True, block_rows=700)
+    res = stream_stats(q / "base", dic, tgt, signatures=True, block_rows=block, seeds=seeds, key=5,
+                       bootstrap_block=boot)
     sel, sig = res.selection, res.signatures
     assert skipped and sum(skipped) < sel.n_rows  # some blocks skipped, not all
     assert len(formed) == len(set(formed))  # one ΔW per adapter and tensor
     D, V = dense_columns(q / "base", dic, tgt, selection=sel)
+    assert_stats_equal(res.stats, u.gram_stats(D, V, seeds=seeds, key=5, bootstrap_block=boot))
     base = open_source(q / "base", kind=WEIGHTS)
     _, _, tvs = open_entries(base, dic, tgt, sel.names)
     used = [n for n in sel.names if sel.rows(n)]

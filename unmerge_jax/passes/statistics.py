@@ -204,7 +204,7 @@ class _Packer:
             self.total, bad = staged_block_stats_x2(staged, self.relative, n, self.offset, self.key, self.total, **kw)
         else:
             self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
-                                                 compute_dtype=self.cdt, **kw)
+                                                 compute_dtype=self.cdt, targets_only=not self.dict_touched, **kw)
         self.pending.append((bad, tuple(self.segments)))
         self.staging.dispatched(bad)  # ready once the device no longer reads this block's buffer
         self.offset += n
