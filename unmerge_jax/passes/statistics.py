@@ -152,6 +152,9 @@ class _Packer:
         self.hooks = tuple(hooks)
         self.n_blocks = 0
         self.dict_touched = False  # whether a dictionary source touches a tensor of the block being staged
+        # Dictionary rows of untouched tensors are written (zeros) only once the block needs them:
+        # not with hooks (they see every row) or on the float32-only path (no targets-only kernel).
+        self.lazy_zeros = not self.hooks and not self.x2
 
     def _start_block(self):
         self.staging.wait_turn()
@@ -167,13 +170,17 @@ class _Packer:
                 self._start_block()
             take = min(self.block - self.fill, rows - pos)
             dst = slice(self.fill, self.fill + take)
+            touched = any(r is not None and r.touches(name) for r in readers[1:1 + self.n_dict])
+            if touched and not self.dict_touched and self.lazy_zeros:
+                self.buf[1:1 + self.n_dict, :self.fill] = 0.0  # the untouched pieces staged before, left unwritten
+            self.dict_touched = self.dict_touched or touched
             for j, reader in enumerate(readers):
+                if self.lazy_zeros and not self.dict_touched and 1 <= j <= self.n_dict:
+                    continue  # D = 0 here: a targets-only block never reads these rows (zeroed if it stops being one)
                 if reader is None:
                     self.buf[j, dst] = 0.0
                 else:
                     reader.fill(name, index, pos, take, self.buf[j, dst])
-            if not self.dict_touched:
-                self.dict_touched = any(r is not None and r.touches(name) for r in readers[1:1 + self.n_dict])
             for hook in self.hooks:
                 piece = self.buf[:, dst]
                 piece.flags.writeable = False
