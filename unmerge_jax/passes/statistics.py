@@ -221,18 +221,21 @@ class _Packer:
         self.segments = []
         self.dict_touched = False
         self.n_blocks += 1
-        if len(self.pending) >= CHECK_EVERY:
-            self.check()
+        if len(self.pending) >= CHECK_EVERY + MAX_INFLIGHT:
+            self.check(keep=MAX_INFLIGHT)
 
-    def check(self):
-        if not self.pending:
+    def check(self, keep: int = 0):
+        """Raise for the first non-finite input of the pending blocks but the last ``keep`` (those
+        may still run: checking them would drain the pipeline; the older ones are done)."""
+        done = self.pending[:max(len(self.pending) - keep, 0)]
+        if not done:
             return
-        bads = np.asarray(jnp.stack([b for b, _ in self.pending]))
+        bads = np.asarray(jnp.stack([b for b, _ in done]))
         hit = np.argwhere(bads > 0)
         if hit.size:
             blk, inp = hit[0]
-            self.on_bad(self.pending[blk][1], int(inp))
-        self.pending.clear()
+            self.on_bad(done[blk][1], int(inp))
+        del self.pending[:len(done)]
 
     def result(self) -> GramStats | None:
         """The accumulated statistics (None when no block was staged)."""
