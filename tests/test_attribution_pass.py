@@ -71,12 +71,21 @@ def test_ties_sums_of_a_large_pass_take_every_sth_unit_of_rows(merges, monkeypat
     from unmerge_jax.passes import signatures as S
 
     monkeypatch.setattr(S, "TIES_MAX_ROWS", 20000)
+    read_whole = []  # tensors whose thresholds were computed (read whole)
+    from_reading = S.SignatureAccumulator.from_reading
+    monkeypatch.setattr(S.SignatureAccumulator, "from_reading",
+                        lambda self, name, *a: (read_whole.append(name), from_reading(self, name, *a)))
     dictionary, targets = _entries(merges)
     res = stream_stats(merges / "base", dictionary, targets, signatures=True, block_rows=5000)
     sel, sig = res.selection, res.signatures
     n = sel.n_rows
     stride = -(-n // 20000)
     assert stride == S.ties_stride(n) >= 4
+    # a tensor without a sampled row needs no thresholds: it is not read whole for them
+    off0 = sel.offsets()
+    sampled = {m for m in sel.names if sel.rows(m) and np.any(
+        (np.arange(off0[m], off0[m] + sel.rows(m)) // TIES_UNIT_ROWS) % stride == 0)}
+    assert set(read_whole) == sampled and len(sampled) < len([m for m in sel.names if sel.rows(m)])
     full = _dense_reference(merges, res, dictionary, targets)
     np.testing.assert_array_equal(sig.zero_count, full.zero_count)
     np.testing.assert_allclose(sig.zero_energy, full.zero_energy, rtol=1e-12)

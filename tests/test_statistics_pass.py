@@ -426,3 +426,44 @@ def test_mask_row_blocks_equal_whole_tensor_top_k(block):
         want = np.lexsort((np.arange(m.size), -m))[:k]
         np.testing.assert_array_equal(np.sort(i), np.sort(want))
         np.testing.assert_array_equal(v[np.argsort(i)], m[np.sort(want)])
+
+
+@pytest.mark.parametrize("seeds,boot,block", [(3, None, 700), (0, None, 700), (3, 4096, 8192)],
+                         ids=["row-weights", "no-replicates", "unit-chunks"])
+def test_signature_sums_of_adapter_dictionaries_skip_untouched_blocks_exactly(tiny, monkeypatch, seeds, boot, block):
+    """A LoRA dictionary leaves most tensors untouched (D = 0 there): blocks of such rows add
+    nothing to the signature sums and skip their kernel, and add only ‖v‖² (and its replicates)
+    to the Gram statistics; both still equal the references of the dense columns (NumPy
+    ``signature_stats``, ``gram_stats``); each adapter ``ΔW`` is formed once per tensor, for the
+    thresholds and the staged rows alike."""
+    from unmerge_jax.attribution import signature_stats, trim_thresholds
+    from unmerge_jax.entries import open_entries
+    from unmerge_jax.passes import signatures as S
+    from unmerge_jax.passes.statistics import dense_columns, stream_stats
+    from unmerge_jax.sources import WEIGHTS, AdapterSource, open_source
+
+    q = tiny["qwen"]
+    dic, tgt = [q / "lora0", q / "lora1", q / "lora2"], [q / "lora_ta", q / "ta"]
+    skipped, formed = [], []
+    count, read = S.SignatureAccumulator.count, AdapterSource.read
+    monkeypatch.setattr(S.SignatureAccumulator, "count", lambda self, n: (skipped.append(n), count(self, n)))
+    monkeypatch.setattr(AdapterSource, "read", lambda self, name, out=None: (formed.append((self.path, name)),
+                                                                              read(self, name, out))[1])
+    res = stream_stats(q / "base", dic, tgt, signatures=True, block_rows=block, seeds=seeds, key=5,
+                       bootstrap_block=boot)
+    sel, sig = res.selection, res.signatures
+    assert skipped and sum(skipped) < sel.n_rows  # some blocks skipped, not all
+    assert len(formed) == len(set(formed))  # one ΔW per adapter and tensor
+    D, V = dense_columns(q / "base", dic, tgt, selection=sel)
+    assert_stats_equal(res.stats, u.gram_stats(D, V, seeds=seeds, key=5, bootstrap_block=boot))
+    base = open_source(q / "base", kind=WEIGHTS)
+    _, _, tvs = open_entries(base, dic, tgt, sel.names)
+    used = [n for n in sel.names if sel.rows(n)]
+    thr = np.stack([trim_thresholds([tvs[k].delta(n) for k in range(len(dic))]) for n in used])
+    off = sel.offsets()
+    ref = signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr)
+    assert int(sig.n_rows) == sel.n_rows and float(sig.n_active) == float(ref.n_active)
+    np.testing.assert_array_equal(sig.zero_count, ref.zero_count)
+    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv"):
+        a, b = np.asarray(getattr(sig, f)), np.asarray(getattr(ref, f))
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.max(np.abs(b)), err_msg=f)

@@ -188,6 +188,14 @@ class RowReader:
             np.take(part, idx[i:cut] - lo, out=dst[i:cut])
             i = cut
 
+    def held(self, name) -> np.ndarray:
+        """The flat float32 ``ΔW`` of adapter tensor ``name``, formed once and held until the next
+        tensor (for a pass that needs the whole tensor too, e.g. its trimming thresholds)."""
+        if self._held[0] != name:
+            self._held = (None, None)
+            self._held = (name, self.src.read(name).reshape(-1))
+        return self._held[1]
+
     def _range(self, name, lo: int, hi: int, dst: np.ndarray) -> None:
         """``dst[:] =`` flat entries ``lo:hi`` of ``name`` as float32."""
         src = self.src
@@ -199,10 +207,7 @@ class RowReader:
             dst[:] = src.read_raw_flat(name, lo, hi, out=raw)
             return
         if self.whole:
-            if self._held[0] != name:
-                self._held = (None, None)
-                self._held = (name, src.read(name).reshape(-1))
-            dst[:] = self._held[1][lo:hi]
+            dst[:] = self.held(name)[lo:hi]
             return
         shape = src.shape(name)
         if len(shape) <= 1:

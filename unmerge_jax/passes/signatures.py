@@ -97,10 +97,31 @@ class SignatureAccumulator:
         self.total = None
         self.n_rows = 0
         self.ties_stride = ties_stride(selection.n_rows)
+        self._pos = {n: (int(offsets[n]), int(selection.rows(n))) for n in self.names}
 
     def needs(self, name) -> bool:
-        """Whether tensor ``name``'s thresholds must still be computed from the pass's reading."""
-        return name not in self.thresholds
+        """Whether tensor ``name``'s thresholds must still be computed from the pass's reading.
+
+        Not for a tensor none of whose rows the TIES sums take (``ties_stride`` > 1 and no sampled
+        unit inside its rows): its thresholds are never compared with, so they are set to zero
+        without reading the tensor whole — the sums are the same bits."""
+        if name in self.thresholds:
+            return False
+        if not self._ties_takes(name):
+            self.thresholds[name] = np.zeros((self.densities.size, self.n_dict), np.float32)
+            return False
+        return True
+
+    def _ties_takes(self, name) -> bool:
+        """Whether some global row of ``name`` lies in a unit the TIES sums take (``kernels.signatures``)."""
+        pos = self._pos.get(name)
+        if pos is None:
+            return True
+        start, rows = pos
+        if self.ties_stride == 1 or rows == 0:
+            return rows > 0
+        first, last = start // TIES_UNIT_ROWS, (start + rows - 1) // TIES_UNIT_ROWS
+        return (last // self.ties_stride) * self.ties_stride >= first
 
     def from_reading(self, name, flats, base_flat, relative) -> None:
         """Thresholds of ``name`` from its K dictionary arrays as read (see :func:`delta_thresholds`)."""
@@ -129,6 +150,12 @@ class SignatureAccumulator:
         self.total = signature_block_sums(D, V, jnp.asarray(starts), jnp.asarray(table), mesh=self.mesh,
                                           row_offset=row_offset, ties_stride=self.ties_stride, total=self.total)
         self.n_rows += int(n_valid)
+
+    def count(self, n_valid: int) -> None:
+        """Count a block of ``n_valid`` rows that no dictionary source touches (``D = 0``): each of its
+        rows is inactive and its TIES vector ``x`` is zero, so it adds nothing to any sum — only to
+        the row count. The statistics pass calls this instead of :meth:`add` for such blocks."""
+        self.n_rows += int(max(n_valid, 0))
 
     def result(self) -> SignatureStats:
         """The accumulated :class:`SignatureStats` (host float64 NumPy)."""

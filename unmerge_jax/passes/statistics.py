@@ -151,6 +151,10 @@ class _Packer:
         self.on_bad = on_bad
         self.hooks = tuple(hooks)
         self.n_blocks = 0
+        self.dict_touched = False  # whether a dictionary source touches a tensor of the block being staged
+        # Dictionary rows of untouched tensors are written (zeros) only once the block needs them:
+        # not with hooks (they see every row) or on the float32-only path (no targets-only kernel).
+        self.lazy_zeros = not self.hooks and not self.x2
 
     def _start_block(self):
         self.staging.wait_turn()
@@ -166,7 +170,13 @@ class _Packer:
                 self._start_block()
             take = min(self.block - self.fill, rows - pos)
             dst = slice(self.fill, self.fill + take)
+            touched = any(r is not None and r.touches(name) for r in readers[1:1 + self.n_dict])
+            if touched and not self.dict_touched and self.lazy_zeros:
+                self.buf[1:1 + self.n_dict, :self.fill] = 0.0  # the untouched pieces staged before, left unwritten
+            self.dict_touched = self.dict_touched or touched
             for j, reader in enumerate(readers):
+                if self.lazy_zeros and not self.dict_touched and 1 <= j <= self.n_dict:
+                    continue  # D = 0 here: a targets-only block never reads these rows (zeroed if it stops being one)
                 if reader is None:
                     self.buf[j, dst] = 0.0
                 else:
@@ -190,16 +200,18 @@ class _Packer:
             self.buf[:, n:] = 0.0  # zero rows add nothing: the kernel needs no mask
         staged = self.buf if self.single else jax.device_put(self.buf, self.sharding)
         unit_chunks = chunks_inside_units(self.seeds, self.boot_block, self.offset, self.block // len(self.devices))
-        if self.sig is not None:  # the signature kernel reads the block's (D, V) rows on the device
+        if self.sig is not None and self.dict_touched:  # the signature kernel reads the block's (D, V) rows on the device
             D, V, _ = row_block(staged, self.relative, np.int32(n), n_dict=self.n_dict)
             self.sig.add(D, V, self.offset, n)
+        elif self.sig is not None:  # no dictionary entry touches these rows: D = 0, every signature sum adds 0
+            self.sig.count(n)
         kw = dict(mesh=self.mesh, n_dict=self.n_dict, n_seeds=self.seeds, boot_block=self.boot_block,
                   unit_chunks=unit_chunks)
         if self.x2:
             self.total, bad = staged_block_stats_x2(staged, self.relative, n, self.offset, self.key, self.total, **kw)
         else:
             self.total, bad = staged_block_stats(staged, self.relative, n, self.offset, self.key, self.total,
-                                                 compute_dtype=self.cdt, **kw)
+                                                 compute_dtype=self.cdt, targets_only=not self.dict_touched, **kw)
         self.pending.append((bad, tuple(self.segments)))
         self.staging.dispatched(bad)  # ready once the device no longer reads this block's buffer
         self.offset += n
@@ -207,19 +219,23 @@ class _Packer:
         self.fill = 0
         self.buf = None
         self.segments = []
+        self.dict_touched = False
         self.n_blocks += 1
-        if len(self.pending) >= CHECK_EVERY:
-            self.check()
+        if len(self.pending) >= CHECK_EVERY + MAX_INFLIGHT:
+            self.check(keep=MAX_INFLIGHT)
 
-    def check(self):
-        if not self.pending:
+    def check(self, keep: int = 0):
+        """Raise for the first non-finite input of the pending blocks but the last ``keep`` (those
+        may still run: checking them would drain the pipeline; the older ones are done)."""
+        done = self.pending[:max(len(self.pending) - keep, 0)]
+        if not done:
             return
-        bads = np.asarray(jnp.stack([b for b, _ in self.pending]))
+        bads = np.asarray(jnp.stack([b for b, _ in done]))
         hit = np.argwhere(bads > 0)
         if hit.size:
             blk, inp = hit[0]
-            self.on_bad(self.pending[blk][1], int(inp))
-        self.pending.clear()
+            self.on_bad(done[blk][1], int(inp))
+        del self.pending[:len(done)]
 
     def result(self) -> GramStats | None:
         """The accumulated statistics (None when no block was staged)."""
@@ -360,7 +376,7 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
         if rows == 0:
             continue
         if sig is not None and sig.needs(name):  # per-tensor hook: thresholds need the whole tensors
-            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name))
+            sig.from_reading(name, *_whole_dictionary(base, tvs[:K], name, readers[1:1 + K]))
         packer.push(ids[name], name, readers, selection.index.get(name), rows)
     packer.flush()
     packer.check()
@@ -372,15 +388,20 @@ def _accumulate(base, tvs, K, selection, *, seeds, key, devices, block_rows, com
     return total, packer.n_blocks
 
 
-def _whole_dictionary(base, dictionary, name):
+def _whole_dictionary(base, dictionary, name, readers=None):
     """``(flats, base_flat, relative)`` of one tensor read whole, as ``SignatureAccumulator.from_reading``
     takes them: the K dictionary sources' flat arrays in their stored dtype (None = untouched),
-    the base's (when some source is relative)."""
-    def raw(src):
+    the base's (when some source is relative). ``readers``: the pass's K dictionary
+    :class:`~unmerge_jax.staging.RowReader` s — a LoRA ``ΔW`` is then formed once, for the
+    thresholds and the staged rows alike."""
+    def raw(src, reader=None):
+        if reader is not None and reader.whole:
+            return reader.held(name)
         return (src.read_raw(name) if isinstance(src, CheckpointSource) else src.read(name)).reshape(-1)
 
     relative = [tv.relative for tv in dictionary]
-    flats = [raw(tv.source) if tv.touches(name) else None for tv in dictionary]
+    readers = list(readers) if readers is not None else [None] * len(dictionary)
+    flats = [raw(tv.source, r) if tv.touches(name) else None for tv, r in zip(dictionary, readers)]
     return flats, raw(base) if any(relative) else None, relative
 
 
