@@ -244,3 +244,35 @@ def test_virtual_sources_into_null_writer():
             assert calls == []
     for n in shapes:
         np.testing.assert_array_equal(outs[0][n].view(np.uint32), outs[1][n].view(np.uint32))
+
+
+def _read_dir(d):
+    from tests._tiny_models import stored_state
+
+    return {n: np.asarray(v) for n, v in stored_state(d).items()}
+
+
+def test_rows_lora_inputs_and_model_plus_lora(tmp_path):
+    """PEFT LoRA adapters as inputs, and ``model+lora`` references (the ΔW formed whole for its
+    tensor, every other input streamed): the same bits as the whole-tensor merge."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from tests._tiny_models import fine_tune, parity_llama
+
+    parity_llama(0).save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    fine_tune(lambda: parity_llama(0), 100).save_pretrained(tmp_path / "ft")
+    adapters = []
+    for i, r in enumerate((4, 8)):
+        torch.manual_seed(300 + i)
+        pm = peft.get_peft_model(parity_llama(0), peft.LoraConfig(r=r, lora_alpha=8, init_lora_weights=False,
+                                                                  target_modules=["q_proj", "v_proj", "o_proj"]))
+        pm.save_pretrained(tmp_path / f"lora{i}")
+        adapters.append(str(tmp_path / f"lora{i}"))
+    refs = [adapters[0], adapters[1], f"{tmp_path / 'ft'}+{adapters[0]}"]
+    for method, params in (("ties", {"density": 0.4}), ("dare_linear", {"density": 0.5}), ("ram", {})):
+        cfg = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": "float32",
+               "parameters": params, "models": [{"model": m, "parameters": {"weight": 0.6}} for m in refs]}
+        merge(cfg, tmp_path / f"{method}_whole", seed=2, chunk=500)
+        merge(cfg, tmp_path / f"{method}_rows", seed=2, chunk=500, whole_max=0)
+        _assert_same_bits(_read_dir(tmp_path / f"{method}_whole"), _read_dir(tmp_path / f"{method}_rows"))
