@@ -276,3 +276,36 @@ def test_rows_lora_inputs_and_model_plus_lora(tmp_path):
         merge(cfg, tmp_path / f"{method}_whole", seed=2, chunk=500)
         merge(cfg, tmp_path / f"{method}_rows", seed=2, chunk=500, whole_max=0)
         _assert_same_bits(_read_dir(tmp_path / f"{method}_whole"), _read_dir(tmp_path / f"{method}_rows"))
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.2}), ("ram", {"face": "percentile"}),
+                                           ("dare_linear", {"density": 0.5})])
+def test_row_block_memory_does_not_grow_with_the_tensor(method, params):
+    """Host allocations (tracemalloc, which sees NumPy's buffers) of a streamed merge of virtual
+    models stay at a few chunks when the tensor grows 4×, while the whole-tensor merge holds the
+    1 + K inputs. Shapes above the sampling size, so the order statistics' sample walk and bracket
+    are in."""
+    import tracemalloc
+
+    from unmerge_jax.analysis.study_memory import virtual_model
+    from unmerge_jax.merge.driver import merge_sources
+    from unmerge_jax.sources import DELTA, WEIGHTS as W
+
+    chunk = 1 << 16
+    peaks = {}
+    for rows in (256, 1024):
+        shapes = {"t.weight": (rows, 1024)}
+        base = virtual_model(shapes, 0, 0.02, W)
+        models = [virtual_model(shapes, i + 1, 0.002, DELTA) for i in range(3)]
+        plan = [("t.weight", shapes["t.weight"], "BF16")]
+        for wm in (1 << 30, 0):
+            merge_sources(base, models, method, NullWriter(plan), params=params, chunk=chunk, whole_max=wm)  # compile
+            tracemalloc.start()
+            merge_sources(base, models, method, NullWriter(plan), params=params, chunk=chunk, whole_max=wm)
+            peaks[rows, wm] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    tensor = 1024 * 1024 * 4
+    assert peaks[1024, 1 << 30] > 4 * tensor                      # whole: base + 3 inputs of 4 MiB
+    # streamed: ≤ 20 chunk buffers (base, inputs, padding, bits, output, generation) + the bracket
+    assert peaks[1024, 0] < 20 * chunk * 4 + 0.05 * 3 * tensor
+    assert peaks[1024, 0] - peaks[256, 0] < 0.05 * 3 * (tensor - tensor // 4) + 64 * 1024, peaks
