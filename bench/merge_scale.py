@@ -20,7 +20,8 @@ embeddings for 3B/7B/13B) and by formula elsewhere, labelled.
 
 Writes ``bench/results/merge_scale.json``.
 
-Usage: ``python bench/merge_scale.py [--layers 1,2] [--methods ties,ram] [--sizes 3B,7B,13B] [--full]``
+Usage: ``python bench/merge_scale.py [--layers 1,2] [--ram-layers 1] [--methods ties,ram] [--sizes 3B,7B,13B]
+[--jobs 2] [--full] [--reuse]``
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default="1,2", help="layer counts of the 70B runs (comma-separated)")
     ap.add_argument("--methods", default="ties,ram")
+    ap.add_argument("--ram-layers", default="1", help="layer counts of the 70B RAM runs")
+    ap.add_argument("--jobs", type=int, default=1, help="measurements run side by side (each its own process)")
     ap.add_argument("--sizes", default="3B,7B,13B", help="other Table 4 sizes measured (one layer + embeddings)")
     ap.add_argument("--full", action="store_true", help="merge all 80 layers of the 70B (long)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "merge_scale.json")
@@ -80,22 +84,29 @@ def main(argv=None) -> int:
     print(f"generation: {rate / 1e6:.0f} M values/s here; the full 70B merge would generate "
           f"{(1 + K) * n_full / 1e9:.0f}e9 values per walk, ~{est / 60:.0f} min for {walks} walks")
     layer_counts = [None] if args.full else [int(x) for x in args.layers.split(",")]
-    runs = [] if old is None else old["runs"]
-    for method in args.methods.split(",") if old is None else ():
-        for layers in layer_counts:
-            m = measure_virtual_merge(arch, layers=layers, n_agents=K, method=method, params=METHODS[method])
-            runs.append(m)
-            print(f"70B {method} {'all' if layers is None else layers} layer(s): {m['n_params'] / 1e9:.2f}e9 params "
-                  f"per model in {m['seconds']:.0f} s, peak RSS {m['peak_rss_gb']:.3f} GB (runtime before "
-                  f"{m['runtime_gb']:.3f} GB); per-tensor f32 bound {m['per_tensor_f32_gb']:.2f} GB "
-                  f"({m['ratio_per_tensor_to_measured']:.1f}x), mergekit bf16 {m['mergekit_bf16_gb']:.2f} GB "
-                  f"({m['ratio_mergekit_bf16_to_measured']:.1f}x)")
-    others = [] if old is None else old["other_sizes"]
-    for size in [s for s in args.sizes.split(",") if s] if old is None else ():
-        m = measure_virtual_merge(PAPER_MEMORY_ARCHS[size], layers=1, n_agents=K, method="ties", params=METHODS["ties"])
-        m["size"] = size
-        others.append(m)
-        print(f"{size} ties 1 layer: peak RSS {m['peak_rss_gb']:.3f} GB in {m['seconds']:.0f} s")
+    ram_layers = [None] if args.full else [int(x) for x in args.ram_layers.split(",")]
+    jobs = [(arch, layers, "ties", None) for layers in layer_counts]
+    jobs += [(arch, layers, "ram", None) for layers in ram_layers if "ram" in args.methods.split(",")]
+    jobs += [(PAPER_MEMORY_ARCHS[size], 1, "ties", size) for size in args.sizes.split(",") if size]
+    if old is not None:
+        jobs = []
+
+    def run(job):
+        a, layers, method, size = job
+        m = measure_virtual_merge(a, layers=layers, n_agents=K, method=method, params=METHODS[method])
+        m["size"] = size or "70B"
+        print(f"{m['size']} {method} {'all' if layers is None else layers} layer(s): {m['n_params'] / 1e9:.2f}e9 "
+              f"params per model in {m['seconds']:.0f} s, peak RSS {m['peak_rss_gb']:.3f} GB (runtime before "
+              f"{m['runtime_gb']:.3f} GB); per-tensor f32 bound {m['per_tensor_f32_gb']:.2f} GB "
+              f"({m['ratio_per_tensor_to_measured']:.1f}x), mergekit bf16 {m['mergekit_bf16_gb']:.2f} GB "
+              f"({m['ratio_mergekit_bf16_to_measured']:.1f}x)", flush=True)
+        return m
+    # Each measurement is its own process (its peak RSS is its own); --jobs runs some side by side,
+    # which changes their times, not their memory.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(run, jobs))
+    runs = ([m for m in done if m["size"] == "70B"] if old is None else old["runs"])
+    others = ([m for m in done if m["size"] != "70B"] if old is None else old["other_sizes"])
 
     # Table 4: the row-block column measured where run (70B: the TIES run with the most layers), by
     # formula elsewhere (study_memory.rows_formula_bytes + the measured runtime), labelled.
