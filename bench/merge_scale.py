@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +102,22 @@ def main(argv=None) -> int:
               f"({m['ratio_mergekit_bf16_to_measured']:.1f}x)", flush=True)
         return m
     # Each measurement is its own process (its peak RSS is its own); --jobs runs some side by side,
-    # which changes their times, not their memory.
+    # which changes their times, not their memory. The JSON is rewritten after each measurement, so
+    # an interrupted run keeps what it measured.
+    done = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(run, jobs))
+        for fut in as_completed([pool.submit(run, job) for job in jobs]):
+            done.append(fut.result())
+            write(args, rate, est, n_full, arch, [d for d in done if d["size"] == "70B"],
+                  [d for d in done if d["size"] != "70B"], final=False)
     runs = ([m for m in done if m["size"] == "70B"] if old is None else old["runs"])
     others = ([m for m in done if m["size"] != "70B"] if old is None else old["other_sizes"])
+    write(args, rate, est, n_full, arch, runs, others, final=True)
+    return 0
 
+
+def write(args, rate, est, n_full, arch, runs, others, *, final: bool) -> None:
+    """Build Table 4 from the runs so far and write the JSON (printing the tables when ``final``)."""
     # Table 4: the row-block column measured where run (70B: the TIES run with the most layers), by
     # formula elsewhere (study_memory.rows_formula_bytes + the measured runtime), labelled.
     ties70 = max((r for r in runs if r["method"] == "ties"), key=lambda r: r["layers"] or 1 << 30, default=None)
@@ -120,13 +130,13 @@ def main(argv=None) -> int:
                 "ratio_tensor_to_rows": r["stream_tensor_gb"] / r["stream_rows_gb"],
                 "ratio_mergekit_to_rows": r["mergekit_bf16_gb"] / r["stream_rows_gb"]}
              for r in table4(K, measured)]
-    for t in table:
+    for t in table if final else ():
         print(f"{t['size']:>5}: fp16 {t['fp16_gb']:7.1f}  naive {t['naive_gb']:7.1f}  per-tensor {t['stream_tensor_gb']:6.2f}  "
               f"mergekit {t['mergekit_bf16_gb']:6.2f}  rows {t['stream_rows_gb']:.3f} GB [{t['stream_rows_source']}]  "
               f"(paper {t['paper_stream_gb']})")
     peaks = [r["peak_rss_gb"] for r in runs]
     by_layers = {m: {str(r["layers"]): r["peak_rss_gb"] for r in runs if r["method"] == m} for m in METHODS}
-    for m, got in by_layers.items():
+    for m, got in by_layers.items() if final else ():
         if len(got) > 1:
             print(f"70B {m}: peak RSS by layer count {got} (GB)")
     result = {"arch": arch, "k": K, "methods": METHODS, "generation_values_per_s": rate,
@@ -134,11 +144,13 @@ def main(argv=None) -> int:
               "measured": "the full model" if args.full else (f"embeddings, final norm, lm_head and the first "
                                                                f"{args.layers} layers, full shapes"),
               "runs": runs, "peak_rss_gb_by_layers": by_layers, "other_sizes": others, "table4": table,
-              "max_peak_rss_gb": max(peaks), "target_gb": 2.0, "target_met": max(peaks) < 2.0}
+              "max_peak_rss_gb": max(peaks, default=None), "target_gb": 2.0,
+              "target_met": bool(peaks) and max(peaks) < 2.0, "complete": final}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"peak RSS {max(peaks):.3f} GB (target < 2 GB: {'met' if result['target_met'] else 'NOT met'}); wrote {args.out}")
-    return 0
+    if final:
+        print(f"peak RSS {max(peaks):.3f} GB (target < 2 GB: {'met' if result['target_met'] else 'NOT met'}); "
+              f"wrote {args.out}")
 
 
 if __name__ == "__main__":
