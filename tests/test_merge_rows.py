@@ -204,7 +204,7 @@ def test_writer_parts(tmp_path):
 def test_virtual_sources_into_null_writer():
     """merge_sources on virtual sources with row generators: the same bits streamed as whole, and
     the whole tensor is never generated when streaming."""
-    from unmerge_jax.merge.driver import merge_sources, write_merged  # noqa: F401
+    from unmerge_jax.merge.driver import merge_sources
     from unmerge_jax.sources import VirtualSource, WEIGHTS as W
 
     shapes = {"a.weight": (300, 1000), "b.weight": (40, 30)}
