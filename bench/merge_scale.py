@@ -72,8 +72,14 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="merge all 80 layers of the 70B (long)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "merge_scale.json")
     ap.add_argument("--reuse", action="store_true", help="rebuild the tables from the runs already in --out")
+    ap.add_argument("--add", type=Path, action="append", default=[],
+                    help="with --reuse: also take the runs of this JSON (another run of this bench)")
     args = ap.parse_args(argv)
     old = json.loads(args.out.read_text()) if args.reuse else None
+    for extra in args.add if old is not None else ():
+        more = json.loads(extra.read_text())
+        old["runs"] += more["runs"]
+        old["other_sizes"] += [m for m in more["other_sizes"] if m["size"] not in {o["size"] for o in old["other_sizes"]}]
 
     arch = "llama-3-70b"
     assert dict(llama3_70b()) == dict(tensor_shapes(arch)), "bench/_shapes.llama3_70b differs from the library table"
@@ -83,8 +89,8 @@ def main(argv=None) -> int:
     est = (1 + K) * n_full * walks / rate
     print(f"generation: {rate / 1e6:.0f} M values/s here; the full 70B merge would generate "
           f"{(1 + K) * n_full / 1e9:.0f}e9 values per walk, ~{est / 60:.0f} min for {walks} walks")
-    layer_counts = [None] if args.full else [int(x) for x in args.layers.split(",")]
-    ram_layers = [None] if args.full else [int(x) for x in args.ram_layers.split(",")]
+    layer_counts = [None] if args.full else [int(x) for x in args.layers.split(",") if x]
+    ram_layers = [None] if args.full else [int(x) for x in args.ram_layers.split(",") if x]
     jobs = [(arch, layers, "ties", None) for layers in layer_counts]
     jobs += [(arch, layers, "ram", None) for layers in ram_layers if "ram" in args.methods.split(",")]
     jobs += [(PAPER_MEMORY_ARCHS[size], 1, "ties", size) for size in args.sizes.split(",") if size]
@@ -148,7 +154,7 @@ def write(args, rate, est, n_full, arch, runs, others, *, final: bool) -> None:
               "target_met": bool(peaks) and max(peaks) < 2.0, "complete": final}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if final:
+    if final and peaks:
         print(f"peak RSS {max(peaks):.3f} GB (target < 2 GB: {'met' if result['target_met'] else 'NOT met'}); "
               f"wrote {args.out}")
 
