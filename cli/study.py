@@ -16,7 +16,9 @@ JSON tables plus PNG figures:
   scaling-law    Table 1, Figures 1 and 5: measured metrics of simulated vectors 1B-405B, the fit
                  s(N) = 1 - a N^-b with R^2 and bootstrap CIs, inter-agent overlap
   memory         Table 4, Figure 6: naive vs streaming peak memory from real shapes, plus measured
-                 peak RSS of streaming merges at small scale
+                 peak RSS of streaming merges at small scale; --param virtual=true also merges virtual
+                 models of the real shapes by row blocks (--param virtual_sizes=70B,7B, virtual_layers=1,
+                 virtual_method=ties|ram; minutes per size) and measures their peak RSS
   anatomy        Table 3, Figure 4: per-module / per-depth L0 of a simulated Llama-3-70B (or of a
                  real task vector with --target/--base)
 

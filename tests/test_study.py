@@ -40,6 +40,33 @@ def test_memory_study_formula(tmp_path):
     assert r70["naive_gb"] == pytest.approx(4 * 70_553_706_496 * 2 / 1e9)
     assert r70["stream_tensor_gb"] == pytest.approx(4 * 128256 * 8192 * 4 / 1e9)
     assert r70["paper_stream_gb"] == 6.0 and (out / "fig6_memory.png").exists()
+    # mergekit's loader: K + 1 inputs and the output of the largest tensor, bfloat16
+    assert r70["mergekit_bf16_gb"] == pytest.approx(5 * 128256 * 8192 * 2 / 1e9)
+    # the row-block column without a measured run: the formula of its buffers, labelled as such
+    from unmerge_jax.analysis.study_memory import rows_formula_bytes
+
+    assert r70["stream_rows_gb"] == pytest.approx(rows_formula_bytes(128256 * 8192, 3) / 1e9)
+    assert r70["stream_rows_source"].startswith("formula") and r70["stream_rows_gb"] < 1.0
+
+
+def test_virtual_model_rows_are_the_whole_tensor():
+    """A virtual model's row blocks (any boundaries, across its generation groups) are exactly the
+    rows of the whole tensor; values have the requested scale; seeds and names give other values."""
+    from unmerge_jax.analysis.study_memory import GROUP, virtual_layout, virtual_model
+
+    shapes = {"w": (300, 700), "v": (5,), "s": ()}
+    src = virtual_model(shapes, 4, 0.02, "weights")
+    whole = src.read("w")
+    assert whole.shape == (300, 700) and 300 * 700 > 2 * GROUP
+    for lo, hi in ((0, 1), (93, 94), (93, 188), (299, 300), (0, 300)):
+        np.testing.assert_array_equal(src.read_rows("w", lo, hi), whole[lo:hi])
+    assert src.exact_rows("w") and src.read("s").shape == () and src.read("v").shape == (5,)
+    assert abs(whole.std() - 0.02) < 1e-3 and abs(whole.mean()) < 1e-3
+    assert not np.array_equal(virtual_model(shapes, 5, 0.02, "weights").read("w"), whole)
+    assert not np.array_equal(virtual_model({"x": (300, 700)}, 4, 0.02, "weights").read("x"), whole)
+    lay = virtual_layout("llama-3-70b", 2)
+    assert lay["model.embed_tokens.weight"] == (128256, 8192) and lay["lm_head.weight"] == (128256, 8192)
+    assert lay["model.layers.1.self_attn.k_proj.weight"] == (1024, 8192) and len(lay) == 3 + 2 * 9
 
 
 def test_anatomy_study_small(tmp_path):

@@ -7,7 +7,9 @@ Every command — decompose, stats, merge, sparsity, the studies — reads its i
 * ``shape(name)`` / ``dtype(name)``: the stored shape and safetensors dtype tag, from headers;
 * ``read(name, out=None)``: the tensor as float32 NumPy (a fresh array the caller may modify, or a
   view into the reusable buffer ``out``); ``read_rows(name, start, stop)``: rows ``start:stop`` of
-  its first axis, without reading the rest where the storage allows it;
+  its first axis, without reading the rest where the storage allows it; ``exact_rows(name)``: True
+  when those rows are exactly ``read(name)[start:stop]`` and cost only their share (so a merge may
+  stream the tensor by row blocks and still give the bits of a whole-tensor merge);
 * ``kind``: ``"weights"`` (full model weights) or ``"delta"`` (a task vector / update ``ΔW``);
 * ``touches(name)``: False when the tensor is known to be an all-zero delta without reading it
   (a module a LoRA adapter does not adapt).
@@ -111,6 +113,11 @@ class TensorSource:
         """False when ``name`` is known, without reading, to be an all-zero delta."""
         return True
 
+    def exact_rows(self, name) -> bool:
+        """True when ``read_rows(name, a, b)`` equals ``read(name)[a:b]`` bit for bit without forming
+        the other rows. Default False (the generic ``read_rows`` reads the whole tensor)."""
+        return False
+
     def where(self, name) -> str:
         """The file (or description) holding ``name``, for error messages."""
         return self.label
@@ -175,6 +182,9 @@ class CheckpointSource(TensorSource):
         bytes; a view into the buffer ``out`` if given)."""
         return self.checkpoint.read_raw_flat(name, start, stop, out=out)
 
+    def exact_rows(self, name) -> bool:
+        return True
+
     def where(self, name) -> str:
         return str(self.checkpoint.file_of(name))
 
@@ -233,6 +243,11 @@ class AdapterSource(TensorSource):
     def scale(self, name) -> float:
         return self.adapter.scale(self._own[name])
 
+    def exact_rows(self, name) -> bool:
+        """False: ``B[a:b] @ A`` rounds differently from the rows of ``B @ A`` (BLAS blocks the product
+        by its shape), so a bit-exact merge forms ``ΔW`` whole."""
+        return False
+
     def factors(self, name) -> dict:
         """``{stored key: float32 array}`` of the two LoRA factors (A, B) behind ``ΔW`` of ``name``
         (to name the factor that holds a bad value)."""
@@ -287,6 +302,9 @@ class MemorySource(TensorSource):
         arr = np.asarray(self.tensors[name])
         part = arr[start:stop] if arr.ndim else arr
         return np.array(_float32(part, name, self.label), np.float32)  # converts only these rows
+
+    def exact_rows(self, name) -> bool:
+        return True
 
 
 class VirtualSource(TensorSource):
@@ -347,6 +365,10 @@ class VirtualSource(TensorSource):
             self._held = (None, None)  # drop the previous tensor before generating the next
             self._held = (name, self.read(name))
         return np.array(self._held[1][start:stop])
+
+    def exact_rows(self, name) -> bool:
+        """True with ``generate_rows`` (which must equal ``generate(name)[start:stop]``)."""
+        return self.generate_rows is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,6 +469,11 @@ class TaskVector(TensorSource):
     def delta(self, name) -> np.ndarray:
         """``δ`` of ``name`` as a new float32 array (same as :meth:`read`)."""
         return self.read(name)
+
+    def exact_rows(self, name) -> bool:
+        if not self.touches(name):
+            return self.base.exact_rows(name)
+        return self.source.exact_rows(name) and (not self.relative or self.base.exact_rows(name))
 
     def __repr__(self) -> str:
         return f"TaskVector({self.name!r}: {self.source.label} − {self.base.label})"

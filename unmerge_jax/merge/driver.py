@@ -3,13 +3,20 @@
 The inputs are tensor sources (``unmerge_jax.sources``): the base a :class:`CheckpointSource`, each
 input a :class:`TaskVector` over it — fine-tuned weights from a model directory, or ``ΔW =
 B@A·α/r`` from a PEFT LoRA adapter (adapters are merged in ΔW space, never A and B separately).
-For every tensor of the base model (in sorted name order): read the base tensor and the K inputs
-as float32, run the method (``merge.tensor.merge_resolved``: its statistics pass, if any, then its
-apply kernel chunk by chunk into the base buffer), cast to the output dtype and append to the
-output shard. Only the current tensor's inputs are alive, so peak memory is ≈ (1 + K) × largest
-tensor × 4 bytes + a constant for every method (measured in ``tests/test_merge_driver.py`` and
-``bench/merge.py``). A method with a whole-model statistics pass (the ``overlap_*`` RAM faces)
-gets it first, over all tensors (it reads the inputs once more).
+For every tensor of the base model (in sorted name order) the method runs chunk by chunk (its
+statistics pass, if any, then its apply kernel). A tensor of at most ``whole_max`` entries is read
+whole as float32 (base and K inputs, ``merge.tensor.merge_resolved`` into the base buffer), cast to
+the output dtype and appended to its shard. A larger one is **streamed by row blocks**
+(``merge.tensor.merge_streamed`` over :class:`_RowBlocks`): every walk of the method reads each
+chunk's base and K inputs from the sources again (page cache for files, regeneration for a
+virtual source) and each merged chunk is cast and written at its offset in the shard
+(``ShardedWriter.write_part``). The chunks and kernel calls are the same either way, so the bits
+are too; peak memory is ≈ (1 + K) × min(largest tensor, ``whole_max``) × 4 bytes + (1 + K + 1)
+chunks + a constant, whatever the model (measured in ``tests/test_merge_rows.py`` and
+``bench/merge_scale.py``). Inputs whose rows cannot be read exactly on their own (a LoRA ``ΔW``,
+whose row-block product rounds differently from ``B @ A``; a vocabulary realigned to a new
+tokenizer) are formed whole for the tensor and sliced. A method with a whole-model statistics
+pass (the ``overlap_*`` RAM faces) gets it first, over all tensors (it reads the inputs once more).
 
 Everything that headers and configs can tell is checked before the output directory is created
 (unknown method/parameter, density, weights, seed, shapes, dtypes, missing or extra tensors,
@@ -29,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,18 +49,21 @@ from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
 from unmerge_jax.merge.base import short
 from unmerge_jax.merge.card import CONFIG_NAME, write_recipe  # noqa: F401  (CONFIG_NAME: where the recipe is)
-from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks
+from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks, scratch
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
 from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
-from unmerge_jax.merge.params import get_method
+from unmerge_jax.merge.params import get_method, resolve
 from unmerge_jax.merge.refs import LoraApplied, weights_source
-from unmerge_jax.merge.tensor import merge_resolved
+from unmerge_jax.merge.tensor import merge_resolved, merge_streamed
 from unmerge_jax.merge import tokenizer as tokenization
 from unmerge_jax.progress import progress
-from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, check_same_architecture, first_nonfinite,
-                                 nonfinite_error, open_source, task_vector)
+from unmerge_jax.sources import (WEIGHTS, AdapterSource, CheckpointSource, TaskVector, check_same_architecture,
+                                 first_nonfinite, nonfinite_error, open_source, task_vector)
 from unmerge_jax.stats import check_seed
 
+# Tensors of more entries than this are merged by row blocks (streamed from the sources); smaller
+# ones are read whole (one pread per input into reused buffers; (1 + K) × 16 MiB at most).
+WHOLE_MAX = 1 << 22
 
 
 @dataclass
@@ -177,6 +188,96 @@ def _read_parts(base, models, name: str, bufs: _Buffers, base_slot: int):
     return b, tuple(ts), True
 
 
+def _numel(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _flat_reader(src, name: str, shape):
+    """``read(start, stop, out) -> out``: flat entries ``start:stop`` of ``name`` of ``src`` as float32
+    into the float32 buffer ``out`` (length ``stop − start``). A checkpoint reads just those bytes
+    (one ``pread``; other dtypes converted as a whole read converts them), a source with exact
+    row reads the rows that cover them; any other source (a LoRA ``ΔW``, a realigned vocabulary)
+    forms the tensor whole once, here, and is sliced."""
+    if isinstance(src, CheckpointSource):
+        tag = src.dtype(name)
+        if tag == "F32":
+            return lambda a, b, out: src.read_raw_flat(name, a, b, out=out)
+        itemsize = NP_DTYPES[tag].itemsize
+
+        def converted(a, b, out):
+            raw = src.read_raw_flat(name, a, b, out=scratch(("stage",), (b - a) * itemsize))
+            np.copyto(out, raw, casting="unsafe")
+            return out
+        return converted
+    if src.exact_rows(name) and len(shape) >= 1:
+        row = _numel(shape[1:])
+
+        def rows(a, b, out):
+            r0 = a // row
+            got = src.read_rows(name, r0, -(-b // row)).reshape(-1)
+            np.copyto(out, got[a - r0 * row:b - r0 * row])
+            return out
+        return rows
+    held = src.read(name).reshape(-1)
+
+    def whole(a, b, out):
+        np.copyto(out, held[a:b])
+        return out
+    return whole
+
+
+class _RowBlocks:
+    """The blocks of one tensor for :meth:`TensorChunks.streamed`: flat entries of the base and the K
+    inputs read from the sources on each request, into reused aligned per-thread buffers, combined
+    as :func:`_read` combines whole tensors (task vectors, or the fine-tuned weights themselves
+    when every input is full weights: ``deltas``). No tensor-sized buffer except for inputs that
+    must be formed whole (see :func:`_flat_reader`)."""
+
+    def __init__(self, base, models, name: str, shape):
+        self.shape, self.k = tuple(shape), len(models)
+        if base is None:   # full weights merged onto zeros
+            self._base, self._inputs, self.deltas = None, [(_flat_reader(m, name, shape), False) for m in models], True
+            return
+        self._base = _flat_reader(base, name, shape)
+        parts = []
+        for m in models:
+            if isinstance(m, TaskVector):
+                parts.append((_flat_reader(m.source, name, shape), m.relative) if m.touches(name) else (None, False))
+            else:
+                parts.append((_flat_reader(m, name, shape), False))
+        self.deltas = not all(relative for _, relative in parts)
+        self._inputs = parts if self.deltas else [(read, False) for read, _ in parts]
+
+    def get(self, start: int, stop: int):
+        size = stop - start
+        nbytes = 4 * size
+
+        def buf(slot):
+            return scratch(("rows", slot), nbytes).view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self._base is None:
+                b = buf(0)
+                b[...] = 0.0
+            else:
+                b = self._base(start, stop, buf(0))
+            ts = []
+            for i, (read, relative) in enumerate(self._inputs):
+                if read is None:
+                    t = buf(i + 1)
+                    t[...] = 0.0
+                else:
+                    t = read(start, stop, buf(i + 1))
+                    if relative:
+                        np.subtract(t, b, out=t)
+                ts.append(t)
+        return b, tuple(ts)
+
+
+def _streams(n: int, whole_max: int, compute: str = "float32") -> bool:
+    """Whether a tensor of ``n`` entries is merged by row blocks."""
+    return n > whole_max and compute == "float32"
+
+
 def _n_layers(ref, names):
     cfg = getattr(ref, "config", None) or {}
     n = cfg.get("num_hidden_layers") or cfg.get("n_layer")
@@ -186,18 +287,26 @@ def _n_layers(ref, names):
     return max(idx) + 1 if idx else None
 
 
-def _model_pass(base, models, names, res_by_name, first, bufs: _Buffers, chunk: int) -> np.ndarray:
+def _model_pass(base, models, names, res_by_name, first, bufs: _Buffers, chunk: int,
+                whole_max: int = WHOLE_MAX) -> np.ndarray:
     """The whole-model statistics pass: the method's additive counts over every merged tensor, then
     its per-model numbers (one set for the whole model: the face and r of the first tensor)."""
     method, totals = first.method, 0
+    ref = base if base is not None else models[0]
     for name in progress(names, desc="counting pass"):
         if name not in res_by_name or _untouched(base, models, name):
             continue
         res = res_by_name[name]
-        b, ts, deltas = _read(base, models, name, bufs)
-        totals = totals + method.count(res, TensorChunks(b, ts, deltas=deltas, chunk=chunk, out=b,
-                                                          rows=method.whole_rows(res)))
-        del b, ts
+        shape = tuple(ref.shape(name))
+        if _streams(_numel(shape), whole_max):
+            blocks = _RowBlocks(base, models, name, shape)
+            chunks = TensorChunks.streamed(blocks, shape, len(models), deltas=blocks.deltas, chunk=chunk, sink=None,
+                                           rows=method.whole_rows(res))
+        else:
+            b, ts, deltas = _read(base, models, name, bufs)
+            chunks = TensorChunks(b, ts, deltas=deltas, chunk=chunk, out=b, rows=method.whole_rows(res))
+        totals = totals + method.count(res, chunks)
+        del chunks
     return method.finish(first, totals)
 
 
@@ -225,29 +334,56 @@ def _positive_int(what: str, value) -> int:
     return int(value)
 
 
-def _check_values(name: str, arr: np.ndarray, limit, src) -> None:
-    """A tensor copied from ``src`` unmerged: finite and within the output dtype (two NumPy
-    reductions, which propagate NaN; the index is searched only on failure)."""
+def _check_values(name: str, arr: np.ndarray, limit, src, start: int = 0, shape=None) -> None:
+    """A tensor (or the flat entries from ``start`` of a tensor of ``shape``) copied from ``src``
+    unmerged: finite and within the output dtype (two NumPy reductions, which propagate NaN; the
+    index is searched only on failure)."""
     if arr.size == 0 or arr.dtype.kind != "f":
         return
     lo, hi = arr.min(), arr.max()
     if -limit < lo and hi < limit:
         return
-    if first_nonfinite(arr) is not None:
-        raise nonfinite_error(name, src.where(name), arr)
-    bad = np.flatnonzero(np.abs(arr.reshape(-1)) >= limit)[0]
-    idx = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
-    raise UnmergeError(f"tensor {name} of {src.where(name)} holds {arr.reshape(-1)[bad]:g} at index "
-                       f"{idx[0] if len(idx) == 1 else idx}, beyond the output dtype's range (|x| ≥ {limit:.6g} "
+    shape = arr.shape if shape is None else tuple(shape)
+    flat = arr.reshape(-1)
+
+    def at(i):
+        idx = tuple(int(j) for j in np.unravel_index(start + i, shape))
+        return idx[0] if len(idx) == 1 else idx
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:   # the message of sources.nonfinite_error, for an index anywhere in the tensor
+        raise UnmergeError(f"tensor {name} of {src.where(name)} holds a non-finite value at index {at(bad[0])} "
+                           f"({flat[bad[0]]}); fix or drop that input")
+    bad = np.flatnonzero(np.abs(flat) >= limit)[0]
+    raise UnmergeError(f"tensor {name} of {src.where(name)} holds {flat[bad]:g} at index "
+                       f"{at(bad)}, beyond the output dtype's range (|x| ≥ {limit:.6g} "
                        f"rounds to inf); write a wider dtype (--dtype float32 or out_dtype)")
+
+
+def _nonfinite_in(src, name: str, chunk: int = CHUNK, whole_max: int = WHOLE_MAX):
+    """The one-line error naming the first NaN/Inf of tensor ``name`` of ``src``, or None when it is
+    finite; a large tensor is read block by block (as the merge streamed it)."""
+    shape = tuple(src.shape(name))
+    n = _numel(shape)
+    if not _streams(n, whole_max) or not (isinstance(src, CheckpointSource) or src.exact_rows(name)):
+        arr = src.read(name)
+        return nonfinite_error(name, src.where(name), arr) if first_nonfinite(arr) is not None else None
+    read = _flat_reader(src, name, shape)
+    for a in range(0, n, chunk):
+        blk = read(a, min(a + chunk, n), scratch(("scan",), 4 * (min(a + chunk, n) - a)).view(np.float32))
+        bad = np.flatnonzero(~np.isfinite(blk))
+        if bad.size:
+            idx = tuple(int(j) for j in np.unravel_index(a + bad[0], shape))
+            return UnmergeError(f"tensor {name} of {src.where(name)} holds a non-finite value at index "
+                                f"{idx[0] if len(idx) == 1 else idx} ({blk[bad[0]]}); fix or drop that input")
+    return None
 
 
 def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> UnmergeError:
     """The slow path of a tensor that failed the kernels' check: re-read the culprit from its file
     to name the file, the tensor and the first index (and, for a LoRA adapter, the factor)."""
     if err.culprit == BASE:
-        arr = base.read(name)
-        return nonfinite_error(name, base.where(name), arr) if first_nonfinite(arr) is not None else err
+        found = _nonfinite_in(base, name)
+        return found if found is not None else err
     if err.culprit == OUTPUT:
         at = err.index[0] if len(err.index) == 1 else err.index
         value = rerun()
@@ -268,9 +404,9 @@ def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> Unmerg
                 return nonfinite_error(key, src.where(name), arr)
         return UnmergeError(f"the LoRA update B@A·scale of {src.where(name)} for tensor {name} overflows float32 "
                             f"(scale {src.scale(name):g}); check lora_alpha and the factors")
-    arr = src.read(name)
-    if first_nonfinite(arr) is not None:
-        return nonfinite_error(name, src.where(name), arr)
+    found = _nonfinite_in(src, name)
+    if found is not None:
+        return found
     at = err.index[0] if len(err.index) == 1 else err.index
     return UnmergeError(f"the task vector of tensor {name} ({src.where(name)} − the base) overflows float32 at index "
                         f"{at}: the two are not a fine-tune and its base — check base_model")
@@ -278,7 +414,7 @@ def _explain(err: NonFinite, name: str, base, models, tag: str, rerun) -> Unmerg
 
 def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None = None,
           shard_bytes: int = DEFAULT_SHARD_BYTES, overlap: bool = False, chunk: int = CHUNK,
-          compute_dtype: str | None = None) -> MergeResult:
+          compute_dtype: str | None = None, whole_max: int = WHOLE_MAX) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out`` (a new directory).
 
     Args:
@@ -292,8 +428,11 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         ``out_dtype``, then ``dtype``, then the base's stored dtype. Computation is float32.
       shard_bytes: maximum bytes per output shard.
       overlap: read the next tensor and write the previous one in threads while the kernel runs
-        (faster, at the price of one more set of (1 + K) tensors in memory).
+        (faster, at the price of one more base buffer of a whole-read tensor and a few chunks).
       chunk: elements per kernel call (results do not depend on it).
+      whole_max: tensors of more entries than this are merged by row blocks, streamed from the
+        inputs (results do not depend on it; 0 streams every tensor). Float32 compute only: the
+        ``bfloat16`` compute path reads tensors whole.
       compute_dtype: ``float32`` (default: inputs of any dtype merged in float32, rounded once on
         output) or ``bfloat16`` (mergekit's arithmetic with ``dtype: bfloat16``, bit for bit, for
         linear, task_arithmetic, ties and passthrough; :mod:`unmerge_jax.merge.mergekit_bf16`).
@@ -307,6 +446,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     seed = check_seed(seed)
     shard_bytes = _positive_int("shard_bytes (the output shard size)", shard_bytes)
     chunk = _positive_int("chunk", chunk)
+    if isinstance(whole_max, (bool, np.bool_)) or not isinstance(whole_max, (int, np.integer)) or whole_max < 0:
+        raise UnmergeError(f"whole_max must be a whole number ≥ 0, got {short(whole_max)}")
     cfg = load_config(config)
     compute = check_compute_dtype(compute_dtype, cfg.merge_method)
     notes: list = []
@@ -328,7 +469,8 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     ref = base if base is not None else models[0]
     names = list(ref.names)
     shapes = {n: tuple(ref.shape(n)) for n in names}
-    bufs = _Buffers(max((4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()), default=0))
+    whole = [_numel(s) for s in shapes.values() if compute != "float32" or not _streams(_numel(s), whole_max)]
+    bufs = _Buffers(4 * max(whole, default=0))
     n_layers = _n_layers(ref, names)
     res_by_name = {}
     for name in names:
@@ -336,7 +478,6 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
             res_by_name[name] = resolve_for_tensor(cfg, name, layer_fraction(name, n_layers))
     stored = [ref.dtype(n) for n in names if n in res_by_name]
     tag = dtype_tag(dtype or cfg.out_dtype or cfg.dtype or (max(set(stored), key=stored.count) if stored else "F32"))
-    limit = output_limit(tag)
     lambdas = None
     first = next(iter(res_by_name.values()), None)
     plan = [(n, shapes[n], tag if n in res_by_name else ref.dtype(n)) for n in names]
@@ -344,57 +485,12 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     diagnostics: dict = {}
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         if first is not None and first.method.statistics(first) == "model":
-            lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk)
+            lambdas = _model_pass(base, models, names, res_by_name, first, bufs, chunk, whole_max)
         with ShardedWriter(tmp, plan, max_shard_bytes=shard_bytes,
                            metadata={"merged_by": "unmerge_jax", "merge_method": cfg.merge_method}) as writer:
-            # The merged tensor overwrites the base buffer it was computed in, so that buffer is busy
-            # until the output is written. Serially one base buffer is enough; with overlap the next
-            # tensor is read while the previous one is written, into the other of two base buffers:
-            # the K input buffers are free again once the kernel has run, so overlap costs one tensor
-            # (2 + K), not a second input set.
-            free_slots: queue.Queue = queue.Queue()
-            for slot in ((0, -1) if overlap else (0,)):
-                free_slots.put(slot)
-
-            def produce(name):
-                if name not in res_by_name or _untouched(base, models, name):
-                    # Unmerged: float tensors as float32 (cast on write), others as stored.
-                    out = ref.read(name) if name in res_by_name else ref.read_raw(name)
-                    if name in res_by_name:
-                        _check_values(name, out, limit, ref)
-                    return name, out, False, None
-                slot = free_slots.get()
-                b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
-                if compute == "bfloat16":
-                    return name, _merge_bf16(name, res_by_name[name], b, ts, deltas, base, models, limit), True, slot
-                # Every method runs chunk by chunk (a statistics pass first where it needs one) and
-                # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
-                out = b if b.flags.writeable else b.copy()
-                try:
-                    merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
-                                   model_stats=lambdas, chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
-                except NonFinite as err:
-                    raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
-                return name, out, True, slot
-
-            def _rerun(name, index):
-                """The slow path's merged value at ``index`` without the output-dtype bound, from a
-                fresh read (None if it is not finite in float32 either)."""
-                b, ts, deltas = _read(base, models, name, _Buffers(0))
-                b = b.copy()
-                try:
-                    merged = merge_resolved(res_by_name[name], b, ts, seed=seed, name=name, deltas=deltas,
-                                            model_stats=lambdas, chunk=chunk, out=b)
-                except NonFinite:
-                    return None
-                return float(merged[index])
-
-            def written(slot):
-                if slot is not None:
-                    free_slots.put(slot)
-
-            for merged in _stream(names, produce, writer, overlap, written):
-                n_merged += merged
+            n_merged = write_merged(base, models, names, res_by_name, writer, tag=tag, seed=seed, chunk=chunk,
+                                    overlap=overlap, compute=compute, model_stats=lambdas, diagnostics=diagnostics,
+                                    whole_max=whole_max, bufs=bufs)
             total = writer.total_size
         src = cfg.base_model if cfg.base_model is not None else cfg.models[0][0]
         write_config(src, tmp, tag)
@@ -407,6 +503,149 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
     return MergeResult(out, len(names), n_merged, total, time.perf_counter() - t0, lam, tuple(side.skipped),
                        tuple(notes) + (tuple(toks.notes) if toks is not None else ()),
                        {n: diagnostics[n] for n in names if n in diagnostics})
+
+
+def write_merged(base, models, names, res_by_name: dict, writer, *, tag: str = "F32", seed: int = 0,
+                 chunk: int = CHUNK, overlap: bool = False, compute: str = "float32", model_stats=None,
+                 diagnostics: dict | None = None, whole_max: int = WHOLE_MAX, bufs: _Buffers | None = None) -> int:
+    """Merge every tensor of ``names`` from the sources into ``writer``, in order (the body of
+    :func:`merge`, also the entry point for sources that are not directories, e.g. virtual ones).
+
+    Args:
+      base: the base source (None: full-weight inputs merged onto zeros); models: the K input
+        sources (task vectors over ``base``, or full weights without it; see :func:`_open_inputs`).
+      names: the tensors, in the writer's planned order.
+      res_by_name: ``{name: Resolved}`` for the tensors to merge; any other tensor is copied from
+        the base (or the first input) as stored.
+      writer: a :class:`~unmerge_jax.io.writer.ShardedWriter` (or anything with its ``write`` and
+        ``write_part``, e.g. :class:`~unmerge_jax.io.writer.NullWriter`).
+      tag: the output dtype tag (the merged values must fit it).
+      seed, chunk, overlap, whole_max: as for :func:`merge`; compute: ``"float32"`` or ``"bfloat16"``.
+      model_stats: the whole-model pass's (K,) numbers for a ``"model"`` method (:func:`_model_pass`).
+      diagnostics: receives the methods' per-tensor reports.
+      bufs: the read buffers of whole-read tensors (default: new ones).
+    Returns:
+      how many tensors went through a merge kernel.
+    """
+    limit = output_limit(tag)
+    ref = base if base is not None else models[0]
+    bufs = bufs if bufs is not None else _Buffers(0)
+    lambdas = model_stats
+    # The merged tensor overwrites the base buffer it was computed in, so that buffer is busy
+    # until the output is written. Serially one base buffer is enough; with overlap the next
+    # tensor is read while the previous one is written, into the other of two base buffers:
+    # the K input buffers are free again once the kernel has run, so overlap costs one tensor
+    # (2 + K), not a second input set. A streamed tensor needs no buffer: its chunks go to
+    # ``emit`` as they are merged.
+    free_slots: queue.Queue = queue.Queue()
+    for slot in ((0, -1) if overlap else (0,)):
+        free_slots.put(slot)
+
+    def produce(name, emit):
+        shape = tuple(ref.shape(name))
+        streamed = _streams(_numel(shape), whole_max, compute)
+        if name not in res_by_name or _untouched(base, models, name):
+            # Unmerged: float tensors as float32 (cast on write), others as stored.
+            if name in res_by_name and streamed:
+                read, n = _flat_reader(ref, name, shape), _numel(shape)
+                for a in range(0, n, chunk):
+                    b = min(a + chunk, n)
+                    blk = read(a, b, scratch(("copy",), 4 * (b - a)).view(np.float32))
+                    _check_values(name, blk, limit, ref, start=a, shape=shape)
+                    emit(name, a, blk)
+                return name, None, False, None
+            out = ref.read(name) if name in res_by_name else ref.read_raw(name)
+            if name in res_by_name:
+                _check_values(name, out, limit, ref)
+            return name, out, False, None
+        if streamed:
+            blocks = _RowBlocks(base, models, name, shape)
+            try:
+                merge_streamed(res_by_name[name], blocks, shape, len(models), sink=lambda a, m: emit(name, a, m),
+                               seed=seed, name=name, deltas=blocks.deltas, model_stats=lambdas, chunk=chunk,
+                               limit=limit, diagnostics=diagnostics)
+            except NonFinite as err:
+                raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
+            return name, None, True, None
+        slot = free_slots.get()
+        b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
+        if compute == "bfloat16":
+            return name, _merge_bf16(name, res_by_name[name], b, ts, deltas, base, models, limit), True, slot
+        # Every method runs chunk by chunk (a statistics pass first where it needs one) and
+        # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
+        out = b if b.flags.writeable else b.copy()
+        try:
+            merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
+                           model_stats=lambdas, chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
+        except NonFinite as err:
+            raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
+        return name, out, True, slot
+
+    def _rerun(name, index):
+        """The slow path's merged value at ``index`` without the output-dtype bound, from a
+        fresh read (None if it is not finite in float32 either)."""
+        shape = tuple(ref.shape(name))
+        if _streams(_numel(shape), whole_max, compute):
+            flat, got = int(np.ravel_multi_index(index, shape)) if shape else 0, []
+
+            def pick(a, m):
+                if a <= flat < a + m.size:
+                    got.append(float(m[flat - a]))
+            blocks = _RowBlocks(base, models, name, shape)
+            try:
+                merge_streamed(res_by_name[name], blocks, shape, len(models), sink=pick, seed=seed, name=name,
+                               deltas=blocks.deltas, model_stats=lambdas, chunk=chunk)
+            except NonFinite:
+                return None
+            return got[0] if got else None
+        b, ts, deltas = _read(base, models, name, _Buffers(0))
+        b = b.copy()
+        try:
+            merged = merge_resolved(res_by_name[name], b, ts, seed=seed, name=name, deltas=deltas,
+                                    model_stats=lambdas, chunk=chunk, out=b)
+        except NonFinite:
+            return None
+        return float(merged[index])
+
+    def written(slot):
+        if slot is not None:
+            free_slots.put(slot)
+
+    n_merged = 0
+    for merged in _stream(names, produce, writer, overlap, written):
+        n_merged += merged
+    return n_merged
+
+
+def merge_sources(base, models, method: str, writer, *, params: dict | None = None, per_model=None,
+                  seed: int = 0, chunk: int = CHUNK, overlap: bool = False, whole_max: int = WHOLE_MAX,
+                  tag: str = "F32") -> int:
+    """Merge full-weight tensor sources with one method and parameters for every float tensor (no
+    config file: e.g. :class:`~unmerge_jax.sources.VirtualSource` models that exist only as seeds),
+    into ``writer``. The tensors are the base's, in sorted name order.
+
+    Args:
+      base: the base (kind ``weights``); models: K full-weight sources of its architecture (each
+        merged as the task vector over ``base``).
+      method: a name in ``MERGE_METHODS``; params: its method-wide parameters; per_model: K dicts
+        of per-model parameters (``weight``, ``density``, ...).
+      writer: a :class:`~unmerge_jax.io.writer.ShardedWriter` or
+        :class:`~unmerge_jax.io.writer.NullWriter` planned with the base's tensors in sorted order.
+      seed, chunk, overlap, whole_max: as for :func:`merge`; tag: the output dtype tag.
+    Returns:
+      how many tensors went through a merge kernel.
+    """
+    seed = check_seed(seed)
+    chunk = _positive_int("chunk", chunk)
+    tvs = [task_vector(base, m) for m in models]
+    names = sorted(base.names)
+    res = resolve(method, len(tvs), dict(params or {}), per_model, where=method)
+    res_by_name = {n: res for n in names if base.is_float(n)}
+    lambdas = None
+    if res.method.statistics(res) == "model":
+        lambdas = _model_pass(base, tvs, names, res_by_name, res, _Buffers(0), chunk, whole_max)
+    return write_merged(base, tvs, names, res_by_name, writer, tag=tag, seed=seed, chunk=chunk, overlap=overlap,
+                        model_stats=lambdas, whole_max=whole_max)
 
 
 def ignored_parameters(cfg: MergeConfig) -> tuple:
@@ -431,31 +670,46 @@ def _merge_bf16(name, res, b, ts, deltas, base, models, limit) -> np.ndarray:
     return merged
 
 
+class _Part(NamedTuple):
+    """Merged entries ``start:`` of tensor ``name`` (a streamed tensor's chunk), to be written."""
+
+    name: str
+    start: int
+    values: np.ndarray
+
+
 def _stream(names, produce, writer, overlap: bool, written):
     """Produce and write every tensor, yielding whether it was merged; ``written(slot)`` is called
-    once an output is on disk (its buffer may then be reused). With ``overlap`` the next
-    read+compute runs in a thread while the main thread writes. Nothing tensor-sized is yielded or
-    kept: serially the written output is released before the next tensor is read, so the peak
-    stays at the 1 + K inputs; with overlap at 2 + K (two base buffers)."""
+    once an output is on disk (its buffer may then be reused). ``produce(name, emit)`` returns a
+    whole tensor, or None after handing a streamed one to ``emit(name, start, values)`` chunk by
+    chunk. With ``overlap`` the next read+compute runs in a thread while the main thread writes
+    (a streamed tensor's chunks pass through the same bounded queue, copied). Nothing tensor-sized
+    is yielded or kept: serially the written output is released before the next tensor is read, so
+    the peak stays at the 1 + K inputs of a whole-read tensor; with overlap at 2 + K (two base
+    buffers)."""
     desc = "merging"
     if not overlap:
         for name in progress(names, desc=desc):
-            item = produce(name)
-            writer.write(item[0], item[1])
+            item = produce(name, writer.write_part)
+            if item[1] is not None:
+                writer.write(item[0], item[1])
             merged = item[2]
             written(item[3])
             del item
             yield merged
         return
-    q: queue.Queue = queue.Queue(maxsize=1)
+    q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
+
+    def emit(name, start, values):
+        q.put(_Part(name, start, np.array(values, copy=True)))   # the producer's buffer is reused
 
     def worker():
         try:
             for name in names:
                 if stop.is_set():
                     return
-                q.put(produce(name))
+                q.put(produce(name, emit))
             q.put(None)
         except BaseException as err:  # hand the error to the main thread
             q.put(err)
@@ -465,9 +719,13 @@ def _stream(names, produce, writer, overlap: bool, written):
     try:
         for _ in progress(range(len(names)), desc=desc, total=len(names)):
             item = q.get()
+            while isinstance(item, _Part):
+                writer.write_part(*item)
+                item = q.get()
             if isinstance(item, BaseException):
                 raise item
-            writer.write(item[0], item[1])
+            if item[1] is not None:
+                writer.write(item[0], item[1])
             merged = item[2]
             written(item[3])
             del item

@@ -67,6 +67,15 @@ class LoraApplied(TensorSource):
                 arr += self.adapter.read(name)
         return arr
 
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        if self.adapter.touches(name):
+            return np.ascontiguousarray(self.read(name)[start:stop])
+        return self.model.read_rows(name, start, stop)
+
+    def exact_rows(self, name) -> bool:
+        """A tensor the adapter changes is formed whole (see ``AdapterSource.exact_rows``)."""
+        return not self.adapter.touches(name) and self.model.exact_rows(name)
+
     def where(self, name) -> str:
         if self.adapter.touches(name):
             return f"{self.model.where(name)} + the LoRA {self.adapter.where(name)}"

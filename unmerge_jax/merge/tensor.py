@@ -7,7 +7,8 @@ tensor is the whole model — the whole-model counting pass), then the method's 
 the same chunks. No float32 tensor-sized temporary is created besides the output, and the result
 does not depend on the chunk size. A non-finite input or merged entry is a
 :class:`~unmerge_jax.merge.chunks.NonFinite` error naming the tensor and the first index (the
-apply kernels mark such entries; no extra pass over the inputs).
+apply kernels mark such entries; no extra pass over the inputs). :func:`merge_streamed` runs the
+same chunks over entries read on demand from the sources, for tensors too large to hold.
 """
 
 from __future__ import annotations
@@ -44,9 +45,42 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
     Raises:
       NonFinite: an input entry is NaN/Inf, or a merged one is not finite or not below ``limit``.
     """
-    method = res.method
     chunks = TensorChunks(base, tensors, deltas=deltas, chunk=chunk, out=out, limit=limit,
-                          rows=method.whole_rows(res))
+                          rows=res.method.whole_rows(res))
+    run_chunks(res, chunks, seed=seed, name=name, model_stats=model_stats, diagnostics=diagnostics)
+    return chunks.out
+
+
+def merge_streamed(res: Resolved, blocks, shape, k: int, *, sink, seed: int = 0, name: str = "",
+                   deltas: bool = True, model_stats=None, chunk: int = CHUNK, limit: float = np.inf,
+                   diagnostics: dict | None = None) -> None:
+    """:func:`merge_resolved` over entries read on demand, the merged chunks handed to ``sink``.
+
+    The same chunks and kernel calls as the in-memory merge (so the same bits), but no
+    tensor-sized buffer: ``blocks.get(start, stop)`` reads each chunk's base and K inputs when a
+    walk of the method needs them (a statistics pass may walk several times; each walk reads
+    again), and ``sink(start, merged)`` receives each checked float32 chunk of the result at its
+    flat offset (in order for every registered method).
+
+    Args:
+      res: the resolved method.
+      blocks: the reader (see :meth:`~unmerge_jax.merge.chunks.TensorChunks.streamed`).
+      shape: the tensor's shape; k: the number of inputs.
+      sink: ``sink(start, merged)``.
+      seed, name, deltas, model_stats, chunk, limit, diagnostics: as for :func:`merge_resolved`.
+    Raises:
+      NonFinite: an input entry is NaN/Inf, or a merged one is not finite or not below ``limit``.
+    """
+    chunks = TensorChunks.streamed(blocks, shape, k, deltas=deltas, chunk=chunk, sink=sink, limit=limit,
+                                   rows=res.method.whole_rows(res))
+    run_chunks(res, chunks, seed=seed, name=name, model_stats=model_stats, diagnostics=diagnostics)
+
+
+def run_chunks(res: Resolved, chunks: TensorChunks, *, seed: int = 0, name: str = "", model_stats=None,
+               diagnostics: dict | None = None) -> None:
+    """The statistics pass ``res.method`` asks for over ``chunks``, then its apply pass (the body
+    of :func:`merge_resolved` and :func:`merge_streamed`)."""
+    method = res.method
     key = merge_key(seed, name)
     kind = method.statistics(res)
     stats = None
@@ -67,7 +101,6 @@ def merge_resolved(res: Resolved, base, tensors, *, seed: int = 0, name: str = "
         raise
     if diagnostics is not None and getattr(stats, "diagnostics", None) is not None:
         diagnostics[name] = stats.diagnostics
-    return chunks.out
 
 
 def check_shapes(base_shape, shapes, names, where: str = "") -> None:

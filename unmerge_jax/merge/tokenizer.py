@@ -654,6 +654,9 @@ class AlignedSource(TensorSource):
             return np.ascontiguousarray(self.read(name)[start:stop])
         return self.inner.read_rows(name, start, stop)
 
+    def exact_rows(self, name) -> bool:
+        return name not in self._vocab_names and self.inner.exact_rows(name)
+
     def read_raw(self, name, out=None):
         if name in self._vocab_names:
             raise UnmergeError(f"tensor {name} is realigned to the output vocabulary; it has no raw form")
