@@ -15,10 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from tests._tiny_models import parity_llama as _llama, stored_state as _read  # noqa: E402
 
-from tests._tiny_models import fine_tune  # noqa: E402
+from tests._tiny_models import feed_mergekit_our_dare_masks, fine_tune  # noqa: E402
 from unmerge_jax import UnmergeError, merge  # noqa: E402
-from unmerge_jax.kernels import merge as K  # noqa: E402
-from unmerge_jax.kernels.random import name_hash  # noqa: E402
 
 K_MODELS = 3
 
@@ -97,26 +95,9 @@ def test_parity_with_mergekit(tiny, tmp_path, method, params, top):
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_matches_mergekit_given_the_same_keep_mask(tiny, tmp_path, monkeypatch, method):
     """Feed mergekit our keep-masks (looked up by the task vector's bytes): outputs must agree."""
-    import mergekit.sparsify as sp
-
     base = _read(tiny["base"])
     fts = [_read(m) for m in tiny["models"]]
-    dens = np.array([p["density"] for p in W3], np.float32)
-    lookup = {}
-    for n in base:
-        d = tuple(ft[n] - base[n] for ft in fts)
-        masks = np.asarray(K.draw_masks(base[n], d, dens, np.ones(3, np.int64), np.uint32(7), np.uint32(name_hash(n)),
-                                        sparsify="random"))
-        for i in range(3):
-            lookup[d[i].tobytes()] = masks[i].reshape(base[n].shape)
-    used = []
-
-    def bernoulli(tensor, density, rescale_norm=None):
-        m = lookup[tensor.detach().numpy().astype(np.float32).tobytes()]
-        used.append(1)
-        return sp.rescaled_masked_tensor(tensor, torch.from_numpy(m).to(tensor.dtype), rescale_norm)
-
-    monkeypatch.setattr(sp, "bernoulli", bernoulli)
+    used = feed_mergekit_our_dare_masks(monkeypatch, base, fts, [p["density"] for p in W3], seed=7)
     cfg = _config(tiny, method, W3)
     want = _mergekit(cfg, tmp_path / "mk")
     assert len(used) == 3 * len(base)
