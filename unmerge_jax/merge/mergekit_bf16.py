@@ -24,7 +24,8 @@ from unmerge_jax.merge.base import Resolved
 from unmerge_jax.orderstats import topk_counts
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough")
+BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp")
+SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
 def check_compute_dtype(compute_dtype, method: str) -> str:
@@ -52,6 +53,45 @@ def _torch_topk_mask(absd: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
+def _torch(what: str):
+    try:
+        import torch
+    except ImportError:
+        raise UnmergeError(f"--compute-dtype bfloat16 with {what} needs PyTorch (mergekit's float32 reductions); "
+                           f"install torch or merge in float32") from None
+    return torch
+
+
+def _slerp_coefs(a: np.ndarray, b: np.ndarray, t: float):
+    """mergekit's slerp coefficients ``(c_a, c_b)`` (float32 scalars) of the bfloat16 vectors ``a``, ``b``.
+
+    mergekit upcasts the rounded inputs to float32 and reduces them with PyTorch: ``‖a‖`` as the
+    norm of the norms of 2²⁰-element chunks, ``cos`` as the chunked sum of ``(a/‖a‖)(b/‖b‖)``
+    (norms ≤ 1e-8 count as 1) clamped to [−1, 1]; linear (``1 − t``, ``t``) where ``|cos| > 0.9995``,
+    else ``sin((1 − t)θ)/sin θ`` and ``sin(tθ)/sin θ``. The float32 sums' order is PyTorch's
+    (vectorised, not specified), so these few scalars are computed by PyTorch on the same shapes;
+    the tensor-sized combination runs in :func:`~unmerge_jax.kernels.merge_bf16.combine2_bf16_kernel`.
+    """
+    torch = _torch("slerp")
+    x, y = torch.from_numpy(np.array(a)).reshape(1, -1), torch.from_numpy(np.array(b)).reshape(1, -1)
+    tt = torch.tensor([t], dtype=torch.float32).reshape(-1, 1)
+    if x.shape[1] == 0:
+        return np.float32(1 - tt.item()), np.float32(tt.item())
+    starts = range(0, x.shape[1], SLERP_CHUNK)
+    norm = lambda v: torch.linalg.vector_norm(torch.stack(   # noqa: E731
+        [torch.linalg.vector_norm(v[:, s:s + SLERP_CHUNK], dim=1, keepdim=True) for s in starts]), dim=0)
+    na, nb = norm(x), norm(y)
+    na, nb = torch.where(na > 1e-8, na, 1), torch.where(nb > 1e-8, nb, 1)
+    dot = torch.stack([(x[:, s:s + SLERP_CHUNK] / na * (y[:, s:s + SLERP_CHUNK] / nb)).sum(dim=1, keepdim=True)
+                       for s in starts]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return np.float32(ca.item()), np.float32(cb.item())
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -66,6 +106,12 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "slerp":
+        a = np.asarray(base, np.float32).reshape(-1)
+        b = np.asarray(tensors[0] if not deltas else base + tensors[0], np.float32).reshape(-1)
+        a, b = np.asarray(KB.round_bf16(a)), np.asarray(KB.round_bf16(b))
+        ca, cb = _slerp_coefs(a, b, float(res.shared["t"]))
+        return np.asarray(KB.combine2_bf16_kernel(a, b, ca, cb)).reshape(shape)
     if name == "passthrough":
         theta = tensors[0] if full or not deltas else base + tensors[0]
         return np.asarray(KB.passthrough_bf16_kernel(np.asarray(theta, np.float32),
