@@ -126,3 +126,35 @@ def linear_bf16_kernel(tensors, weights, *, normalize: bool):
 def passthrough_bf16_kernel(tensor, scale):
     """mergekit's ``passthrough`` in bfloat16: ``bf16(bf16(θ) · scale)`` (``scale`` float32)."""
     return round_bf16(round_bf16(tensor) * jnp.asarray(scale, jnp.float32))
+
+
+def round_f32_in_f64(x):
+    """float64 → the nearest float32 value (ties to even), kept in float64, by integer operations
+    on the bits: XLA may drop a float32 convert between float64 operations (excess precision is
+    allowed), which would skip a rounding PyTorch does. Exact for results in float32's normal range
+    (a float32 subnormal keeps float32's 24-bit precision here instead of fewer bits)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float64), jnp.uint64)
+    rounded = (bits + jnp.uint64(0x0FFFFFFF) + ((bits >> 29) & jnp.uint64(1))) & jnp.uint64(0xFFFFFFFFE0000000)
+    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float64))
+
+
+def _product_f32(x, c):
+    """The float32 product ``x · c`` of a bfloat16 value and a float32, in float64: exact there,
+    rounded once to float32 precision (no fused multiply-add can skip the rounding)."""
+    return round_f32_in_f64(x.astype(jnp.float64) * jnp.asarray(c, jnp.float32).astype(jnp.float64))
+
+
+@jax.jit
+def combine2_bf16_kernel(x, y, ca, cb):
+    """``bf16(ca · bf16(x) + cb · bf16(y))`` with float32 products and sum rounded one by one, as
+    PyTorch's separate ``mul``/``mul``/``add`` (mergekit's slerp writes it into a bfloat16 result).
+    The float32 sum of two float32 numbers is their float64 sum rounded to float32.
+
+    Args:
+      x, y: (n,) float32. ca, cb: float32 scalars.
+    Returns:
+      (n,) float32 holding bfloat16 values.
+    """
+    px = _product_f32(round_bf16(x), ca)
+    py = _product_f32(round_bf16(y), cb)
+    return round_bf16(round_f32_in_f64(px + py).astype(jnp.float32))
