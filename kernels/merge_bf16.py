@@ -158,3 +158,34 @@ def combine2_bf16_kernel(x, y, ca, cb):
     px = _product_f32(round_bf16(x), ca)
     py = _product_f32(round_bf16(y), cb)
     return round_bf16(round_f32_in_f64(px + py).astype(jnp.float32))
+
+
+@jax.jit
+def nuslerp_bf16_kernel(v0, v1, sa, sb, sin_theta, colinear, t):
+    """mergekit's ``nuslerp`` combination in bfloat16, rows of vectors:
+    ``bf16(bf16(bf16(s_a v0) + bf16(s_b v1)) / sin θ)``, or where ``colinear``
+    ``bf16(bf16((1 − t) v0) + bf16(t v1))`` (``t`` float32, products in float32 rounded to bfloat16).
+
+    Args:
+      v0, v1: (r, n) float32 bfloat16 values. sa, sb, sin_theta: (r, 1) float32 bfloat16 values
+        (``sin((1−t)θ)``, ``sin(tθ)``, ``sin θ`` per row). colinear: (r, 1) bool. t: float32 scalar.
+    Returns:
+      (r, n) float32 holding bfloat16 values.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    spherical = round_bf16(_divide(round_bf16(round_bf16(sa * v0) + round_bf16(sb * v1)),
+                                   jnp.broadcast_to(sin_theta, v0.shape)))
+    linear = round_bf16(round_bf16((1 - t) * v0) + round_bf16(t * v1))
+    return jnp.where(colinear, linear, spherical)
+
+
+@jax.jit
+def add_bf16_kernel(x, y):
+    """``bf16(x + y)`` of two bfloat16-valued float32 arrays (PyTorch's bfloat16 ``add``)."""
+    return round_bf16(x + y)
+
+
+@jax.jit
+def sub_bf16_kernel(x, y):
+    """``bf16(bf16(x) − bf16(y))``: a task vector in bfloat16."""
+    return round_bf16(round_bf16(x) - round_bf16(y))

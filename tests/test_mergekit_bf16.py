@@ -75,6 +75,16 @@ CASES = {
 }
 
 
+NUSLERP = {f"nuslerp base={b} row_wise={rw} flatten={fl}": (b, rw, fl)
+           for b in (None, "base") for rw in (False, True) for fl in (False, True)}
+for _case, (_b, _rw, _fl) in NUSLERP.items():
+    CASES[_case] = (lambda b, rw, fl: lambda z: _config(
+        z, "nuslerp", ["ft0", "ft1"], base=b, params={"nuslerp_row_wise": rw, "nuslerp_flatten": fl},
+        weights=[{"weight": 0.6}, {"weight": 0.4}]))(_b, _rw, _fl)
+CASES["nuslerp weights sum to zero"] = lambda z: _config(z, "nuslerp", ["ft0", "other"], base="base",
+                                                        weights=[{"weight": 0.5}, {"weight": -0.5}])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

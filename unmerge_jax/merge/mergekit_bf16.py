@@ -24,7 +24,7 @@ from unmerge_jax.merge.base import Resolved
 from unmerge_jax.orderstats import topk_counts
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp")
+BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -92,6 +92,52 @@ def _slerp_coefs(a: np.ndarray, b: np.ndarray, t: float):
     return np.float32(ca.item()), np.float32(cb.item())
 
 
+def _thetas(res, base, tensors, deltas, full):
+    """The base (None without one) and the K fine-tuned tensors, rounded to bfloat16 (float32 arrays)."""
+    b = None if full else np.asarray(KB.round_bf16(np.asarray(base, np.float32)))
+    if deltas and not full:
+        ts = [np.asarray(KB.round_bf16(np.asarray(base, np.float32) + t)) for t in tensors]
+    else:
+        ts = [np.asarray(KB.round_bf16(np.asarray(t, np.float32))) for t in tensors]
+    return b, ts
+
+
+def _nuslerp(res, base, tensors, *, deltas, full):
+    """mergekit's ``nuslerp`` in bfloat16 (it does not upcast): with a base, of the task vectors
+    ``bf16(θ_k − b)`` and the base added back. The vectors are the whole tensor (flatten), its rows,
+    or (row-wise) its columns as mergekit's ``transpose(0, −1)``. Per vector PyTorch computes (same
+    shapes, same order) the norms, ``cos``, ``θ`` and the sines; the combination is
+    :func:`~unmerge_jax.kernels.merge_bf16.nuslerp_bf16_kernel`."""
+    from unmerge_jax.merge.methods.slerp import nuslerp_t
+
+    torch = _torch("nuslerp")
+    shape = np.shape(base)
+    b, ts = _thetas(res, base, tensors, deltas, full)
+    v = ts if b is None else [np.asarray(KB.sub_bf16_kernel(t, b)) for t in ts]
+    t = nuslerp_t(res.weights)
+    flatten, row_wise = res.shared["nuslerp_flatten"], res.shared["nuslerp_row_wise"]
+    tv = [torch.from_numpy(np.array(x)).to(torch.bfloat16) for x in v]
+    if flatten:
+        tv = [x.reshape(-1) for x in tv]
+    elif row_wise:
+        tv = [x.transpose(0, -1) for x in tv]
+    unit = [x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7) for x in tv]
+    cos = torch.sum(unit[0] * unit[1], dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    lay = lambda x: x.float().reshape(-1, x.shape[-1] if x.ndim else 1).numpy()   # noqa: E731
+    rows = [lay(x.contiguous()) for x in tv]
+    stat = lambda x: x.float().reshape(-1, 1).numpy()   # noqa: E731
+    out = np.asarray(KB.nuslerp_bf16_kernel(rows[0], rows[1], stat(torch.sin((1 - t) * theta)),
+                                            stat(torch.sin(t * theta)), stat(torch.sin(theta)),
+                                            colinear.reshape(-1, 1).numpy(), np.float32(t)))
+    out = out.reshape(tv[0].shape)
+    if row_wise and not flatten and out.ndim > 1:
+        out = np.swapaxes(out, 0, -1)
+    out = np.ascontiguousarray(out).reshape(shape)
+    return out if b is None else np.asarray(KB.add_bf16_kernel(b, out))
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -106,6 +152,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "nuslerp":
+        return _nuslerp(res, base, tensors, deltas=deltas, full=full)
     if name == "slerp":
         a = np.asarray(base, np.float32).reshape(-1)
         b = np.asarray(tensors[0] if not deltas else base + tensors[0], np.float32).reshape(-1)
