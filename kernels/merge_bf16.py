@@ -189,3 +189,48 @@ def add_bf16_kernel(x, y):
 def sub_bf16_kernel(x, y):
     """``bf16(bf16(x) − bf16(y))``: a task vector in bfloat16."""
     return round_bf16(round_bf16(x) - round_bf16(y))
+
+
+def _weighted_sum(rows, w):
+    """PyTorch's ``(rows * w.view(-1, 1)).sum(0)`` in bfloat16: products rounded, summed in float32
+    in model order, rounded once."""
+    return _sum_rounded([round_bf16(rows[i] * w[i]) for i in range(rows.shape[0])])
+
+
+@jax.jit
+def multislerp_units_bf16(d, denom, w):
+    """``u_k = bf16(d_k / denom_k)`` and ``Σ_k bf16(u_k w_k)`` (one rounding).
+
+    Args:
+      d: (K, n) float32 bfloat16 values. denom: (K, 1) ``bf16(‖d_k‖ + eps)``. w: (K,) bfloat16 weights.
+    Returns:
+      ``(u, m)``: (K, n) and (n,) float32 holding bfloat16 values.
+    """
+    u = round_bf16(_divide(d, jnp.broadcast_to(denom, d.shape)))
+    return u, _weighted_sum(u, w)
+
+
+@jax.jit
+def multislerp_direction_bf16(u, m, m_norm):
+    """``m̂ = bf16(m / ‖m‖)`` and the products ``bf16(u_k m̂)`` whose sums are the dots."""
+    mean = round_bf16(_divide(m, jnp.broadcast_to(m_norm, m.shape)))
+    return mean, round_bf16(u * mean)
+
+
+@jax.jit
+def multislerp_tangent_bf16(u, mean, dots, w):
+    """``Σ_k bf16(w_k bf16(u_k − bf16(dots_k m̂)))`` (one rounding): the weighted tangent mean."""
+    tangent = round_bf16(u - round_bf16(dots * mean))
+    return _weighted_sum(tangent, w)
+
+
+@jax.jit
+def multislerp_result_bf16(mean, tangent, c, s, avg):
+    """``bf16(bf16(bf16(m̂ c) + bf16(τ s)) · avg)``: the exponential map back, scaled by the mean norm."""
+    return round_bf16(round_bf16(round_bf16(mean * c) + round_bf16(tangent * s)) * avg)
+
+
+@jax.jit
+def lerp2_bf16(x, y, w):
+    """``bf16(bf16(x w_0) + bf16(y w_1))`` (multislerp's fallback for two models)."""
+    return round_bf16(round_bf16(x * w[0]) + round_bf16(y * w[1]))

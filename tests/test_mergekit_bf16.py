@@ -85,6 +85,15 @@ CASES["nuslerp weights sum to zero"] = lambda z: _config(z, "nuslerp", ["ft0", "
                                                         weights=[{"weight": 0.5}, {"weight": -0.5}])
 
 
+CASES.update({
+    "multislerp": lambda z: _config(z, "multislerp", ["ft0", "ft1", "ft2"], base="base",
+                                    weights=[{"weight": 0.6}, {"weight": 0.4}, {"weight": 0.3}]),
+    "multislerp no base unnormalised": lambda z: _config(z, "multislerp", ["ft0", "other"], base=None,
+                                                         params={"normalize_weights": False},
+                                                         weights=[{"weight": 0.7}, {"weight": 0.5}]),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

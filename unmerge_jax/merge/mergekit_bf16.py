@@ -24,7 +24,7 @@ from unmerge_jax.merge.base import Resolved
 from unmerge_jax.orderstats import topk_counts
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp")
+BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -138,6 +138,43 @@ def _nuslerp(res, base, tensors, *, deltas, full):
     return out if b is None else np.asarray(KB.add_bf16_kernel(b, out))
 
 
+def _multislerp(res, base, tensors, *, deltas, full):
+    """mergekit's ``multislerp`` in bfloat16 (it does not upcast), its tangent-space steps included
+    (zero in exact arithmetic, not in bfloat16). Norms, dots and scalars by PyTorch on the same
+    shapes; the tensor-sized steps in :mod:`~unmerge_jax.kernels.merge_bf16`."""
+    torch = _torch("multislerp")
+    shape = np.shape(base)
+    b, ts = _thetas(res, base, tensors, deltas, full)
+    if len(ts) == 1:
+        return ts[0].reshape(shape)
+    d = np.stack([(t if b is None else np.asarray(KB.sub_bf16_kernel(t, b))).reshape(-1) for t in ts])
+    eps = float(res.shared["eps"])
+    bf = lambda x: torch.from_numpy(np.array(x, np.float32)).to(torch.bfloat16)   # noqa: E731
+    back = lambda x: x.float().numpy()   # noqa: E731
+    w = torch.tensor([float(x) for x in res.weights], dtype=torch.bfloat16)
+    if res.shared["normalize_weights"]:
+        w = w / w.sum()
+    td = bf(d)
+    norms = torch.norm(td, dim=-1, keepdim=True)
+    u, m = KB.multislerp_units_bf16(d, back(norms + eps), back(w))
+    m_norm = torch.norm(bf(m))
+    if m_norm < eps:
+        if len(ts) != 2:
+            raise UnmergeError("multislerp: the weighted sum of the unit task vectors is zero (antipodal vectors with "
+                               "balancing weights), as mergekit refuses; change the weights")
+        out = np.asarray(KB.lerp2_bf16(d[0], d[1], back(w)))
+    else:
+        mean, prods = KB.multislerp_direction_bf16(u, m, back(m_norm))
+        dots = bf(prods).sum(-1, keepdim=True)
+        tangent = KB.multislerp_tangent_bf16(u, mean, back(dots), back(w))
+        tn = torch.norm(bf(tangent)) + eps
+        avg = (norms.squeeze(-1) * w).sum()
+        out = np.asarray(KB.multislerp_result_bf16(mean, tangent, back(torch.cos(tn)), back(torch.sin(tn) / tn),
+                                                   back(avg)))
+    out = out.reshape(shape)
+    return out if b is None else np.asarray(KB.add_bf16_kernel(out, b))
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -152,6 +189,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "multislerp":
+        return _multislerp(res, base, tensors, deltas=deltas, full=full)
     if name == "nuslerp":
         return _nuslerp(res, base, tensors, deltas=deltas, full=full)
     if name == "slerp":
