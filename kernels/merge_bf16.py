@@ -234,3 +234,9 @@ def multislerp_result_bf16(mean, tangent, c, s, avg):
 def lerp2_bf16(x, y, w):
     """``bf16(bf16(x w_0) + bf16(y w_1))`` (multislerp's fallback for two models)."""
     return round_bf16(round_bf16(x * w[0]) + round_bf16(y * w[1]))
+
+
+@jax.jit
+def scale_bf16_kernel(x, c):
+    """``bf16(x · c)``: a bfloat16 tensor times a bfloat16 scalar (mergekit's rescale)."""
+    return round_bf16(x * jnp.asarray(c, jnp.float32))

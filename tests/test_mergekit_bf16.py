@@ -94,6 +94,19 @@ CASES.update({
 })
 
 
+_GTA_W = [{"weight": 0.5, "density": 0.6, "gamma": 0.05}, {"weight": 0.3, "density": 0.8, "gamma": 0.1},
+          {"weight": 0.4, "density": 0.5, "gamma": 0.02}]
+CASES.update({
+    "breadcrumbs": lambda z: _config(z, "breadcrumbs", ["ft0", "ft1", "ft2"], weights=_GTA_W),
+    "breadcrumbs_ties": lambda z: _config(z, "breadcrumbs_ties", ["ft0", "ft1", "ft2"], weights=_GTA_W),
+    "breadcrumbs_ties normalize rescale lambda": lambda z: _config(
+        z, "breadcrumbs_ties", ["ft0", "ft1", "ft2"], weights=_GTA_W,
+        params={"normalize": True, "rescale": True, "lambda": 0.7}),
+    "ties rescale int8_mask": lambda z: _config(z, "ties", ["ft0", "ft1", "ft2"], weights=[{k: v for k, v in w.items() if k != "gamma"} for w in _GTA_W],
+                                                params={"rescale": True, "int8_mask": True}),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

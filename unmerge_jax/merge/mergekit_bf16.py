@@ -21,10 +21,10 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels import merge_bf16 as KB
 from unmerge_jax.merge.base import Resolved
-from unmerge_jax.orderstats import topk_counts
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp")
+BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
+                "breadcrumbs", "breadcrumbs_ties")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -38,19 +38,6 @@ def check_compute_dtype(compute_dtype, method: str) -> str:
         raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit for {', '.join(BF16_METHODS)}, not "
                            f"{method!r}; merge it in float32 (the default)")
     return compute_dtype
-
-
-def _torch_topk_mask(absd: np.ndarray, k: int) -> np.ndarray:
-    """mergekit's ``magnitude`` keep-mask: the first ``k`` of ``torch.argsort(|δ|, descending=True)``."""
-    try:
-        import torch
-    except ImportError:
-        raise UnmergeError("--compute-dtype bfloat16 with ties needs PyTorch (mergekit's sort order of tied "
-                           "magnitudes); install torch or merge in float32") from None
-    idx = torch.argsort(torch.from_numpy(absd), descending=True)[:k].numpy()
-    keep = np.zeros(absd.size, bool)
-    keep[idx] = True
-    return keep
 
 
 def _torch(what: str):
@@ -175,6 +162,49 @@ def _multislerp(res, base, tensors, *, deltas, full):
     return out if b is None else np.asarray(KB.add_bf16_kernel(out, b))
 
 
+def _sparsified(res, rows):
+    """mergekit's ``sparsify`` of each bfloat16 task vector: the keep-masks (``magnitude``: the first
+    ``max(1, ⌊density·n⌋)`` of PyTorch's descending ``argsort`` of ``|δ|``; ``magnitude_outliers``:
+    ranks ``n_bot … n_bot + ⌊density·n⌋`` of its ascending ``sort``, ``n_bot = max(0, n − ⌊density·n⌋
+    − ⌊gamma·n⌋)``; density ≥ 1 keeps all, ≤ 0 none) and, with ``rescale``, the kept entries times
+    ``bf16(Σ|δ| / Σ|δ kept|)`` (bfloat16 sums by PyTorch; unscaled where either is below 1e-7)."""
+    torch = _torch(f"{res.method.name}'s sparsification")
+    rule = res.shared.get("rescale")
+    if rule not in (None, "l1"):
+        raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit's rescale (l1), not {rule!r}; merge in "
+                           f"float32 (the default) or set rescale: true")
+    gammas = res.columns.get("gamma")
+    out_rows, keeps = [], []
+    for k, (r, d) in enumerate(zip(rows, res.density)):
+        r = np.asarray(r)
+        n = r.size
+        if d >= 1.0:
+            out_rows.append(r)
+            keeps.append(np.ones(n, bool))
+            continue
+        absd = torch.from_numpy(np.abs(r))
+        keep = np.zeros(n, bool)
+        if res.method.options["sparsify"] == "magnitude":
+            if d > 0 and n:
+                keep[torch.argsort(absd, descending=True)[:max(1, int(d * n))].numpy()] = True
+        elif res.method.options["sparsify"] == "magnitude_outliers":
+            target, n_top = int(d * n), int(float(gammas[k]) * n)
+            n_bot = max(0, n - target - n_top)
+            keep[torch.sort(absd, descending=False).indices[n_bot:n_bot + target].numpy()] = True
+        else:
+            raise UnmergeError(f"--compute-dtype bfloat16 does not reproduce {res.method.name!r}'s sparsification")
+        if rule == "l1" and d > 0:
+            tr = torch.from_numpy(r).to(torch.bfloat16)
+            masked = tr * torch.from_numpy(keep).to(torch.bfloat16)
+            before, after = tr.abs().sum(), masked.abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                r = np.asarray(KB.scale_bf16_kernel(masked.float().numpy(), (before / after).float().numpy()))
+                keep = np.ones(n, bool)
+        out_rows.append(r)
+        keeps.append(keep)
+    return tuple(out_rows), tuple(keeps)
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -213,11 +243,9 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     b, rows = KB.task_vectors_bf16(np.asarray(base, np.float32), tuple(np.asarray(t, np.float32) for t in tensors),
                                    cfg=cfg)
     keep = tuple(np.ones(1, bool) for _ in rows)
-    if res.method.options["sparsify"] == "magnitude" and bool(np.any(res.density < 1.0)):
-        n = int(np.size(base))
-        ks = topk_counts(res.density, n)
-        keep = tuple(_torch_topk_mask(np.abs(np.asarray(r)), int(kk)) if d < 1.0 else np.ones(n, bool)
-                     for r, kk, d in zip(rows, ks, res.density))
+    sparsify = res.method.options["sparsify"]
+    if sparsify is not None and bool(np.any(res.density < 1.0)):
+        rows, keep = _sparsified(res, rows)
         cfg = cfg._replace(masked=True)
     out = KB.gta_bf16_kernel(b, rows, keep, w, np.float32(res.shared.get("lambda", 1.0)), cfg=cfg)
     return np.asarray(out).reshape(shape)
