@@ -240,3 +240,22 @@ def lerp2_bf16(x, y, w):
 def scale_bf16_kernel(x, c):
     """``bf16(x · c)``: a bfloat16 tensor times a bfloat16 scalar (mergekit's rescale)."""
     return round_bf16(x * jnp.asarray(c, jnp.float32))
+
+
+@jax.jit
+def model_stock_bf16_kernel(w0, ws, t, one_minus_t):
+    """mergekit's model_stock combination in bfloat16: ``a = bf16(s_K / K)`` with
+    ``s_k = bf16(s_{k−1} + θ_k)`` (Python's ``sum``: a rounding per model), then
+    ``bf16(bf16(t a) + bf16((1 − t) θ_0))``.
+
+    Args:
+      w0: (r, n) base, bfloat16 values. ws: K (r, n) fine-tuned weights. t, one_minus_t: (r, 1)
+        bfloat16 values (``1 − t`` as PyTorch rounded it).
+    Returns:
+      (r, n) float32 holding bfloat16 values.
+    """
+    s = ws[0]
+    for x in ws[1:]:
+        s = round_bf16(s + x)
+    avg = round_bf16(_divide(s, jnp.float32(len(ws))))
+    return round_bf16(round_bf16(t * avg) + round_bf16(one_minus_t * w0))

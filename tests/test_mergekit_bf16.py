@@ -107,6 +107,14 @@ CASES.update({
 })
 
 
+CASES.update({
+    "model_stock": lambda z: _config(z, "model_stock", ["ft0", "ft1", "ft2"]),
+    "model_stock filter_wise": lambda z: _config(z, "model_stock", ["ft0", "ft1", "ft2"],
+                                                 params={"filter_wise": True}),
+    "model_stock two models": lambda z: _config(z, "model_stock", ["ft0", "ft1"]),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

@@ -24,7 +24,7 @@ from unmerge_jax.merge.base import Resolved
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
-                "breadcrumbs", "breadcrumbs_ties")
+                "breadcrumbs", "breadcrumbs_ties", "model_stock")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -205,6 +205,43 @@ def _sparsified(res, rows):
     return tuple(out_rows), tuple(keeps)
 
 
+def _model_stock(res, base, tensors, *, deltas):
+    """mergekit's ``model_stock`` in bfloat16: per vector (the whole tensor, or each row of the last
+    axis with ``filter_wise``) PyTorch computes on the same shapes the mean pairwise cosine of the
+    offsets ``bf16(θ_k − θ_0)`` and ``t = K cos / (1 + (K − 1) cos)`` (0 where the denominator is
+    below 1e-6); :func:`~unmerge_jax.kernels.merge_bf16.model_stock_bf16_kernel` mixes."""
+    torch = _torch("model_stock")
+    shape = np.shape(base)
+    b, ts = _thetas(res, base, tensors, deltas, False)
+    if res.shared["filter_wise"]:
+        lay = (1, -1) if len(shape) <= 1 else (-1, shape[-1])
+    else:
+        lay = (1, -1)
+    w0 = torch.from_numpy(np.array(b)).to(torch.bfloat16)
+    ws = [torch.from_numpy(np.array(t)).to(torch.bfloat16) for t in ts]
+    if res.shared["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [x.unsqueeze(0) for x in ws]
+    else:
+        w0, ws = w0.reshape(-1), [x.reshape(-1) for x in ws]
+    offsets = [x - w0 for x in ws]
+    cos = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1:]:
+            norm_product = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
+            cos.append(((oa * ob).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos_theta),
+                    (count * cos_theta) / torch.where(singular, torch.ones_like(denominator), denominator))
+    col = lambda x: x.float().reshape(-1, 1).numpy()   # noqa: E731
+    out = KB.model_stock_bf16_kernel(np.array(b).reshape(lay), tuple(np.array(x).reshape(lay) for x in ts),
+                                     col(t), col(1 - t))
+    return np.asarray(out).reshape(shape)
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -219,6 +256,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "model_stock":
+        return _model_stock(res, base, tensors, deltas=deltas)
     if name == "multislerp":
         return _multislerp(res, base, tensors, deltas=deltas, full=full)
     if name == "nuslerp":
