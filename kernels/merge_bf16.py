@@ -259,3 +259,42 @@ def model_stock_bf16_kernel(w0, ws, t, one_minus_t):
         s = round_bf16(s + x)
     avg = round_bf16(_divide(s, jnp.float32(len(ws))))
     return round_bf16(round_bf16(t * avg) + round_bf16(one_minus_t * w0))
+
+
+@partial(jax.jit, static_argnames=("plus",))
+def ram_bf16_kernel(b, tv, threshold, eps, r, alpha, *, plus: bool):
+    """mergekit's ``ram`` / ``ramplus_tl`` on bfloat16 task vectors ``tv`` (K, n), ``b`` (n,).
+
+    ``nz_k = |δ_k| > bf16(ε)``, ``c = Σ_k nz_k``; the overlap term ``bf16(bf16(δ_k nz_k [c > 1]) / c)``.
+    ``ram``: ``bf16(b + bf16(Σ_k (δ_k nz_k [c = 1] + overlap_k)))``. ``ramplus_tl`` (float32 from the
+    per-model λ on): ``λ_k = 1 + r · clip(s_k / max(u_k, ε), 0, α)`` from the counts of entries shared
+    (``s_k``) and unique (``u_k``) in model k, ``f32(f32(δ_k nz_k [c = 1]) λ_k) + overlap_k`` summed in
+    float32 in model order, ``f32(b + ·)`` (float32: mergekit writes it so).
+
+    Args:
+      b: (n,) float32 bfloat16 values. tv: (K, n) float32 bfloat16 values. threshold: ``bf16(ε)``
+        (float32). eps, r, alpha: float32 scalars (ramplus_tl).
+    Returns:
+      (n,) float32 holding bfloat16 values (``ramplus_tl``: float32 values).
+    """
+    nz = jnp.abs(tv) > threshold
+    counts = jnp.sum(nz, axis=0)
+    overlap, unique = counts > 1, counts == 1
+    tvz = jnp.where(nz, tv, 0.0)
+    over = round_bf16(_divide(jnp.where(overlap, tvz, 0.0), jnp.maximum(counts, 1).astype(jnp.float32)))
+    uniq = jnp.where(unique, tvz, 0.0)
+    k = tv.shape[0]
+    if not plus:
+        merged = _sum_rounded([round_bf16(uniq[i] + over[i]) for i in range(k)])
+        return round_bf16(b + merged)
+    shared = jnp.sum(nz & overlap, axis=1).astype(jnp.float32)
+    uniq_n = jnp.sum(nz & unique, axis=1).astype(jnp.float32)
+    rho = _divide(shared, jnp.maximum(uniq_n, jnp.asarray(eps, jnp.float32)))
+    step = _product_f32(jnp.clip(rho, 0, jnp.asarray(alpha, jnp.float32)), r)
+    lam = round_f32_in_f64(1 + step)
+    terms = [round_f32_in_f64(round_f32_in_f64(uniq[i].astype(jnp.float64) * lam[i]) + over[i].astype(jnp.float64))
+             for i in range(k)]
+    acc = terms[0]
+    for x in terms[1:]:
+        acc = round_f32_in_f64(acc + x)
+    return round_f32_in_f64(b.astype(jnp.float64) + acc).astype(jnp.float32)

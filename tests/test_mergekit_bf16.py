@@ -63,7 +63,7 @@ def _assert_bits(cfg, tmp_path):
     assert set(got) == set(want)
     diff = {n: int((got[n].view(np.uint16) != want[n].view(np.uint16)).sum()) for n in want
             if got[n].dtype == want[n].dtype}
-    assert all(got[n].dtype == want[n].dtype for n in want)
+    assert all(got[n].dtype == want[n].dtype for n in want), {n: (got[n].dtype, want[n].dtype) for n in want}
     assert not any(diff.values()), {n: d for n, d in diff.items() if d}
     return want
 
@@ -112,6 +112,15 @@ CASES.update({
     "model_stock filter_wise": lambda z: _config(z, "model_stock", ["ft0", "ft1", "ft2"],
                                                  params={"filter_wise": True}),
     "model_stock two models": lambda z: _config(z, "model_stock", ["ft0", "ft1"]),
+})
+
+
+CASES.update({
+    "ram": lambda z: _config(z, "ram", ["ft0", "ft1", "ft2"]),
+    "ram epsilon": lambda z: _config(z, "ram", ["ft0", "ft1"], params={"epsilon": 2e-3}),
+    "ramplus_tl": lambda z: _config(z, "ramplus_tl", ["ft0", "ft1", "ft2"]),
+    "ramplus_tl r alpha epsilon": lambda z: _config(z, "ramplus_tl", ["ft0", "ft1", "ft2"],
+                                                    params={"r": 0.4, "alpha": 0.9, "epsilon": 1e-3}),
 })
 
 

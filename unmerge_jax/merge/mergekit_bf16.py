@@ -24,7 +24,8 @@ from unmerge_jax.merge.base import Resolved
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
-                "breadcrumbs", "breadcrumbs_ties", "model_stock")
+                "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram",
+                "ramplus_tl")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -38,6 +39,13 @@ def check_compute_dtype(compute_dtype, method: str) -> str:
         raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit for {', '.join(BF16_METHODS)}, not "
                            f"{method!r}; merge it in float32 (the default)")
     return compute_dtype
+
+
+def output_tag(tag: str, compute: str, method: str, explicit) -> str:
+    """The output dtype tag: mergekit writes ``ramplus_tl``'s result in float32 whatever the config's
+    ``dtype`` (its float32 per-model λ promotes the bfloat16 arithmetic), so ``--compute-dtype
+    bfloat16`` does too unless ``out_dtype`` (or ``--dtype``) is given explicitly."""
+    return "F32" if compute == "bfloat16" and method == "ramplus_tl" and not explicit else tag
 
 
 def _torch(what: str):
@@ -256,6 +264,20 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name in ("ram", "ramplus_tl"):
+        from unmerge_jax.merge.methods.ram import MERGEKIT_FACES, canonical_face
+
+        face = canonical_face(res.shared["face"])
+        if face not in MERGEKIT_FACES.values():
+            raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit's ram faces "
+                               f"({', '.join(MERGEKIT_FACES.values())}), not face {face!r}; merge it in float32")
+        b, ts = _thetas(res, base, tensors, deltas, False)
+        tv = np.stack([np.asarray(KB.sub_bf16_kernel(t, b)).reshape(-1) for t in ts])
+        eps = float(res.shared["epsilon"])
+        out = KB.ram_bf16_kernel(b.reshape(-1), tv, np.float32(KB.round_bf16(np.float32(eps))), np.float32(eps),
+                                 np.float32(res.shared.get("r") or 0.0),
+                                 np.float32(res.shared.get("alpha") or 0.0), plus=face == "tensor_local")
+        return np.asarray(out).reshape(shape)
     if name == "model_stock":
         return _model_stock(res, base, tensors, deltas=deltas)
     if name == "multislerp":
