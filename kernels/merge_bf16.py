@@ -298,3 +298,38 @@ def ram_bf16_kernel(b, tv, threshold, eps, r, alpha, *, plus: bool):
     for x in terms[1:]:
         acc = round_f32_in_f64(acc + x)
     return round_f32_in_f64(b.astype(jnp.float64) + acc).astype(jnp.float32)
+
+
+@jax.jit
+def nearswap_bf16_kernel(a, b, t):
+    """mergekit's ``nearswap`` in bfloat16: ``d = max(bf16|a − b|, bf16(1e-6))``,
+    ``w = clip(bf16(bf16(1/d) · t), 0, 1)`` (PyTorch's ``t / d`` is ``d.reciprocal() * t``), result
+    ``bf16(bf16(w b) + bf16(bf16(1 − w) a))``.
+
+    Args:
+      a: (n,) base, b: (n,) the other model; float32 bfloat16 values. t: float32 scalar.
+    Returns:
+      (n,) float32 holding bfloat16 values.
+    """
+    d = jnp.maximum(jnp.abs(round_bf16(a - b)), round_bf16(jnp.float32(1e-6)))
+    w = jnp.clip(round_bf16(round_bf16(_divide(jnp.ones_like(d), d)) * jnp.asarray(t, jnp.float32)), 0.0, 1.0)
+    return round_bf16(round_bf16(w * b) + round_bf16(round_bf16(1 - w) * a))
+
+
+@jax.jit
+def sce_bf16_kernel(b, tv, w):
+    """mergekit's ``sce`` mixing in bfloat16 (after its top-variance selection): the sign election
+    ``s = sign(bf16(Σ δ_k))`` (ties +), ``e_k = w_k [sign δ_k = s]``, result
+    ``bf16(b + bf16(bf16(Σ bf16(δ_k e_k)) / max(bf16(Σ e_k), bf16(1e-6))))``.
+
+    Args:
+      b: (n,) base, tv: (K, n) task vectors; float32 bfloat16 values. w: (K,) bfloat16 weights.
+    Returns:
+      (n,) float32 holding bfloat16 values.
+    """
+    k = tv.shape[0]
+    majority = jnp.where(_sum_rounded([tv[i] for i in range(k)]) >= 0, 1.0, -1.0)
+    e = [jnp.where(jnp.sign(tv[i]) == majority, w[i], 0.0) for i in range(k)]
+    merged = _sum_rounded([round_bf16(tv[i] * e[i]) for i in range(k)])
+    denom = jnp.maximum(_sum_rounded(e), round_bf16(jnp.float32(1e-6)))
+    return round_bf16(b + round_bf16(_divide(merged, denom)))

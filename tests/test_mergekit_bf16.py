@@ -124,6 +124,16 @@ CASES.update({
 })
 
 
+CASES.update({
+    "sce": lambda z: _config(z, "sce", ["ft0", "ft1", "ft2"]),
+    "sce select_topk": lambda z: _config(z, "sce", ["ft0", "ft1", "ft2"], params={"select_topk": 0.5}),
+    "sce select_topk int8_mask": lambda z: _config(z, "sce", ["ft0", "ft1"],
+                                                   params={"select_topk": 0.3, "int8_mask": True}),
+    "nearswap": lambda z: _config(z, "nearswap", ["ft0"], params={"t": 1e-3}),
+    "nearswap large t": lambda z: _config(z, "nearswap", ["other"], params={"t": 0.05}),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

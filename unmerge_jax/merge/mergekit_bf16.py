@@ -24,8 +24,7 @@ from unmerge_jax.merge.base import Resolved
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
-                "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram",
-                "ramplus_tl")
+                "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram", "ramplus_tl", "sce", "nearswap")
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -250,6 +249,32 @@ def _model_stock(res, base, tensors, *, deltas):
     return np.asarray(out).reshape(shape)
 
 
+def _sce(res, base, tensors, *, deltas):
+    """mergekit's ``sce`` in bfloat16: with ``select_topk < 1`` the entries of the ⌊topk · #(var ≠ 0)⌋
+    largest variances across the models (PyTorch's ``var`` and ``topk``) are kept; the per-model
+    weights are the mean squares of the kept task vectors over their sum (PyTorch's reductions;
+    1/K where the sum is below 1e-6); :func:`~unmerge_jax.kernels.merge_bf16.sce_bf16_kernel` mixes."""
+    torch = _torch("sce")
+    shape = np.shape(base)
+    b, ts = _thetas(res, base, tensors, deltas, False)
+    tv = np.stack([np.asarray(KB.sub_bf16_kernel(t, b)).reshape(-1) for t in ts])
+    tvs = torch.from_numpy(tv).to(torch.bfloat16)
+    topk = float(res.shared["select_topk"])
+    if topk < 1:
+        keep = torch.zeros(tv.shape[1], dtype=torch.bool)
+        if topk > 0:
+            var = torch.var(tvs, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * topk)
+            if k:
+                keep[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = True
+        tvs = tvs * keep.to(torch.bfloat16)
+        tv = tvs.float().numpy()
+    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    return np.asarray(KB.sce_bf16_kernel(b.reshape(-1), tv, weights.float().numpy())).reshape(shape)
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -264,6 +289,12 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "nearswap":
+        b, ts = _thetas(res, base, tensors, deltas, False)
+        out = KB.nearswap_bf16_kernel(b.reshape(-1), ts[0].reshape(-1), np.float32(res.shared["t"]))
+        return np.asarray(out).reshape(shape)
+    if name == "sce":
+        return _sce(res, base, tensors, deltas=deltas)
     if name in ("ram", "ramplus_tl"):
         from unmerge_jax.merge.methods.ram import MERGEKIT_FACES, canonical_face
 
