@@ -333,3 +333,10 @@ def sce_bf16_kernel(b, tv, w):
     merged = _sum_rounded([round_bf16(tv[i] * e[i]) for i in range(k)])
     denom = jnp.maximum(_sum_rounded(e), round_bf16(jnp.float32(1e-6)))
     return round_bf16(b + round_bf16(_divide(merged, denom)))
+
+
+@jax.jit
+def fusion_bf16_kernel(b, theta, keep):
+    """mergekit's ``arcee_fusion`` combination on bfloat16 inputs: ``f32(b + bf16(θ − b) · keep)``
+    (its float32 mask promotes the result to float32)."""
+    return b + jnp.where(keep, round_bf16(theta - b), 0.0)

@@ -134,6 +134,12 @@ CASES.update({
 })
 
 
+CASES.update({
+    "arcee_fusion": lambda z: _config(z, "arcee_fusion", ["ft0"]),
+    "arcee_fusion unrelated": lambda z: _config(z, "arcee_fusion", ["other"]),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _assert_bits(CASES[case](zoo), tmp_path)

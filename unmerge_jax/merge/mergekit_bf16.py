@@ -24,7 +24,10 @@ from unmerge_jax.merge.base import Resolved
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
-                "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram", "ramplus_tl", "sce", "nearswap")
+                "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram", "ramplus_tl", "sce", "nearswap",
+                "arcee_fusion")
+FLOAT32_RESULTS = ("ramplus_tl", "arcee_fusion")   # mergekit's result is float32 even with dtype: bfloat16
+FUSION_SAMPLE = 1_000_000   # above this many entries mergekit samples arcee_fusion's quartiles at random
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
 
 
@@ -41,10 +44,11 @@ def check_compute_dtype(compute_dtype, method: str) -> str:
 
 
 def output_tag(tag: str, compute: str, method: str, explicit) -> str:
-    """The output dtype tag: mergekit writes ``ramplus_tl``'s result in float32 whatever the config's
-    ``dtype`` (its float32 per-model λ promotes the bfloat16 arithmetic), so ``--compute-dtype
-    bfloat16`` does too unless ``out_dtype`` (or ``--dtype``) is given explicitly."""
-    return "F32" if compute == "bfloat16" and method == "ramplus_tl" and not explicit else tag
+    """The output dtype tag: mergekit writes the results of :data:`FLOAT32_RESULTS` in float32
+    whatever the config's ``dtype`` (``ramplus_tl``'s per-model λ and ``arcee_fusion``'s mask are
+    float32 and promote the bfloat16 arithmetic), so ``--compute-dtype bfloat16`` does too unless
+    ``out_dtype`` (or ``--dtype``) is given explicitly."""
+    return "F32" if compute == "bfloat16" and method in FLOAT32_RESULTS and not explicit else tag
 
 
 def _torch(what: str):
@@ -275,6 +279,31 @@ def _sce(res, base, tensors, *, deltas):
     return np.asarray(KB.sce_bf16_kernel(b.reshape(-1), tv, weights.float().numpy())).reshape(shape)
 
 
+def _arcee_fusion(res, base, tensors, *, deltas):
+    """mergekit's ``arcee_fusion`` on bfloat16 inputs. The importance ``|θ − b| · KL(softmax θ ‖
+    softmax b)`` (per row of the last axis, in bfloat16) and its threshold ``median + 1.5 (q3 − q1)``
+    (sorted entries at ``⌊q (n − 1)⌋``) are PyTorch's: the mask compares every entry with the
+    threshold, and XLA's ``exp``/``log`` differ from PyTorch's in the last bit, which moves entries
+    across it. Tensors of more than 10⁶ entries are refused: mergekit draws a random sample of them
+    for the quartiles (no seed reproduces it)."""
+    torch = _torch("arcee_fusion")
+    shape = np.shape(base)
+    b, ts = _thetas(res, base, tensors, deltas, False)
+    if b.size > FUSION_SAMPLE:
+        raise UnmergeError(f"--compute-dtype bfloat16 with arcee_fusion: a tensor of {b.size} entries (> "
+                           f"{FUSION_SAMPLE}) gets quartiles from mergekit's random sample, which no run "
+                           f"reproduces; merge it in float32 (the default)")
+    tb, tp = (torch.from_numpy(np.array(x)).to(torch.bfloat16) for x in (b, ts[0]))
+    diff = (tp - tb).abs()
+    p = torch.nn.functional.softmax(tp, dim=-1) + 1e-8
+    q = torch.nn.functional.softmax(tb, dim=-1) + 1e-8
+    importance = diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ranked, _ = torch.sort(importance.reshape(-1))
+    q1, med, q3 = ranked[(torch.tensor([0.25, 0.5, 0.75]) * (ranked.numel() - 1)).long()]
+    keep = (importance >= med + 1.5 * (q3 - q1)).numpy()
+    return np.asarray(KB.fusion_bf16_kernel(b, ts[0], keep)).reshape(shape)
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -289,6 +318,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "arcee_fusion":
+        return _arcee_fusion(res, base, tensors, deltas=deltas)
     if name == "nearswap":
         b, ts = _thetas(res, base, tensors, deltas, False)
         out = KB.nearswap_bf16_kernel(b.reshape(-1), ts[0].reshape(-1), np.float32(res.shared["t"]))
