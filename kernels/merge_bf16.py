@@ -9,6 +9,10 @@ same bits. The rounding is done on the integer bit pattern (:func:`round_bf16`):
 bfloat16 → float32 convert pair is an identity XLA may drop (excess precision allowed), an
 integer operation is not.
 
+Where mergekit computes in float32 (``linear``, ``slerp``'s upcast, ``ramplus_tl``'s λ), a float32
+rounding is done on the float64 bits (:func:`round_f32_in_f64`) for the same reason: XLA may keep
+excess precision across a float32 convert, or fuse a product into a multiply-add.
+
 ``linear`` computes in float32 in mergekit (its inputs rounded to bfloat16 first): the weighted
 sum is accumulated with fused multiply-adds (``addcmul_``), emulated here in float64 (a bfloat16
 × float32 product is exact in float64) and rounded to float32 at each step.

@@ -435,7 +435,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         ``bfloat16`` compute path reads tensors whole.
       compute_dtype: ``float32`` (default: inputs of any dtype merged in float32, rounded once on
         output) or ``bfloat16`` (mergekit's arithmetic with ``dtype: bfloat16``, bit for bit, for
-        linear, task_arithmetic, ties and passthrough; :mod:`unmerge_jax.merge.mergekit_bf16`).
+        the methods of :data:`unmerge_jax.merge.mergekit_bf16.BF16_METHODS`).
     Returns:
       a :class:`MergeResult` (``skipped``: side files not copied because they link outside the
       source model directory; ``notes``: the notes printed to stderr).

@@ -4,14 +4,16 @@ By default the engine merges in float32 whatever the inputs' dtype, and rounds o
 writes the output — more accurate than mergekit, which casts every input to the config's
 ``dtype`` and runs its arithmetic in it (its ``ties`` differs from the float32 merge by up to
 ≈0.19 on a tiny Llama: the trim and the sign election see rounded task vectors). This module
-reproduces mergekit's bits for ``linear``, ``task_arithmetic``, ``ties`` and ``passthrough``: the arithmetic in
-:mod:`unmerge_jax.kernels.merge_bf16` (float32 with explicit bfloat16 rounding after every
-operation, as PyTorch does on CPU), and TIES's top-k trim by PyTorch's own ``argsort`` of the
-rounded ``|δ|`` — the entries tied at the k-th magnitude are kept in the order PyTorch's
-(unstable) sort leaves them, which no specification fixes, so only PyTorch reproduces it.
+reproduces mergekit's bits for every method in :data:`BF16_METHODS`: the tensor-sized arithmetic
+in :mod:`unmerge_jax.kernels.merge_bf16` (float32 with explicit bfloat16 rounding after every
+operation, as PyTorch does on CPU, in mergekit's order and with its upcasts), and the few
+statistics that only PyTorch reproduces computed by PyTorch on the same shapes: reductions over
+a tensor (its vectorised summation order is not specified), transcendental functions (XLA's
+differ in the last bit) and sorts (tied magnitudes stay in the order PyTorch's unstable sort
+leaves them). :data:`NOT_REPRODUCED` says why the other methods are refused.
 
-This mode works on whole tensors (the trim sorts all of ``|δ_k|``: an int64 index per entry), as
-mergekit does; the default float32 path streams chunks.
+This mode works on whole tensors (sorts need an index per entry), as mergekit does; the default
+float32 path streams chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
                 "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram", "ramplus_tl", "sce", "nearswap",
                 "arcee_fusion")
+# Why the other mergekit methods are refused in this mode.
+_RANDOM = "mergekit draws its masks with torch.bernoulli, which no seed of ours reproduces"
+NOT_REPRODUCED = {"dare_linear": _RANDOM, "dare_ties": _RANDOM, "della": _RANDOM, "della_linear": _RANDOM,
+                  "karcher": "its bfloat16 iterations are not emulated"}
 FLOAT32_RESULTS = ("ramplus_tl", "arcee_fusion")   # mergekit's result is float32 even with dtype: bfloat16
 FUSION_SAMPLE = 1_000_000   # above this many entries mergekit samples arcee_fusion's quartiles at random
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
@@ -38,8 +44,9 @@ def check_compute_dtype(compute_dtype, method: str) -> str:
     if compute_dtype not in COMPUTE_DTYPES:
         raise UnmergeError(f"unknown compute dtype {compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
     if compute_dtype == "bfloat16" and method not in BF16_METHODS:
+        why = NOT_REPRODUCED.get(method)
         raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit for {', '.join(BF16_METHODS)}, not "
-                           f"{method!r}; merge it in float32 (the default)")
+                           f"{method!r}{f' ({why})' if why else ''}; merge it in float32 (the default)")
     return compute_dtype
 
 
