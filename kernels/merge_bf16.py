@@ -344,3 +344,29 @@ def fusion_bf16_kernel(b, theta, keep):
     """mergekit's ``arcee_fusion`` combination on bfloat16 inputs: ``f32(b + bf16(θ − b) · keep)``
     (its float32 mask promotes the result to float32)."""
     return b + jnp.where(keep, round_bf16(theta - b), 0.0)
+
+
+@jax.jit
+def div_scalar_bf16(x, s):
+    """``bf16(bf16(x) / s)``: a bfloat16 tensor divided by a float32 scalar (PyTorch keeps the
+    scalar's float32 value)."""
+    return round_bf16(_divide(round_bf16(x), jnp.asarray(s, jnp.float32)))
+
+
+@jax.jit
+def axpy_bf16(y, a, x):
+    """``bf16(y + bf16(a · x))`` (``a`` a float32 scalar): PyTorch's ``y += a * x`` in bfloat16."""
+    return round_bf16(y + round_bf16(jnp.asarray(a, jnp.float32) * x))
+
+
+@jax.jit
+def karcher_tangent_bf16(tangent, unit, mean, dot, c):
+    """``bf16(g + bf16(c · bf16(u − bf16(dot · m))))``: one model's term of the Karcher gradient."""
+    return round_bf16(tangent + round_bf16(c * round_bf16(unit - round_bf16(dot * mean))))
+
+
+@jax.jit
+def karcher_step_bf16(mean, tangent, cos_n, sin_n, norm):
+    """``bf16(bf16(cos‖g‖ · m) + bf16(sin‖g‖ · bf16(g / ‖g‖)))``: the geodesic step."""
+    step = round_bf16(_divide(tangent, jnp.asarray(norm, jnp.float32)))
+    return round_bf16(round_bf16(cos_n * mean) + round_bf16(sin_n * step))

@@ -145,6 +145,12 @@ CASES.update({
 })
 
 
+CASES.update({
+    "karcher": lambda z: _config(z, "karcher", ["ft0", "ft1", "other"], base=None),
+    "karcher with base": lambda z: _config(z, "karcher", ["ft0", "ft1"], params={"max_iter": 20, "tol": 1e-7}),
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_compute_reproduces_mergekit_bit_for_bit(zoo, tmp_path, case):
     _, changed = _assert_bits(CASES[case](zoo), tmp_path)

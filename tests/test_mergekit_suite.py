@@ -130,7 +130,8 @@ SUITE = [
           F32 + "; equal in distribution (the generators differ)"),
     Entry(BASIC, "test_della_invalid_epsilon", "refused", S + "test_della_invalid_epsilon_refused_by_both",
           "mergekit raises ValueError; we refuse in one line, nothing written"),
-    Entry(BASIC, "test_karcher_merge", "parity", SL + "test_karcher_matches_mergekit[names0-c-params0]", F32),
+    Entry(BASIC, "test_karcher_merge", "parity", SL + "test_karcher_matches_mergekit[names0-c-params0]",
+          F32 + "; bf16 bit for bit: " + BF + "[karcher]"),
     # --- TestBasicMerges, LLaVA ------------------------------------------------------------------
     *[Entry(BASIC, t, "parity", AR + f"test_llava_matches_mergekit[{t}]",
             "pico LLaVA; " + F32 + "; mergekit drops the language model: compared with mergekit on the text models"

@@ -27,11 +27,10 @@ from unmerge_jax.merge.base import Resolved
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BF16_METHODS = ("linear", "task_arithmetic", "ties", "passthrough", "slerp", "nuslerp", "multislerp",
                 "breadcrumbs", "breadcrumbs_ties", "model_stock", "ram", "ramplus_tl", "sce", "nearswap",
-                "arcee_fusion")
+                "arcee_fusion", "karcher")
 # Why the other mergekit methods are refused in this mode.
 _RANDOM = "mergekit draws its masks with torch.bernoulli, which no seed of ours reproduces"
-NOT_REPRODUCED = {"dare_linear": _RANDOM, "dare_ties": _RANDOM, "della": _RANDOM, "della_linear": _RANDOM,
-                  "karcher": "its bfloat16 iterations are not emulated"}
+NOT_REPRODUCED = {"dare_linear": _RANDOM, "dare_ties": _RANDOM, "della": _RANDOM, "della_linear": _RANDOM}
 FLOAT32_RESULTS = ("ramplus_tl", "arcee_fusion")   # mergekit's result is float32 even with dtype: bfloat16
 FUSION_SAMPLE = 1_000_000   # above this many entries mergekit samples arcee_fusion's quartiles at random
 SLERP_CHUNK = 1 << 20   # mergekit's slerp reduces in chunks of this many elements (of one output tensor)
@@ -44,9 +43,9 @@ def check_compute_dtype(compute_dtype, method: str) -> str:
     if compute_dtype not in COMPUTE_DTYPES:
         raise UnmergeError(f"unknown compute dtype {compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
     if compute_dtype == "bfloat16" and method not in BF16_METHODS:
-        why = NOT_REPRODUCED.get(method)
-        raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit for {', '.join(BF16_METHODS)}, not "
-                           f"{method!r}{f' ({why})' if why else ''}; merge it in float32 (the default)")
+        why = NOT_REPRODUCED.get(method, "not one of mergekit's methods")
+        raise UnmergeError(f"--compute-dtype bfloat16 reproduces mergekit for every method but "
+                           f"{', '.join(NOT_REPRODUCED)}, not {method!r} ({why}); merge it in float32 (the default)")
     return compute_dtype
 
 
@@ -311,6 +310,62 @@ def _arcee_fusion(res, base, tensors, *, deltas):
     return np.asarray(KB.fusion_bf16_kernel(b, ts[0], keep)).reshape(shape)
 
 
+def _karcher(res, base, tensors, *, deltas, full):
+    """mergekit's ``karcher`` on bfloat16 inputs: norms in float32, units, mean and gradient in
+    bfloat16, as its loop does (same branches on ``tol``, at most ``max_iter`` steps). PyTorch
+    divides a bfloat16 tensor by a float32 0-d tensor's float32 value but multiplies by it rounded
+    to bfloat16 (``cos‖g‖``, ``sin‖g‖``, the final norm scale). The norms,
+    dots and the scalar chain (``acos``, ``sin``, ``cos``) are PyTorch's; the tensor-sized steps run
+    in :mod:`~unmerge_jax.kernels.merge_bf16`."""
+    torch = _torch("karcher")
+    shape = np.shape(base)
+    # The config makes a base_model one more input, last (mergekit's group order).
+    xs = [t.reshape(-1) for t in _thetas(res, base, tensors, deltas, full)[1]]
+    if len(xs) == 1:
+        return xs[0].reshape(shape)
+    tol, max_iter = float(res.shared["tol"]), int(res.shared["max_iter"])
+    alphas = [1.0 / len(xs)] * len(xs)
+    bf = lambda x: torch.from_numpy(np.array(x, np.float32)).to(torch.bfloat16)   # noqa: E731
+    rounded = lambda x: x.to(torch.bfloat16).float().numpy()   # noqa: E731
+    norms = [torch.linalg.vector_norm(torch.from_numpy(np.array(x))) for x in xs]
+    units = [np.zeros_like(x) if n.item() == 0.0 else np.asarray(KB.div_scalar_bf16(x, n.numpy()))
+             for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return np.zeros(shape, np.float32)
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    units = [units[i] for i in valid]
+    mean = np.zeros_like(units[0])
+    for a, u in zip(weights, units):
+        mean = np.asarray(KB.axpy_bf16(mean, np.float32(a), u))
+    norm = torch.linalg.vector_norm(torch.from_numpy(np.array(mean)))
+    mean = units[0].copy() if norm.item() < tol else np.asarray(KB.div_scalar_bf16(mean, norm.numpy()))
+    tu = [bf(u) for u in units]
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        tm = bf(mean)
+        for a, u, t_u in zip(weights, units, tu):
+            dot = torch.clamp(torch.dot(tm, t_u), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            c = a * (theta / torch.sin(theta))
+            tangent = np.asarray(KB.karcher_tangent_bf16(tangent, u, mean, dot.float().numpy(), c.float().numpy()))
+        tn = torch.linalg.vector_norm(torch.from_numpy(np.array(tangent)))
+        if tn.item() < tol:
+            break
+        # PyTorch multiplies a bfloat16 tensor by a float32 0-d tensor after rounding it to bfloat16
+        # (it divides by its float32 value)
+        mean = np.asarray(KB.karcher_step_bf16(mean, tangent, rounded(torch.cos(tn)), rounded(torch.sin(tn)),
+                                               tn.numpy()))
+        un = torch.linalg.vector_norm(torch.from_numpy(np.array(mean)))
+        if un.item() > tol:
+            mean = np.asarray(KB.div_scalar_bf16(mean, un.numpy()))
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return np.asarray(KB.scale_bf16_kernel(mean, rounded(scale))).reshape(shape)
+
+
 def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool, full: bool) -> np.ndarray:
     """One tensor merged in mergekit's bfloat16 arithmetic.
 
@@ -325,6 +380,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
     shape = base.shape
     name = res.method.name
     w = np.asarray(res.weights, np.float32)
+    if name == "karcher":
+        return _karcher(res, base, tensors, deltas=deltas, full=full)
     if name == "arcee_fusion":
         return _arcee_fusion(res, base, tensors, deltas=deltas)
     if name == "nearswap":
