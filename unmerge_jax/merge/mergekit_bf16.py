@@ -375,7 +375,8 @@ def merge_tensor_bf16(res: Resolved, base: np.ndarray, tensors, *, deltas: bool,
       tensors: K float32 arrays of shape ``S``: task vectors if ``deltas`` else fine-tuned weights.
       full: ``linear`` over full weights (no base: ``tensors`` are the weights themselves).
     Returns:
-      float32 array of shape ``S`` holding bfloat16 values.
+      float32 array of shape ``S`` holding bfloat16 values (for :data:`FLOAT32_RESULTS`, the float32
+      values mergekit writes).
     """
     shape = base.shape
     name = res.method.name
