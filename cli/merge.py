@@ -77,7 +77,9 @@ def register(sub) -> None:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="arithmetic dtype (default float32: inputs of any dtype merged in float32 and rounded once "
                         "on output); bfloat16 reproduces mergekit's dtype: bfloat16 merge bit for bit (linear, "
-                        "task_arithmetic, ties, passthrough)")
+                        "task_arithmetic, ties, passthrough, slerp, nuslerp, multislerp, breadcrumbs, "
+                        "breadcrumbs_ties, model_stock, ram, ramplus_tl, sce, nearswap, arcee_fusion, karcher; not "
+                        "DARE, DELLA: random masks); needs PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--shard-size", type=float, default=5.0, help="maximum output shard size in GB (default 5)")
     p.add_argument("--overlap", action="store_true",

@@ -518,7 +518,10 @@ PARAM_CASES = {
     "long method name": (dict(method="x" * 100_000), [], ["unknown merge method", "..."]),
     "missing lora": (dict(models=("ft0+no_such_lora",)), [], ["lora", "does not exist"]),
     "model+lora+lora": (dict(models=("ft0+lora+lora",)), [], ["cannot parse model reference"]),
-    "compute bf16 for ram": (dict(method="ram"), ["--compute-dtype", "bfloat16"], ["reproduces mergekit for"]),
+    "compute bf16 for dare_linear": (dict(method="dare_linear"), ["--compute-dtype", "bfloat16"],
+                                     ["reproduces mergekit for", "torch.bernoulli"]),
+    "compute bf16 for a ram face mergekit lacks": (dict(method="ram", parameters={"face": "overlap_unique"}),
+                                                   ["--compute-dtype", "bfloat16"], ["mergekit's ram faces"]),
 }
 
 

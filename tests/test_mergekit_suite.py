@@ -59,6 +59,8 @@ AR = "tests/test_mergekit_arch.py::"
 TK = "tests/test_mergekit_tokenizer.py::"
 CF = "tests/test_mergekit_config.py::"
 F32 = "float32 (mergekit's test: bfloat16)"
+BF = "tests/test_mergekit_bf16.py::test_bfloat16_compute_reproduces_mergekit_bit_for_bit"
+ALSO_BF16 = "; also bf16 bit for bit (test_basic_merge_bfloat16_as_written_bit_for_bit)"
 NU = [(b, rw, fl) for b in (None, "c") for rw in (False, True) for fl in (False, True)]
 
 
@@ -88,37 +90,48 @@ SUITE = [
           "mergekit's check (o_proj zero, the rest untouched) in test_passthrough_scale_zeroes_the_filtered_tensors"),
     Entry(BASIC, "test_linear_merge", "parity", S + "test_basic_merge_matches_mergekit[test_linear_merge]",
           "also bf16 bit for bit"),
-    Entry(BASIC, "test_slerp_merge", "parity", SL + "test_slerp_matches_mergekit[names0-a-params0]", F32),
+    Entry(BASIC, "test_slerp_merge", "parity", SL + "test_slerp_matches_mergekit[names0-a-params0]",
+          F32 + "; bf16 bit for bit on a tiny Llama: " + BF + "[slerp unrelated]"),
     *[Entry(BASIC, f"test_nuslerp_merges[{_nu_id(*v)}]", "parity",
             SL + f"test_nuslerp_matches_mergekit[params{i}-{'c' if v[0] else 'None'}-weights{i}]",
-            F32 + ("; slow" if v[0] is None and (v[1] or v[2]) else "")) for i, v in enumerate(NU)],
+            F32 + ("; slow" if v[0] is None and (v[1] or v[2]) else "")
+            + f"; bf16 bit for bit: {BF}[nuslerp base={v[0] and 'base'} row_wise={v[1]} flatten={v[2]}]")
+      for i, v in enumerate(NU)],
     Entry(BASIC, "test_nuslerp_merges[weights sum to zero]", "parity",
-          SL + "test_nuslerp_matches_mergekit[params8-c-weights8]", F32),
+          SL + "test_nuslerp_matches_mergekit[params8-c-weights8]",
+          F32 + "; bf16 bit for bit: " + BF + "[nuslerp weights sum to zero]"),
     Entry(BASIC, "test_task_arithmetic_merge", "parity", S + "test_basic_merge_matches_mergekit[test_task_arithmetic_merge]",
           "also bf16 bit for bit"),
-    Entry(BASIC, "test_breadcrumbs_merge", "parity", S + "test_basic_merge_matches_mergekit[test_breadcrumbs_merge]", F32),
+    Entry(BASIC, "test_breadcrumbs_merge", "parity", S + "test_basic_merge_matches_mergekit[test_breadcrumbs_merge]",
+          F32 + ALSO_BF16),
     Entry(BASIC, "test_ties_merge", "parity", S + "test_basic_merge_matches_mergekit[test_ties_merge]",
           "also bf16 bit for bit"),
-    Entry(BASIC, "test_sce_merge", "parity", S + "test_basic_merge_matches_mergekit[test_sce_merge]", F32),
+    Entry(BASIC, "test_sce_merge", "parity", S + "test_basic_merge_matches_mergekit[test_sce_merge]", F32 + ALSO_BF16),
     Entry(BASIC, "test_ram_merge", "parity", S + "test_basic_merge_matches_mergekit[test_ram_merge]",
-          F32 + "; the per-model weights are ignored as by mergekit, with a note"),
+          F32 + "; the per-model weights are ignored as by mergekit, with a note" + ALSO_BF16),
     Entry(BASIC, "test_ramplus_tl_merge", "parity", S + "test_basic_merge_matches_mergekit[test_ramplus_tl_merge]",
-          F32 + "; the per-model weights are ignored as by mergekit, with a note"),
-    Entry(BASIC, "test_multislerp_merge", "parity", SL + "test_multislerp_matches_mergekit[names0-c-None-weights0]", F32),
+          F32 + "; the per-model weights are ignored as by mergekit, with a note" + ALSO_BF16
+          + " (written in float32, as mergekit writes it)"),
+    Entry(BASIC, "test_multislerp_merge", "parity", SL + "test_multislerp_matches_mergekit[names0-c-None-weights0]",
+          F32 + "; bf16 bit for bit: " + BF + "[multislerp]"),
     Entry(BASIC, "test_dare_ties_merge", "parity", S + "test_basic_merge_matches_mergekit[test_dare_ties_merge]",
           F32 + "; mergekit draws our keep-masks (different generators)"),
-    Entry(BASIC, "test_model_stock_merge", "parity", S + "test_basic_merge_matches_mergekit[test_model_stock_merge]", F32),
+    Entry(BASIC, "test_model_stock_merge", "parity", S + "test_basic_merge_matches_mergekit[test_model_stock_merge]",
+          F32 + ALSO_BF16),
     Entry(BASIC, "test_model_stock_filterwise_merge", "parity",
-          S + "test_basic_merge_matches_mergekit[test_model_stock_filterwise_merge]", F32),
+          S + "test_basic_merge_matches_mergekit[test_model_stock_filterwise_merge]", F32 + ALSO_BF16),
     Entry(BASIC, "test_arcee_fusion_merge", "parity",
           SL + "test_arcee_fusion_matches_mergekit_away_from_the_threshold[names0]",
-          F32 + "; also given mergekit's importance, test_arcee_fusion_matches_mergekit_given_the_same_importance[names0]"),
-    Entry(BASIC, "test_nearswap_merge", "parity", SL + "test_nearswap_matches_mergekit[names0-0.0001]", F32),
+          F32 + "; also given mergekit's importance, test_arcee_fusion_matches_mergekit_given_the_same_importance[names0]"
+          + "; bf16 bit for bit: " + BF + "[arcee_fusion unrelated]"),
+    Entry(BASIC, "test_nearswap_merge", "parity", SL + "test_nearswap_matches_mergekit[names0-0.0001]",
+          F32 + "; bf16 bit for bit: " + BF + "[nearswap]"),
     Entry(BASIC, "test_della_merge", "parity", S + "test_della_merge_equal_in_distribution_to_mergekit",
           F32 + "; equal in distribution (the generators differ)"),
     Entry(BASIC, "test_della_invalid_epsilon", "refused", S + "test_della_invalid_epsilon_refused_by_both",
           "mergekit raises ValueError; we refuse in one line, nothing written"),
-    Entry(BASIC, "test_karcher_merge", "parity", SL + "test_karcher_matches_mergekit[names0-c-params0]", F32),
+    Entry(BASIC, "test_karcher_merge", "parity", SL + "test_karcher_matches_mergekit[names0-c-params0]",
+          F32 + "; bf16 bit for bit: " + BF + "[karcher]"),
     # --- TestBasicMerges, LLaVA ------------------------------------------------------------------
     *[Entry(BASIC, t, "parity", AR + f"test_llava_matches_mergekit[{t}]",
             "pico LLaVA; " + F32 + "; mergekit drops the language model: compared with mergekit on the text models"
@@ -267,7 +280,9 @@ BASIC_CASES = {   # mergekit's test -> config(models, dtype)
     "test_model_stock_filterwise_merge": lambda m, dt: _two(m, "model_b", "model_c", "model_stock", "model_a",
                                                             {"filter_wise": True}, dtype=dt),
 }
-BF16_BITS = ["test_gpt2_copy", "test_gpt2_stack", "test_linear_merge", "test_task_arithmetic_merge", "test_ties_merge"]
+BF16_BITS = ["test_gpt2_copy", "test_gpt2_stack", "test_linear_merge", "test_task_arithmetic_merge", "test_ties_merge",
+             "test_breadcrumbs_merge", "test_sce_merge", "test_ram_merge", "test_ramplus_tl_merge",
+             "test_model_stock_merge", "test_model_stock_filterwise_merge"]
 
 
 def _mergekit(cfg, out):

@@ -51,7 +51,7 @@ from unmerge_jax.merge.base import short
 from unmerge_jax.merge.card import CONFIG_NAME, write_recipe  # noqa: F401  (CONFIG_NAME: where the recipe is)
 from unmerge_jax.merge.chunks import BASE, CHUNK, OUTPUT, NonFinite, TensorChunks, scratch
 from unmerge_jax.merge.config import MergeConfig, layer_fraction, load_config, resolve_for_tensor
-from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16
+from unmerge_jax.merge.mergekit_bf16 import check_compute_dtype, merge_tensor_bf16, output_tag as bf16_output_tag
 from unmerge_jax.merge.params import get_method, resolve
 from unmerge_jax.merge.refs import LoraApplied, weights_source
 from unmerge_jax.merge.tensor import merge_resolved, merge_streamed
@@ -435,7 +435,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
         ``bfloat16`` compute path reads tensors whole.
       compute_dtype: ``float32`` (default: inputs of any dtype merged in float32, rounded once on
         output) or ``bfloat16`` (mergekit's arithmetic with ``dtype: bfloat16``, bit for bit, for
-        linear, task_arithmetic, ties and passthrough; :mod:`unmerge_jax.merge.mergekit_bf16`).
+        the methods of :data:`unmerge_jax.merge.mergekit_bf16.BF16_METHODS`).
     Returns:
       a :class:`MergeResult` (``skipped``: side files not copied because they link outside the
       source model directory; ``notes``: the notes printed to stderr).
@@ -478,6 +478,7 @@ def merge(config, out, *, seed: int = 0, force: bool = False, dtype: str | None 
             res_by_name[name] = resolve_for_tensor(cfg, name, layer_fraction(name, n_layers))
     stored = [ref.dtype(n) for n in names if n in res_by_name]
     tag = dtype_tag(dtype or cfg.out_dtype or cfg.dtype or (max(set(stored), key=stored.count) if stored else "F32"))
+    tag = bf16_output_tag(tag, compute, cfg.merge_method, dtype or cfg.out_dtype)   # mergekit's float32 ramplus_tl
     lambdas = None
     first = next(iter(res_by_name.values()), None)
     plan = [(n, shapes[n], tag if n in res_by_name else ref.dtype(n)) for n in names]
