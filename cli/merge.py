@@ -12,7 +12,8 @@ from unmerge_jax.merge import MERGE_METHODS
 from unmerge_jax.merge.methods.ram import ALIASES, FACES
 
 HELP = """Merge fine-tuned models or PEFT LoRA adapters into a new model directory, one tensor at a
-time (peak memory ~ (1 + K) x the largest tensor), from a config in mergekit's YAML schema:
+time, tensors above 4 Mi entries by row blocks (peak memory bounded by the blocks and K, not by
+the model or the largest tensor), from a config in mergekit's YAML schema:
 
   merge_method: ties            # one of the methods below
   base_model: ./base
