@@ -6,8 +6,10 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 ``--boot`` bootstrap replicates and the signature sums. Then:
 
 * ``calibration`` — :func:`unmerge_jax.attribution.calibrate.calibrate` on the calibration seeds
-  (default 0–4), and whether it reproduces the library's :data:`DEFAULT_RULES`;
-* ``holdout`` — the library's rules on the other seeds (default synthetic 5–11, tiny 0–1): the
+  (default: the library's record ``rules.CALIBRATION``, synthetic 0–4 and tiny 0–2), and whether it
+  reproduces the library's :data:`DEFAULT_RULES`;
+* ``holdout`` — the library's rules on the other seeds (default synthetic 5–11 and the tiny seeds
+  of ``rules.HELD_OUT``, 3–4): the
   figures of :data:`~unmerge_jax.attribution.calibrate.TARGETS` per variant, every error, and the
   paper-faithful support (``|a| > 1e-8``) of plain NNLS beside them;
 * ``ties_aware`` — on known TIES targets of the hold-out seeds: plain NNLS, NNLS on the trimmed
@@ -16,7 +18,7 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 
 Writes ``bench/results/attribution.json``.
 
-Usage: ``python bench/attribution.py [--calibration 0-4] [--holdout 5-11] [--tiny-seeds 0,1 --cache DIR] [--boot 200]``
+Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-2] [--holdout 5-11] [--tiny-seeds 3,4] [--cache DIR] [--boot 200]``
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import unmerge_jax
 from unmerge_jax.attribution import DEFAULT_RULES, PRESENT, attribute, trim_thresholds
 from unmerge_jax.attribution.calibrate import (Problem, calibrate, columns, merge_target, rules_dict, score,
                                                summarize)
+from unmerge_jax.attribution.rules import CALIBRATION, HELD_OUT
 from unmerge_jax.attribution.signatures import DENSITY_GRID, signature_stats
 from unmerge_jax.experiment.presets import get_preset
 from unmerge_jax.experiment.targets import make_targets, truth_matrix
@@ -154,9 +157,15 @@ def paper_support(problem: Problem, at) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calibration", default="0-4")
+    cal_tiny = ",".join(map(str, CALIBRATION["presets"]["tiny"]))
+    ap.add_argument("--calibration", default=",".join(map(str, CALIBRATION["presets"]["synthetic"])),
+                    help="synthetic seeds to calibrate on (default: the library's calibration record)")
+    ap.add_argument("--calibration-tiny", default=cal_tiny,
+                    help=f"tiny-preset seeds to calibrate on (default {cal_tiny}, the library's record; "
+                         "trains or reuses adapters)")
     ap.add_argument("--holdout", default="5-11")
-    ap.add_argument("--tiny-seeds", default="", help="tiny-preset seeds to report (trains or reuses adapters)")
+    ap.add_argument("--tiny-seeds", default=",".join(map(str, HELD_OUT["tiny"])),
+                    help="tiny-preset seeds to report (default: the library's held-out seeds)")
     ap.add_argument("--cache", type=Path, default=None, help="model cache of the tiny preset")
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -168,10 +177,13 @@ def main():
     cal = []
     for seed in seeds_arg(args.calibration):
         cal += build("synthetic", seed, args.boot, args.cache, timing)[0]
+    for seed in seeds_arg(args.calibration_tiny):
+        cal += build("tiny", seed, args.boot, args.cache, timing)[0]
     t0 = time.perf_counter()
     rules, report = calibrate(cal)
     timing["calibrate"] = [time.perf_counter() - t0]
-    result["calibration"] = {"seeds": seeds_arg(args.calibration), "rules": rules_dict(rules), "splits": report,
+    result["calibration"] = {"seeds": seeds_arg(args.calibration), "tiny_seeds": seeds_arg(args.calibration_tiny),
+                             "rules": rules_dict(rules), "splits": report,
                              "reproduces_default_rules": rules == DEFAULT_RULES,
                              "default_rules": rules_dict(DEFAULT_RULES)}
     print("calibrated:", rules, "(= DEFAULT_RULES)" if rules == DEFAULT_RULES else "(differs from DEFAULT_RULES)")
