@@ -219,6 +219,21 @@ def run_mergekit(cfg: dict, out, **options):
 
 # --- the pico models of mergekit's own tests (mergekit tests/common.py shapes), seeded ---------------
 
+def merge_config(paths: dict, method: str, names, base=None, params=None, per_model=None,
+                 dtype: str = "float32") -> dict:
+    """A mergekit config: ``models`` are ``paths[n]`` for ``n`` in ``names``, each with its
+    ``parameters`` dict from ``per_model`` (None: none; zipped with ``names``), ``base_model``
+    ``paths[base]`` when ``base`` is given, method-wide ``parameters`` when ``params``."""
+    per_model = [None] * len(names) if per_model is None else per_model
+    models = [{"model": paths[n], **({"parameters": w} if w is not None else {})} for n, w in zip(names, per_model)]
+    cfg = {"merge_method": method, "dtype": dtype, "models": models}
+    if base is not None:
+        cfg["base_model"] = paths[base]
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
 def pico_llama(seed: int, vocab_size: int = 64):
     """mergekit's ``make_picollama``: Llama, vocabulary 64, hidden 32, MLP 48, 16 heads, 2 layers."""
     import torch

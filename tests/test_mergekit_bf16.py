@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: bf16 parity with mergekit not checked")
 
-from tests._tiny_models import parity_llama, run_mergekit, stored_state  # noqa: E402
+from tests._tiny_models import merge_config, parity_llama, run_mergekit, stored_state  # noqa: E402
 from unmerge_jax import merge  # noqa: E402
 
 
@@ -43,16 +43,7 @@ def zoo(tmp_path_factory):
 
 
 def _config(zoo, method, names, base="base", params=None, weights=None):
-    weights = weights or [None] * len(names)
-    models = []
-    for n, w in zip(names, weights):
-        models.append({"model": zoo[n], **({"parameters": w} if w is not None else {})})
-    cfg = {"merge_method": method, "dtype": "bfloat16", "models": models}
-    if base is not None:
-        cfg["base_model"] = zoo[base]
-    if params:
-        cfg["parameters"] = params
-    return cfg
+    return merge_config(zoo, method, names, base, params, weights, dtype="bfloat16")
 
 
 def _assert_bits(cfg, tmp_path):

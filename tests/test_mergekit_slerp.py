@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: parity with mergekit not checked")
 
-from tests._tiny_models import fine_tune, numpy_state, run_mergekit  # noqa: E402
+from tests._tiny_models import fine_tune, merge_config, numpy_state, run_mergekit  # noqa: E402
 from unmerge_jax import merge  # noqa: E402
 
 ATOL = 1e-5
@@ -49,13 +49,7 @@ def models(tmp_path_factory):
 
 
 def _config(models, method, names, base=None, params=None, weights=(0.6, 0.4)):
-    cfg = {"merge_method": method, "dtype": "float32",
-           "models": [{"model": models[n], "parameters": {"weight": w}} for n, w in zip(names, weights)]}
-    if base is not None:
-        cfg["base_model"] = models[base]
-    if params:
-        cfg["parameters"] = params
-    return cfg
+    return merge_config(models, method, names, base, params, [{"weight": w} for w in weights])
 
 
 def _mergekit(cfg, out):
