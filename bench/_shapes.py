@@ -3,17 +3,9 @@
 
 def llama_shapes(hidden, layers, vocab, inter):
     """``{tensor name: shape}`` of a Llama model (embeddings, lm_head, q/k/v/o, gated MLP, norms)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{m}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    return shapes
+    return gqa_shapes({"hidden_size": hidden, "intermediate_size": inter, "vocab_size": vocab,
+                       "num_attention_heads": 1, "num_key_value_heads": 1, "tie_word_embeddings": False,
+                       "num_hidden_layers": layers})
 
 
 def gqa_shapes(cfg: dict, layers: int | None = None, qkv_bias: bool = False) -> dict:
