@@ -521,10 +521,17 @@ def first_nonfinite(arr: np.ndarray):
     return None if bad.size == 0 else tuple(int(i) for i in np.unravel_index(bad[0], arr.shape))
 
 
-def nonfinite_error(name: str, where: str, arr: np.ndarray, what: str = "holds") -> UnmergeError:
-    """The one-line error for a tensor with NaN/Inf: file, tensor, first index and value."""
-    idx = first_nonfinite(arr)
-    at = "" if idx is None else f" at index {idx if len(idx) != 1 else idx[0]} ({arr[idx]})"
+def nonfinite_error(name: str, where: str, arr: np.ndarray, what: str = "holds", start: int = 0,
+                    shape=None) -> UnmergeError:
+    """The one-line error for a tensor with NaN/Inf: file, tensor, first index and value. ``arr`` may
+    also be the flat entries from ``start`` of a tensor of ``shape`` (a row block): the index is the
+    tensor's."""
+    flat = arr.reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    at = ""
+    if bad.size:
+        idx = tuple(int(i) for i in np.unravel_index(start + bad[0], arr.shape if shape is None else tuple(shape)))
+        at = f" at index {idx if len(idx) != 1 else idx[0]} ({flat[bad[0]]})"
     return UnmergeError(f"tensor {name} of {where} {what} a non-finite value{at}; fix or drop that input")
 
 

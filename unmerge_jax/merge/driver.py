@@ -349,10 +349,8 @@ def _check_values(name: str, arr: np.ndarray, limit, src, start: int = 0, shape=
     def at(i):
         idx = tuple(int(j) for j in np.unravel_index(start + i, shape))
         return idx[0] if len(idx) == 1 else idx
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:   # the message of sources.nonfinite_error, for an index anywhere in the tensor
-        raise UnmergeError(f"tensor {name} of {src.where(name)} holds a non-finite value at index {at(bad[0])} "
-                           f"({flat[bad[0]]}); fix or drop that input")
+    if first_nonfinite(flat) is not None:
+        raise nonfinite_error(name, src.where(name), flat, start=start, shape=shape)
     bad = np.flatnonzero(np.abs(flat) >= limit)[0]
     raise UnmergeError(f"tensor {name} of {src.where(name)} holds {flat[bad]:g} at index "
                        f"{at(bad)}, beyond the output dtype's range (|x| ≥ {limit:.6g} "
@@ -370,11 +368,8 @@ def _nonfinite_in(src, name: str, chunk: int = CHUNK, whole_max: int = WHOLE_MAX
     read = _flat_reader(src, name, shape)
     for a in range(0, n, chunk):
         blk = read(a, min(a + chunk, n), scratch(("scan",), 4 * (min(a + chunk, n) - a)).view(np.float32))
-        bad = np.flatnonzero(~np.isfinite(blk))
-        if bad.size:
-            idx = tuple(int(j) for j in np.unravel_index(a + bad[0], shape))
-            return UnmergeError(f"tensor {name} of {src.where(name)} holds a non-finite value at index "
-                                f"{idx[0] if len(idx) == 1 else idx} ({blk[bad[0]]}); fix or drop that input")
+        if first_nonfinite(blk) is not None:
+            return nonfinite_error(name, src.where(name), blk, start=a, shape=shape)
     return None
 
 
