@@ -554,54 +554,50 @@ def write_merged(base, models, names, res_by_name: dict, writer, *, tag: str = "
             if name in res_by_name:
                 _check_values(name, out, limit, ref)
             return name, out, False, None
-        if streamed:
-            blocks = _RowBlocks(base, models, name, shape)
-            try:
-                merge_streamed(res_by_name[name], blocks, shape, len(models), sink=lambda a, m: emit(name, a, m),
-                               seed=seed, name=name, deltas=blocks.deltas, model_stats=lambdas, chunk=chunk,
-                               limit=limit, diagnostics=diagnostics)
-            except NonFinite as err:
-                raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
-            return name, None, True, None
-        slot = free_slots.get()
-        b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
         if compute == "bfloat16":
+            slot = free_slots.get()
+            b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
             return name, _merge_bf16(name, res_by_name[name], b, ts, deltas, base, models, limit), True, slot
-        # Every method runs chunk by chunk (a statistics pass first where it needs one) and
-        # overwrites the base in place: the only tensor-sized buffers are the 1 + K inputs.
-        out = b if b.flags.writeable else b.copy()
+        slot = None if streamed else free_slots.get()
         try:
-            merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas,
-                           model_stats=lambdas, chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
+            out = merge_one(name, shape, limit, lambda a, m: emit(name, a, m), bufs, slot, diagnostics)
         except NonFinite as err:
             raise _explain(err, name, base, models, tag, lambda: _rerun(name, err.index)) from None
         return name, out, True, slot
+
+    def merge_one(name, shape, limit, sink, bufs, slot, diagnostics):
+        """Tensor ``name`` merged by its method: by row blocks into ``sink(start, chunk)`` (returns
+        None), or read whole into buffer ``slot`` of ``bufs`` and merged in place over the base
+        (returns the float32 array). Every method runs chunk by chunk (a statistics pass first where
+        it needs one): the only tensor-sized buffers are the whole path's 1 + K inputs."""
+        if _streams(_numel(shape), whole_max, compute):
+            blocks = _RowBlocks(base, models, name, shape)
+            merge_streamed(res_by_name[name], blocks, shape, len(models), sink=sink, seed=seed, name=name,
+                           deltas=blocks.deltas, model_stats=lambdas, chunk=chunk, limit=limit,
+                           diagnostics=diagnostics)
+            return None
+        b, ts, deltas = _read(base, models, name, bufs, base_slot=slot)
+        out = b if b.flags.writeable else b.copy()
+        merge_resolved(res_by_name[name], out, ts, seed=seed, name=name, deltas=deltas, model_stats=lambdas,
+                       chunk=chunk, out=out, limit=limit, diagnostics=diagnostics)
+        return out
 
     def _rerun(name, index):
         """The slow path's merged value at ``index`` without the output-dtype bound, from a
         fresh read (None if it is not finite in float32 either)."""
         shape = tuple(ref.shape(name))
-        if _streams(_numel(shape), whole_max, compute):
-            flat, got = int(np.ravel_multi_index(index, shape)) if shape else 0, []
+        flat, got = int(np.ravel_multi_index(index, shape)) if shape else 0, []
 
-            def pick(a, m):
-                if a <= flat < a + m.size:
-                    got.append(float(m[flat - a]))
-            blocks = _RowBlocks(base, models, name, shape)
-            try:
-                merge_streamed(res_by_name[name], blocks, shape, len(models), sink=pick, seed=seed, name=name,
-                               deltas=blocks.deltas, model_stats=lambdas, chunk=chunk)
-            except NonFinite:
-                return None
-            return got[0] if got else None
-        b, ts, deltas = _read(base, models, name, _Buffers(0))
-        b = b.copy()
+        def pick(a, m):
+            if a <= flat < a + m.size:
+                got.append(float(m[flat - a]))
         try:
-            merged = merge_resolved(res_by_name[name], b, ts, seed=seed, name=name, deltas=deltas,
-                                    model_stats=lambdas, chunk=chunk, out=b)
+            merged = merge_one(name, shape, np.inf, pick, _Buffers(0), 0, None)
         except NonFinite:
             return None
-        return float(merged[index])
+        if merged is not None:
+            return float(merged[index])
+        return got[0] if got else None
 
     def written(slot):
         if slot is not None:
