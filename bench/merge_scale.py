@@ -91,7 +91,7 @@ def main(argv=None) -> int:
           f"{(1 + K) * n_full / 1e9:.0f}e9 values per walk, ~{est / 60:.0f} min for {walks} walks")
     layer_counts = [None] if args.full else [int(x) for x in args.layers.split(",") if x]
     ram_layers = [None] if args.full else [int(x) for x in args.ram_layers.split(",") if x]
-    jobs = [(arch, layers, "ties", None) for layers in layer_counts]
+    jobs = [(arch, layers, "ties", None) for layers in layer_counts if "ties" in args.methods.split(",")]
     jobs += [(arch, layers, "ram", None) for layers in ram_layers if "ram" in args.methods.split(",")]
     jobs += [(PAPER_MEMORY_ARCHS[size], 1, "ties", size) for size in args.sizes.split(",") if size]
     if old is not None:
