@@ -284,6 +284,25 @@ def _presence_split(problems, evs, rules, model):
     return (g_neg, g_pos, g_wp), (e_neg, e_pos, e_w, e_wp)
 
 
+def _explained_split(problems, evs, rules, model):
+    """Explained shares E of one model's targets that pass the share gate, with the method given:
+    unknown targets (negatives) against known and mixed ones (positives, with the gate's costs)."""
+    neg, pos, wp = [], [], []
+    for p, ev in _by_model_ev(problems, evs, model):
+        at = attribute(p.stats, p.signatures, rules=rules, method=model, precomputed=ev)
+        for t, s in enumerate(p.specs):
+            if not at.gate[t]:
+                continue
+            e = float(at.evidence["explained_share"][t])
+            if s.category == "unknown":
+                neg.append(e)
+                continue
+            n_true = int(np.count_nonzero(p.truth[t] > 0))
+            pos.append(e)
+            wp.append(KNOWN_COST if s.category == "known" else 1.0 + GATE_ENTRY_COST * n_true)
+    return neg, pos, wp
+
+
 def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
               noise_grid: Sequence[float] = NOISE_GRID, evidences: Sequence | None = None) -> tuple[Rules, dict]:
     """Thresholds from calibration problems (truth used), each by :func:`split`.
@@ -295,7 +314,10 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
        present against absent entries of known and mixed targets (costs: :data:`KNOWN_COST`,
        :data:`MIXED_FP_COST`), ``c`` the chance scales of :mod:`~unmerge_jax.attribution.rules`.
        For DARE, ``noise_dare`` is the value of ``noise_grid`` whose gate and floor make the
-       fewest weighted errors.
+       fewest weighted errors. Then ``explained_m`` from the explained share E
+       (:func:`~unmerge_jax.attribution.decide.explained_share`) of the targets that clear
+       ``gate_m``: unknown against mixed and known (the gate's costs); 0 when no unknown target
+       clears ``gate_m``.
     3. ``known_m`` from U of known against mixed targets, with the thresholds of step 2; known
        values below :data:`NOISE_SHARE` count as that much.
 
@@ -359,6 +381,15 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
             report["noise_dare"] = {"value": float(noise), "grid": list(map(float, noise_grid))}
         report[f"gate_{key[model]}"] = {**g_info, "value": _round(g_tau)}
         report[f"floor_{key[model]}"] = {**f_info, "value": _round(f_tau)}
+        # The explained-share gate, on the targets the share gate lets through.
+        e_neg, e_pos, e_wp = _explained_split(problems, evs, rules._replace(**{f"explained_{key[model]}": 0.0}), model)
+        if e_neg and e_pos:
+            e_tau, e_info = split(e_neg, e_pos, pos_cost=e_wp)
+            e_tau = _round(e_tau)
+        else:
+            e_tau, e_info = 0.0, {"max_neg": None, "min_pos": min(e_pos, default=None), "errors": 0.0, "margin": None}
+        rules = rules._replace(**{f"explained_{key[model]}": e_tau})
+        report[f"explained_{key[model]}"] = {**e_info, "value": e_tau, "n_unknown_through_gate": len(e_neg)}
 
     # 3. Known/mixed thresholds on U, with the new presence rules.
     for model in ("task_arithmetic", "ties", "dare"):

@@ -203,6 +203,28 @@ def dare_noise(coef, gram, target_sq, density, cap=None) -> np.ndarray:
     return nu if cap is None else np.minimum(nu, cap)
 
 
+def explained_share(unexplained, outside) -> np.ndarray:
+    """The share of a target's energy the dictionary explains, out of what is not the merge's own noise.
+
+    ``E = (1 − u) / (1 − u + O)`` with u the NNLS unexplained share over all entries and O the
+    outside share of the identified method (rules §2: u for task arithmetic, the TIES-unexplained
+    q for TIES, ``u − noise_scale · ν`` for DARE): the NNLS fit explains ``1 − u``; of the ``u`` it
+    leaves, only O is content from outside the dictionary (the rest is TIES's trimming and
+    disjoint mean, or DARE's drop noise, which no linear fit explains but the dictionary made).
+    1 for an exact fit (u = 0); 0 when nothing is explained.
+
+    Args:
+      unexplained: (T,) u in [0, 1]. outside: (T,) O in [0, 1].
+    Returns:
+      (T,) float64 in [0, 1].
+    """
+    u = np.clip(np.asarray(unexplained, np.float64), 0.0, 1.0)
+    o = np.clip(np.asarray(outside, np.float64), 0.0, 1.0)
+    den = (1.0 - u) + o
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, (1.0 - u) / np.where(den > 0, den, 1.0), 0.0)
+
+
 def _check(stats, sig: SignatureStats):
     from unmerge_jax.stats import GramStats
 
@@ -307,7 +329,9 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
     else:
         gate_lo, gate_scale = s_lo, np.where((meth == "ties")[:, None], (u[:, None] * r_null[None, :]), scale)
     gate_stat = np.max((gate_lo - rules.eps) / np.maximum(gate_scale, 1e-300), axis=1)
-    gate = gate_stat > gate_level
+    explained = explained_share(u, U_out)
+    explained_level = np.array([rules.explained(m) for m in meth])
+    gate = (gate_stat > gate_level) & (explained > explained_level)
     floor = np.array([rules.floor(m) for m in meth])[:, None] * scale + rules.eps              # (T, K)
     present = gate[:, None] & (lo > floor)
     uncertain = ~present & (hi > floor)
@@ -348,6 +372,6 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
     ev_out = {"ties_unexplained": q, "ties_density": dens_grid[p_hat], "zero_fraction": f0, "zero_count": zero_count,
                 "zero_energy_ratio": ev.zero_energy_ratio, "ties_ratio": ratio, "plain_share_lo": s_lo, "r_null": r_null,
                 "dare_noise": nu, "outside_share": U_out, "chance_scale": scale, "gate_scale": gate_scale,
-              "gate_stat": gate_stat}
+              "gate_stat": gate_stat, "explained_share": explained}
     return Attribution(atom_names, target_names, point.coef, ev.coef_lo, ev.coef_hi, weights, share, lo, hi, decision,
                        floor, gate, meth, conf, dens_out, weights.sum(axis=1), U, u, category, ev_out, rules)
