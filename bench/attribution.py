@@ -6,10 +6,10 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 ``--boot`` bootstrap replicates and the signature sums. Then:
 
 * ``calibration`` — :func:`unmerge_jax.attribution.calibrate.calibrate` on the calibration seeds
-  (default: the library's record ``rules.CALIBRATION``, synthetic 0–4 and tiny 0–2), and whether it
+  (default: the library's record ``rules.CALIBRATION``, synthetic 0–4, tiny 0–4, small 0–2), and whether it
   reproduces the library's :data:`DEFAULT_RULES`;
-* ``holdout`` — the library's rules on the other seeds (default synthetic 5–11 and the tiny seeds
-  of ``rules.HELD_OUT``, 3–4): the
+* ``holdout`` — the library's rules on the other seeds (default synthetic 5–11 and the tiny and small
+  seeds of ``rules.HELD_OUT``, tiny 5–6 and small 3; ``--tiny-seeds "" --small-seeds ""`` for synthetic only): the
   figures of :data:`~unmerge_jax.attribution.calibrate.TARGETS` per variant, every error, and the
   paper-faithful support (``|a| > 1e-8``) of plain NNLS beside them;
 * ``ties_aware`` — on known TIES targets of the hold-out seeds: plain NNLS, NNLS on the trimmed
@@ -18,7 +18,7 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 
 Writes ``bench/results/attribution.json``.
 
-Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-2] [--holdout 5-11] [--tiny-seeds 3,4] [--cache DIR] [--boot 200]``
+Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-4] [--calibration-small 0-2] [--holdout 5-11] [--tiny-seeds 5,6] [--small-seeds 3] [--cache DIR] [--small-cache DIR] [--boot 200]``
 """
 
 from __future__ import annotations
@@ -163,10 +163,16 @@ def main():
     ap.add_argument("--calibration-tiny", default=cal_tiny,
                     help=f"tiny-preset seeds to calibrate on (default {cal_tiny}, the library's record; "
                          "trains or reuses adapters)")
+    cal_small = ",".join(map(str, CALIBRATION["presets"].get("small", ())))
+    ap.add_argument("--calibration-small", default=cal_small,
+                    help=f"small-preset seeds to calibrate on (default {cal_small}, the library's record)")
     ap.add_argument("--holdout", default="5-11")
     ap.add_argument("--tiny-seeds", default=",".join(map(str, HELD_OUT["tiny"])),
                     help="tiny-preset seeds to report (default: the library's held-out seeds)")
+    ap.add_argument("--small-seeds", default=",".join(map(str, HELD_OUT.get("small", ()))),
+                    help="small-preset seeds to report (default: the library's held-out seeds)")
     ap.add_argument("--cache", type=Path, default=None, help="model cache of the tiny preset")
+    ap.add_argument("--small-cache", type=Path, default=None, help="model cache of the small preset")
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -179,23 +185,27 @@ def main():
         cal += build("synthetic", seed, args.boot, args.cache, timing)[0]
     for seed in seeds_arg(args.calibration_tiny):
         cal += build("tiny", seed, args.boot, args.cache, timing)[0]
+    for seed in seeds_arg(args.calibration_small):
+        cal += build("small", seed, args.boot, args.small_cache, timing)[0]
     t0 = time.perf_counter()
     rules, report = calibrate(cal)
     timing["calibrate"] = [time.perf_counter() - t0]
     result["calibration"] = {"seeds": seeds_arg(args.calibration), "tiny_seeds": seeds_arg(args.calibration_tiny),
+                             "small_seeds": seeds_arg(args.calibration_small),
                              "rules": rules_dict(rules), "splits": report,
                              "reproduces_default_rules": rules == DEFAULT_RULES,
                              "default_rules": rules_dict(DEFAULT_RULES)}
     print("calibrated:", rules, "(= DEFAULT_RULES)" if rules == DEFAULT_RULES else "(differs from DEFAULT_RULES)")
 
-    holdout = {"synthetic": seeds_arg(args.holdout), "tiny": seeds_arg(args.tiny_seeds)}
+    holdout = {"synthetic": seeds_arg(args.holdout), "tiny": seeds_arg(args.tiny_seeds),
+               "small": seeds_arg(args.small_seeds)}
     result["holdout"] = {}
     ties_rows = []
     for preset, seeds in holdout.items():
         per_variant = {"compressed": [], "full": []}
         paper = {"compressed": [], "full": []}
         for seed in seeds:
-            problems, rows = build(preset, seed, args.boot, args.cache, timing)
+            problems, rows = build(preset, seed, args.boot, args.small_cache if preset == "small" else args.cache, timing)
             for p, variant in zip(problems, ("compressed", "full")):
                 t0 = time.perf_counter()
                 at = attribute(p.stats, p.signatures, atom_names=p.atom_names, target_names=p.target_names)

@@ -52,12 +52,13 @@ WHY = {
     "known_perfect_match": "one missed or false entry makes a known target imperfect (rows below)",
     "mixed_recall": "in a mixed target the outside tasks' content is unexplained energy; it raises the floor "
                     "(outside share O = u), so a dictionary entry with a small share of the target falls under it; where no entry clears the "
-                    "gate the target reads unknown and every entry counts as missed (L/φ may then exceed 1)",
+                    "gate (an entry's share far above chance and the dictionary explaining more than explained_m of the "
+                    "target) the target reads unknown and every entry counts as missed (L/φ may then exceed 1)",
     "mixed_precision": "the outside tasks' content projects onto correlated dictionary entries",
     "category_accuracy": "known vs mixed is U ≤ known_m on the unexplained share after the method's refit; unknown "
                          "needs no entry to clear the gate, so an outside fine-tune whose update resembles a "
-                         "dictionary entry's makes an unknown target read mixed with that entry present (rows below: "
-                         "U and the threshold)",
+                         "dictionary entry's, strongly enough to explain more than explained_m of the target, makes an "
+                         "unknown target read mixed with that entry present (rows below: U and the threshold)",
     "method_accuracy_known_2plus": "TIES is q/u ≤ ties_ratio (TIES-consistency residual over the NNLS residual), DARE "
                                    "needs exact zeros where task arithmetic leaves none",
 }
