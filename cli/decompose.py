@@ -58,6 +58,17 @@ report gives the fit only (a warning says so). The decisions use NNLS energy sha
 --json FILE writes {"targets": [{"target", "coefficients": {name: value}, "recon_error",
 "unexplained", "verdict", "present": [names], "method": {"name", "confidence", "density"},
 "unknown_share", "decisions", "shares", "weights", ...}], "warnings": [...], ...}.
+From a statistics file: --stats FILE.npz (written by `unmerge stats` or --stats-out) instead of
+--base/--dictionary/--target reads no weights and gives the report the pass that wrote it gives
+(same decisions, verdicts and JSON). The decisions need the file's signature sums, which `unmerge
+stats` writes from --seeds 200 on; asking a file without them (and 200 replicates) for decisions
+is a one-line error; a file with fewer replicates gives the fit only. Pass options (--seeds,
+--top-k, --mask, ...) cannot be given with --stats: the file fixed them.
+
+Several processes (jax.distributed, checkpoints): run the same command in each process with
+--coordinator HOST:PORT --num-processes N --process-id I; each reads its share of the tensors,
+the statistics and signature sums are summed, and process 0 prints and writes the outputs.
+
 Bad input stops with a one-line error (exit 2)
 and writes nothing; outputs may not be, or lie inside, an input. Where the answer is ambiguous
 a `warning:` line goes to stderr (and into "warnings"): two entries that are the same task
@@ -88,9 +99,11 @@ def add_input_args(p, seeds: int = 0) -> None:
                    help="top-k spread uniformly over (layer, module) groups (default) or global")
     c.add_argument("--save-mask", type=Path, metavar="FILE.npz", help="write the selected indices (after success)")
     b = p.add_argument_group("statistics")
-    b.add_argument("--seeds", type=int, default=seeds,
+    # None = not given (a statistics file fixes them: `decompose --stats` refuses them); stats_kwargs fills defaults
+    b.add_argument("--seeds", type=int, default=None,
                    help=f"bootstrap replicates S, all in the same pass (default {seeds})")
-    b.add_argument("--seed", type=seed, default=0, help="bootstrap random seed, 0..2**32-1 (default 0)")
+    b.add_argument("--seed", type=seed, default=None, help="bootstrap random seed, 0..2**32-1 (default 0)")
+    p.set_defaults(default_seeds=seeds)
     b.add_argument("--block-rows", type=int, default=None, help=f"rows per staged block (default {BLOCK_ROWS})")
     b.add_argument("--bootstrap-block", type=int, default=None, metavar="ROWS", dest="bootstrap_block",
                    help="rows per bootstrap resampling unit: 1 = resample single parameters; default 4096 "
@@ -98,13 +111,27 @@ def add_input_args(p, seeds: int = 0) -> None:
 
 
 def stats_kwargs(args) -> dict:
-    kw = dict(top_k=args.top_k, scope=args.scope, modules=args.modules, mask=args.mask, seeds=args.seeds,
-              key=args.seed)
+    kw = dict(top_k=args.top_k, scope=args.scope, modules=args.modules, mask=args.mask,
+              seeds=args.default_seeds if args.seeds is None else args.seeds, key=0 if args.seed is None else args.seed)
     if args.block_rows is not None:
         kw["block_rows"] = args.block_rows
     if args.bootstrap_block is not None:
         kw["bootstrap_block"] = args.bootstrap_block
     return kw
+
+
+def given_pass_options(args) -> dict:
+    """The statistics-pass options given on the command line (None = left out), for ``--stats``."""
+    return dict(top_k=args.top_k, scope=args.scope, modules=args.modules, mask=args.mask, seeds=args.seeds,
+                key=args.seed, block_rows=args.block_rows, bootstrap_block=args.bootstrap_block)
+
+
+def add_process_args(p) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id`` (``jax.distributed``)."""
+    d = p.add_argument_group("several processes (jax.distributed)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    d.add_argument("--num-processes", type=int, help="number of processes")
+    d.add_argument("--process-id", type=int, help="this process's index (0 writes the output)")
 
 
 def _parse_params(items) -> dict:
@@ -143,7 +170,12 @@ def register(sub) -> None:
                    help="solver parameter (scikit-learn names), e.g. alpha=1e-6, n_nonzero_coefs=2; repeatable")
     s.add_argument("--ci", type=float, default=0.95, help="bootstrap confidence level (default 0.95)")
     s.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
-    s.add_argument("--stats-out", type=Path, metavar="FILE.npz", help="also write the statistics (as `unmerge stats`)")
+    s.add_argument("--stats-out", type=Path, metavar="FILE.npz",
+                   help="also write the statistics, with the signature sums (as `unmerge stats`)")
+    p.add_argument("--stats", type=Path, metavar="FILE.npz",
+                   help="decompose a statistics file of `unmerge stats` or --stats-out instead of models (no "
+                        "weights read; presence decisions need its signature sums and 200 replicates)")
+    add_process_args(p)
     p.set_defaults(func=run)
 
 
@@ -153,7 +185,12 @@ def run(args) -> int:
 
     report = decompose_files(args.base, args.dictionary, args.target, args.method, params=_parse_params(args.param),
                              ci=args.ci, json_out=args.json, stats_out=args.stats_out, mask_out=args.save_mask,
-                             merge_method=args.merge_method, density=args.density, **stats_kwargs(args))
+                             merge_method=args.merge_method, density=args.density, stats=args.stats,
+                             coordinator=args.coordinator, num_processes=args.num_processes,
+                             process_id=args.process_id,
+                             **(given_pass_options(args) if args.stats is not None else stats_kwargs(args)))
+    if args.process_id not in (None, 0):
+        return 0  # process 0 prints (every process holds the same report)
     print_warnings(report["warnings"])
     print(format_report(report))
     return 0

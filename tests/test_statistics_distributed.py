@@ -1,6 +1,11 @@
 """The statistics pass under ``jax.distributed`` with 2 processes over loopback (CPU, gloo
 collectives): each process reads its own share of the tensors, the partial statistics are summed,
-and the result equals ``gram_stats`` on the dense concatenation (1e-10 relative, float64)."""
+and the result equals ``gram_stats`` on the dense concatenation (1e-10 relative, float64).
+
+The merge-method signature sums too: summed over the processes (the mask pass's trimming
+thresholds exchanged first) they equal one process's (1e-12 relative, counts exact), no tensor is
+read again for its thresholds, and ``decompose`` (under 2 processes, or from their ``stats`` file)
+gives one process's decisions."""
 
 import collections
 import json
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 
 import unmerge_jax as u
+from unmerge_jax.cli.main import main
 
 pytestmark = pytest.mark.models
 WORKER = Path(__file__).with_name("_dist_worker.py")
@@ -26,13 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(tmp_path, args):
+def _run_two(tmp_path, args, command="stats"):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "UNMERGE_PROGRESS": "0",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     procs = []
     for i in range(2):
-        cmd = [sys.executable, str(WORKER), str(tmp_path / f"reads{i}.json"), "--", "stats", *args,
+        cmd = [sys.executable, str(WORKER), str(tmp_path / f"reads{i}.json"), "--", command, *args,
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
@@ -94,3 +100,99 @@ def test_two_processes_equal_dense_gram_stats(tiny, tmp_path, extra):
         if n in lora:
             want[("lora0", n)] = passes
     assert both == want
+
+
+@pytest.fixture(scope="module")
+def merges(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests._tiny_merges import tiny_merges
+
+    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
+
+
+def _decisions(report):
+    return [(r["target"], r["verdict"], r["present"], r["method"]["name"] if r["method"] else None,
+             r["method"]["density"] if r["method"] else None, r["decisions"])
+            for r in report["targets"]]
+
+
+def _close_numbers(a, b, path=""):
+    """Same keys and strings; numbers within 1e-9 relative of the largest (rounding of summed statistics)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close_numbers(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_numbers(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_signature_sums_over_two_processes_equal_one_process(merges, tmp_path):
+    from unmerge_jax.attribution import SignatureStats
+    from unmerge_jax.passes.statistics import stream_stats
+    from tests._tiny_merges import entries
+
+    dic, tgt = entries(merges)
+    out = tmp_path / "stats.npz"
+    args = ["--base", str(merges / "base"), "--dictionary", *dic, "--target", *tgt, "--top-k", "4000",
+            "--seeds", "200", "--seed", "11", "--block-rows", "1000", "--out", str(out)]
+    logs = _run_two(tmp_path, args)
+    stats, prov, sig = u.load_stats(out, signatures=True)
+    assert prov["n_processes"] == 2 and sig is not None  # 200 replicates: the sums by default
+    one = stream_stats(merges / "base", dic, tgt, top_k=4000, seeds=200, key=11, block_rows=1000, signatures=True)
+    ref = one.signatures
+    for f in ("n_rows", "n_active", "zero_count"):  # counts: exact
+        np.testing.assert_array_equal(getattr(sig, f), np.asarray(getattr(ref, f)), err_msg=f)
+    np.testing.assert_array_equal(sig.densities, ref.densities)
+    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv"):
+        g, w = np.asarray(getattr(sig, f)), np.asarray(getattr(ref, f), np.float64)
+        assert np.max(np.abs(g - w)) <= 1e-12 * np.max(np.abs(w)), f
+    assert np.max(np.asarray(ref.ties_vv)) > 0 and float(ref.zero_count.sum()) > 0  # sums that say something
+    assert len(SignatureStats._fields) == 8
+
+    # no tensor was read again for its TIES thresholds: together the processes read each (input,
+    # tensor) as one process does — the mask pass once, the statistics pass once where rows are kept
+    sel = one.selection
+    both = collections.Counter(map(tuple, logs[0]["reads"])) + collections.Counter(map(tuple, logs[1]["reads"]))
+    want = collections.Counter()
+    for n in sel.names:
+        kept = sel.rows(n) > 0
+        for src in ("base", "d0", "d1", "d2", "d3"):
+            want[(src, n)] = 1 + kept
+        for t in tgt:
+            if kept:
+                want[(t.split("=")[0], n)] = 1
+    assert both == want
+
+    # decisions from the 2-process file equal those of one process's direct run
+    assert main(["decompose", "--stats", str(out), "--json", str(tmp_path / "file.json")]) == 0
+    direct = tmp_path / "direct.json"
+    assert main(["decompose", "--base", str(merges / "base"), "--dictionary", *dic, "--target", *tgt, "--top-k",
+                 "4000", "--seed", "11", "--json", str(direct)]) == 0
+    a, b = json.loads((tmp_path / "file.json").read_text()), json.loads(direct.read_text())
+    assert _decisions(a) == _decisions(b)
+    a.pop("provenance"), b.pop("provenance")
+    _close_numbers(a, b)
+
+
+def test_decompose_under_two_processes_gives_one_process_decisions(merges, tmp_path):
+    from tests._tiny_merges import MERGES, entries
+
+    dic, tgt = entries(merges)
+    args = ["--base", str(merges / "base"), "--dictionary", *dic, "--target", *tgt, "--seed", "11",
+            "--block-rows", "20000", "--json", str(tmp_path / "two.json")]
+    _run_two(tmp_path, args, command="decompose")
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["provenance"]["n_processes"] == 2
+    assert main(["decompose", *args[:-1], str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert _decisions(two) == _decisions(one)
+    assert [r["verdict"] for r in two["targets"]] == [m[3] for m in MERGES.values()]
+    two.pop("provenance"), one.pop("provenance")
+    _close_numbers(two, one)

@@ -40,11 +40,12 @@ from unmerge_jax.entries import Entry, entry_path, is_array_file, parse_entries
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.arrays import load_array, load_columns
 from unmerge_jax.io.atomic import atomic_file, check_output
+from unmerge_jax.passes.signatures import ties_stride
 from unmerge_jax.passes.statistics import StreamResult, stream_stats
 from unmerge_jax.provenance import provenance
 from unmerge_jax.report import add_attribution, decomposition_report, no_attribution, report_json, stats_warnings
 from unmerge_jax.solve import resolve_method, resolve_params
-from unmerge_jax.stats import bootstrap_unit_rows, check_seed, gram_stats, load_stats, save_stats
+from unmerge_jax.stats import SIGNATURES_VERSION, bootstrap_unit_rows, check_seed, gram_stats, load_stats, save_stats
 from unmerge_jax.sweep import summarize, sweep
 
 
@@ -249,8 +250,17 @@ def collect_stats(base, dictionary, targets, *, top_k=None, scope="group", modul
     else:
         res = _collect_arrays(dictionary, targets, top_k=top_k, modules=modules, mask=mask, seeds=seeds, key=key,
                               **kw)
+    if res.signatures is not None:
+        res.provenance["signatures"] = signature_record(res.signatures, res.provenance["n_rows"], base is not None)
     res.warnings = stats_warnings(res.stats, res.provenance["atom_names"], res.provenance["target_names"])
     return res
+
+
+def signature_record(sig, n_rows: int, checkpoints: bool) -> dict:
+    """The provenance record of signature sums: format version, TIES density grid and the stride of
+    the TIES rows (``passes.signatures.ties_stride``: 1 = every row; arrays take every row)."""
+    return {"version": SIGNATURES_VERSION, "densities": [float(p) for p in np.asarray(sig.densities).reshape(-1)],
+            "ties_stride": ties_stride(n_rows) if checkpoints else 1}
 
 
 def _collect_arrays(dictionary, targets, *, top_k, modules, mask, seeds, key, **kw) -> StreamResult:
@@ -388,9 +398,52 @@ def attribute_files(base, dictionary, targets, *, seeds: int = CALIBRATED_SEEDS,
     return AttributionResult(at, res)
 
 
+PASS_OPTIONS = ("top_k", "modules", "mask", "seeds", "key", "block_rows", "bootstrap_block", "densities")
+
+
+def load_stats_result(path, **pass_options) -> StreamResult:
+    """A statistics file (``unmerge stats``, ``--stats-out``) as the :class:`StreamResult` of the pass
+    that wrote it: ``stats``, its ``provenance``, its ``signatures`` (None in a file without them)
+    and ``warnings`` (:func:`~unmerge_jax.report.stats_warnings`); ``selection`` is None.
+
+    ``pass_options``: options of a pass (``top_k``, ``modules``, ``mask``, ``seeds``, ``key``, ...,
+    ``scope`` other than ``"group"``) given beside the file are refused — the file fixed them.
+    """
+    given = [k for k, v in pass_options.items() if v is not None and not (k == "scope" and v == "group")]
+    if given:
+        flag = "--" + given[0].replace("_", "-").replace("key", "seed")
+        raise UnmergeError(f"{flag} is an option of the statistics pass; the statistics file {path} was computed with "
+                           f"its own (see its provenance) — drop {flag}, or decompose the models instead of the file")
+    stats, prov, sig = load_stats(path, signatures=True)
+    res = StreamResult(stats, prov, None, signatures=sig)
+    res.warnings = stats_warnings(stats, prov.get("atom_names"), prov.get("target_names"))
+    return res
+
+
+def _join_processes(coordinator, num_processes, process_id, base) -> bool:
+    """Join ``jax.distributed`` when all three options are given (none: one process); True in the
+    process that writes the outputs (process 0, or the only one)."""
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return True
+    if not all(given):
+        raise UnmergeError("--coordinator, --num-processes and --process-id go together")
+    if base is None:
+        raise UnmergeError("several processes need checkpoint inputs (--base); arrays are read by one process")
+    _whole("--num-processes", num_processes, 1)
+    _whole("--process-id", process_id, 0)
+    if process_id >= num_processes:
+        raise UnmergeError(f"--process-id {process_id} must be below --num-processes {num_processes}")
+    import jax
+
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return process_id == 0
+
+
 def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: dict | None = None, ci: float = 0.95,
                     json_out=None, stats_out=None, mask_out=None, merge_method: str | None = None,
-                    density: float | None = None, rules=None, **stats_kw) -> dict:
+                    density: float | None = None, rules=None, stats=None, coordinator=None, num_processes=None,
+                    process_id=None, **stats_kw) -> dict:
     """``unmerge decompose``: statistics of the inputs, the report with its decisions, then the outputs.
 
     Args:
@@ -399,10 +452,17 @@ def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: 
         must be finite).
       ci: bootstrap confidence level, in (0, 1).
       json_out: write the report (with ``provenance``) as JSON here (NaN as ``null``).
-      stats_out: also write the statistics (``save_stats``) here.
+      stats_out: also write the statistics (``save_stats``, with the signature sums when the
+        decisions were made) here.
       mask_out: write the selection (checkpoints) here.
       merge_method, density: the merge method (and density) if known, instead of identifying it
         (see :func:`attribute_files`); rules: the decision thresholds (default ``DEFAULT_RULES``).
+      stats: instead of ``base``/``dictionary``/``targets``, a statistics file of ``unmerge stats``
+        or ``stats_out`` (:func:`load_stats_result`): no weights are read, and the report is the one
+        the pass that wrote it would give (decisions need its signature sums and 200 replicates).
+      coordinator, num_processes, process_id: run as one of several ``jax.distributed`` processes
+        (all three, or none; checkpoints only): each reads its share of the tensors, every process
+        gets the summed statistics and the report, process 0 writes the outputs.
       **stats_kw: :func:`collect_stats` options (``top_k``, ``scope``, ``modules``, ``mask``,
         ``seeds``, ``key``, ``block_rows``, ``bootstrap_block``, ``densities``).
 
@@ -417,41 +477,70 @@ def decompose_files(base, dictionary, targets, method: str = "nnls", *, params: 
       (and ``warnings``). Nothing is written unless every step succeeded; each output is written
       atomically, never over, inside or around an input.
     """
-    inputs = _inputs(base, dictionary, targets, stats_kw)
+    inputs = _inputs(base, dictionary, targets, stats_kw) + [stats]
     params = dict(params or {})
     for k, v in params.items():
         _finite_number(f"--param {k}", v)
     resolve_params(resolve_method(method), 1 << 30, params)  # bad method/parameter: fail before reading
-    check_options(ci=ci, **stats_kw)
-    check_attribution_options(merge_method, density, stats_kw.get("densities", DENSITY_GRID))
+    check_options(ci=ci, **({} if stats is not None else stats_kw))
+    if stats is None:
+        check_attribution_options(merge_method, density, stats_kw.get("densities", DENSITY_GRID))
     check_outputs(inputs, [json_out, mask_out, stats_out])
-    _check_mask_output(base, mask_out)
-    seeds = stats_kw.get("seeds", 0)
-    decide = seeds >= CALIBRATED_SEEDS
-    res = collect_stats(base, dictionary, targets, signatures=decide, **stats_kw)
+    if stats is not None:
+        if base is not None or dictionary or targets or any(x is not None for x in (coordinator, num_processes,
+                                                                                    process_id)):
+            raise UnmergeError(f"give either --stats {stats} or the inputs (--base, --dictionary, --target), not both")
+        if stats_out is not None or mask_out is not None:
+            raise UnmergeError(f"--stats-out and --save-mask write what a pass over the weights computed; with --stats "
+                               f"{stats} there is none — the file is the statistics (drop them)")
+        res = load_stats_result(stats, **stats_kw)
+        if res.signatures is not None:
+            check_attribution_options(merge_method, density, res.signatures.densities)
+        else:
+            check_attribution_options(merge_method, density)
+        seeds, writer = res.stats.n_seeds, True
+        decide = seeds >= CALIBRATED_SEEDS
+        if decide and res.signatures is None:
+            raise UnmergeError(f"statistics file {stats} holds no merge-method signature sums, which the presence "
+                               f"decisions need; write it again with `unmerge stats --seeds {CALIBRATED_SEEDS}` (they are "
+                               f"accumulated from {CALIBRATED_SEEDS} replicates on) or `unmerge decompose --stats-out`")
+        few = (f"no presence decisions from {stats}: it holds {seeds} bootstrap replicates and the rules were "
+               f"calibrated with {CALIBRATED_SEEDS}, so this report gives the fit only — write it again with "
+               f"`unmerge stats --seeds {CALIBRATED_SEEDS}`")
+    else:
+        _check_mask_output(base, mask_out)
+        writer = _join_processes(coordinator, num_processes, process_id, base)
+        seeds = stats_kw.get("seeds", 0)
+        decide = seeds >= CALIBRATED_SEEDS
+        res = collect_stats(base, dictionary, targets, signatures=decide, **stats_kw)
+        few = (f"no presence decisions with --seeds {seeds}: the rules were calibrated with {CALIBRATED_SEEDS} "
+               f"bootstrap replicates, so this report gives the fit only — use --seeds {CALIBRATED_SEEDS} (the default)")
     prov = res.provenance
-    report = decomposition_report(res.stats, prov["atom_names"], prov["target_names"], method, ci=ci, **params)
+    # a file saved without names (unmerge_jax.save_stats) numbers its columns, as the report does
+    atom_names = prov.get("atom_names") or [str(i) for i in range(res.stats.n_atoms)]
+    target_names = prov.get("target_names") or [str(i) for i in range(res.stats.n_targets)]
+    report = decomposition_report(res.stats, atom_names, target_names, method, ci=ci, **params)
     if decide:
         at = attribute(res.stats, res.signatures, rules=DEFAULT_RULES if rules is None else rules, method=merge_method,
-                       density=density, atom_names=prov["atom_names"], target_names=prov["target_names"])
+                       density=density, atom_names=atom_names, target_names=target_names)
         add_attribution(report, at)
     else:
-        no_attribution(report, f"no presence decisions with --seeds {seeds}: the rules were calibrated with "
-                               f"{CALIBRATED_SEEDS} bootstrap replicates, so this report gives the fit only — use "
-                               f"--seeds {CALIBRATED_SEEDS} (the default)")
+        no_attribution(report, few)
     report["provenance"] = prov
+    if not writer:
+        return report
     paths = [p for spec in inputs for p in _input_paths(spec)]
     if json_out is not None:
         with atomic_file(json_out, inputs=paths) as tmp:
             tmp.write_text(report_json(report))
     if stats_out is not None:
-        save_stats(stats_out, res.stats, prov, inputs=paths)
+        save_stats(stats_out, res.stats, prov, inputs=paths, signatures=res.signatures)
     _save_mask(res, mask_out, paths)
     return report
 
 
 def stats_file(base, dictionary, targets, out, *, mask_out=None, coordinator=None, num_processes=None,
-               process_id=None, **stats_kw) -> tuple[StreamResult, bool]:
+               process_id=None, signatures: bool | None = None, **stats_kw) -> tuple[StreamResult, bool]:
     """``unmerge stats``: the statistics of the inputs written to ``out`` (``save_stats``).
 
     Args:
@@ -459,6 +548,11 @@ def stats_file(base, dictionary, targets, out, *, mask_out=None, coordinator=Non
       out: the ``.npz`` to write; mask_out: also write the selection (checkpoints).
       coordinator, num_processes, process_id: run as one of several ``jax.distributed``
         processes (all three, or none); each reads its share of the tensors and process 0 writes.
+      signatures: also accumulate the merge-method signature sums in the same pass, so that
+        ``unmerge decompose --stats out`` gives the presence decisions. Default (None): when
+        ``seeds`` ≥ :data:`~unmerge_jax.attribution.CALIBRATED_SEEDS` (200), the replicates the
+        decisions need — as ``unmerge decompose`` does; their cost is the TIES thresholds of every
+        dictionary tensor and the signature kernel beside the Gram kernel (docs/attribution.md).
 
     Returns:
       ``(result, written)``: written is False in the processes other than 0; ``result.warnings``
@@ -467,26 +561,14 @@ def stats_file(base, dictionary, targets, out, *, mask_out=None, coordinator=Non
     inputs = _inputs(base, dictionary, targets, stats_kw)
     check_options(**stats_kw)
     check_outputs(inputs, [out, mask_out])
-    given = [x is not None for x in (coordinator, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise UnmergeError("--coordinator, --num-processes and --process-id go together")
     _check_mask_output(base, mask_out)
-    writer = True
-    if all(given):
-        import jax
-
-        if base is None:
-            raise UnmergeError("several processes need checkpoint inputs (--base); arrays are read by one process")
-        _whole("--num-processes", num_processes, 1)
-        _whole("--process-id", process_id, 0)
-        if process_id >= num_processes:
-            raise UnmergeError(f"--process-id {process_id} must be below --num-processes {num_processes}")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-        writer = process_id == 0
-    res = collect_stats(base, dictionary, targets, **stats_kw)
+    if signatures is None:
+        signatures = stats_kw.get("seeds", 0) >= CALIBRATED_SEEDS
+    writer = _join_processes(coordinator, num_processes, process_id, base)
+    res = collect_stats(base, dictionary, targets, signatures=bool(signatures), **stats_kw)
     if writer:
         paths = [p for spec in inputs for p in _input_paths(spec)]
-        save_stats(out, res.stats, res.provenance, inputs=paths)
+        save_stats(out, res.stats, res.provenance, inputs=paths, signatures=res.signatures)
         _save_mask(res, mask_out, paths)
     return res, writer
 

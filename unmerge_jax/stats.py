@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unmerge_jax.attribution.signatures import SignatureStats
 from unmerge_jax.errors import UnmergeError, check_finite
 from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.kernels.stats import CHUNK_ROWS, FLAT_PAD, block_stats, flat_block_stats, row_mesh
@@ -305,15 +306,33 @@ def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
 
 
 _FIELDS = GramStats._fields
+# Format of the merge-method signature sums inside a statistics file (``sig_<field>`` arrays and a
+# ``signatures`` meta record). A reader refuses a version it does not know.
+SIGNATURES_VERSION = 1
+_SIG_PREFIX = "sig_"
 
 
-def save_stats(path, stats: GramStats, provenance: dict | None = None, *, inputs=()) -> None:
+def save_stats(path, stats: GramStats, provenance: dict | None = None, *, inputs=(), signatures=None) -> None:
     """Write statistics (and a JSON-serialisable provenance dict) to ``.npz``, atomically.
 
-    ``inputs``: paths the file must not overwrite or sit inside (``io.atomic.check_disjoint``).
+    Args:
+      path: the ``.npz`` to write.
+      stats: the :class:`GramStats`.
+      provenance: the record of what they were computed from (``unmerge_jax.provenance``).
+      inputs: paths the file must not overwrite or sit inside (``io.atomic.check_disjoint``).
+      signatures: the merge-method signature sums of the same rows and targets
+        (:class:`~unmerge_jax.attribution.SignatureStats`, what the presence decisions read), or
+        None. Written as ``sig_<field>`` float64 arrays (``sig_densities`` the (P,) TIES density
+        grid) with a ``signatures`` record ``{"version", "densities"}`` (:data:`SIGNATURES_VERSION`).
     """
     arrays = {f: getattr(stats, f) for f in _FIELDS if getattr(stats, f) is not None}
-    write_npz(path, arrays, {"provenance": provenance or {}}, inputs=inputs)
+    meta = {"provenance": provenance or {}}
+    if signatures is not None:
+        for f in signatures._fields:
+            arrays[_SIG_PREFIX + f] = np.asarray(getattr(signatures, f), np.float64)
+        meta["signatures"] = {"version": SIGNATURES_VERSION,
+                              "densities": [float(p) for p in np.asarray(signatures.densities).reshape(-1)]}
+    write_npz(path, arrays, meta, inputs=inputs)
 
 
 def _expected_shapes(K: int, T: int, S: int) -> dict:
@@ -359,13 +378,67 @@ def check_stats_file(path, arrays: dict, provenance) -> None:
             raise UnmergeError(f"{path}: provenance {key} is {str(names)[:80]!r}, not a list of {n} names; {fix}")
 
 
-def load_stats(path) -> tuple[GramStats, dict]:
+def _sig_shapes(K: int, T: int, P: int) -> dict:
+    return {"densities": (P,), "n_rows": (), "n_active": (), "zero_count": (T,), "zero_energy": (K, T),
+            "ties_dd": (P, T, K, K), "ties_dv": (P, T, K, K), "ties_vv": (P, T, K, K)}
+
+
+def check_signatures_file(path, arrays: dict, record, n_rows) -> None:
+    """One-line error unless the ``sig_*`` arrays and ``record`` of a statistics file are consistent
+    signature sums (:func:`save_stats`) of the file's K atoms and T targets: a known version, every
+    field, shapes, finite numbers, a density grid in (0, 1] equal to the record's, counts that fit
+    (``zero_count ≤ n_active ≤ n_rows`` = the Gram statistics' rows)."""
+    fix = "write it again with `unmerge stats` (or leave the file's signature sums out)"
+    if not isinstance(record, dict) or record.get("version") != SIGNATURES_VERSION:
+        version = record.get("version") if isinstance(record, dict) else record
+        raise UnmergeError(f"{path} holds signature sums of format version {version!r}; this unmerge_jax reads "
+                           f"version {SIGNATURES_VERSION} — {fix}")
+    missing = [f for f in SignatureStats._fields if _SIG_PREFIX + f not in arrays]
+    if missing:
+        raise UnmergeError(f"{path} holds only some signature sums (missing {', '.join(_SIG_PREFIX + f for f in missing)})"
+                           f"; {fix}")
+    K, T = (int(n) for n in arrays["cross"].shape)
+    dens = arrays[_SIG_PREFIX + "densities"]
+    P = int(dens.shape[0]) if dens.ndim == 1 else -1
+    want = _sig_shapes(K, T, P)
+    for f in SignatureStats._fields:
+        a = arrays[_SIG_PREFIX + f]
+        if a.dtype.kind not in "fiu" or tuple(a.shape) != want[f]:
+            raise UnmergeError(f"{path}: signature field {_SIG_PREFIX + f} has shape {tuple(a.shape)} and dtype "
+                               f"{a.dtype} but {K} atoms, {T} targets and {max(P, 0)} densities need {want[f]} numbers;"
+                               f" {fix}")
+        if not np.all(np.isfinite(a)):
+            raise UnmergeError(f"{path}: signature field {_SIG_PREFIX + f} holds NaN/Inf; {fix}")
+    if P < 1 or np.any(~(dens > 0)) or np.any(dens > 1) or \
+            not np.array_equal(np.asarray(record.get("densities"), np.float64).reshape(-1), dens.astype(np.float64)):
+        raise UnmergeError(f"{path}: the signature density grid {dens.tolist()} is not fractions in (0, 1] equal to "
+                           f"the record's {record.get('densities')}; {fix}")
+    rows, active = float(arrays[_SIG_PREFIX + "n_rows"]), float(arrays[_SIG_PREFIX + "n_active"])
+    if rows != float(n_rows) or not 0 <= active <= rows or np.any(arrays[_SIG_PREFIX + "zero_count"] < 0) \
+            or np.any(arrays[_SIG_PREFIX + "zero_count"] > active):
+        raise UnmergeError(f"{path}: the signature sums count {rows:g} rows ({active:g} active) but the statistics "
+                           f"{float(n_rows):g}; they are not sums of the same rows — {fix}")
+
+
+def load_stats(path, *, signatures: bool = False):
     """Read statistics written by :func:`save_stats`; returns ``(stats, provenance)``.
 
-    The file is checked (:func:`check_stats_file`): a truncated, foreign or mis-shaped file is a
-    one-line error, never a traceback from a solver.
+    The file is checked (:func:`check_stats_file`, :func:`check_signatures_file`): a truncated,
+    foreign or mis-shaped file is a one-line error, never a traceback from a solver.
+
+    Args:
+      path: the ``.npz``.
+      signatures: also return the merge-method signature sums: ``(stats, provenance, sig)``, with
+        ``sig`` a :class:`~unmerge_jax.attribution.SignatureStats` of host float64 arrays, or None
+        for a file without them (written with fewer than 200 replicates, ``--no-signatures``, or
+        by an older version).
     """
     arrays, meta = read_npz(path, "statistics file")
     provenance = meta.get("provenance", {})
     check_stats_file(path, arrays, provenance)
-    return GramStats(**{f: arrays.get(f) for f in _FIELDS}), provenance
+    stats = GramStats(**{f: arrays.get(f) for f in _FIELDS})
+    sig = None
+    if "signatures" in meta or any(k.startswith(_SIG_PREFIX) for k in arrays):
+        check_signatures_file(path, arrays, meta.get("signatures"), arrays["n_rows"])
+        sig = SignatureStats(**{f: np.asarray(arrays[_SIG_PREFIX + f], np.float64) for f in SignatureStats._fields})
+    return (stats, provenance, sig) if signatures else (stats, provenance)

@@ -18,8 +18,13 @@ On passes of more than :data:`TIES_MAX_ROWS` rows (a full model) the TIES sums t
 unit of ``TIES_UNIT_ROWS`` rows (``ties_stride``; the zero sums take every row): they cost
 O(P·T·K²) per row, the Gram statistics O(K·(K + T)).
 
-The sums are accumulated in one process (``stream_stats`` refuses ``signatures=True`` under
-``jax.distributed``); rows are sharded over that process's devices.
+Several processes (``jax.distributed``): each process reads whole tensors (a contiguous share,
+``passes.mask.share``), so the thresholds it computes from its own reading are those of the whole
+tensor, as in one process; the mask pass shares tensors by size and the statistics pass by kept
+rows, so the mask pass's thresholds are exchanged first (:func:`gather_thresholds`: P × K numbers
+per tensor). Each process accumulates the sums of its rows (with their global offsets, which fix
+the TIES row units) on its local devices, and :func:`sum_over_processes` adds them up: they are
+sums, so the total equals one process's to float64 rounding and the counts exactly.
 """
 
 from __future__ import annotations
@@ -167,3 +172,38 @@ class SignatureAccumulator:
         n_active, zero_count, zero_energy, ties = parts
         return SignatureStats(self.densities, np.float64(self.n_rows), np.float64(n_active), zero_count, zero_energy,
                               ties[:, :, :k, :k], ties[:, :, :k, k:], ties[:, :, k:, k:])
+
+
+def gather_thresholds(thresholds: dict, names, n_dict: int, densities) -> dict:
+    """Every process's ``{tensor: (P, K)}`` trimming thresholds (``Selection.thresholds`` of the mask
+    pass, which covers this process's share of ``names``), for every process: an all-gather of
+    ``len(names) × P × K`` float32 numbers and a flag per tensor. A tensor no process computed stays
+    missing (the statistics pass then computes it from its reading)."""
+    from jax.experimental import multihost_utils as mu
+
+    dens = _check_densities(densities)
+    table = np.zeros((len(names), dens.size, int(n_dict)), np.float32)
+    have = np.zeros(len(names), np.int32)
+    for i, n in enumerate(names):
+        if n in thresholds:
+            table[i], have[i] = np.asarray(thresholds[n], np.float32), 1
+    tables, haves = (np.asarray(x) for x in mu.process_allgather((table, have)))
+    out = {}
+    for i, n in enumerate(names):
+        hit = np.flatnonzero(haves[:, i])
+        if hit.size:  # exactly one process read the tensor whole in the mask pass
+            out[n] = tables[hit[0], i]
+    return out
+
+
+def sum_over_processes(sig: SignatureStats) -> SignatureStats:
+    """The sums of every ``jax.distributed`` process's :class:`SignatureStats`, added in process
+    order (float64; every process gets the total). The density grids must agree."""
+    from jax.experimental import multihost_utils as mu
+
+    leaves = [np.asarray(x, np.float64) for x in sig]
+    gathered = [np.asarray(g) for g in mu.process_allgather(leaves)]
+    if not np.all(gathered[0] == gathered[0][:1]):
+        raise UnmergeError(f"the processes accumulated signature sums at different TIES densities "
+                           f"{gathered[0].tolist()}; give every process the same options")
+    return SignatureStats(leaves[0], *(np.sum(g, axis=0) for g in gathered[1:]))

@@ -41,7 +41,7 @@ from unmerge_jax.kernels.stats import ROW_AXIS, chunks_inside_units, row_mesh
 from unmerge_jax.kernels.stream_stats import (row_block, staged_block_stats, staged_block_stats_x2, totals_x2_to_float64,
                                               zero_totals, zero_totals_x2)
 from unmerge_jax.passes.mask import Selection, build_selection, candidate_names, share
-from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator
+from unmerge_jax.passes.signatures import DENSITY_GRID, SignatureAccumulator, gather_thresholds, sum_over_processes
 from unmerge_jax.progress import progress
 from unmerge_jax.provenance import provenance
 from unmerge_jax.sources import WEIGHTS, CheckpointSource, nonfinite_error, open_source
@@ -305,9 +305,6 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
         raise UnmergeError(f"block_rows must be >= 1, got {block_rows}")
     compute_dtype = resolve_compute_dtype(compute_dtype, devices)
     pidx, pcount = _process_info(distributed)
-    if signatures and pcount > 1:
-        raise UnmergeError("the signature sums (attribution) are accumulated in one process; run the decomposition "
-                           "without jax.distributed (several processes serve `unmerge stats`)")
     base = open_source(base, kind=WEIGHTS)
     if mask is not None:
         selection = _load_mask(mask, base)
@@ -325,7 +322,11 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
     if n_rows == 0:
         raise UnmergeError("the selection keeps no parameter entries; raise --top-k or widen --modules")
     boot_block = bootstrap_unit_rows(n_rows, bootstrap_block)
-    sig = SignatureAccumulator(selection, K, len(tvs) - K, densities, devices) if signatures else None
+    sig = None
+    if signatures:  # several processes: each has the mask pass's thresholds of its own share of tensors
+        thr = gather_thresholds(selection.thresholds, selection.names, K, densities) \
+            if pcount > 1 and selection.threshold_densities is not None else None
+        sig = SignatureAccumulator(selection, K, len(tvs) - K, densities, devices, thresholds=thr)
     stats, n_blocks = _accumulate(base, tvs, K, selection, seeds=seeds, key=key, devices=devices,
                                   block_rows=block_rows, compute_dtype=compute_dtype, pidx=pidx, pcount=pcount,
                                   boot_block=boot_block, sig=sig)
@@ -335,8 +336,9 @@ def stream_stats(base, dictionary, targets, *, top_k: int | None = None, scope: 
                       bootstrap_block=boot_block, seconds=time.perf_counter() - t0, base=base, task_vectors=tvs,
                       selection=selection, block_rows=block_rows, n_processes=pcount, mask_file=mask_file,
                       n_blocks=n_blocks)
-    return StreamResult(stats, prov, selection,
-                        signatures=sig.result() if sig is not None else None)
+    if sig is not None:
+        sig = sig.result() if pcount == 1 else sum_over_processes(sig.result())
+    return StreamResult(stats, prov, selection, signatures=sig)
 
 
 def resolve_compute_dtype(compute_dtype: str, devices=None) -> str:
