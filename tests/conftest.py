@@ -30,3 +30,14 @@ def tiny(tmp_path_factory):
     from tests._tiny_models import session_root, tiny_models
 
     return {k: Path(v) for k, v in tiny_models(session_root(tmp_path_factory)).items()}
+
+
+@pytest.fixture(scope="session")
+def merges(tmp_path_factory):
+    """Root of the tiny merges made by the merge engine with their recipes (built once per session,
+    see ``tests/_tiny_merges.py``); skips when torch/transformers are not installed."""
+    for mod in ("torch", "transformers"):
+        pytest.importorskip(mod)
+    from tests._tiny_merges import tiny_merges
+
+    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")

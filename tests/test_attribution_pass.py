@@ -25,12 +25,7 @@ from unmerge_jax.passes.statistics import dense_columns, stream_stats  # noqa: E
 from unmerge_jax.pipeline import attribute_files  # noqa: E402
 from unmerge_jax.sources import WEIGHTS, open_source  # noqa: E402
 
-from tests._tiny_merges import DICT, MERGES, entries as _entries, tiny_merges  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def merges(tmp_path_factory):
-    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
+from tests._tiny_merges import DICT, MERGES, entries as _entries  # noqa: E402
 
 
 def _dense_reference(root, res, dictionary, targets):

@@ -225,14 +225,6 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny, broken, tmp_path, capsy
 # ---------------------------------------------------------------------------------------------
 # attribution: verdict, present entries, merge method (real merges made by the merge engine)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def merges(tmp_path_factory):
-    pytest.importorskip("torch")
-    from tests._tiny_merges import tiny_merges
-
-    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
-
-
 def _merge_argv(root, *flags):
     from tests._tiny_merges import entries
 

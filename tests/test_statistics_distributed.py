@@ -102,15 +102,6 @@ def test_two_processes_equal_dense_gram_stats(tiny, tmp_path, extra):
     assert both == want
 
 
-@pytest.fixture(scope="module")
-def merges(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from tests._tiny_merges import tiny_merges
-
-    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
-
-
 def _decisions(report):
     return [(r["target"], r["verdict"], r["present"], r["method"]["name"] if r["method"] else None,
              r["method"]["density"] if r["method"] else None, r["decisions"])

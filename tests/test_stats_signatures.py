@@ -85,15 +85,6 @@ def test_a_damaged_signature_section_is_one_line(tmp_path, change, match):
 # ----------------------------------------------------------------------------------------------
 # decisions from a statistics file, on tiny merges
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def merges(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from tests._tiny_merges import tiny_merges
-
-    return tiny_merges(tmp_path_factory.getbasetemp() / "tiny_merges")
-
-
 def _inputs(root):
     from tests._tiny_merges import entries
 
