@@ -107,6 +107,9 @@ def _data(seed, k, t, n=400):
 
 
 def _count_traces(monkeypatch, methods):
+    # Traces are counted through jax.jit's own cache, so the compiled-program cache (which would
+    # load a program another run stored, tracing nothing) is off here.
+    monkeypatch.setenv("UNMERGE_PROGRAM_CACHE", "0")
     chex.clear_trace_counter()
     for m in methods:
         monkeypatch.setitem(SOLVERS, m, SOLVERS[m]._replace(fn=chex.assert_max_traces(SOLVERS[m].fn, n=1)))
@@ -201,3 +204,91 @@ def test_omp_path_length_changes_no_result():
 
 def test_grid_bucket_sizes():
     assert [solve_module.grid_bucket(n) for n in (1, 2, 3, 5, 8, 9, 12, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 16, 32]
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled programs stored whole: a second process traces nothing, and results are unchanged.
+# ------------------------------------------------------------------------------------------------
+SWEEP = textwrap.dedent("""
+    import json, os
+    import numpy as np, jax, unmerge_jax as u
+    traces = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: traces.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((3000, 6)); V = D @ rng.uniform(0, 1, (6, 5))
+    st = u.gram_stats(D, V, seeds=2, key=0)
+    before = len(traces)
+    table = u.sweep(st, grid="paper", seeds=2)
+    np.save(os.environ["OUT"], np.asarray(table["coef"].tolist()))
+    print(json.dumps({"sweep_traces": len(traces) - before}))
+""")
+
+
+def test_second_process_loads_programs_and_traces_nothing(tmp_path):
+    cache = {"UNMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    first = _run(SWEEP, {**cache, "OUT": str(tmp_path / "a.npy")}, tmp_path)
+    programs = sorted((tmp_path / "cache" / "unmerge_jax" / "xla" / "programs").iterdir())
+    assert first["sweep_traces"] >= 5 and len(programs) == 5  # five solver programs, stored
+    second = _run(SWEEP, {**cache, "OUT": str(tmp_path / "b.npy")}, tmp_path)
+    assert second["sweep_traces"] == 0
+    off = _run(SWEEP, {**cache, "OUT": str(tmp_path / "c.npy"), "UNMERGE_PROGRAM_CACHE": "0"}, tmp_path)
+    assert off["sweep_traces"] >= 5  # the opt-out traces as plain jax.jit does
+    a, b, c = (np.load(tmp_path / f"{x}.npy") for x in "abc")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_cached_program_equals_plain_jit(method, tmp_path, monkeypatch):
+    """The same solve through the program cache (compiled and stored) and through plain
+    ``jax.jit``: bit-identical. (Loading it in another process: the sweep test above.)"""
+    from unmerge_jax import compile_cache
+
+    st = u.gram_stats(*_data(21, 6, 3), seeds=3, key=4)
+    monkeypatch.setenv("UNMERGE_PROGRAM_CACHE", "0")
+    plain = u.solve(st, method)
+    monkeypatch.setenv("UNMERGE_PROGRAM_CACHE", "1")
+    monkeypatch.setattr(compile_cache, "program_cache_dir", lambda: tmp_path / "programs")
+    monkeypatch.setattr(compile_cache, "_PROGRAMS", {})
+    cached = u.solve(st, method)
+    assert len(list((tmp_path / "programs").iterdir())) == 1
+    for f in ("coef", "n_iter", "converged", "error"):
+        np.testing.assert_array_equal(getattr(plain, f), getattr(cached, f), err_msg=f)
+
+
+def test_damaged_program_file_is_compiled_again(tmp_path, monkeypatch):
+    from unmerge_jax import compile_cache
+
+    st = u.gram_stats(*_data(22, 6, 3))
+    monkeypatch.setenv("UNMERGE_PROGRAM_CACHE", "1")
+    monkeypatch.setattr(compile_cache, "program_cache_dir", lambda: tmp_path / "programs")
+    monkeypatch.setattr(compile_cache, "_PROGRAMS", {})
+    good = u.solve(st, "nnls")
+    (path,) = (tmp_path / "programs").iterdir()
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])  # truncated, as by a full disk
+    monkeypatch.setattr(compile_cache, "_PROGRAMS", {})
+    again = u.solve(st, "nnls")
+    np.testing.assert_array_equal(good.coef, again.coef)
+    assert compile_cache.load_program(path) is not None  # rewritten whole
+    # Loaded back into the process that compiled it, XLA:CPU refuses to run it: compiled again.
+    monkeypatch.setattr(compile_cache, "_PROGRAMS", {})
+    monkeypatch.setattr(compile_cache, "_LOADED", set())
+    np.testing.assert_array_equal(good.coef, u.solve(st, "nnls").coef)
+
+
+def test_program_key_covers_shapes_static_options_and_environment(monkeypatch):
+    from unmerge_jax import compile_cache
+
+    spec = (jax.ShapeDtypeStruct((4, 6, 6), np.float64),)
+    base = compile_cache._program_key("p", spec, {"method": "nnls"}, None)
+    assert base == compile_cache._program_key("p", spec, {"method": "nnls"}, None)
+    assert base != compile_cache._program_key("p", (jax.ShapeDtypeStruct((8, 6, 6), np.float64),), {"method": "nnls"}, None)
+    assert base != compile_cache._program_key("p", spec, {"method": "omp"}, None)
+    assert base != compile_cache._program_key("p", spec, {"method": "nnls"}, {"xla_cpu_use_fusion_emitters": False})
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
+    assert base != compile_cache._program_key("p", spec, {"method": "nnls"}, None)
+    monkeypatch.setattr(compile_cache, "_source_hash", lambda: "edited")
+    monkeypatch.delenv("XLA_FLAGS")
+    assert base != compile_cache._program_key("p", spec, {"method": "nnls"}, None)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from unmerge_jax.compile_cache import ProgramRequest, cached_program
 from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.metrics import reconstruction
 from unmerge_jax.solvers import ALIASES, SOLVERS, Problem
@@ -179,30 +180,42 @@ def _pad_axis(a: np.ndarray, axis: int, size: int, *, zero: bool) -> np.ndarray:
     return np.concatenate([a, fill], axis=axis)
 
 
-def solve_padded(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
-                 full_rank: bool = False):
-    """:func:`solve_batched` on shapes padded to buckets, results sliced back.
+def padded_request(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
+                   full_rank: bool = False) -> ProgramRequest:
+    """The :func:`solve_batched` call of :func:`solve_padded`, on shapes padded to buckets.
 
     Seeds (S, to :func:`bucket`) and grid points (P, to :func:`grid_bucket`) are padded with
-    repeats of the last one (a real problem, so no
-    lane meets a degenerate input), targets (T) with zero targets (``c = 0``, ``‖v‖² = 0``: every
-    solver stops at iteration 0 with ``a = 0``). Same arguments as :func:`solve_batched`.
+    repeats of the last one (a real problem, so no lane meets a degenerate input), targets (T)
+    with zero targets (``c = 0``, ``‖v‖² = 0``: every solver stops at iteration 0 with ``a = 0``).
+    Same arguments as :func:`solve_batched`. Handing several to
+    :func:`~unmerge_jax.compile_cache.compile_programs` compiles their programs in parallel.
+    """
+    gram, cross, target_sq, n_rows, lipschitz, swept = (np.asarray(a, np.float64) for a in
+                                                         (gram, cross, target_sq, n_rows, lipschitz, swept))
+    sb, tb, pb = bucket(gram.shape[0]), bucket(cross.shape[2]), grid_bucket(swept.shape[0])
+    gram, n_rows, lipschitz = (_pad_axis(a, 0, sb, zero=False) for a in (gram, n_rows, lipschitz))
+    cross = _pad_axis(_pad_axis(cross, 0, sb, zero=False), 2, tb, zero=True)
+    target_sq = _pad_axis(_pad_axis(target_sq, 0, sb, zero=False), 1, tb, zero=True)
+    swept = _pad_axis(swept, 0, pb, zero=False)
+    return ProgramRequest(solve_batched, "solve_batched", (gram, cross, target_sq, n_rows, lipschitz, swept),
+                          dict(method=method, static=static, full_rank=full_rank), SOLVER_COMPILER_OPTIONS)
+
+
+def solve_padded(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: str, static: tuple,
+                 full_rank: bool = False):
+    """:func:`solve_batched` on shapes padded to buckets (:func:`padded_request`), results sliced back.
+
+    Goes through the compiled-program cache (``unmerge_jax.compile_cache``): a warm process loads
+    the program instead of tracing the vmapped loops. Same arguments as :func:`solve_batched`.
 
     Returns:
       :class:`PaddedResult`, dispatched asynchronously; its ``get()`` is the ``SolverResult`` of
       :func:`solve_batched` as host NumPy arrays with leading axes (S, T, P).
     """
-    gram, cross, target_sq, n_rows, lipschitz, swept = (np.asarray(a, np.float64) for a in
-                                                         (gram, cross, target_sq, n_rows, lipschitz, swept))
-    s, t, p = gram.shape[0], cross.shape[2], swept.shape[0]
-    sb, tb, pb = bucket(s), bucket(t), grid_bucket(p)
-    gram, n_rows, lipschitz = (_pad_axis(a, 0, sb, zero=False) for a in (gram, n_rows, lipschitz))
-    cross = _pad_axis(_pad_axis(cross, 0, sb, zero=False), 2, tb, zero=True)
-    target_sq = _pad_axis(_pad_axis(target_sq, 0, sb, zero=False), 1, tb, zero=True)
-    swept = _pad_axis(swept, 0, pb, zero=False)
-    res = solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, method=method, static=static,
-                        full_rank=full_rank)
-    return PaddedResult(res, (s, t, p))
+    req = padded_request(gram, cross, target_sq, n_rows, lipschitz, swept, method=method, static=static,
+                         full_rank=full_rank)
+    res = cached_program(req.jitted, req.name, req.args, req.static, compiler_options=req.compiler_options)
+    return PaddedResult(res, (np.shape(gram)[0], np.shape(cross)[2], np.shape(swept)[0]))
 
 
 class PaddedResult(NamedTuple):

@@ -17,9 +17,11 @@ import jax
 import numpy as np
 import pandas as pd
 
+from unmerge_jax.compile_cache import compile_programs
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.metrics import reconstruction, support_metrics
-from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, resolve_method, resolve_params, solve_padded,
+from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, padded_request, resolve_method, resolve_params,
+                               solve_padded,
                                stacked_problems, validate_stats)
 from unmerge_jax.solvers import SOLVERS
 from unmerge_jax.solvers.common import gram_is_well_posed
@@ -141,6 +143,9 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
         offset = sum(len(x) for x in programs.get(key, []))
         programs.setdefault(key, []).append(rows.reshape(len(points), len(SOLVERS[program].swept)))
         planned.append((method, spec, points, resolved, key, offset))
+    # Compile (or load) every program first, in parallel, then dispatch them one after another.
+    compile_programs([padded_request(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
+                                     full_rank=full_rank) for key, rows in programs.items()])
     launched = {key: solve_padded(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
                                   full_rank=full_rank)
                 for key, rows in programs.items()}
