@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unmerge_jax.compile_cache import cached_program
 from unmerge_jax.kernels.random import poisson1_weights
 
 ROW_AXIS = "rows"
@@ -203,12 +204,19 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
     unit_chunks = chunks_inside_units(n_seeds, boot_block, int(row_offset), rows)
     fn = _compiled_flat_stats(rows, int(n_seeds), jnp.dtype(compute_dtype).name, boot_block if n_seeds else 1,
                               unit_chunks, total is not None)
-    if device != jax.devices()[0] or jax.config.jax_default_device is not None:
+    placed = device != jax.devices()[0] or jax.config.jax_default_device is not None
+    if placed:
         # jit puts host arguments on the default device itself (faster than device_put); only
         # another device needs them placed explicitly.
         d_flat, v_flat = jax.device_put(d_flat, device), jax.device_put(v_flat, device)
     args = (d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
-    out = fn(*args) if total is None else fn(*args, tuple(total))
+    if total is not None:
+        args = (*args, tuple(total))
+    if placed:
+        out = fn(*args)
+    else:  # on the default device: through the compiled-program cache (a warm process traces nothing)
+        name = f"flat_block_stats:{rows}:{int(n_seeds)}:{jnp.dtype(compute_dtype).name}:{boot_block}:{unit_chunks}"
+        out = cached_program(fn, name + (":add" if total is not None else ""), args, {})
     return (*out[:3], np.int64(n_valid), *out[3:])
 
 

@@ -142,7 +142,8 @@ def _environment() -> tuple:
 
 
 def _program_key(name: str, specs, static: dict, compiler_options) -> str:
-    shapes = tuple((s.shape, str(s.dtype)) for s in specs)
+    leaves, tree = jax.tree_util.tree_flatten(specs)
+    shapes = (str(tree), tuple((s.shape, str(s.dtype)) for s in leaves))
     text = repr((name, sorted(static.items()), shapes, sorted((compiler_options or {}).items()), _environment()))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -186,6 +187,11 @@ def _store_program(path: Path, compiled) -> None:
                 os.unlink(tmp)
 
 
+def _spec(a) -> jax.ShapeDtypeStruct:
+    dtype = a.dtype if isinstance(a, jax.Array) else np.result_type(a)  # typed PRNG keys keep theirs
+    return jax.ShapeDtypeStruct(np.shape(a), dtype)
+
+
 class ProgramRequest(NamedTuple):
     """One call of a jitted function, as :func:`cached_program` and :func:`compile_programs` take it."""
 
@@ -196,7 +202,7 @@ class ProgramRequest(NamedTuple):
     compiler_options: dict | None = None
 
     def specs(self) -> tuple:
-        return tuple(jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)) for a in self.args)
+        return jax.tree_util.tree_map(_spec, self.args)
 
     def key(self) -> str:
         return _program_key(self.name, self.specs(), self.static, self.compiler_options)
