@@ -211,22 +211,28 @@ class ProgramRequest(NamedTuple):
 def compile_programs(requests) -> None:
     """Load or compile the programs of several requests at once, compiling in parallel.
 
-    Tracing and lowering hold the GIL; XLA's compile does not. So each missing program is
-    lowered on this thread while the programs lowered before it compile on a pool of one
-    thread per core: a sweep's five solver programs compile in about the time of the longest,
-    not of all five. Loads and compiles what :func:`cached_program` would; results are the same.
+    Tracing and lowering hold the GIL; XLA's compile and its loading of a stored program do not.
+    So stored programs load on a pool of one thread per core, and each missing one is lowered on
+    this thread while those lowered before it compile on the pool. Loads and compiles what
+    :func:`cached_program` would; results are the same.
     """
     if not programs_enabled():
         return
     where = program_cache_dir()
+    todo = {}
+    for req in requests:
+        key = req.key()
+        if key not in _PROGRAMS:
+            todo.setdefault(key, req)
+    if not todo:
+        return
     pending = {}
-    workers = max(1, min(len(requests), os.cpu_count() or 1))
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unmerge-compile") as pool:
-        for req in requests:
-            key = req.key()
-            if key in _PROGRAMS or key in pending:
-                continue
-            program = load_program(where / key) if where else None
+        # Stored programs load side by side too (XLA links each one without the GIL).
+        loads = {key: pool.submit(load_program, where / key) for key in todo} if where else {}
+        for key, req in todo.items():
+            program = loads[key].result() if where else None
             if program is not None:
                 _PROGRAMS[key] = program
                 _LOADED.add(key)
