@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unmerge_jax.compile_cache import cached_program
 from unmerge_jax.kernels.random import poisson1_weights
 
 ROW_AXIS = "rows"
@@ -181,7 +180,7 @@ def _compiled_flat_stats(rows: int, n_seeds: int, compute_dtype: str, boot_block
 
 def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, row_offset: int, n_seeds: int, key,
                      device, compute_dtype="float64", n_valid: int | None = None, boot_block: int = 1,
-                     total=None):
+                     total=None, run=None):
     """``block_stats`` on one device for a block given as flat host buffers (zero-copy on CPU).
 
     Args:
@@ -193,6 +192,9 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
       total: optional running sums (the float arrays of a previous call's result, in order, without
         ``n_rows``); they are added to inside the program and their buffers donated (do not reuse
         them).
+      run: optional ``run(program, name, args)`` that calls the jitted program on ``args`` (the
+        driver passes its compiled-program cache; ``name`` is stable and names the program's
+        static configuration). Default: call it.
       Other arguments as :func:`block_stats`.
 
     Returns:
@@ -212,11 +214,11 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
     args = (d_flat, np.int64(d_shift), v_flat, np.int64(v_shift), np.int64(n_valid), np.int64(row_offset), key)
     if total is not None:
         args = (*args, tuple(total))
-    if placed:
+    if placed or run is None:
         out = fn(*args)
-    else:  # on the default device: through the compiled-program cache (a warm process traces nothing)
+    else:  # on the default device, through the caller's runner (the driver's compiled-program cache)
         name = f"flat_block_stats:{rows}:{int(n_seeds)}:{jnp.dtype(compute_dtype).name}:{boot_block}:{unit_chunks}"
-        out = cached_program(fn, name + (":add" if total is not None else ""), args, {})
+        out = run(fn, name + (":add" if total is not None else ""), args)
     return (*out[:3], np.int64(n_valid), *out[3:])
 
 

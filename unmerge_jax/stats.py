@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmerge_jax.attribution.signatures import SignatureStats
+from unmerge_jax.compile_cache import cached_program
 from unmerge_jax.errors import UnmergeError, check_finite
 from unmerge_jax.io.arrays import read_npz, write_npz
 from unmerge_jax.kernels.stats import CHUNK_ROWS, FLAT_PAD, block_stats, flat_block_stats, row_mesh
@@ -179,6 +180,11 @@ def accumulate_block(D_block, V_block, *, row_offset: int = 0, seeds: int = 0, k
     return GramStats(*out)
 
 
+def _cached_run(program, name, args):
+    """Run a statistics kernel through the compiled-program cache (a warm process traces nothing)."""
+    return cached_program(program, name, args, {})
+
+
 def _seed_key(key, seeds):
     if not seeds:
         return None
@@ -251,7 +257,8 @@ def gram_stats(D, V, *, seeds: int = 0, key=None, devices=None, block_rows: int 
             sums = None if total is None else [a for f, a in zip(GramStats._fields, total) if f != "n_rows"]
             out = GramStats(*flat_block_stats(*d_blk, *v_blk, rows=block, row_offset=start, n_seeds=seeds, key=key,
                                               device=mesh.devices.flat[0], compute_dtype=compute_dtype,
-                                              n_valid=stop - start, boot_block=boot_block, total=sums))
+                                              n_valid=stop - start, boot_block=boot_block, total=sums,
+                                              run=_cached_run))
             total = out._replace(n_rows=out.n_rows + (0 if total is None else total.n_rows))
         else:
             part = GramStats(*block_stats(d_blk, v_blk, row_offset=start, n_seeds=seeds, key=key, mesh=mesh,
