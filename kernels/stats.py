@@ -192,9 +192,9 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
       total: optional running sums (the float arrays of a previous call's result, in order, without
         ``n_rows``); they are added to inside the program and their buffers donated (do not reuse
         them).
-      run: optional ``run(program, name, args)`` that calls the jitted program on ``args`` (the
-        driver passes its compiled-program cache; ``name`` is stable and names the program's
-        static configuration). Default: call it.
+      run: optional ``run(program, name, args, donate=positions)`` that calls the jitted program
+        on ``args`` (the driver passes its compiled-program cache; ``name`` is stable and names
+        the program's static configuration; ``donate`` the donated positions). Default: call it.
       Other arguments as :func:`block_stats`.
 
     Returns:
@@ -218,7 +218,7 @@ def flat_block_stats(d_flat, d_shift: int, v_flat, v_shift: int, *, rows: int, r
         out = fn(*args)
     else:  # on the default device, through the caller's runner (the driver's compiled-program cache)
         name = f"flat_block_stats:{rows}:{int(n_seeds)}:{jnp.dtype(compute_dtype).name}:{boot_block}:{unit_chunks}"
-        out = run(fn, name + (":add" if total is not None else ""), args)
+        out = run(fn, name + (":add" if total is not None else ""), args, donate=(7,) if total is not None else ())
     return (*out[:3], np.int64(n_valid), *out[3:])
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 OFF = ("0", "false", "no")
@@ -97,8 +98,10 @@ _LOADED: set = set()  # keys whose program came from disk
 
 
 def programs_enabled() -> bool:
-    """False when ``UNMERGE_PROGRAM_CACHE=0``: :func:`cached_program` is then a plain jit call."""
-    return os.environ.get("UNMERGE_PROGRAM_CACHE", "1").lower() not in OFF
+    """False when ``UNMERGE_PROGRAM_CACHE=0`` or under ``jax.distributed`` (several processes: a
+    stored program names devices, which another process may not address): :func:`cached_program`
+    is then a plain jit call."""
+    return os.environ.get("UNMERGE_PROGRAM_CACHE", "1").lower() not in OFF and jax.process_count() == 1
 
 
 def program_cache_dir() -> Path | None:
@@ -200,6 +203,7 @@ class ProgramRequest(NamedTuple):
     args: tuple
     static: dict
     compiler_options: dict | None = None
+    donate: tuple = ()  # positions in ``args`` the program donates
 
     def specs(self) -> tuple:
         return jax.tree_util.tree_map(_spec, self.args)
@@ -245,7 +249,7 @@ def compile_programs(requests) -> None:
                 _store_program(where / key, _PROGRAMS[key])
 
 
-def cached_program(jitted, name: str, args, static: dict, *, compiler_options=None):
+def cached_program(jitted, name: str, args, static: dict, *, compiler_options=None, donate: tuple = ()):
     """``jitted(*args, **static)``, traced, lowered and compiled at most once per key across
     processes (see the module docstring).
 
@@ -255,13 +259,15 @@ def cached_program(jitted, name: str, args, static: dict, *, compiler_options=No
       args: array arguments; their shapes and dtypes are part of the key.
       static: static keyword arguments (hashable, with a stable ``repr``).
       compiler_options: the XLA options ``jitted`` compiles with (part of the key).
+      donate: positions in ``args`` that ``jitted`` donates (a loaded program's first run gets
+        copies of them, so that a run that fails leaves them for the compiled one).
 
     Returns:
       What ``jitted`` returns — the same compiled program, so bit-identical results.
     """
     if not programs_enabled():
         return jitted(*args, **static)
-    req = ProgramRequest(jitted, name, tuple(args), dict(static), compiler_options)
+    req = ProgramRequest(jitted, name, tuple(args), dict(static), compiler_options, tuple(donate))
     key = req.key()
     if key not in _PROGRAMS:
         compile_programs([req])
@@ -272,8 +278,9 @@ def cached_program(jitted, name: str, args, static: dict, *, compiler_options=No
     # not found", reported when the result is read). It is then compiled here, as without the
     # cache. Later runs dispatch asynchronously.
     _LOADED.discard(key)
+    trial = [jax.tree_util.tree_map(jnp.copy, a) if i in req.donate else a for i, a in enumerate(args)]
     try:
-        return jax.block_until_ready(_PROGRAMS[key](*args))
+        return jax.block_until_ready(_PROGRAMS[key](*trial))
     except jax.errors.JaxRuntimeError:
         _PROGRAMS[key] = req.jitted.trace(*req.specs(), **req.static).lower().compile()
         return _PROGRAMS[key](*args)

@@ -180,9 +180,9 @@ def accumulate_block(D_block, V_block, *, row_offset: int = 0, seeds: int = 0, k
     return GramStats(*out)
 
 
-def _cached_run(program, name, args):
+def _cached_run(program, name, args, donate=()):
     """Run a statistics kernel through the compiled-program cache (a warm process traces nothing)."""
-    return cached_program(program, name, args, {})
+    return cached_program(program, name, args, {}, donate=donate)
 
 
 def _seed_key(key, seeds):
