@@ -24,7 +24,8 @@ compile to — the JAX/jaxlib/Python versions, the backend, its devices and ``XL
 trace-affecting flags (``jax_enable_x64`` among them) and a hash of this package's source, so an
 edit or an upgrade never loads a stale program. A second process loads each in milliseconds.
 ``UNMERGE_PROGRAM_CACHE=0`` turns this layer off alone (tests that count traces do); it is off
-under ``jax.distributed``, and programs are kept in memory only whenever the XLA cache is off. Like JAX's own cache, the directory holds executables: keep it private.
+under ``jax.distributed``, and programs are kept in memory only whenever the XLA cache is off.
+Like JAX's own cache, the directory holds executables: keep it private.
 """
 
 from __future__ import annotations
