@@ -214,8 +214,17 @@ def solve_padded(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: st
     """
     req = padded_request(gram, cross, target_sq, n_rows, lipschitz, swept, method=method, static=static,
                          full_rank=full_rank)
+    return dispatch_padded(req, (np.shape(gram)[0], np.shape(cross)[2], np.shape(swept)[0]))
+
+
+def dispatch_padded(req: ProgramRequest, shape: tuple) -> "PaddedResult":
+    """Run a :func:`padded_request` through the compiled-program cache, asynchronously.
+
+    Args:
+      req: from :func:`padded_request`. shape: the unpadded (S, T, P) its result is sliced to.
+    """
     res = cached_program(req.jitted, req.name, req.args, req.static, compiler_options=req.compiler_options)
-    return PaddedResult(res, (np.shape(gram)[0], np.shape(cross)[2], np.shape(swept)[0]))
+    return PaddedResult(res, tuple(shape))
 
 
 class PaddedResult(NamedTuple):

@@ -20,9 +20,8 @@ import pandas as pd
 from unmerge_jax.compile_cache import compile_programs
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.metrics import reconstruction, support_metrics
-from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, padded_request, resolve_method, resolve_params,
-                               solve_padded,
-                               stacked_problems, validate_stats)
+from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, dispatch_padded, padded_request,
+                               resolve_method, resolve_params, stacked_problems, validate_stats)
 from unmerge_jax.solvers import SOLVERS
 from unmerge_jax.solvers.common import gram_is_well_posed
 from unmerge_jax.stats import GramStats, gram_stats
@@ -144,11 +143,12 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
         programs.setdefault(key, []).append(rows.reshape(len(points), len(SOLVERS[program].swept)))
         planned.append((method, spec, points, resolved, key, offset))
     # Compile (or load) every program first, in parallel, then dispatch them one after another.
-    compile_programs([padded_request(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
-                                     full_rank=full_rank) for key, rows in programs.items()])
-    launched = {key: solve_padded(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
-                                  full_rank=full_rank)
-                for key, rows in programs.items()}
+    requests = {key: padded_request(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],
+                                    full_rank=full_rank) for key, rows in programs.items()}
+    compile_programs(list(requests.values()))
+    s, t_in = solve_arrays[0].shape[0], solve_arrays[1].shape[2]
+    launched = {key: dispatch_padded(req, (s, t_in, sum(len(r) for r in programs[key])))
+                for key, req in requests.items()}
     frames = []
     fetched = {}
     for method, spec, points, resolved, key, offset in planned:
