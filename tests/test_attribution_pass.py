@@ -3,7 +3,9 @@
 * The signature sums fused into the pass (``passes.signatures``, ``kernels/signatures.py``) equal
   the NumPy reference ``signature_stats`` of the dense columns (``dense_columns``) with thresholds
   from the whole tensors' task vectors, to float64 rounding: full and compressed passes, rows
-  sharded over 8 devices, tensors split across blocks.
+  sharded over 8 devices, tensors split across blocks; the per-group Gram sums too (groups
+  ``segment_groups`` of the tensors), over the rows the TIES sums take. The kernel alone equals
+  ``signature_block`` with per-row groups on blocks of many tiny tensors and on sampled rows.
 * ``attribute_files`` on a dictionary of 4 dense fine-tunes of a tiny Qwen2 and targets merged by
   ``unmerge_jax.merge`` (TIES and DARE of 2 of the 4, task arithmetic of 2, a linear merge with a
   fine-tune outside the dictionary, the outside fine-tune alone): present sets, merge method,
@@ -19,7 +21,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from unmerge_jax import UnmergeError  # noqa: E402
-from unmerge_jax.attribution import DENSITY_GRID, signature_stats, trim_thresholds  # noqa: E402
+from unmerge_jax.attribution import (DENSITY_GRID, segment_groups, signature_block, signature_stats,  # noqa: E402
+                                     trim_thresholds)
 from unmerge_jax.entries import open_entries  # noqa: E402
 from unmerge_jax.passes.statistics import dense_columns, stream_stats  # noqa: E402
 from unmerge_jax.pipeline import attribute_files  # noqa: E402
@@ -37,7 +40,7 @@ def _dense_reference(root, res, dictionary, targets):
     used = [n for n in sel.names if sel.rows(n)]
     thr = np.stack([trim_thresholds([tvs[k].delta(n) for k in range(len(dictionary))]) for n in used])
     off = sel.offsets()
-    return signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr)
+    return signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr, groups=segment_groups(used))
 
 
 @pytest.mark.parametrize("top_k,block_rows", [(None, 3000), (2400, 700)], ids=["full", "compressed"])
@@ -50,9 +53,15 @@ def test_fused_signatures_equal_the_dense_reference(merges, top_k, block_rows):
     assert int(sig.n_rows) == n and float(sig.n_active) == float(ref.n_active)
     np.testing.assert_array_equal(sig.densities, DENSITY_GRID)
     np.testing.assert_array_equal(sig.zero_count, ref.zero_count)
-    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv"):
+    assert sig.n_groups == ref.n_groups > 8  # more groups than the kernel's smallest padding
+    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv", "group_gram", "group_cross"):
         a, b = np.asarray(getattr(sig, f)), np.asarray(getattr(ref, f))
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.max(np.abs(b)), err_msg=f)
+    # every row is taken (ties_stride 1): the groups' sums add up to the Gram statistics
+    np.testing.assert_allclose(sig.group_gram.sum(0), res.stats.gram, rtol=1e-12)
+    np.testing.assert_allclose(sig.group_cross.sum(0), res.stats.cross, rtol=1e-12,
+                               atol=1e-15 * np.max(np.abs(res.stats.cross)))
+    assert np.all(np.trace(sig.group_gram, axis1=1, axis2=2) > 0)  # every group holds rows
     # the signature sums change nothing in the Gram statistics
     plain = stream_stats(merges / "base", dictionary, targets, top_k=top_k, block_rows=block_rows)
     assert plain.signatures is None
@@ -90,16 +99,66 @@ def test_ties_sums_of_a_large_pass_take_every_sth_unit_of_rows(merges, monkeypat
     base = open_source(merges / "base", kind=WEIGHTS)
     _, _, tvs = open_entries(base, dictionary, targets, sel.names)
     off, segs, thr, start = sel.offsets(), [], [], 0
-    for name in (m for m in sel.names if sel.rows(m)):
+    used = [m for m in sel.names if sel.rows(m)]
+    for name in used:
         rows = int(np.count_nonzero(keep[off[name]:off[name] + sel.rows(name)]))
         segs.append((start, start + rows))
         thr.append(trim_thresholds([tvs[k].delta(name) for k in range(len(dictionary))]))
         start += rows
-    sub = signature_stats(D[keep], V[keep], segs, np.stack(thr))
-    for f in ("ties_dd", "ties_dv", "ties_vv"):
+    sub = signature_stats(D[keep], V[keep], segs, np.stack(thr), groups=segment_groups(used))
+    # the per-group sums take the same rows as the TIES sums (a group without sampled rows: zero)
+    assert sig.n_groups == full.n_groups and np.any(np.all(sub.group_gram == 0, axis=(1, 2)))
+    for f in ("ties_dd", "ties_dv", "ties_vv", "group_gram", "group_cross"):
         a, b = np.asarray(getattr(sig, f)), np.asarray(getattr(sub, f))
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.max(np.abs(b)), err_msg=f)
     assert not np.allclose(sig.ties_vv, full.ties_vv)  # it is a subset
+    assert not np.allclose(sig.group_gram, full.group_gram)
+
+
+@pytest.mark.parametrize("row_offset,stride", [(0, 1), (3 * 4096 - 1000, 2)], ids=["all-rows", "sampled"])
+def test_kernel_group_sums_equal_the_reference_on_tiny_tensors(row_offset, stride):
+    """Per-row groups, 8 devices, blocks whose chunks span many tiny tensors (more slots than the
+    kernel's window) and few large ones, padding slots and rows, and the sampled-rows mask."""
+    import jax
+
+    from unmerge_jax.kernels.signatures import TIES_UNIT_ROWS, WINDOW_SLOTS, padded_groups, signature_block_sums
+    from unmerge_jax.kernels.stats import row_mesh
+
+    rng = np.random.default_rng(3)
+    K, T, S, B, n_valid = 3, 2, 32, 4800, 4700  # 600 rows per device: a 512-row chunk and a rest
+    sizes = [7] * 20 + [900, 1300, 1500, 620, 240]  # 20 tiny tensors: one chunk spans > WINDOW_SLOTS
+    assert sum(sizes) == n_valid and len(sizes) < S and 7 * WINDOW_SLOTS < 512
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    tensor_group = rng.integers(0, 11, len(sizes))
+    tensor_group[:11] = np.arange(11)  # G = 11: the kernel pads the group axis to 16
+    D = rng.normal(size=(B, K)).astype(np.float32)
+    D[rng.random(B) < 0.1] = 0
+    V = (D @ rng.uniform(0.2, 0.8, (K, T))).astype(np.float32)
+    V[rng.random(V.shape) < 0.2] = 0
+    D[n_valid:], V[n_valid:] = 0, 0
+    thr = np.abs(rng.normal(size=(len(sizes), len(DENSITY_GRID), K)))
+    starts, table, slot_group = np.full(S, B, np.int64), np.zeros((S, len(DENSITY_GRID), K)), np.zeros(S, np.int32)
+    starts[:len(sizes)], table[:len(sizes)], slot_group[:len(sizes)] = first, thr, tensor_group
+    mesh = row_mesh(jax.devices())
+    assert mesh.devices.size == 8
+    out = signature_block_sums(D, V, starts, table, slot_group, mesh=mesh, n_groups=11, row_offset=row_offset,
+                               ties_stride=stride)
+    groups = np.array(out[-1])  # a copy: the next call donates out
+    assert groups.shape == (padded_groups(11), K, K + T) == (16, K, K + T) and np.all(groups[11:] == 0)
+    # reference: the rows the TIES sums take, each with its tensor's thresholds and group
+    tensor = np.repeat(np.arange(len(sizes)), sizes)
+    keep = ((row_offset + np.arange(n_valid)) // TIES_UNIT_ROWS) % stride == 0
+    assert keep.any() and (stride == 1 or not keep.all())
+    ref = signature_block(D[:n_valid][keep], V[:n_valid][keep], thr[tensor[keep]], DENSITY_GRID,
+                          groups=tensor_group[tensor[keep]], n_groups=11)
+    for got, want in ((groups[:11, :, :K], ref.group_gram), (groups[:11, :, K:], ref.group_cross),
+                      (np.asarray(out[3])[:, :, :K, :K], ref.ties_dd)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.max(np.abs(want)))
+    assert np.max(np.abs(ref.group_gram)) > 0
+    # a running total: adding the block again doubles every sum
+    again = signature_block_sums(D, V, starts, table, slot_group, mesh=mesh, n_groups=11, row_offset=row_offset,
+                                 ties_stride=stride, total=out)
+    np.testing.assert_allclose(np.asarray(again[-1]), 2 * groups, rtol=1e-15)
 
 
 def test_mask_pass_thresholds_are_the_whole_tensors(merges):

@@ -141,11 +141,12 @@ def test_signature_sums_over_two_processes_equal_one_process(merges, tmp_path):
     for f in ("n_rows", "n_active", "zero_count"):  # counts: exact
         np.testing.assert_array_equal(getattr(sig, f), np.asarray(getattr(ref, f)), err_msg=f)
     np.testing.assert_array_equal(sig.densities, ref.densities)
-    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv"):
+    assert sig.n_groups == ref.n_groups > 1  # the per-group sums over the same tensor groups
+    for f in ("zero_energy", "ties_dd", "ties_dv", "ties_vv", "group_gram", "group_cross"):
         g, w = np.asarray(getattr(sig, f)), np.asarray(getattr(ref, f), np.float64)
         assert np.max(np.abs(g - w)) <= 1e-12 * np.max(np.abs(w)), f
     assert np.max(np.asarray(ref.ties_vv)) > 0 and float(ref.zero_count.sum()) > 0  # sums that say something
-    assert len(SignatureStats._fields) == 8
+    assert len(SignatureStats._fields) == 10
 
     # no tensor was read again for its TIES thresholds: together the processes read each (input,
     # tensor) as one process does — the mask pass once, the statistics pass once where rows are kept

@@ -2,7 +2,8 @@
 
 * ``save_stats(..., signatures=sig)`` / ``load_stats(..., signatures=True)`` round-trip the
   :class:`~unmerge_jax.attribution.SignatureStats` bit for bit; a file without them (older files,
-  ``--no-signatures``) still loads, with ``None``; a damaged signature section is a one-line error.
+  ``--no-signatures``) still loads, with ``None``; a damaged signature section (the per-group sums
+  included) or one of format version 1 (before the per-group sums) is a one-line error.
 * On real tiny merges made by the merge engine: ``unmerge decompose --stats FILE`` gives the same
   JSON as the direct run that wrote ``FILE`` with ``--stats-out`` (provenance included), and as a
   direct run beside an ``unmerge stats --seeds 200`` file (all but the wall time); a file without
@@ -31,7 +32,10 @@ def _array_problem(seed=0, n=600, k=3, t=2):
 
 
 def _sig_of(D, V):
-    return signature_stats(D, V, [(0, D.shape[0])], trim_thresholds(D.T)[None])
+    """Sums of two "tensors" in two groups."""
+    half = D.shape[0] // 2
+    thr = np.stack([trim_thresholds(D[:half].T), trim_thresholds(D[half:].T)])
+    return signature_stats(D, V, [(0, half), (half, D.shape[0])], thr, groups=[0, 1])
 
 
 def test_signatures_round_trip_bit_for_bit(tmp_path):
@@ -40,13 +44,15 @@ def test_signatures_round_trip_bit_for_bit(tmp_path):
     u.save_stats(tmp_path / "s.npz", st, {"atom_names": ["a", "b", "c"]}, signatures=sig)
     back, prov, got = u.load_stats(tmp_path / "s.npz", signatures=True)
     assert isinstance(got, SignatureStats) and prov == {"atom_names": ["a", "b", "c"]}
+    assert got.n_groups == 2 and got.group_gram.shape == (2, 3, 3) and got.group_cross.shape == (2, 3, 2)
+    assert not np.allclose(got.group_gram[0], got.group_gram[1])  # two groups' own sums
     for f in SignatureStats._fields:
         np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(sig, f)), err_msg=f)
     np.testing.assert_array_equal(got.densities, DENSITY_GRID)
     np.testing.assert_array_equal(back.gram, st.gram)
     assert len(u.load_stats(tmp_path / "s.npz")) == 2  # the two-value form is unchanged
     _, meta = read_npz(tmp_path / "s.npz")
-    assert meta["signatures"] == {"version": 1, "densities": list(DENSITY_GRID)}
+    assert meta["signatures"] == {"version": 2, "densities": list(DENSITY_GRID)}
 
 
 def test_a_file_without_signatures_still_loads(tmp_path):
@@ -66,15 +72,23 @@ def _damaged(tmp_path, change):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda a, m: m.update(signatures={"version": 2, "densities": m["signatures"]["densities"]}),
-     "format version 2; this unmerge_jax reads version 1"),
+    (lambda a, m: m.update(signatures={"version": 1, "densities": m["signatures"]["densities"]}),
+     "format version 1; this unmerge_jax reads version 2 — write it again with `unmerge stats`"),
     (lambda a, m: a.pop("sig_ties_vv"), r"only some signature sums \(missing sig_ties_vv\)"),
     (lambda a, m: a.update(sig_zero_energy=a["sig_zero_energy"][:, :1]), r"sig_zero_energy has shape \(3, 1\)"),
     (lambda a, m: a.update(sig_ties_dd=np.full_like(a["sig_ties_dd"], np.nan)), "sig_ties_dd holds NaN"),
     (lambda a, m: a.update(sig_densities=a["sig_densities"] * 2), "is not fractions in"),
     (lambda a, m: a.update(sig_n_rows=a["sig_n_rows"] + 1), "not sums of the same rows"),
     (lambda a, m: m.pop("signatures"), "format version None"),
-], ids=["version", "missing", "shape", "nan", "densities", "rows", "no-record"])
+    (lambda a, m: a.pop("sig_group_cross"), r"missing sig_group_cross\)"),
+    (lambda a, m: a.update(sig_group_gram=a["sig_group_gram"][0]), r"sig_group_gram has shape \(3, 3\), not \(G, 3, 3\)"),
+    (lambda a, m: a.update(sig_group_gram=a["sig_group_gram"][:0]), r"sig_group_gram has shape \(0, 3, 3\).*G >= 1"),
+    (lambda a, m: a.update(sig_group_cross=a["sig_group_cross"][:1]),
+     r"sig_group_cross has shape \(1, 3, 2\) .* 2 groups need \(2, 3, 2\)"),
+    (lambda a, m: a.update(sig_group_gram=np.where(np.eye(3), np.inf, a["sig_group_gram"])), "sig_group_gram holds NaN/Inf"),
+    (lambda a, m: a.update(sig_group_cross=np.full_like(a["sig_group_cross"], np.nan)), "sig_group_cross holds NaN"),
+], ids=["version-1", "missing", "shape", "nan", "densities", "rows", "no-record", "group-missing", "group-2d",
+        "no-groups", "group-cross-shape", "group-inf", "group-nan"])
 def test_a_damaged_signature_section_is_one_line(tmp_path, change, match):
     bad = _damaged(tmp_path, change)
     with pytest.raises(UnmergeError, match=match) as err:
@@ -109,7 +123,7 @@ def test_decompose_from_the_stats_file_equals_the_direct_run(merges, tmp_path, c
     direct, file = _json(tmp_path / "direct.json"), _json(tmp_path / "file.json")
     assert file == direct  # every key, the provenance included
     assert [r["verdict"] for r in direct["targets"]] == [m[3] for m in MERGES.values()]
-    assert direct["provenance"]["signatures"] == {"version": 1, "densities": list(DENSITY_GRID), "ties_stride": 1}
+    assert direct["provenance"]["signatures"] == {"version": 2, "densities": list(DENSITY_GRID), "ties_stride": 1}
 
     # `unmerge stats` accumulates the sums by default at 200 replicates: the same report
     assert main(["stats", *args, "--seeds", "200", "--out", str(tmp_path / "s2.npz")]) == 0

@@ -314,8 +314,9 @@ def iter_gram_stats(blocks: Iterable, *, seeds: int = 0, key=None, devices=None,
 
 _FIELDS = GramStats._fields
 # Format of the merge-method signature sums inside a statistics file (``sig_<field>`` arrays and a
-# ``signatures`` meta record). A reader refuses a version it does not know.
-SIGNATURES_VERSION = 1
+# ``signatures`` meta record). A reader refuses a version it does not know. Version 2 added the
+# per-group Gram sums ``sig_group_gram`` (G, K, K) and ``sig_group_cross`` (G, K, T).
+SIGNATURES_VERSION = 2
 _SIG_PREFIX = "sig_"
 
 
@@ -330,7 +331,8 @@ def save_stats(path, stats: GramStats, provenance: dict | None = None, *, inputs
       signatures: the merge-method signature sums of the same rows and targets
         (:class:`~unmerge_jax.attribution.SignatureStats`, what the presence decisions read), or
         None. Written as ``sig_<field>`` float64 arrays (``sig_densities`` the (P,) TIES density
-        grid) with a ``signatures`` record ``{"version", "densities"}`` (:data:`SIGNATURES_VERSION`).
+        grid, ``sig_group_gram`` / ``sig_group_cross`` the (G, K, K) / (G, K, T) per-group sums) with
+        a ``signatures`` record ``{"version", "densities"}`` (:data:`SIGNATURES_VERSION`).
     """
     arrays = {f: getattr(stats, f) for f in _FIELDS if getattr(stats, f) is not None}
     meta = {"provenance": provenance or {}}
@@ -385,15 +387,16 @@ def check_stats_file(path, arrays: dict, provenance) -> None:
             raise UnmergeError(f"{path}: provenance {key} is {str(names)[:80]!r}, not a list of {n} names; {fix}")
 
 
-def _sig_shapes(K: int, T: int, P: int) -> dict:
+def _sig_shapes(K: int, T: int, P: int, G: int) -> dict:
     return {"densities": (P,), "n_rows": (), "n_active": (), "zero_count": (T,), "zero_energy": (K, T),
-            "ties_dd": (P, T, K, K), "ties_dv": (P, T, K, K), "ties_vv": (P, T, K, K)}
+            "ties_dd": (P, T, K, K), "ties_dv": (P, T, K, K), "ties_vv": (P, T, K, K),
+            "group_gram": (G, K, K), "group_cross": (G, K, T)}
 
 
 def check_signatures_file(path, arrays: dict, record, n_rows) -> None:
     """One-line error unless the ``sig_*`` arrays and ``record`` of a statistics file are consistent
     signature sums (:func:`save_stats`) of the file's K atoms and T targets: a known version, every
-    field, shapes, finite numbers, a density grid in (0, 1] equal to the record's, counts that fit
+    field, shapes (G ≥ 1 tensor groups, from ``sig_group_gram``), finite numbers, a density grid in (0, 1] equal to the record's, counts that fit
     (``zero_count ≤ n_active ≤ n_rows`` = the Gram statistics' rows)."""
     fix = "write it again with `unmerge stats` (or leave the file's signature sums out)"
     if not isinstance(record, dict) or record.get("version") != SIGNATURES_VERSION:
@@ -407,13 +410,18 @@ def check_signatures_file(path, arrays: dict, record, n_rows) -> None:
     K, T = (int(n) for n in arrays["cross"].shape)
     dens = arrays[_SIG_PREFIX + "densities"]
     P = int(dens.shape[0]) if dens.ndim == 1 else -1
-    want = _sig_shapes(K, T, P)
+    gg = arrays[_SIG_PREFIX + "group_gram"]
+    G = int(gg.shape[0]) if gg.ndim == 3 else -1
+    if G < 1:
+        raise UnmergeError(f"{path}: signature field {_SIG_PREFIX}group_gram has shape {tuple(gg.shape)}, not "
+                           f"(G, {K}, {K}) for G >= 1 tensor groups; {fix}")
+    want = _sig_shapes(K, T, P, G)
     for f in SignatureStats._fields:
         a = arrays[_SIG_PREFIX + f]
         if a.dtype.kind not in "fiu" or tuple(a.shape) != want[f]:
             raise UnmergeError(f"{path}: signature field {_SIG_PREFIX + f} has shape {tuple(a.shape)} and dtype "
-                               f"{a.dtype} but {K} atoms, {T} targets and {max(P, 0)} densities need {want[f]} numbers;"
-                               f" {fix}")
+                               f"{a.dtype} but {K} atoms, {T} targets, {max(P, 0)} densities and {G} groups need "
+                               f"{want[f]} numbers; {fix}")
         if not np.all(np.isfinite(a)):
             raise UnmergeError(f"{path}: signature field {_SIG_PREFIX + f} holds NaN/Inf; {fix}")
     if P < 1 or np.any(~(dens > 0)) or np.any(dens > 1) or \

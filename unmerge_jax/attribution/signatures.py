@@ -38,6 +38,18 @@ this density cannot produce (:func:`unmerge_jax.attribution.ties.ties_fit`).
 Thresholds ``θ_k(ρ)`` are per tensor and need the whole dictionary tensor, not the rows a
 compressed problem keeps (:func:`trim_thresholds`): a pass gets them from the dictionary alone,
 e.g. in the compression pass, which reads every dictionary tensor in full anyway.
+
+**Per-group Gram sums.** Content merged from entry k enters every (layer, module) group the entry
+touches with the same weight; an outside fine-tune that merely *projects* onto k does so with a
+coefficient that changes from group to group. So the pass also keeps, per group g of tensors
+(``io.names.parse_tensor_name(name).group``; one group for array inputs)::
+
+    group_gram_g  = Σ_{r ∈ g} d_r d_rᵀ      (G, K, K)
+    group_cross_g = Σ_{r ∈ g} d_r v_rᵀ      (G, K, T)
+
+over the rows the TIES sums take (all rows up to ``TIES_MAX_ROWS``; K·(K + T) numbers per group),
+from which :func:`group_heterogeneity` measures how far one coefficient per entry is from
+fitting every group.
 """
 
 from __future__ import annotations
@@ -64,6 +76,8 @@ class SignatureStats(NamedTuple):
       zero_count: (T,) active rows where the target is exactly zero.
       zero_energy: (K, T) ``Σ d_kr²`` over those rows.
       ties_dd, ties_dv, ties_vv: (P, T, K, K) the TIES-consistency sums (module docstring).
+      group_gram: (G, K, K) ``Σ d dᵀ`` over the rows of each tensor group (module docstring).
+      group_cross: (G, K, T) ``Σ d vᵀ`` over the same rows.
     """
 
     densities: Any
@@ -74,6 +88,12 @@ class SignatureStats(NamedTuple):
     ties_dd: Any
     ties_dv: Any
     ties_vv: Any
+    group_gram: Any
+    group_cross: Any
+
+    @property
+    def n_groups(self) -> int:
+        return int(np.shape(self.group_gram)[0])
 
     @property
     def n_atoms(self) -> int:
@@ -88,7 +108,7 @@ class SignatureStats(NamedTuple):
         t = np.arange(self.n_targets)[index]
         return self._replace(zero_count=np.asarray(self.zero_count)[t], zero_energy=np.asarray(self.zero_energy)[:, t],
                              ties_dd=np.asarray(self.ties_dd)[:, t], ties_dv=np.asarray(self.ties_dv)[:, t],
-                             ties_vv=np.asarray(self.ties_vv)[:, t])
+                             ties_vv=np.asarray(self.ties_vv)[:, t], group_cross=np.asarray(self.group_cross)[:, :, t])
 
 
 def _check_densities(densities) -> np.ndarray:
@@ -158,15 +178,20 @@ def _kth_largest(absd: np.ndarray, ks) -> np.ndarray:
     return out
 
 
-def empty_signatures(n_atoms: int, n_targets: int, densities: Sequence[float] = DENSITY_GRID) -> SignatureStats:
-    """All-zero statistics (the start of an accumulation)."""
+def empty_signatures(n_atoms: int, n_targets: int, densities: Sequence[float] = DENSITY_GRID,
+                     n_groups: int = 1) -> SignatureStats:
+    """All-zero statistics over ``n_groups`` tensor groups (the start of an accumulation)."""
     dens = _check_densities(densities)
-    p, t, k = dens.size, int(n_targets), int(n_atoms)
+    p, t, k, g = dens.size, int(n_targets), int(n_atoms), int(n_groups)
+    if g < 1:
+        raise UnmergeError(f"signature statistics need at least one tensor group, got {g}")
     return SignatureStats(dens, np.float64(0), np.float64(0), np.zeros(t), np.zeros((k, t)),
-                          np.zeros((p, t, k, k)), np.zeros((p, t, k, k)), np.zeros((p, t, k, k)))
+                          np.zeros((p, t, k, k)), np.zeros((p, t, k, k)), np.zeros((p, t, k, k)),
+                          np.zeros((g, k, k)), np.zeros((g, k, t)))
 
 
-def signature_block(D_block, V_block, thresholds, densities: Sequence[float] = DENSITY_GRID) -> SignatureStats:
+def signature_block(D_block, V_block, thresholds, densities: Sequence[float] = DENSITY_GRID, *,
+                    groups=0, n_groups: int = 1) -> SignatureStats:
     """Signature statistics of one block of rows (sum blocks with :func:`add_signatures`).
 
     Args:
@@ -175,6 +200,8 @@ def signature_block(D_block, V_block, thresholds, densities: Sequence[float] = D
       thresholds: (P, K) trimming thresholds of the tensor these rows belong to
         (:func:`trim_thresholds`), or (r, P, K) per row when the block spans tensors.
       densities: (P,) the densities the thresholds were computed at.
+      groups: the tensor group of these rows (an int), or (r,) ints per row, in ``0 … n_groups − 1``.
+      n_groups: G, the number of groups of the whole problem.
 
     Returns:
       :class:`SignatureStats` of these rows.
@@ -192,13 +219,21 @@ def signature_block(D_block, V_block, thresholds, densities: Sequence[float] = D
     if thr.shape not in ((dens.size, k), (r, dens.size, k)):
         raise UnmergeError(f"signature_block: thresholds must be (P, K) = ({dens.size}, {k}) or (rows, P, K), "
                            f"got {thr.shape}")
-    out = empty_signatures(k, v.shape[1], dens)
+    grp = np.broadcast_to(np.asarray(groups, np.int64), (r,))
+    if r and (grp.min() < 0 or grp.max() >= int(n_groups)):
+        raise UnmergeError(f"signature_block: group ids must be in 0..{int(n_groups) - 1}, got {int(grp.min())}..{int(grp.max())}")
+    out = empty_signatures(k, v.shape[1], dens, n_groups)
     dd, dv, vv = out.ties_dd, out.ties_dv, out.ties_vv
+    gg, gc = out.group_gram, out.group_cross
     n_active, zc, ze = 0.0, out.zero_count, out.zero_energy
     for s in range(0, r, _STEP_ROWS):
         dn = d[s:s + _STEP_ROWS].astype(np.float64)
         vn = v[s:s + _STEP_ROWS].astype(np.float64)
         th = thr if thr.ndim == 2 else thr[s:s + _STEP_ROWS]
+        for g in np.unique(grp[s:s + _STEP_ROWS]):
+            rows_g = grp[s:s + _STEP_ROWS] == g
+            gg[g] += dn[rows_g].T @ dn[rows_g]
+            gc[g] += dn[rows_g].T @ vn[rows_g]
         active = np.any(dn != 0, axis=1)
         n_active += float(np.count_nonzero(active))
         zero = (vn == 0) & active[:, None]                                   # (r, T)
@@ -220,14 +255,14 @@ def signature_block(D_block, V_block, thresholds, densities: Sequence[float] = D
 def add_signatures(a: SignatureStats, b: SignatureStats) -> SignatureStats:
     """Sum of two partial statistics over disjoint row sets (same K, T and densities)."""
     if not np.array_equal(np.asarray(a.densities), np.asarray(b.densities)) or \
-            np.shape(a.ties_dd) != np.shape(b.ties_dd):
+            np.shape(a.ties_dd) != np.shape(b.ties_dd) or np.shape(a.group_cross) != np.shape(b.group_cross):
         raise UnmergeError(f"cannot add signature statistics of different shapes or densities: "
                            f"{np.shape(a.ties_dd)} at {list(a.densities)} vs {np.shape(b.ties_dd)} at {list(b.densities)}")
     return SignatureStats(a.densities, *(np.asarray(x) + np.asarray(y) for x, y in zip(a[1:], b[1:])))
 
 
 def signature_stats(D, V, segments, thresholds, densities: Sequence[float] = DENSITY_GRID,
-                    block_rows: int = 1 << 15) -> SignatureStats:
+                    block_rows: int = 1 << 15, groups=None) -> SignatureStats:
     """Signature statistics of dense ``D`` (n, K) and ``V`` (n, T), tensor segment by segment.
 
     Args:
@@ -236,6 +271,7 @@ def signature_stats(D, V, segments, thresholds, densities: Sequence[float] = DEN
       thresholds: (n_segments, P, K) :func:`trim_thresholds` of each tensor's whole task vectors.
       densities: (P,).
       block_rows: rows per :func:`signature_block` call.
+      groups: per segment, its tensor group ``0 … G − 1`` (default: one group).
     """
     D = np.asarray(D)
     V = np.asarray(V)
@@ -252,9 +288,25 @@ def signature_stats(D, V, segments, thresholds, densities: Sequence[float] = DEN
         expect = b
     if expect != D.shape[0]:
         raise UnmergeError(f"signature_stats: segments cover {expect} rows but D has {D.shape[0]}")
-    total = empty_signatures(D.shape[1], V.shape[1], densities)
-    for (a, b), th in zip(segments, thr):
+    grp = np.zeros(len(segments), np.int64) if groups is None else np.asarray(groups, np.int64).reshape(-1)
+    if grp.shape != (len(segments),) or (grp.size and grp.min() < 0):
+        raise UnmergeError(f"signature_stats: groups must be one id >= 0 per segment ({len(segments)}), got {grp.tolist()}")
+    n_groups = int(grp.max()) + 1 if grp.size else 1
+    total = empty_signatures(D.shape[1], V.shape[1], densities, n_groups)
+    for (a, b), th, g in zip(segments, thr, grp):
         for s in range(a, b, block_rows):
             e = min(b, s + block_rows)
-            total = add_signatures(total, signature_block(D[s:e], V[s:e], th, densities))
+            total = add_signatures(total, signature_block(D[s:e], V[s:e], th, densities, groups=g, n_groups=n_groups))
     return total
+
+
+def segment_groups(names) -> np.ndarray:
+    """Per tensor name, the index of its (layer, module) group (``io.names.parse_tensor_name``), in
+    order of first appearance: the ``groups`` of :func:`signature_stats` and the pass."""
+    from unmerge_jax.io.names import groups_of
+
+    index = {}
+    for j, (_, members) in enumerate(groups_of(list(names)).items()):
+        for n in members:
+            index[n] = j
+    return np.asarray([index[n] for n in names], np.int64)

@@ -61,7 +61,8 @@ def segments(atoms: Sequence[dict], names: Sequence[str], mask) -> list[tuple[in
 
 
 def attribute_variant(variant: str, stats, D, V, segs, thresholds, specs, truth, dictionary, *,
-                      rules=DEFAULT_RULES, densities: Sequence[float] = DENSITY_GRID) -> VariantAttribution:
+                      rules=DEFAULT_RULES, densities: Sequence[float] = DENSITY_GRID,
+                      groups=None) -> VariantAttribution:
     """Signature sums over ``D``/``V``, the decisions, and their scores against the truth.
 
     Args:
@@ -72,8 +73,9 @@ def attribute_variant(variant: str, stats, D, V, segs, thresholds, specs, truth,
       specs: the T target specs; truth: (T, K) true weights (read only to score).
       dictionary: the K entry names.
       rules: decision thresholds.
+      groups: per segment, its (layer, module) group (``attribution.signatures.segment_groups``).
     """
-    sig = signature_stats(D, V, segs, thresholds, densities)
+    sig = signature_stats(D, V, segs, thresholds, densities, groups=groups)
     names = tuple(s.name for s in specs)
     at = attribute(stats, sig, rules=rules, atom_names=tuple(dictionary), target_names=names)
     problem = Problem(variant, stats, sig, list(specs), np.asarray(truth), tuple(dictionary), names)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from unmerge_jax.attribution.signatures import segment_groups
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.experiment import engine
 from unmerge_jax.experiment.presets import Preset, get_preset
@@ -112,7 +113,8 @@ def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: 
                               target_names=[s.name for s in specs], atom_names=list(p.dictionary))
     t2 = time.perf_counter()
     va = attr.attribute_variant(variant, stats, D, V, attr.segments(atoms, names, mask), thresholds, specs, truth,
-                                p.dictionary, rules=DEFAULT_RULES if rules is None else rules)
+                                p.dictionary, rules=DEFAULT_RULES if rules is None else rules,
+                                groups=segment_groups(names))
     t3 = time.perf_counter()
     timings[f"gram pass, {max(p.seeds, p.boot)} replicates ({variant})"] = t1 - t0
     timings[f"sweep ({variant})"] = t2 - t1

@@ -4,8 +4,8 @@
 beside the Gram kernel: per staged block, :meth:`~SignatureAccumulator.add` runs the jit kernel
 ``kernels.signatures.signature_block_sums`` on the same device block (``D`` B × K, ``V`` B × T),
 so the :class:`~unmerge_jax.attribution.signatures.SignatureStats` cost no second read of the
-weights. The result equals ``attribution.signature_stats`` of the dense columns (``dense_columns``)
-to float64 rounding.
+weights. The result equals ``attribution.signature_stats`` of the dense columns (``dense_columns``,
+``groups=segment_groups`` of the tensors) to float64 rounding.
 
 The TIES sums need each tensor's trimming thresholds ``θ_k(ρ)`` — the k-th largest ``|d_k|`` of the
 *whole* tensor (``attribution.trim_thresholds``). They come from the top-k mask pass, which reads
@@ -17,6 +17,12 @@ statistics pass's own reading of the tensor before its rows are staged
 On passes of more than :data:`TIES_MAX_ROWS` rows (a full model) the TIES sums take every s-th
 unit of ``TIES_UNIT_ROWS`` rows (``ties_stride``; the zero sums take every row): they cost
 O(P·T·K²) per row, the Gram statistics O(K·(K + T)).
+
+The per-group Gram sums ``group_gram_g = Σ_{r ∈ g} d_r d_rᵀ``, ``group_cross_g = Σ_{r ∈ g} d_r v_rᵀ``
+(g the (layer, module) group of the row's tensor, ``attribution.segment_groups`` of the pass's
+tensors in row order) follow the TIES row sampling: they take exactly the rows the TIES sums take
+(every row when ``ties_stride`` is 1). The kernel sums them per tensor slot of a block and adds
+each slot into its group's running ``(K, K + T)`` sums on the device.
 
 Several processes (``jax.distributed``): each process reads whole tensors (a contiguous share,
 ``passes.mask.share``), so the thresholds it computes from its own reading are those of the whole
@@ -35,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unmerge_jax.attribution.signatures import DENSITY_GRID, SignatureStats, _check_densities, trim_thresholds
+from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, _check_densities, segment_groups,
+                                                trim_thresholds)
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.kernels.signatures import TIES_UNIT_ROWS, signature_block_sums
 from unmerge_jax.kernels.stats import row_mesh
@@ -95,6 +102,8 @@ class SignatureAccumulator:
         offsets = selection.offsets()
         self.names = [n for n in selection.names if selection.rows(n)]
         self.starts = np.asarray([offsets[n] for n in self.names], np.int64)
+        self.groups = segment_groups(self.names).astype(np.int32)  # per tensor, its (layer, module) group
+        self.n_groups = int(self.groups.max()) + 1 if self.groups.size else 1
         if thresholds is None and selection.threshold_densities is not None and \
                 np.array_equal(np.asarray(selection.threshold_densities, np.float64), self.densities):
             thresholds = selection.thresholds  # from the mask pass, at these densities
@@ -152,26 +161,31 @@ class SignatureAccumulator:
         starts[:len(names)] = np.maximum(self.starts[max(first, 0):stop] - row_offset, 0)
         table = np.zeros((size, self.densities.size, self.n_dict), np.float64)
         table[:len(names)] = np.stack([self.thresholds[n] for n in names])
-        self.total = signature_block_sums(D, V, jnp.asarray(starts), jnp.asarray(table), mesh=self.mesh,
-                                          row_offset=row_offset, ties_stride=self.ties_stride, total=self.total)
+        slot_group = np.zeros(size, np.int32)  # padding slots hold no rows: any group
+        slot_group[:len(names)] = self.groups[max(first, 0):stop]
+        self.total = signature_block_sums(D, V, jnp.asarray(starts), jnp.asarray(table), jnp.asarray(slot_group),
+                                          mesh=self.mesh, n_groups=self.n_groups, row_offset=row_offset,
+                                          ties_stride=self.ties_stride, total=self.total)
         self.n_rows += int(n_valid)
 
     def count(self, n_valid: int) -> None:
         """Count a block of ``n_valid`` rows that no dictionary source touches (``D = 0``): each of its
-        rows is inactive and its TIES vector ``x`` is zero, so it adds nothing to any sum — only to
-        the row count. The statistics pass calls this instead of :meth:`add` for such blocks."""
+        rows is inactive and its TIES vector ``x`` and ``d_r [d_r, v_r]ᵀ`` are zero, so it adds nothing
+        to any sum — only to the row count. The statistics pass calls this instead of :meth:`add` for such blocks."""
         self.n_rows += int(max(n_valid, 0))
 
     def result(self) -> SignatureStats:
         """The accumulated :class:`SignatureStats` (host float64 NumPy)."""
-        k, t, p = self.n_dict, self.n_targets, self.densities.size
+        k, t, p, g = self.n_dict, self.n_targets, self.densities.size, self.n_groups
         if self.total is None:
-            parts = [np.float64(0), np.zeros(t), np.zeros((k, t)), np.zeros((p, t, 2 * k, 2 * k))]
+            parts = [np.float64(0), np.zeros(t), np.zeros((k, t)), np.zeros((p, t, 2 * k, 2 * k)), np.zeros((g, k, k + t))]
         else:
             parts = [np.asarray(x, np.float64) for x in self.total]
-        n_active, zero_count, zero_energy, ties = parts
+        n_active, zero_count, zero_energy, ties, groups = parts
+        groups = groups[:g]  # the kernel pads the group axis (kernels.signatures.padded_groups)
         return SignatureStats(self.densities, np.float64(self.n_rows), np.float64(n_active), zero_count, zero_energy,
-                              ties[:, :, :k, :k], ties[:, :, :k, k:], ties[:, :, k:, k:])
+                              ties[:, :, :k, :k], ties[:, :, :k, k:], ties[:, :, k:, k:],
+                              np.ascontiguousarray(groups[:, :, :k]), np.ascontiguousarray(groups[:, :, k:]))
 
 
 def gather_thresholds(thresholds: dict, names, n_dict: int, densities) -> dict:
@@ -198,7 +212,8 @@ def gather_thresholds(thresholds: dict, names, n_dict: int, densities) -> dict:
 
 def sum_over_processes(sig: SignatureStats) -> SignatureStats:
     """The sums of every ``jax.distributed`` process's :class:`SignatureStats`, added in process
-    order (float64; every process gets the total). The density grids must agree."""
+    order (float64; every process gets the total), every field — the per-group sums included (every
+    process has the same tensors, so the same groups). The density grids must agree."""
     from jax.experimental import multihost_utils as mu
 
     leaves = [np.asarray(x, np.float64) for x in sig]
