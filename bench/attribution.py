@@ -6,10 +6,10 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 ``--boot`` bootstrap replicates and the signature sums. Then:
 
 * ``calibration`` — :func:`unmerge_jax.attribution.calibrate.calibrate` on the calibration seeds
-  (default: the library's record ``rules.CALIBRATION``, synthetic 0–4, tiny 0–4, small 0–2), and whether it
+  (default: the library's record ``rules.CALIBRATION``, synthetic 0–4, tiny 0–6, small 3), and whether it
   reproduces the library's :data:`DEFAULT_RULES`;
 * ``holdout`` — the library's rules on the other seeds (default synthetic 5–11 and the tiny and small
-  seeds of ``rules.HELD_OUT``, tiny 5–6 and small 3; ``--tiny-seeds "" --small-seeds ""`` for synthetic only): the
+  seeds of ``rules.HELD_OUT``, tiny 7 and small 4; ``--tiny-seeds "" --small-seeds ""`` for synthetic only): the
   figures of :data:`~unmerge_jax.attribution.calibrate.TARGETS` per variant, every error, and the
   paper-faithful support (``|a| > 1e-8``) of plain NNLS beside them;
 * ``ties_aware`` — on known TIES targets of the hold-out seeds: plain NNLS, NNLS on the trimmed
@@ -18,7 +18,7 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 
 Writes ``bench/results/attribution.json``.
 
-Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-4] [--calibration-small 0-2] [--holdout 5-11] [--tiny-seeds 5,6] [--small-seeds 3] [--cache DIR] [--small-cache DIR] [--boot 200]``
+Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-6] [--calibration-small 3] [--holdout 5-11] [--tiny-seeds 7] [--small-seeds 4] [--cache DIR] [--small-cache DIR] [--boot 200]``
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from unmerge_jax.attribution import DEFAULT_RULES, PRESENT, attribute, trim_thre
 from unmerge_jax.attribution.calibrate import (Problem, calibrate, columns, merge_target, rules_dict, score,
                                                summarize)
 from unmerge_jax.attribution.rules import CALIBRATION, HELD_OUT
-from unmerge_jax.attribution.signatures import DENSITY_GRID, signature_stats
+from unmerge_jax.attribution.signatures import DENSITY_GRID, segment_groups, signature_stats
 from unmerge_jax.experiment.presets import get_preset
 from unmerge_jax.experiment.targets import make_targets, truth_matrix
 
@@ -84,7 +84,7 @@ def build(preset: str, seed: int, boot: int, cache, timing: dict):
         t0 = time.perf_counter()
         stats = unmerge_jax.gram_stats(D, V, seeds=boot, key=seed)
         t1 = time.perf_counter()
-        sig = signature_stats(D, V, list(zip(bounds[:-1], bounds[1:])), thr)
+        sig = signature_stats(D, V, list(zip(bounds[:-1], bounds[1:])), thr, groups=segment_groups(names))
         t2 = time.perf_counter()
         timing.setdefault(f"gram_stats ({variant}, {boot} replicates)", []).append(t1 - t0)
         timing.setdefault(f"signature_stats ({variant})", []).append(t2 - t1)

@@ -150,7 +150,11 @@ def test_a_hidden_extra_model_shows_as_unexplained_content(made, tmp_path, merge
     rep = _check(_recipe(made, tmp_path, method, models[:2], weights[:2], **extra), made[merged])
     assert not rep.consistent
     assert _claim(rep, "unexplained").ok is False and _claim(rep, "unexplained").found > 0.01
-    assert _claim(rep, "present:ft0").ok and _claim(rep, "present:ft1").ok
+    assert _claim(rep, "present:ft0").ok
+    # The listed models are never called absent. TIES decisions compare a point share with a band
+    # (t, 2t) against a floor at 16× chance: here ft1's band straddles it, so it reads uncertain.
+    found = _claim(rep, "present:ft1").found
+    assert found == "present" if method != "ties" else found in ("present", "uncertain")
 
 
 @pytest.mark.parametrize("merged,claimed", [("ta", "ties"), ("ties", "task_arithmetic"), ("dare_linear", "ties"),

@@ -15,8 +15,10 @@ and how much of it nothing in the dictionary explains — decisions, not only co
 from unmerge_jax.attribution.decide import (ABSENT, CALIBRATED_SEEDS, DECISIONS, METHOD_ALIASES, PRESENT,  # noqa: F401
                                             UNCERTAIN, Attribution, Evidence, attribute, dare_noise, evidence)
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules  # noqa: F401
-from unmerge_jax.attribution.shares import (Shares, chance_ratio, drop_shares, fit_subset, nnls_active_set,  # noqa: F401
+from unmerge_jax.attribution.shares import (Shares, chance_ratio, drop_shares, fit_subset, group_heterogeneity,  # noqa: F401
+                                            nnls_active_set,
                                             null_ratio, null_ratio_matrix)
 from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, add_signatures, empty_signatures,  # noqa: F401
+                                                segment_groups,
                                                 signature_block, signature_stats, trim_thresholds)
 from unmerge_jax.attribution.ties import TiesFit, simplex_qp, ties_drop_shares, ties_fit  # noqa: F401

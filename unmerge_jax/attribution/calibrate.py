@@ -20,7 +20,7 @@ import numpy as np
 
 from unmerge_jax.attribution.decide import PRESENT, attribute
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules
-from unmerge_jax.attribution.signatures import DENSITY_GRID, signature_stats, trim_thresholds
+from unmerge_jax.attribution.signatures import DENSITY_GRID, segment_groups, signature_stats, trim_thresholds
 from unmerge_jax.errors import UnmergeError
 
 # The figures the decisions must reach on hold-out seeds (known targets: per merge method).
@@ -44,6 +44,8 @@ MIXED_FP_COST = 0.1
 # missed; an unknown target that passes it is one wrong verdict. A missed entry of a mixed target
 # weighs 3 verdicts (mixed recall must reach 0.95 of ~50 entries, the verdicts 0.90 of 72 targets).
 GATE_ENTRY_COST = 3.0
+# Heterogeneities below this count as this much (an exact fit gives H ~ 1e-16; 1/H stays finite).
+HETERO_FLOOR = 1e-6
 # Weights of DARE's drop noise in its chance scale that calibration tries (rules.noise_dare).
 NOISE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
 # DARE's noise scale: this quantile of u/ν over the known DARE calibration targets.
@@ -131,7 +133,7 @@ def problems_from_deltas(deltas: dict, dictionary: Sequence[str], specs: list, *
         bounds = np.concatenate([[0], np.cumsum(rows)])
         segments = list(zip(bounds[:-1], bounds[1:]))
         stats = unmerge_jax.gram_stats(D, V, seeds=boot_seeds, key=seed)
-        sig = signature_stats(D, V, segments, thr, densities)
+        sig = signature_stats(D, V, segments, thr, densities, groups=segment_groups(names))
         out.append(Problem(f"{label}/seed{seed}/{variant}", stats, sig, list(specs), truth_matrix(specs, dictionary),
                            tuple(dictionary), tuple(s.name for s in specs)))
     return out
@@ -222,14 +224,19 @@ def split(neg, pos, *, neg_cost=1.0, pos_cost=1.0) -> tuple[float, dict]:
         raise UnmergeError("split needs values of both classes; give calibration problems that contain both")
     hi_neg, lo_pos = float(neg.max()), float(pos.min())
     if hi_neg < lo_pos:
-        tau = float(np.sqrt(max(hi_neg, tiny) * max(lo_pos, tiny))) if hi_neg > 0 else lo_pos / 2
+        tau = _log_mid(hi_neg, lo_pos) if hi_neg > 0 else lo_pos / 2
         return tau, {"max_neg": hi_neg, "min_pos": lo_pos, "errors": 0.0, "margin": lo_pos / max(hi_neg, tiny)}
     cands = np.unique(np.concatenate([neg, pos]))
     cost = np.array([float(np.sum(cost_p[pos < c])) + float(np.sum(cost_n[neg >= c])) for c in cands])
     i = int(np.argmin(cost))
     below = cands[i - 1] if i > 0 else cands[i] / 2
-    tau = float(np.sqrt(max(below, tiny) * max(cands[i], tiny)))
+    tau = _log_mid(below, cands[i])
     return tau, {"max_neg": hi_neg, "min_pos": lo_pos, "errors": float(cost[i]), "margin": lo_pos / max(hi_neg, tiny)}
+
+
+def _log_mid(a: float, b: float) -> float:
+    """√(ab), computed in logs (the product of two large statistics can overflow)."""
+    return float(np.exp(0.5 * (np.log(max(a, 1e-300)) + np.log(max(b, 1e-300)))))
 
 
 def _round(x: float) -> float:
@@ -251,7 +258,8 @@ def _select_evidence(ev, idx):
                        share_hi=ev.share_hi[idx], coef_lo=ev.coef_lo[idx], coef_hi=ev.coef_hi[idx],
                        ties_unexplained=ev.ties_unexplained[:, idx], ties_shares=ev.ties_shares[:, idx],
                        zero_count=ev.zero_count[idx], zero_fraction=ev.zero_fraction[idx],
-                       zero_energy_ratio=ev.zero_energy_ratio[idx], dare_density=ev.dare_density[idx])
+                       zero_energy_ratio=ev.zero_energy_ratio[idx], dare_density=ev.dare_density[idx],
+                       heterogeneity=ev.heterogeneity[idx])
 
 
 def _by_model_ev(problems, evs, model):
@@ -284,16 +292,17 @@ def _presence_split(problems, evs, rules, model):
     return (g_neg, g_pos, g_wp), (e_neg, e_pos, e_w, e_wp)
 
 
-def _explained_split(problems, evs, rules, model):
-    """Explained shares E of one model's targets that pass the share gate, with the method given:
-    unknown targets (negatives) against known and mixed ones (positives, with the gate's costs)."""
+def _gate_split(problems, evs, rules, model, key):
+    """Gate statistic ``key`` (``explained_share`` or ``gate_heterogeneity``) of one model's targets
+    that pass the gate under ``rules``, with the method given: unknown targets (negatives) against
+    known and mixed ones (positives, with the gate's costs)."""
     neg, pos, wp = [], [], []
     for p, ev in _by_model_ev(problems, evs, model):
         at = attribute(p.stats, p.signatures, rules=rules, method=model, precomputed=ev)
         for t, s in enumerate(p.specs):
             if not at.gate[t]:
                 continue
-            e = float(at.evidence["explained_share"][t])
+            e = float(at.evidence[key][t])
             if s.category == "unknown":
                 neg.append(e)
                 continue
@@ -314,10 +323,13 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
        present against absent entries of known and mixed targets (costs: :data:`KNOWN_COST`,
        :data:`MIXED_FP_COST`), ``c`` the chance scales of :mod:`~unmerge_jax.attribution.rules`.
        For DARE, ``noise_dare`` is the value of ``noise_grid`` whose gate and floor make the
-       fewest weighted errors. Then ``explained_m`` from the explained share E
+       fewest weighted errors. Then ``hetero_m`` from the heterogeneity H of the gate's entry
+       (:func:`~unmerge_jax.attribution.shares.group_heterogeneity`) of the targets that clear
+       ``gate_m``: unknown (large H) against mixed and known (the gate's costs), split on 1/H;
+       1 (off) when no unknown target clears ``gate_m``. Then ``explained_m`` from the explained share E
        (:func:`~unmerge_jax.attribution.decide.explained_share`) of the targets that clear
-       ``gate_m``: unknown against mixed and known (the gate's costs); 0 when no unknown target
-       clears ``gate_m``.
+       ``gate_m`` and ``hetero_m``: unknown against mixed and known (the gate's costs); 0 when no
+       unknown target clears them.
     3. ``known_m`` from U of known against mixed targets, with the thresholds of step 2; known
        values below :data:`NOISE_SHARE` count as that much.
 
@@ -381,8 +393,26 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
             report["noise_dare"] = {"value": float(noise), "grid": list(map(float, noise_grid))}
         report[f"gate_{key[model]}"] = {**g_info, "value": _round(g_tau)}
         report[f"floor_{key[model]}"] = {**f_info, "value": _round(f_tau)}
-        # The explained-share gate, on the targets the share gate lets through.
-        e_neg, e_pos, e_wp = _explained_split(problems, evs, rules._replace(**{f"explained_{key[model]}": 0.0}), model)
+        # The heterogeneity gate, on the targets the share gate lets through: consistent entries
+        # (small H) are the positives, so split on 1/H.
+        h_neg, h_pos, h_wp = _gate_split(problems, evs, rules._replace(**{f"explained_{key[model]}": 0.0,
+                                                                          f"hetero_{key[model]}": 1.0}),
+                                         model, "gate_heterogeneity")
+        if h_neg and h_pos:
+            inv = lambda h: 1.0 / np.maximum(np.asarray(h, np.float64), HETERO_FLOOR)
+            h_tau, h_info = split(inv(h_neg), inv(h_pos), pos_cost=h_wp)
+            h_tau = min(_round(1.0 / h_tau), 1.0)
+            h_info = {"max_neg": 1.0 / h_info["max_neg"], "min_pos": 1.0 / h_info["min_pos"],
+                      "errors": h_info["errors"], "margin": h_info["margin"]}
+            h_info = {"min_unknown": h_info.pop("max_neg"), "max_known_mixed": h_info.pop("min_pos"), **h_info}
+        else:
+            h_tau, h_info = 1.0, {"min_unknown": None, "max_known_mixed": max(h_pos, default=None), "errors": 0.0,
+                                  "margin": None}
+        rules = rules._replace(**{f"hetero_{key[model]}": h_tau})
+        report[f"hetero_{key[model]}"] = {**h_info, "value": h_tau, "n_unknown_through_gate": len(h_neg)}
+        # The explained-share gate, on the targets the share and heterogeneity gates let through.
+        e_neg, e_pos, e_wp = _gate_split(problems, evs, rules._replace(**{f"explained_{key[model]}": 0.0}), model,
+                                         "explained_share")
         if e_neg and e_pos:
             e_tau, e_info = split(e_neg, e_pos, pos_cost=e_wp)
             e_tau = _round(e_tau)

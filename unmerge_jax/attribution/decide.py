@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules
-from unmerge_jax.attribution.shares import chance_ratio, drop_shares, fit_subset, null_ratio
+from unmerge_jax.attribution.shares import chance_ratio, drop_shares, fit_subset, group_heterogeneity, null_ratio
 from unmerge_jax.attribution.signatures import SignatureStats
 from unmerge_jax.attribution.ties import ties_drop_shares, ties_fit
 from unmerge_jax.errors import UnmergeError
@@ -52,7 +52,9 @@ class Attribution(NamedTuple):
       category: (T,) ``known`` / ``mixed`` / ``unknown``.
       evidence: dict of (T,) arrays: ``ties_unexplained`` (q), ``ties_density`` (ρ̂),
         ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u),
-        ``dare_noise`` (ν, 0 unless DARE), ``outside_share`` (O), ``gate_stat`` (the gate's statistic);
+        ``dare_noise`` (ν, 0 unless DARE), ``outside_share`` (O), ``gate_stat`` (the gate's statistic),
+        ``explained_share`` (E), ``gate_heterogeneity`` (the smallest η of the entries that clear the
+        share gate, 1 if none does); (T, K) ``heterogeneity`` (η per entry);
         (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile), ``chance_scale`` (c, the floors'
         scale), ``gate_scale`` (the gate's); and ``r_null`` (K,), the ratio the rules used (the chance
         ratio unless ``robust_null=False``).
@@ -125,6 +127,8 @@ class Evidence(NamedTuple):
       ties_unexplained: (P, T) q at each density; ties_shares: (P, T, K) TIES left-out shares.
       zero_count, zero_fraction, zero_energy_ratio: (T,) exact-zero statistics.
       dare_density: (T,) ``1 − f0^{1/n}``, n the entries whose point share is ≥ ``rules.major`` of the largest.
+      heterogeneity: (T, K) H, how far one coefficient per entry is from fitting every tensor group
+        (:func:`~unmerge_jax.attribution.shares.group_heterogeneity` of the NNLS coefficients).
       settings: ``(lo, hi, ci, major)`` of the rules it was computed with.
     """
 
@@ -141,6 +145,7 @@ class Evidence(NamedTuple):
     zero_fraction: np.ndarray
     zero_energy_ratio: np.ndarray
     dare_density: np.ndarray
+    heterogeneity: np.ndarray
     settings: tuple
 
 
@@ -178,8 +183,9 @@ def evidence(stats, signatures: SignatureStats, rules: Rules = DEFAULT_RULES) ->
     major = (point.coef > 0) & (sh >= rules.major * np.max(sh, axis=1, keepdims=True))
     n_major = np.maximum(major.sum(axis=1), 1)
     rho = np.clip(1.0 - np.clip(f0, 0.0, 1.0) ** (1.0 / n_major), 1e-6, 1.0)
+    hetero = group_heterogeneity(signatures.group_gram, signatures.group_cross, point.coef)
     return Evidence(point, s_lo, s_hi, coef_lo, coef_hi, null_ratio(G), chance_ratio(G), tfit.unexplained, tshares,
-                    zero_count, f0, zero_energy_ratio, rho, _settings(rules))
+                    zero_count, f0, zero_energy_ratio, rho, hetero, _settings(rules))
 
 
 def _settings(rules: Rules) -> tuple:
@@ -328,10 +334,16 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
         gate_lo, gate_scale = lo, scale
     else:
         gate_lo, gate_scale = s_lo, np.where((meth == "ties")[:, None], (u[:, None] * r_null[None, :]), scale)
-    gate_stat = np.max((gate_lo - rules.eps) / np.maximum(gate_scale, 1e-300), axis=1)
+    gate_ratio = (gate_lo - rules.eps) / np.maximum(gate_scale, 1e-300)                     # (T, K)
+    gate_stat = np.max(gate_ratio, axis=1)
+    # The gate's entry must also be consistent across tensor groups: the smallest heterogeneity
+    # among the entries that clear the share gate (1 when none does).
+    clears = gate_ratio > gate_level[:, None]
+    gate_hetero = np.min(np.where(clears, ev.heterogeneity, 1.0), axis=1, initial=1.0)
+    hetero_level = np.array([rules.hetero(m) for m in meth])
     explained = explained_share(u, U_out)
     explained_level = np.array([rules.explained(m) for m in meth])
-    gate = (gate_stat > gate_level) & (explained > explained_level)
+    gate = (gate_stat > gate_level) & (gate_hetero <= hetero_level) & (explained > explained_level)
     floor = np.array([rules.floor(m) for m in meth])[:, None] * scale + rules.eps              # (T, K)
     present = gate[:, None] & (lo > floor)
     uncertain = ~present & (hi > floor)
@@ -372,6 +384,7 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
     ev_out = {"ties_unexplained": q, "ties_density": dens_grid[p_hat], "zero_fraction": f0, "zero_count": zero_count,
                 "zero_energy_ratio": ev.zero_energy_ratio, "ties_ratio": ratio, "plain_share_lo": s_lo, "r_null": r_null,
                 "dare_noise": nu, "outside_share": U_out, "chance_scale": scale, "gate_scale": gate_scale,
-              "gate_stat": gate_stat, "explained_share": explained}
+              "gate_stat": gate_stat, "explained_share": explained, "heterogeneity": ev.heterogeneity,
+              "gate_heterogeneity": gate_hetero}
     return Attribution(atom_names, target_names, point.coef, ev.coef_lo, ev.coef_hi, weights, share, lo, hi, decision,
                        floor, gate, meth, conf, dens_out, weights.sum(axis=1), U, u, category, ev_out, rules)

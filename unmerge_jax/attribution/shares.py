@@ -230,3 +230,41 @@ def chance_ratio(gram) -> np.ndarray:
     srt = np.sort(R, axis=1)
     typical = float(np.median(srt[:, -1]))
     return np.where(seen, np.maximum(srt[:, -2], typical), R_NULL_SINGLE)
+
+
+def group_heterogeneity(group_gram, group_cross, coef) -> np.ndarray:
+    """How far one coefficient per entry is from fitting every tensor group: H in [0, 1].
+
+    With the other entries held at their coefficients ``a``, entry k's coefficient in group g is
+    ``β_gk = (C_g[k] − Σ_{j≠k} a_j G_g[k, j]) / G_g[k, k]`` (the least-squares coefficient of d_k on
+    the partial residual in that group's rows), and with weights ``w_g = G_g[k, k]``
+
+        H_k = 1 − (Σ_g w_g β_gk)² / (Σ_g w_g · Σ_g w_g β_gk²),
+
+    the share of what k explains group by group that one common coefficient does not (a weighted
+    variance over a weighted mean square). Content merged from k enters every group k touches
+    with one weight: H is near 0, raised only by what the residual projects onto k. A fine-tune
+    outside the dictionary projects onto k with a coefficient that changes from group to group:
+    H is large. Groups where k is zero do not count; with fewer than two such groups, or where k
+    explains nothing (every β = 0), H is 0 (no evidence of heterogeneity).
+
+    Args:
+      group_gram: (G, K, K) per-group ``DᵀD``. group_cross: (G, K, T) per-group ``DᵀV``.
+      coef: (T, K) coefficients of the whole fit (NNLS).
+    Returns:
+      (T, K) float64.
+    """
+    Gg = np.asarray(group_gram, np.float64)
+    Cg = np.asarray(group_cross, np.float64)
+    a = np.asarray(coef, np.float64)
+    w = np.einsum("gkk->gk", Gg)                                          # (G, K)
+    fit_others = np.einsum("gkj,tj->gtk", Gg, a) - w[:, None, :] * a[None]  # Σ_{j≠k} a_j G_g[k, j]
+    part = np.transpose(Cg, (0, 2, 1)) - fit_others                       # (G, T, K) w·β
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wb2 = np.where(w[:, None, :] > 0, part ** 2 / np.where(w > 0, w, 1.0)[:, None, :], 0.0)
+    num = np.sum(part, axis=0) ** 2                                       # (Σ w β)²
+    den = np.sum(w, axis=0)[None, :] * np.sum(wb2, axis=0)                # Σ w · Σ w β²
+    n_groups = np.sum(w > 0, axis=0)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.where((den > 0) & (n_groups >= 2), 1.0 - num / np.where(den > 0, den, 1.0), 0.0)
+    return np.clip(h, 0.0, 1.0)

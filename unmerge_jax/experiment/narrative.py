@@ -115,10 +115,11 @@ def attribution_markdown(runs: pd.DataFrame, attributions: dict, meta: dict) -> 
              f"the entry's chance ratio, plus the noise's own share of one direction in n rows), the merge method (TIES-consistency and exact-zero "
              f"signatures) and the verdict known / mixed / unknown; the truth is read only to score "
              f"(`attribution.csv`, `attribution.json`). A target holds dictionary content only when some entry "
-             f"clears the gate and the dictionary explains more than `explained_m` of it. Rules: the library's "
+             f"clears the gate, enters every (layer, module) group with one weight (heterogeneity η at most "
+             f"`hetero_m`) and the dictionary explains more than `explained_m` of it. Rules: the library's "
              f"thresholds (`ties_ratio` {rules.ties_ratio}, "
              + "; ".join(f"{what} TA/TIES/DARE " + "/".join(f"{getattr(rules, f'{what}_{m}'):g}" for m in ("ta", "ties", "dare"))
-                         for what in ("gate", "explained", "floor", "known")) + "). "
+                         for what in ("gate", "hetero", "explained", "floor", "known")) + "). "
              f"{_provenance(rules, meta)} "
              f"`runs.csv` keeps the paper's support |a| > 1e-8 in `precision`/`recall`/`perfect_match`; its "
              f"`present_*` columns (NNLS rows) hold the present set's scores. Task arithmetic and linear with "
