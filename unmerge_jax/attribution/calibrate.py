@@ -44,7 +44,7 @@ MIXED_FP_COST = 0.1
 # missed; an unknown target that passes it is one wrong verdict. A missed entry of a mixed target
 # weighs 3 verdicts (mixed recall must reach 0.95 of ~50 entries, the verdicts 0.90 of 72 targets).
 GATE_ENTRY_COST = 3.0
-# Heterogeneities below this count as this much (an exact fit gives H ~ 1e-16; 1/H stays finite).
+# Heterogeneities below this count as this much (an exact fit gives η ~ 1e-16; 1/η stays finite).
 HETERO_FLOOR = 1e-6
 # Weights of DARE's drop noise in its chance scale that calibration tries (rules.noise_dare).
 NOISE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -323,9 +323,9 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
        present against absent entries of known and mixed targets (costs: :data:`KNOWN_COST`,
        :data:`MIXED_FP_COST`), ``c`` the chance scales of :mod:`~unmerge_jax.attribution.rules`.
        For DARE, ``noise_dare`` is the value of ``noise_grid`` whose gate and floor make the
-       fewest weighted errors. Then ``hetero_m`` from the heterogeneity H of the gate's entry
+       fewest weighted errors. Then ``hetero_m`` from the heterogeneity η of the gate's entry
        (:func:`~unmerge_jax.attribution.shares.group_heterogeneity`) of the targets that clear
-       ``gate_m``: unknown (large H) against mixed and known (the gate's costs), split on 1/H;
+       ``gate_m``: unknown (large η) against mixed and known (the gate's costs), split on 1/η;
        1 (off) when no unknown target clears ``gate_m``. Then ``explained_m`` from the explained share E
        (:func:`~unmerge_jax.attribution.decide.explained_share`) of the targets that clear
        ``gate_m`` and ``hetero_m``: unknown against mixed and known (the gate's costs); 0 when no
@@ -394,7 +394,7 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
         report[f"gate_{key[model]}"] = {**g_info, "value": _round(g_tau)}
         report[f"floor_{key[model]}"] = {**f_info, "value": _round(f_tau)}
         # The heterogeneity gate, on the targets the share gate lets through: consistent entries
-        # (small H) are the positives, so split on 1/H.
+        # (small η) are the positives, so split on 1/η.
         h_neg, h_pos, h_wp = _gate_split(problems, evs, rules._replace(**{f"explained_{key[model]}": 0.0,
                                                                           f"hetero_{key[model]}": 1.0}),
                                          model, "gate_heterogeneity")
@@ -402,9 +402,8 @@ def calibrate(problems: Sequence[Problem], base: Rules = DEFAULT_RULES,
             inv = lambda h: 1.0 / np.maximum(np.asarray(h, np.float64), HETERO_FLOOR)
             h_tau, h_info = split(inv(h_neg), inv(h_pos), pos_cost=h_wp)
             h_tau = min(_round(1.0 / h_tau), 1.0)
-            h_info = {"max_neg": 1.0 / h_info["max_neg"], "min_pos": 1.0 / h_info["min_pos"],
+            h_info = {"min_unknown": 1.0 / h_info["max_neg"], "max_known_mixed": 1.0 / h_info["min_pos"],
                       "errors": h_info["errors"], "margin": h_info["margin"]}
-            h_info = {"min_unknown": h_info.pop("max_neg"), "max_known_mixed": h_info.pop("min_pos"), **h_info}
         else:
             h_tau, h_info = 1.0, {"min_unknown": None, "max_known_mixed": max(h_pos, default=None), "errors": 0.0,
                                   "margin": None}

@@ -233,20 +233,20 @@ def chance_ratio(gram) -> np.ndarray:
 
 
 def group_heterogeneity(group_gram, group_cross, coef) -> np.ndarray:
-    """How far one coefficient per entry is from fitting every tensor group: H in [0, 1].
+    """How far one coefficient per entry is from fitting every tensor group: η in [0, 1].
 
     With the other entries held at their coefficients ``a``, entry k's coefficient in group g is
     ``β_gk = (C_g[k] − Σ_{j≠k} a_j G_g[k, j]) / G_g[k, k]`` (the least-squares coefficient of d_k on
     the partial residual in that group's rows), and with weights ``w_g = G_g[k, k]``
 
-        H_k = 1 − (Σ_g w_g β_gk)² / (Σ_g w_g · Σ_g w_g β_gk²),
+        η_k = 1 − (Σ_g w_g β_gk)² / (Σ_g w_g · Σ_g w_g β_gk²),
 
     the share of what k explains group by group that one common coefficient does not (a weighted
     variance over a weighted mean square). Content merged from k enters every group k touches
-    with one weight: H is near 0, raised only by what the residual projects onto k. A fine-tune
+    with one weight: η is near 0, raised only by what the residual projects onto k. A fine-tune
     outside the dictionary projects onto k with a coefficient that changes from group to group:
-    H is large. Groups where k is zero do not count; with fewer than two such groups, or where k
-    explains nothing (every β = 0), H is 0 (no evidence of heterogeneity).
+    η is large. Groups where k is zero do not count; with fewer than two such groups, or where k
+    explains nothing (every β = 0), η is 0 (no evidence of heterogeneity).
 
     Args:
       group_gram: (G, K, K) per-group ``DᵀD``. group_cross: (G, K, T) per-group ``DᵀV``.
