@@ -9,7 +9,7 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
   (default: the library's record ``rules.CALIBRATION``, synthetic 0–4, tiny 0–6, small 3), and whether it
   reproduces the library's :data:`DEFAULT_RULES`;
 * ``holdout`` — the library's rules on the other seeds (default synthetic 5–11 and the tiny and small
-  seeds of ``rules.HELD_OUT``, tiny 7 and small 4; ``--tiny-seeds "" --small-seeds ""`` for synthetic only): the
+  seeds of ``rules.HELD_OUT``, tiny 7–8 and small 4–5; ``--tiny-seeds "" --small-seeds ""`` for synthetic only): the
   figures of :data:`~unmerge_jax.attribution.calibrate.TARGETS` per variant, every error, and the
   paper-faithful support (``|a| > 1e-8``) of plain NNLS beside them;
 * ``ties_aware`` — on known TIES targets of the hold-out seeds: plain NNLS, NNLS on the trimmed
@@ -18,7 +18,7 @@ one pass per variant (compressed to the preset's top-k, and full) yields the Gra
 
 Writes ``bench/results/attribution.json``.
 
-Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-6] [--calibration-small 3] [--holdout 5-11] [--tiny-seeds 7] [--small-seeds 4] [--cache DIR] [--small-cache DIR] [--boot 200]``
+Usage: ``python bench/attribution.py [--calibration 0-4] [--calibration-tiny 0-6] [--calibration-small 3] [--holdout 5-11] [--tiny-seeds 7,8] [--small-seeds 4,5] [--cache DIR] [--small-cache DIR] [--boot 200]``
 """
 
 from __future__ import annotations

@@ -328,7 +328,7 @@ def test_calibration_record_names_the_split():
     from unmerge_jax.experiment.narrative import _provenance
 
     assert CALIBRATION["presets"] == {"synthetic": (0, 1, 2, 3, 4), "tiny": (0, 1, 2, 3, 4, 5, 6), "small": (3,)}
-    assert HELD_OUT == {"tiny": (7,), "small": (4,)}
+    assert HELD_OUT == {"tiny": (7, 8), "small": (4, 5)}
     for preset, seeds in HELD_OUT.items():
         assert not set(seeds) & set(CALIBRATION["presets"].get(preset, ()))
         for s in seeds:
