@@ -38,9 +38,10 @@ from unmerge_jax.attribution import DEFAULT_RULES, PRESENT, attribute, trim_thre
 from unmerge_jax.attribution.calibrate import (Problem, calibrate, columns, merge_target, rules_dict, score,
                                                summarize)
 from unmerge_jax.attribution.rules import CALIBRATION, HELD_OUT
-from unmerge_jax.attribution.signatures import DENSITY_GRID, segment_groups, signature_stats
+from unmerge_jax.attribution.signatures import DENSITY_GRID, signature_stats
 from unmerge_jax.experiment.presets import get_preset
 from unmerge_jax.experiment.targets import make_targets, truth_matrix
+from unmerge_jax.io.names import group_ids
 
 OUT = Path(__file__).resolve().parent / "results" / "attribution.json"
 
@@ -84,7 +85,7 @@ def build(preset: str, seed: int, boot: int, cache, timing: dict):
         t0 = time.perf_counter()
         stats = unmerge_jax.gram_stats(D, V, seeds=boot, key=seed)
         t1 = time.perf_counter()
-        sig = signature_stats(D, V, list(zip(bounds[:-1], bounds[1:])), thr, groups=segment_groups(names))
+        sig = signature_stats(D, V, list(zip(bounds[:-1], bounds[1:])), thr, groups=group_ids(names))
         t2 = time.perf_counter()
         timing.setdefault(f"gram_stats ({variant}, {boot} replicates)", []).append(t1 - t0)
         timing.setdefault(f"signature_stats ({variant})", []).append(t2 - t1)

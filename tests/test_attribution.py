@@ -422,14 +422,14 @@ LAYERS = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(6)]   # six
 
 
 def _layered_problem(atoms, targets, seeds=0):
-    from unmerge_jax.attribution import segment_groups
+    from unmerge_jax.io.names import group_ids
 
     def flat(vs):
         return np.stack([np.concatenate([v[n].reshape(-1) for n in LAYERS]) for v in vs], axis=1)
     D, V = flat(atoms), flat(targets)
     thr = np.stack([trim_thresholds([a[n] for a in atoms]) for n in LAYERS])
     b = np.cumsum([0] + [atoms[0][n].size for n in LAYERS])
-    sig = signature_stats(D, V, list(zip(b[:-1], b[1:])), thr, groups=segment_groups(LAYERS))
+    sig = signature_stats(D, V, list(zip(b[:-1], b[1:])), thr, groups=group_ids(LAYERS))
     return unmerge_jax.gram_stats(D, V, seeds=seeds, key=3), sig, D, V
 
 

@@ -4,7 +4,7 @@
   the NumPy reference ``signature_stats`` of the dense columns (``dense_columns``) with thresholds
   from the whole tensors' task vectors, to float64 rounding: full and compressed passes, rows
   sharded over 8 devices, tensors split across blocks; the per-group Gram sums too (groups
-  ``segment_groups`` of the tensors), over the rows the TIES sums take. The kernel alone equals
+  ``io.names.group_ids`` of the tensors), over the rows the TIES sums take. The kernel alone equals
   ``signature_block`` with per-row groups on blocks of many tiny tensors and on sampled rows.
 * ``attribute_files`` on a dictionary of 4 dense fine-tunes of a tiny Qwen2 and targets merged by
   ``unmerge_jax.merge`` (TIES and DARE of 2 of the 4, task arithmetic of 2, a linear merge with a
@@ -21,9 +21,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from unmerge_jax import UnmergeError  # noqa: E402
-from unmerge_jax.attribution import (DENSITY_GRID, segment_groups, signature_block, signature_stats,  # noqa: E402
+from unmerge_jax.attribution import (DENSITY_GRID, signature_block, signature_stats,  # noqa: E402
                                      trim_thresholds)
 from unmerge_jax.entries import open_entries  # noqa: E402
+from unmerge_jax.io.names import group_ids  # noqa: E402
 from unmerge_jax.passes.statistics import dense_columns, stream_stats  # noqa: E402
 from unmerge_jax.pipeline import attribute_files  # noqa: E402
 from unmerge_jax.sources import WEIGHTS, open_source  # noqa: E402
@@ -40,7 +41,7 @@ def _dense_reference(root, res, dictionary, targets):
     used = [n for n in sel.names if sel.rows(n)]
     thr = np.stack([trim_thresholds([tvs[k].delta(n) for k in range(len(dictionary))]) for n in used])
     off = sel.offsets()
-    return signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr, groups=segment_groups(used))
+    return signature_stats(D, V, [(off[n], off[n] + sel.rows(n)) for n in used], thr, groups=group_ids(used))
 
 
 @pytest.mark.parametrize("top_k,block_rows", [(None, 3000), (2400, 700)], ids=["full", "compressed"])
@@ -105,7 +106,7 @@ def test_ties_sums_of_a_large_pass_take_every_sth_unit_of_rows(merges, monkeypat
         segs.append((start, start + rows))
         thr.append(trim_thresholds([tvs[k].delta(name) for k in range(len(dictionary))]))
         start += rows
-    sub = signature_stats(D[keep], V[keep], segs, np.stack(thr), groups=segment_groups(used))
+    sub = signature_stats(D[keep], V[keep], segs, np.stack(thr), groups=group_ids(used))
     # the per-group sums take the same rows as the TIES sums (a group without sampled rows: zero)
     assert sig.n_groups == full.n_groups and np.any(np.all(sub.group_gram == 0, axis=(1, 2)))
     for f in ("ties_dd", "ties_dv", "ties_vv", "group_gram", "group_cross"):

@@ -81,3 +81,16 @@ def test_paper_allocation_and_tie_rule():
     assert select_top(v, np.zeros(5, np.int32), np.arange(5), 2).tolist() == [0, 2]
     with pytest.raises(UnmergeError, match="smaller than the number of"):
         topk_mask([d], 100)
+
+
+def test_group_ids_index_groups_of_in_order_of_first_appearance():
+    """``group_ids`` (the mask pass's per-group top-k and the attribution's per-group sums) numbers
+    each name's (layer, module) group as ``groups_of`` lists them."""
+    from unmerge_jax.io.names import group_ids, groups_of
+
+    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.1.self_attn.k_proj.bias", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias"]
+    ids = group_ids(names)
+    order = list(groups_of(names))
+    assert ids.tolist() == [0, 1, 0, 2, 1]
+    assert [order[i] for i in ids] == [parse_tensor_name(n).group for n in names]

@@ -19,6 +19,5 @@ from unmerge_jax.attribution.shares import (Shares, chance_ratio, drop_shares, f
                                             nnls_active_set,
                                             null_ratio, null_ratio_matrix)
 from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, add_signatures, empty_signatures,  # noqa: F401
-                                                segment_groups,
                                                 signature_block, signature_stats, trim_thresholds)
 from unmerge_jax.attribution.ties import TiesFit, simplex_qp, ties_drop_shares, ties_fit  # noqa: F401

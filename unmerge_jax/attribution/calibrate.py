@@ -20,8 +20,9 @@ import numpy as np
 
 from unmerge_jax.attribution.decide import PRESENT, attribute
 from unmerge_jax.attribution.rules import DEFAULT_RULES, Rules
-from unmerge_jax.attribution.signatures import DENSITY_GRID, segment_groups, signature_stats, trim_thresholds
+from unmerge_jax.attribution.signatures import DENSITY_GRID, signature_stats, trim_thresholds
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.names import group_ids
 
 # The figures the decisions must reach on hold-out seeds (known targets: per merge method).
 TARGETS = {
@@ -133,7 +134,7 @@ def problems_from_deltas(deltas: dict, dictionary: Sequence[str], specs: list, *
         bounds = np.concatenate([[0], np.cumsum(rows)])
         segments = list(zip(bounds[:-1], bounds[1:]))
         stats = unmerge_jax.gram_stats(D, V, seeds=boot_seeds, key=seed)
-        sig = signature_stats(D, V, segments, thr, densities, groups=segment_groups(names))
+        sig = signature_stats(D, V, segments, thr, densities, groups=group_ids(names))
         out.append(Problem(f"{label}/seed{seed}/{variant}", stats, sig, list(specs), truth_matrix(specs, dictionary),
                            tuple(dictionary), tuple(s.name for s in specs)))
     return out

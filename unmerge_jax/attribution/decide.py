@@ -127,7 +127,7 @@ class Evidence(NamedTuple):
       ties_unexplained: (P, T) q at each density; ties_shares: (P, T, K) TIES left-out shares.
       zero_count, zero_fraction, zero_energy_ratio: (T,) exact-zero statistics.
       dare_density: (T,) ``1 − f0^{1/n}``, n the entries whose point share is ≥ ``rules.major`` of the largest.
-      heterogeneity: (T, K) H, how far one coefficient per entry is from fitting every tensor group
+      heterogeneity: (T, K) η, how far one coefficient per entry is from fitting every tensor group
         (:func:`~unmerge_jax.attribution.shares.group_heterogeneity` of the NNLS coefficients).
       settings: ``(lo, hi, ci, major)`` of the rules it was computed with.
     """

@@ -299,14 +299,3 @@ def signature_stats(D, V, segments, thresholds, densities: Sequence[float] = DEN
             total = add_signatures(total, signature_block(D[s:e], V[s:e], th, densities, groups=g, n_groups=n_groups))
     return total
 
-
-def segment_groups(names) -> np.ndarray:
-    """Per tensor name, the index of its (layer, module) group (``io.names.parse_tensor_name``), in
-    order of first appearance: the ``groups`` of :func:`signature_stats` and the pass."""
-    from unmerge_jax.io.names import groups_of
-
-    index = {}
-    for j, (_, members) in enumerate(groups_of(list(names)).items()):
-        for n in members:
-            index[n] = j
-    return np.asarray([index[n] for n in names], np.int64)

@@ -73,7 +73,7 @@ def attribute_variant(variant: str, stats, D, V, segs, thresholds, specs, truth,
       specs: the T target specs; truth: (T, K) true weights (read only to score).
       dictionary: the K entry names.
       rules: decision thresholds.
-      groups: per segment, its (layer, module) group (``attribution.signatures.segment_groups``).
+      groups: per segment, its (layer, module) group (``io.names.group_ids``).
     """
     sig = signature_stats(D, V, segs, thresholds, densities, groups=groups)
     names = tuple(s.name for s in specs)

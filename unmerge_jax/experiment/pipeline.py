@@ -18,13 +18,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from unmerge_jax.attribution.signatures import segment_groups
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.experiment import engine
 from unmerge_jax.experiment.presets import Preset, get_preset
 from unmerge_jax.experiment.targets import TargetSpec, make_targets, truth_matrix
 from unmerge_jax.analysis.report import write_json
 from unmerge_jax.io.atomic import check_output, os_error
+from unmerge_jax.io.names import group_ids
 from unmerge_jax.progress import progress
 
 RUN_COLUMNS = ["variant", "target", "category", "merge_method", "tasks", "algorithm", "params", "seed",
@@ -114,7 +114,7 @@ def decompose_variant(variant: str, p: Preset, seed: int, atoms: list, targets: 
     t2 = time.perf_counter()
     va = attr.attribute_variant(variant, stats, D, V, attr.segments(atoms, names, mask), thresholds, specs, truth,
                                 p.dictionary, rules=DEFAULT_RULES if rules is None else rules,
-                                groups=segment_groups(names))
+                                groups=group_ids(names))
     t3 = time.perf_counter()
     timings[f"gram pass, {max(p.seeds, p.boot)} replicates ({variant})"] = t1 - t0
     timings[f"sweep ({variant})"] = t2 - t1

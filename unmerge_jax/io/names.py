@@ -19,6 +19,8 @@ import functools
 import re
 from typing import Callable, Iterable, NamedTuple
 
+import numpy as np
+
 from unmerge_jax.errors import UnmergeError
 
 
@@ -197,3 +199,10 @@ def groups_of(names: Iterable[str]) -> dict[tuple, list[str]]:
     for n in names:
         out.setdefault(parse_tensor_name(n).group, []).append(n)
     return out
+
+
+def group_ids(names: Iterable[str]) -> np.ndarray:
+    """(len(names),) int64: per name, the index of its group in :func:`groups_of` (order of first
+    appearance)."""
+    index: dict[tuple, int] = {}
+    return np.asarray([index.setdefault(parse_tensor_name(n).group, len(index)) for n in names], np.int64)

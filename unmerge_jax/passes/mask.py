@@ -31,7 +31,7 @@ import numpy as np
 from unmerge_jax.attribution.signatures import trim_thresholds
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.arrays import read_npz, write_npz
-from unmerge_jax.io.names import groups_of, module_filter, modules_label, parse_tensor_name
+from unmerge_jax.io.names import group_ids, groups_of, module_filter, modules_label, parse_tensor_name
 from unmerge_jax.progress import progress
 from unmerge_jax.sources import WEIGHTS, MemorySource, TaskVector, VirtualSource, nonfinite_error, open_source
 from unmerge_jax.staging import RowReader
@@ -321,7 +321,6 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
     names = list(names) if names is not None else candidate_names(base, modules)
     rank_of = {n: i for i, n in enumerate(names)}
     groups = groups_of(names)
-    group_of = {n: g for g, ns in groups.items() for n in ns}
     k_each = _per_group(top_k, len(groups)) if scope == "group" else int(top_k)
     mine = share(names, [int(np.prod(base.shape(n), dtype=np.int64)) for n in names], process_count)[process_index]
     vals, ranks, idxs = [], [], []
@@ -351,8 +350,7 @@ def build_selection(base, dictionary, top_k: int | None = None, *, scope: str = 
         keep = select_top(v, r, i, k_each)
         _assign(index, names, r[keep], i[keep])
     else:
-        gindex = {g: j for j, g in enumerate(groups)}
-        gid = np.asarray([gindex[group_of[n]] for n in names], np.int64)[r]
+        gid = group_ids(names)[r]
         for g in range(len(groups)):
             pos = np.flatnonzero(gid == g)
             keep = pos[select_top(v[pos], r[pos], i[pos], k_each)]

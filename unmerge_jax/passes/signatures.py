@@ -5,7 +5,7 @@ beside the Gram kernel: per staged block, :meth:`~SignatureAccumulator.add` runs
 ``kernels.signatures.signature_block_sums`` on the same device block (``D`` B × K, ``V`` B × T),
 so the :class:`~unmerge_jax.attribution.signatures.SignatureStats` cost no second read of the
 weights. The result equals ``attribution.signature_stats`` of the dense columns (``dense_columns``,
-``groups=segment_groups`` of the tensors) to float64 rounding.
+``groups=io.names.group_ids`` of the tensors) to float64 rounding.
 
 The TIES sums need each tensor's trimming thresholds ``θ_k(ρ)`` — the k-th largest ``|d_k|`` of the
 *whole* tensor (``attribution.trim_thresholds``). They come from the top-k mask pass, which reads
@@ -19,7 +19,7 @@ unit of ``TIES_UNIT_ROWS`` rows (``ties_stride``; the zero sums take every row):
 O(P·T·K²) per row, the Gram statistics O(K·(K + T)).
 
 The per-group Gram sums ``group_gram_g = Σ_{r ∈ g} d_r d_rᵀ``, ``group_cross_g = Σ_{r ∈ g} d_r v_rᵀ``
-(g the (layer, module) group of the row's tensor, ``attribution.segment_groups`` of the pass's
+(g the (layer, module) group of the row's tensor, ``io.names.group_ids`` of the pass's
 tensors in row order) follow the TIES row sampling: they take exactly the rows the TIES sums take
 (every row when ``ties_stride`` is 1). The kernel sums them per tensor slot of a block and adds
 each slot into its group's running ``(K, K + T)`` sums on the device.
@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, _check_densities, segment_groups,
-                                                trim_thresholds)
+from unmerge_jax.attribution.signatures import (DENSITY_GRID, SignatureStats, _check_densities, trim_thresholds)
 from unmerge_jax.errors import UnmergeError
+from unmerge_jax.io.names import group_ids
 from unmerge_jax.kernels.signatures import TIES_UNIT_ROWS, signature_block_sums
 from unmerge_jax.kernels.stats import row_mesh
 
@@ -102,7 +102,7 @@ class SignatureAccumulator:
         offsets = selection.offsets()
         self.names = [n for n in selection.names if selection.rows(n)]
         self.starts = np.asarray([offsets[n] for n in self.names], np.int64)
-        self.groups = segment_groups(self.names).astype(np.int32)  # per tensor, its (layer, module) group
+        self.groups = group_ids(self.names).astype(np.int32)  # per tensor, its (layer, module) group
         self.n_groups = int(self.groups.max()) + 1 if self.groups.size else 1
         if thresholds is None and selection.threshold_densities is not None and \
                 np.array_equal(np.asarray(selection.threshold_densities, np.float64), self.densities):
