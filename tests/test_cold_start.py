@@ -88,7 +88,7 @@ import numpy as np  # noqa: E402
 
 import unmerge_jax as u  # noqa: E402
 solve_module = __import__("importlib").import_module("unmerge_jax.solve")  # the module (the package exports the function)
-from unmerge_jax.solvers import SOLVERS  # noqa: E402
+from unmerge_jax.solvers import SHARED_PROGRAMS, SOLVERS  # noqa: E402
 
 
 def test_bucket_sizes():
@@ -112,7 +112,8 @@ def _count_traces(monkeypatch, methods):
     monkeypatch.setenv("UNMERGE_PROGRAM_CACHE", "0")
     chex.clear_trace_counter()
     for m in methods:
-        monkeypatch.setitem(SOLVERS, m, SOLVERS[m]._replace(fn=chex.assert_max_traces(SOLVERS[m].fn, n=1)))
+        table = SOLVERS if m in SOLVERS else SHARED_PROGRAMS
+        monkeypatch.setitem(table, m, table[m]._replace(fn=chex.assert_max_traces(table[m].fn, n=1)))
 
 
 @pytest.mark.parametrize("method", sorted(SOLVERS))
@@ -128,9 +129,10 @@ def test_target_counts_inside_a_bucket_share_one_program(method, monkeypatch):
 
 
 def test_sweep_targets_grid_points_and_seeds_inside_buckets_share_programs(monkeypatch):
-    """A sweep compiles one program per solver program (Lasso rides on ElasticNet's), and T = 5, 6,
-    7 with 5, 6, 7 grid points per family and 5, 6, 7 seeds reuse them all."""
-    _count_traces(monkeypatch, list(SOLVERS))
+    """A sweep compiles one program per solver program (Lasso rides on ElasticNet's, Ridge and dot
+    on ``support_solve``), and T = 5, 6, 7 with 5, 6, 7 grid points per family and 5, 6, 7 seeds
+    reuse them all."""
+    _count_traces(monkeypatch, [*SOLVERS, *SHARED_PROGRAMS])
     for i, t in enumerate((5, 6, 7)):
         n_points = 5 + i
         grid = {"nnls": {}, "lasso": {"alpha": list(np.geomspace(1e-8, 1e-4, n_points))},
@@ -229,11 +231,11 @@ def test_second_process_loads_programs_and_traces_nothing(tmp_path):
     cache = {"UNMERGE_CACHE_DIR": str(tmp_path / "cache")}
     first = _run(SWEEP, {**cache, "OUT": str(tmp_path / "a.npy")}, tmp_path)
     programs = sorted((tmp_path / "cache" / "unmerge_jax" / "xla" / "programs").iterdir())
-    assert first["sweep_traces"] >= 5 and len(programs) == 5  # five solver programs, stored
+    assert first["sweep_traces"] >= 4 and len(programs) == 4  # four solver programs, stored
     second = _run(SWEEP, {**cache, "OUT": str(tmp_path / "b.npy")}, tmp_path)
     assert second["sweep_traces"] == 0
     off = _run(SWEEP, {**cache, "OUT": str(tmp_path / "c.npy"), "UNMERGE_PROGRAM_CACHE": "0"}, tmp_path)
-    assert off["sweep_traces"] >= 5  # the opt-out traces as plain jax.jit does
+    assert off["sweep_traces"] >= 4  # the opt-out traces as plain jax.jit does
     a, b, c = (np.load(tmp_path / f"{x}.npy") for x in "abc")
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)

@@ -32,6 +32,31 @@ def test_sweep_rows_match_individual_solves_and_truth_metrics():
     assert (omp1.precision == 1).all() and np.allclose(omp1.recall, 1 / 3) and (omp1.sparsity == 1).all()
 
 
+@pytest.mark.parametrize("coef", ["lstsq", "score"])
+def test_ridge_and_dot_in_one_program_equal_their_own_solves(coef):
+    """A sweep runs Ridge and dot-product thresholding as lanes of ``support_solve``. Each lane
+    gives what the family's own solver gives, to rounding (the same arithmetic, which XLA
+    vectorises by batch shape: the support now varies along the grid axis), with the same support,
+    iteration counts and convergence flags; thresholds select none, some and all atoms."""
+    d, v = rand(seed=4)
+    st = u.gram_stats(d, v, seeds=3, key=1)
+    grid = {"ridge": {"alpha": [1e-8, 1e-2, 10.0]}, "dot": {"threshold": [0.0, 0.3, 0.99]}}
+    table = u.sweep(st, grid=grid, seeds=3, coef=coef)
+    for method, name in (("ridge", "alpha"), ("dot", "threshold")):
+        for value in grid[method][name]:
+            ref = u.solve(st, method, **{name: value}, **({"coef": coef} if method == "dot" else {}))
+            rows = table[(table.method == method) & (table[name] == value)].sort_values(["seed", "target"])
+            got = np.asarray(rows.coef.tolist()).reshape(ref.coef.shape)
+            np.testing.assert_allclose(got, ref.coef, rtol=1e-12, atol=1e-14 * np.abs(ref.coef).max())
+            np.testing.assert_array_equal(got != 0, ref.coef != 0)  # the same support
+            for field in ("n_iter", "converged"):
+                np.testing.assert_array_equal(rows[field].to_numpy().reshape(ref.n_iter.shape),
+                                              np.asarray(getattr(ref, field)), err_msg=f"{method} {value} {field}")
+            np.testing.assert_allclose(rows.error.to_numpy().reshape(ref.n_iter.shape), ref.error, rtol=0, atol=1e-14)
+    dots = table[table.method == "dot"]
+    assert set(dots.sparsity) >= {0.0, float(K)} and ((dots.sparsity > 0) & (dots.sparsity < K)).any()
+
+
 def test_summarize_mean_and_sample_std():
     table = pd.DataFrame({"method": ["nnls"] * 3 + ["lasso"] * 2, "cat": ["a", "a", "b", "a", "b"],
                           "recon_error": [0.1, 0.2, 0.6, 0.5, 0.7], "precision": [1, 1, 0, 1, 0.5]})

@@ -24,7 +24,7 @@ import numpy as np
 from unmerge_jax.compile_cache import ProgramRequest, cached_program
 from unmerge_jax.errors import UnmergeError, check_choice
 from unmerge_jax.metrics import reconstruction
-from unmerge_jax.solvers import ALIASES, SOLVERS, Problem
+from unmerge_jax.solvers import ALIASES, SOLVERS, Problem, program_spec
 from unmerge_jax.solvers.common import gram_is_well_posed
 from unmerge_jax.stats import GramStats, gram_stats, to_host
 
@@ -153,7 +153,7 @@ def solve_batched(gram, cross, target_sq, n_rows, lipschitz, swept, *, method: s
     Returns:
       SolverResult with leading axes (S, T, P).
     """
-    spec = SOLVERS[method]
+    spec = program_spec(method)
     kw = dict(static)
 
     def one(g, c, vv, n, lip, hp):
@@ -240,7 +240,7 @@ class PaddedResult(NamedTuple):
 
 
 def _static_items(method: str, params: dict) -> tuple:
-    spec = SOLVERS[method]
+    spec = program_spec(method)
     return tuple(sorted((k, v) for k, v in params.items() if k not in spec.swept))
 
 

@@ -1,7 +1,7 @@
 """Vectorised decomposition sweeps and the paper's mean ± std tables.
 
 ``sweep`` runs every (target, method, grid point, seed) of a grid with ONE compiled call per
-solver program (one per method family; Lasso shares ElasticNet's): the grid points are an array
+solver program (Lasso shares ElasticNet's; Ridge and dot-product thresholding share one): the grid points are an array
 axis, seeds are bootstrap replicates of the Gram statistics (all computed in the same data pass),
 targets are another axis, each padded to a bucket (``unmerge_jax.solve.bucket``) so that other
 grid, target or seed counts inside it reuse the program. No Python loop runs over targets, grid
@@ -22,7 +22,7 @@ from unmerge_jax.errors import UnmergeError
 from unmerge_jax.metrics import reconstruction, support_metrics
 from unmerge_jax.solve import (_static_items, _warn_unconverged, bucket, dispatch_padded, padded_request,
                                resolve_method, resolve_params, stacked_problems, validate_stats)
-from unmerge_jax.solvers import SOLVERS
+from unmerge_jax.solvers import SOLVERS, program_spec
 from unmerge_jax.solvers.common import gram_is_well_posed
 from unmerge_jax.stats import GramStats, gram_stats
 
@@ -36,11 +36,14 @@ PAPER_GRID: dict[str, dict[str, list]] = {
     "dot": {"threshold": [0.01, 0.05, 0.1]},
 }
 
-# Families solved by another family's program, with the parameters that make them that family:
-# Lasso is ElasticNet with l1_ratio = 1 (``solvers.lasso`` calls ``elastic_net`` so), so a grid of
-# both compiles one program.
-SHARED_PROGRAM = {"lasso": "elastic_net"}
-PROGRAM_PARAMS = {"lasso": {"l1_ratio": 1.0}}
+# Families solved by another program, with the parameters that make them that family: Lasso is
+# ElasticNet with l1_ratio = 1 (``solvers.lasso`` calls ``elastic_net`` so); Ridge and dot-product
+# thresholding are lanes of one masked solve (``solvers.support``). The paper grid compiles four
+# solver programs, not six.
+SHARED_PROGRAM = {"lasso": "elastic_net", "ridge": "support_solve", "dot": "support_solve"}
+PROGRAM_PARAMS = {"lasso": {"l1_ratio": 1.0},
+                  "ridge": {"threshold": 0.0, "by_score": 0.0, "coef": "lstsq"},
+                  "dot": {"alpha": 0.0, "by_score": 1.0}}
 
 METHOD_LABELS = {"nnls": "NNLS", "omp": "OMP", "ridge": "Ridge", "elastic_net": "Elastic Net",
                  "dot": "Dot Product", "lasso": "Lasso"}
@@ -137,10 +140,10 @@ def sweep(D_or_stats, V=None, *, grid="paper", seeds: int = 3, key=None, truth=N
                 r["max_atoms"] = min(bucket(max(int(q["n_nonzero_coefs"]) for q in resolved)), k)
         program = SHARED_PROGRAM.get(method, method)
         as_program = [{**r, **PROGRAM_PARAMS.get(method, {})} for r in resolved]
-        rows = np.asarray([[float(r[n]) for n in SOLVERS[program].swept] for r in as_program], np.float64)
+        rows = np.asarray([[float(r[n]) for n in program_spec(program).swept] for r in as_program], np.float64)
         key = (program, _static_items(program, as_program[0]))
         offset = sum(len(x) for x in programs.get(key, []))
-        programs.setdefault(key, []).append(rows.reshape(len(points), len(SOLVERS[program].swept)))
+        programs.setdefault(key, []).append(rows.reshape(len(points), len(program_spec(program).swept)))
         planned.append((method, spec, points, resolved, key, offset))
     # Compile (or load) every program first, in parallel, then dispatch them one after another.
     requests = {key: padded_request(*solve_arrays, np.concatenate(rows), method=key[0], static=key[1],

@@ -17,6 +17,7 @@ from unmerge_jax.solvers.enet import elastic_net, enet_gap, enet_objective, lass
 from unmerge_jax.solvers.nnls import nnls, nnls_kkt
 from unmerge_jax.solvers.omp import omp
 from unmerge_jax.solvers.ridge import ridge
+from unmerge_jax.solvers.support import support_solve
 
 
 class SolverSpec(NamedTuple):
@@ -53,9 +54,23 @@ SOLVERS: dict[str, SolverSpec] = {
                       "select atoms with cosine(v, d_i) >= threshold; least-squares coefficients on them"),
 }
 
+# Programs that run several families as lanes of one compiled program (``unmerge_jax.sweep`` maps
+# families onto them). Not user-facing methods: ``--method`` and ``solve`` read SOLVERS.
+SHARED_PROGRAMS: dict[str, SolverSpec] = {
+    "support_solve": SolverSpec(support_solve, ("alpha", "threshold", "by_score"),
+                                {"alpha": 0.0, "threshold": 0.0, "by_score": 0.0, "coef": "lstsq"},
+                                "ridge and dot-product thresholding as lanes of one masked solve"),
+}
+
+
+def program_spec(name: str) -> SolverSpec:
+    """The spec of a compiled solver program: a solver of SOLVERS or a shared program."""
+    return SOLVERS[name] if name in SOLVERS else SHARED_PROGRAMS[name]
+
+
 ALIASES = {"elasticnet": "elastic_net", "enet": "elastic_net", "elastic-net": "elastic_net",
            "dot_product": "dot", "dotproduct": "dot", "dot-product": "dot"}
 
-__all__ = ["SOLVERS", "ALIASES", "SolverSpec", "Problem", "SolverResult", "nnls", "omp", "lasso",
+__all__ = ["SOLVERS", "SHARED_PROGRAMS", "program_spec", "ALIASES", "SolverSpec", "Problem", "SolverResult", "nnls", "omp", "lasso",
            "elastic_net", "ridge", "dot", "nnls_kkt", "enet_gap", "enet_objective", "cosine_scores",
            "masked_solve", "psd_solve", "quad_objective", "gram_is_well_posed"]
