@@ -69,13 +69,20 @@ def test_trim_thresholds_keep_mergekits_top_k():
         trim_thresholds([atoms[0], atoms[1][:10]])
 
 
-def test_trim_thresholds_of_large_tensors_are_exact():
-    """Above 65,536 entries the thresholds come from a radix select: still the exact k-th largest,
-    with zeros, repeated values and the extreme densities."""
+@pytest.mark.parametrize("chunk", [1 << 20, 65_537, 4_099])
+def test_trim_thresholds_of_large_tensors_are_exact(monkeypatch, chunk):
+    """Above 65,536 entries the thresholds come from a radix select over chunks of the signed
+    values: still the exact k-th largest |d|, with zeros, −0, repeated values, the extreme densities
+    and chunks that split the tensor (and its repeated run) anywhere."""
+    import unmerge_jax.attribution.signatures as sig
+
+    monkeypatch.setattr(sig, "SELECT_CHUNK", chunk)
     rng = np.random.default_rng(4)
     atoms = (rng.standard_normal((2, 300_001)) * np.array([[1e-3], [2.0]])).astype(np.float32)
     atoms[0, :40_000] = 0.0
     atoms[1, 10:5000] = atoms[1, 5]                                  # a value repeated 4,991 times
+    atoms[1, 6000:9000:2] = -atoms[1, 5]                             # … and its negative, 1,500 more
+    atoms[0, 50_000:50_010] = -0.0
     dens = (0.01, 0.1, 0.5, 0.86, 0.9, 0.999999, 1.0)
     thr = trim_thresholds(atoms, dens)
     for j in range(2):

@@ -33,7 +33,7 @@ import numpy as np
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.checkpoint import ARCH_KEYS, Checkpoint, is_checkpoint, open_checkpoint
-from unmerge_jax.io.dtypes import FLOAT_TAGS, NP_DTYPES
+from unmerge_jax.io.dtypes import FLOAT_TAGS, NP_DTYPES, to_float32
 from unmerge_jax.io.lora import Adapter, is_adapter_dir, open_adapter
 
 WEIGHTS = "weights"
@@ -175,7 +175,7 @@ class CheckpointSource(TensorSource):
 
     def read_rows(self, name, start: int, stop: int) -> np.ndarray:
         rows = self.checkpoint.read_raw_rows(name, start, stop)
-        return rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        return rows if rows.dtype == np.float32 else to_float32(rows)
 
     def read_raw_flat(self, name, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Flat entries ``start:stop`` of ``name`` in its stored dtype (one ``pread`` of just their

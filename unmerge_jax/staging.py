@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from unmerge_jax.hostmem import ALIGN, aligned_empty
+from unmerge_jax.io.dtypes import to_float32
 from unmerge_jax.kernels.stats import FLAT_PAD
 from unmerge_jax.sources import AdapterSource, CheckpointSource, TensorSource
 
@@ -161,6 +162,7 @@ class RowReader:
         self.window = max(1, int(window))
         self._scratch = None
         self._held = (None, None)  # (name, flat ΔW) of the adapter tensor being staged
+        self._held_buf = None
 
     def scratch(self, n: int, dtype) -> np.ndarray:
         nbytes = n * np.dtype(dtype).itemsize
@@ -193,7 +195,12 @@ class RowReader:
         tensor (for a pass that needs the whole tensor too, e.g. its trimming thresholds)."""
         if self._held[0] != name:
             self._held = (None, None)
-            self._held = (name, self.src.read(name).reshape(-1))
+            # One buffer, reused from tensor to tensor: a fresh ΔW per tensor costs a page fault
+            # per 4 KiB (the kernel zeroes each new page) on top of the product.
+            size = int(np.prod(self.src.shape(name), dtype=np.int64))
+            if self._held_buf is None or self._held_buf.size < size:
+                self._held_buf = aligned_empty(size, np.float32)
+            self._held = (name, self.src.read(name, out=self._held_buf[:size]).reshape(-1))
         return self._held[1]
 
     def _range(self, name, lo: int, hi: int, dst: np.ndarray) -> None:
@@ -204,7 +211,7 @@ class RowReader:
                 src.read_raw_flat(name, lo, hi, out=dst)
                 return
             raw = self.scratch_raw(name, hi - lo)
-            dst[:] = src.read_raw_flat(name, lo, hi, out=raw)
+            to_float32(src.read_raw_flat(name, lo, hi, out=raw), dst)
             return
         if self.whole:
             dst[:] = self.held(name)[lo:hi]

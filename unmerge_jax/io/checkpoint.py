@@ -32,7 +32,7 @@ import numpy as np
 
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.io.atomic import os_error
-from unmerge_jax.io.dtypes import BYTES_PER, FLOAT_TAGS, NP_DTYPES
+from unmerge_jax.io.dtypes import BYTES_PER, FLOAT_TAGS, NP_DTYPES, to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -244,7 +244,7 @@ class Checkpoint:
     def read(self, name) -> np.ndarray:
         """``name`` as a new float32 NumPy array the caller may modify (fp16/bf16/fp64 converted)."""
         arr = self.read_raw(name)
-        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+        return arr if arr.dtype == np.float32 else to_float32(arr)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

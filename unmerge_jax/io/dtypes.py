@@ -39,6 +39,25 @@ def dtype_tag(name) -> str:
     return tag
 
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_float32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``raw`` (any stored float dtype) as float32, written into ``out`` (same shape) if given.
+
+    bfloat16 is the top half of a float32, so its conversion is a 16-bit shift of the bit patterns
+    into a 32-bit word: exact for every pattern (NaN payloads included, as ``ml_dtypes``' own cast),
+    and about 2.5× faster than that cast here (a pass converts every bf16 entry it reads).
+    """
+    if out is None:
+        out = np.empty(raw.shape, np.float32)
+    if raw.dtype == _BF16:
+        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, raw, casting="unsafe")
+    return out
+
+
 def is_float_tag(tag: str) -> bool:
     """True for the floating-point tags a task vector or a merge is formed on."""
     return tag in FLOAT_TAGS

@@ -43,7 +43,7 @@ import numpy as np
 from unmerge_jax.errors import UnmergeError
 from unmerge_jax.hostmem import aligned_empty
 from unmerge_jax.io.atomic import atomic_dir, check_output
-from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag
+from unmerge_jax.io.dtypes import NP_DTYPES, TORCH_NAMES, dtype_tag, to_float32
 from unmerge_jax.io.lora import is_adapter_dir
 from unmerge_jax.io.names import parse_tensor_name
 from unmerge_jax.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files, write_config
@@ -205,9 +205,7 @@ def _flat_reader(src, name: str, shape):
         itemsize = NP_DTYPES[tag].itemsize
 
         def converted(a, b, out):
-            raw = src.read_raw_flat(name, a, b, out=scratch(("stage",), (b - a) * itemsize))
-            np.copyto(out, raw, casting="unsafe")
-            return out
+            return to_float32(src.read_raw_flat(name, a, b, out=scratch(("stage",), (b - a) * itemsize)), out)
         return converted
     if src.exact_rows(name) and len(shape) >= 1:
         row = _numel(shape[1:])

@@ -76,8 +76,8 @@ def delta_thresholds(flats, base_flat, relative, densities) -> np.ndarray:
         if a is None:
             continue
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are named by the pass
-            d = a.astype(np.float32) - base_flat.astype(np.float32) if rel else a.astype(np.float32)
-        out[:, j] = trim_thresholds([d], dens)[:, 0]
+            d = a.astype(np.float32) - base_flat.astype(np.float32) if rel else np.asarray(a, np.float32)
+        out[:, j] = trim_thresholds([d], dens)[:, 0]  # the signed values: |d| is taken chunk by chunk
     return out
 
 
