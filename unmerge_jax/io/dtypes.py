@@ -39,9 +39,6 @@ def dtype_tag(name) -> str:
     return tag
 
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
 def to_float32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``raw`` (any stored float dtype) as float32, written into ``out`` (same shape) if given.
 
@@ -51,7 +48,7 @@ def to_float32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """
     if out is None:
         out = np.empty(raw.shape, np.float32)
-    if raw.dtype == _BF16:
+    if raw.dtype == NP_DTYPES["BF16"]:
         np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
         np.copyto(out, raw, casting="unsafe")

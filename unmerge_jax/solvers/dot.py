@@ -20,13 +20,22 @@ def cosine_scores(p: Problem):
     return jnp.where(norms > 0, p.cross / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
+def cosine_selection(p: Problem, threshold):
+    """``(scores, selected)``: the cosines and the atoms with ``s_i ≥ threshold`` and ``s_i > 0``."""
+    scores = cosine_scores(p)
+    return scores, (scores >= threshold) & (scores > 0)
+
+
+def largest_unselected(scores, selected):
+    """The largest score left out (−∞ when every atom is selected): dot's ``error``."""
+    return jnp.max(jnp.where(selected, -jnp.inf, scores), initial=-jnp.inf)
+
+
 def dot(p: Problem, threshold, *, coef: str = "lstsq", full_rank: bool = False) -> SolverResult:
     """Thresholded cosine selection for one target. ``error`` is the largest unselected score."""
-    scores = cosine_scores(p)
-    selected = (scores >= threshold) & (scores > 0)
+    scores, selected = cosine_selection(p, threshold)
     if coef == "score":
         a = jnp.where(selected, scores, 0.0)
     else:
         a = masked_solve(p.gram, p.cross, selected, full_rank=full_rank)
-    left = jnp.max(jnp.where(selected, -jnp.inf, scores), initial=-jnp.inf)
-    return SolverResult(a, jnp.sum(selected).astype(jnp.int32), jnp.asarray(True), left)
+    return SolverResult(a, jnp.sum(selected).astype(jnp.int32), jnp.asarray(True), largest_unselected(scores, selected))

@@ -15,29 +15,24 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from unmerge_jax.solvers.common import Problem, SolverResult, masked_solve
-from unmerge_jax.solvers.dot import cosine_scores
+from unmerge_jax.solvers.dot import cosine_selection, largest_unselected
+from unmerge_jax.solvers.ridge import ridge_error
 
 
 def support_solve(p: Problem, alpha, threshold, by_score, *, coef: str = "lstsq",
                   full_rank: bool = False) -> SolverResult:
     """Ridge (``by_score = 0``, penalty ``alpha``) or dot-product thresholding (``by_score = 1``,
     ``threshold``; ``coef`` as :func:`~unmerge_jax.solvers.dot.dot`'s) for one target."""
-    dtype = p.cross.dtype
-    alpha = jnp.asarray(alpha, dtype)
-    is_dot = jnp.asarray(by_score, dtype) > 0
-    scores = cosine_scores(p)
-    selected = (scores >= threshold) & (scores > 0)
-    nonzero = jnp.diag(p.gram) > 0
+    alpha = jnp.asarray(alpha, p.cross.dtype)
+    is_dot = jnp.asarray(by_score, p.cross.dtype) > 0
+    scores, selected = cosine_selection(p, threshold)
     shift = jnp.where(is_dot, jnp.zeros_like(alpha), alpha)
-    x = masked_solve(p.gram, p.cross, jnp.where(is_dot, selected, nonzero), shift=shift, full_rank=full_rank)
+    mask = jnp.where(is_dot, selected, jnp.diag(p.gram) > 0)
+    x = masked_solve(p.gram, p.cross, mask, shift=shift, full_rank=full_rank)
     if coef == "score":
         x = jnp.where(is_dot, jnp.where(selected, scores, 0.0), x)
-    # Ridge's error: ‖(G + αI)a − c‖∞ / ‖c‖∞; dot's: the largest unselected score.
-    k = p.cross.shape[0]
-    scale = jnp.maximum(jnp.max(jnp.abs(p.cross)), jnp.finfo(dtype).tiny)
-    ridge_err = jnp.max(jnp.abs((p.gram + alpha * jnp.eye(k, dtype=p.gram.dtype)) @ x - p.cross)) / scale
-    left = jnp.max(jnp.where(selected, -jnp.inf, scores), initial=-jnp.inf)
+    ridge_err = ridge_error(p, alpha, x)
     return SolverResult(x,
                         jnp.where(is_dot, jnp.sum(selected), 1).astype(jnp.int32),
                         jnp.where(is_dot, True, ridge_err <= 1e-8),
-                        jnp.where(is_dot, left, ridge_err))
+                        jnp.where(is_dot, largest_unselected(scores, selected), ridge_err))
