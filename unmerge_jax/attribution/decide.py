@@ -52,7 +52,8 @@ class Attribution(NamedTuple):
       category: (T,) ``known`` / ``mixed`` / ``unknown``.
       evidence: dict of (T,) arrays: ``ties_unexplained`` (q), ``ties_density`` (ρ̂),
         ``zero_fraction`` (f0), ``zero_count``, ``zero_energy_ratio``, ``ties_ratio`` (q/u),
-        ``dare_noise`` (ν, 0 unless DARE), ``outside_share`` (O), ``gate_stat`` (the gate's statistic),
+        ``dare_noise`` (ν, 0 unless DARE), ``dare_noise_ratio`` (u / ν at the zeros' density ``1 − f0^{1/n}``:
+        the DARE reading needs ≥ ``rules.dare_noise_min``), ``outside_share`` (O), ``gate_stat`` (the gate's statistic),
         ``explained_share`` (E), ``gate_heterogeneity`` (the smallest η of the entries that clear the
         share gate, 1 if none does); (T, K) ``heterogeneity`` (η per entry);
         (T, K) ``plain_share_lo`` (the NNLS shares' lower quantile), ``chance_scale`` (c, the floors'
@@ -309,10 +310,20 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(u > 0, q / np.where(u > 0, u, 1.0), np.inf)
     is_ties = (ratio <= rules.ties_ratio) & (zeros | (ratio <= rules.ties_ratio_nozero))
+    # Zeros are drops only if the target also holds the rescaling noise of that many drops (zeros
+    # a bfloat16 merge rounds back to the base come with no such noise).
+    nu_zeros = dare_noise(point.coef, G, vv, ev.dare_density)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        noise_ratio = np.where(nu_zeros > 0, u / np.where(nu_zeros > 0, nu_zeros, 1.0), np.inf)
+    drops = zeros & (noise_ratio >= rules.dare_noise_min)
     if forced is None:
-        meth = np.where(is_ties, "ties", np.where(zeros, "dare", "task_arithmetic"))
+        meth = np.where(is_ties, "ties", np.where(drops, "dare", "task_arithmetic"))
         conf = np.where(is_ties, _margin(rules.ties_ratio / np.maximum(ratio, 1e-300)), _margin(ratio / rules.ties_ratio))
         conf = np.where(meth == "dare", conf * np.minimum(1.0, zero_count / 20.0), conf)  # few zeros: weak evidence
+        with np.errstate(divide="ignore", invalid="ignore"):  # dare_noise_min = 0: every zero a drop
+            noise_margin = _margin(np.where(drops, noise_ratio / rules.dare_noise_min,
+                                            rules.dare_noise_min / np.maximum(noise_ratio, 1e-300)))
+        conf = np.where(zeros & ~is_ties, conf * noise_margin, conf)
     else:
         meth = np.full(t, forced)
         conf = np.ones(t)
@@ -383,7 +394,7 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
 
     ev_out = {"ties_unexplained": q, "ties_density": dens_grid[p_hat], "zero_fraction": f0, "zero_count": zero_count,
                 "zero_energy_ratio": ev.zero_energy_ratio, "ties_ratio": ratio, "plain_share_lo": s_lo, "r_null": r_null,
-                "dare_noise": nu, "outside_share": U_out, "chance_scale": scale, "gate_scale": gate_scale,
+                "dare_noise": nu, "dare_noise_ratio": noise_ratio, "outside_share": U_out, "chance_scale": scale, "gate_scale": gate_scale,
               "gate_stat": gate_stat, "explained_share": explained, "heterogeneity": ev.heterogeneity,
               "gate_heterogeneity": gate_hetero}
     return Attribution(atom_names, target_names, point.coef, ev.coef_lo, ev.coef_hi, weights, share, lo, hi, decision,

@@ -21,9 +21,18 @@ signature sums of :mod:`~unmerge_jax.attribution.signatures`; the truth is never
 **1. Method.** TIES if ``q ≤ ties_ratio · u`` and (``f0 > 0`` or ``q ≤ ties_ratio_nozero · u``): a
 TIES merge of dictionary entries satisfies its consistency equations almost exactly, while least
 squares on the untrimmed entries leaves the trimming and the disjoint mean unexplained. Otherwise
-DARE if ``f0 > 0`` (entries left exactly at the base; DARE drops them whatever their size), else
-task arithmetic / linear (dense fine-tunes leave no exact zeros; with uniform weights summing to 1
-the two are the same formula, so they are reported together). The density: ρ̂ for TIES; for DARE
+DARE if ``f0 > 0`` (entries left exactly at the base; DARE drops them whatever their size) and the
+target holds the drop noise those zeros imply, ``u ≥ dare_noise_min · ν``; else task arithmetic /
+linear (with uniform weights summing to 1 the two are the same formula, so they are reported
+together). Dense fine-tunes merged in float32 leave no exact zeros, but a merge *stored* in
+bfloat16 or float16 does: wherever the merged change is below half a unit in the last place of the
+base's value it rounds back to the base, and fine-tunes published in bfloat16 carry such zeros of
+their own. Those zeros are not drops: a DARE merge that drops a fraction ``f0`` of the rows must
+also rescale the rows it keeps, which leaves ν of the target unexplained (u/ν is 0.99–17 on the
+calibration set's DARE targets, sign election and outside content only adding to u), while a
+rounded task-arithmetic merge leaves only its rounding error (u/ν ≤ 0.02 on bfloat16 merges of
+the tests' and ``bench/scale.py``'s adapters). ``dare_noise_min`` is fixed by hand an order of
+magnitude below the DARE targets' lowest ratio. The density: ρ̂ for TIES; for DARE
 ``1 − f0^{1/n}`` with n the present entries whose share is at least ``major · max_k s_k``.
 
 **2. Presence.** The *outside share* is ``O = u`` (task arithmetic), ``q`` (TIES) or
@@ -75,7 +84,7 @@ and the ``small`` preset's seed 3, compressed and full problems pooled (each set
 log scale, between the two classes it separates, or at the fewest weighted errors where they
 overlap; ``hetero_m`` on the targets that clear ``gate_m``, ``explained_m`` on those that clear
 both; ``noise_dare`` the grid value with the fewest errors, ``noise_scale`` the upper quartile of
-``u/ν``); ``ties_ratio_nozero``, ``major``, ``eps`` and the quantiles are fixed by hand. The
+``u/ν``); ``ties_ratio_nozero``, ``dare_noise_min``, ``major``, ``eps`` and the quantiles are fixed by hand. The
 figures on :data:`HELD_OUT` (tiny seeds 7–8, small seeds 4–5: never run while the rules were chosen)
 are ``docs/attribution.md``'s, "Figures at held-out seeds".
 """
@@ -90,6 +99,7 @@ class Rules(NamedTuple):
 
     ties_ratio: float = 0.4
     ties_ratio_nozero: float = 0.1
+    dare_noise_min: float = 0.1
     gate_ta: float = 11.0
     gate_dare: float = 1.8
     gate_ties: float = 22.0
