@@ -108,6 +108,12 @@ def _f(x) -> float | None:
     return None if np.isnan(x) else x
 
 
+def _ratio(num, den) -> np.ndarray:
+    """``num / den`` where ``den > 0``, ∞ elsewhere (float64; no division warnings)."""
+    den = np.asarray(den, np.float64)
+    return np.where(den > 0, np.asarray(num, np.float64) / np.where(den > 0, den, 1.0), np.inf)
+
+
 def _margin(ratio) -> np.ndarray:
     """Decades by which a statistic clears its threshold (ratio ≥ 1 clears), in [0, 1]."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -307,14 +313,12 @@ def attribute(stats, signatures: SignatureStats, *, rules: Rules = DEFAULT_RULES
 
     # 1. Method.
     zeros = zero_count > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(u > 0, q / np.where(u > 0, u, 1.0), np.inf)
+    ratio = _ratio(q, u)
     is_ties = (ratio <= rules.ties_ratio) & (zeros | (ratio <= rules.ties_ratio_nozero))
     # Zeros are drops only if the target also holds the rescaling noise of that many drops (zeros
     # a bfloat16 merge rounds back to the base come with no such noise).
     nu_zeros = dare_noise(point.coef, G, vv, ev.dare_density)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        noise_ratio = np.where(nu_zeros > 0, u / np.where(nu_zeros > 0, nu_zeros, 1.0), np.inf)
+    noise_ratio = _ratio(u, nu_zeros)
     drops = zeros & (noise_ratio >= rules.dare_noise_min)
     if forced is None:
         meth = np.where(is_ties, "ties", np.where(drops, "dare", "task_arithmetic"))
